@@ -1,0 +1,16 @@
+"""cl_optim: drop-in torch.optim optimizers for continual learning.
+
+``SGD`` and ``AdamW`` give the numbers of their torch.optim namesakes and take the fused-step
+terms of continual learning; ``SAM`` wraps any torch.optim optimizer class. ``report()`` tells
+which backends run on this machine. Nothing here touches CUDA, Triton or a compiler at import.
+"""
+
+from ._backend import report
+from .adamw import AdamW
+from .integration import preserve_bn_stats, skip_grad_sync
+from .sam import SAM
+from .sgd import SGD
+
+__version__ = "0.1.0"
+
+__all__ = ["SGD", "AdamW", "SAM", "report", "preserve_bn_stats", "skip_grad_sync", "__version__"]

@@ -1,0 +1,120 @@
+"""Backend registry: which implementation runs each fused op on each (device, dtype) group.
+
+Every op has one contract (the per-element math of DESIGN.md §3) and several implementations:
+
+======== =============================================== ========================
+backend  what                                            state in this release
+======== =============================================== ========================
+cuda     csrc/cuda, multi-tensor-apply kernels            not built yet
+triton   kernels/, pointer-table Triton kernels           not built yet
+cpp      csrc/cpu, at::parallel_for loops                 not built yet
+foreach  torch._foreach_* over each (device, dtype) group available everywhere
+forloop  one tensor at a time, the readable oracle       available everywhere
+======== =============================================== ========================
+
+``"auto"`` takes, for each (device, dtype) group, the first backend in that order that is
+available; it passes over an unavailable one with one warning naming the reason (backends that
+this release does not ship are not candidates, so they cost no warning). A backend asked for by
+name that is unavailable raises the reason as an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["BACKENDS", "resolve", "report", "check_backend_name"]
+
+# Auto-priority order, fastest first.
+BACKENDS = ("cuda", "triton", "cpp", "foreach", "forloop")
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    # Returns None when the backend can run on this device and dtype, else the reason it cannot.
+    unavailable_reason: Callable[[torch.device, torch.dtype], Optional[str]]
+    shipped: bool = True
+
+
+def _not_shipped(what: str) -> Callable[[torch.device, torch.dtype], Optional[str]]:
+    return lambda device, dtype: f"{what} are not part of cl_optim 0.1 (pure-PyTorch backends only)"
+
+
+def _foreach_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {dtype} is not a real floating-point type"
+    return None
+
+
+def _forloop_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return _foreach_reason(device, dtype)
+
+
+_REGISTRY = {
+    "cuda": _Backend("cuda", _not_shipped("the CUDA kernels (csrc/cuda)"), shipped=False),
+    "triton": _Backend("triton", _not_shipped("the Triton kernels (kernels/)"), shipped=False),
+    "cpp": _Backend("cpp", _not_shipped("the C++ CPU kernels (csrc/cpu)"), shipped=False),
+    "foreach": _Backend("foreach", _foreach_reason),
+    "forloop": _Backend("forloop", _forloop_reason),
+}
+
+_warned: set[tuple[str, str]] = set()
+
+
+def check_backend_name(name: str) -> str:
+    """Validate a ``backend=`` argument and return it."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Return the backend that runs a (device, dtype) group.
+
+    >>> resolve("auto", torch.device("cpu"), torch.float32)
+    'foreach'
+    """
+    check_backend_name(requested)
+    if requested != "auto":
+        reason = _REGISTRY[requested].unavailable_reason(device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend {requested!r} cannot run on {device} / {dtype}: {reason}")
+        return requested
+    for name in BACKENDS:
+        backend = _REGISTRY[name]
+        if not backend.shipped:
+            continue
+        reason = backend.unavailable_reason(device, dtype)
+        if reason is None:
+            return name
+        if (name, reason) not in _warned:
+            _warned.add((name, reason))
+            warnings.warn(f"cl_optim: backend {name!r} skipped: {reason}", RuntimeWarning, stacklevel=3)
+    raise RuntimeError(f"no cl_optim backend can run on {device} / {dtype}")
+
+
+def report(file=None) -> str:
+    """Print, and return, which backends this machine can run and why each missing one is missing.
+
+    >>> text = report()  # doctest: +ELLIPSIS
+    cl_optim backends...
+    """
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    lines = [f"cl_optim backends (torch {torch.__version__}; devices: {', '.join(map(str, devices))})"]
+    if not torch.cuda.is_available():
+        lines.append("  note: no CUDA device is visible (torch.cuda.is_available() is False)")
+    for name in BACKENDS:
+        backend = _REGISTRY[name]
+        for device in devices:
+            reason = backend.unavailable_reason(device, torch.float32)
+            status = "available" if reason is None else f"unavailable: {reason}"
+            lines.append(f"  {name:<8} {str(device):<5} {status}")
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text

@@ -1,0 +1,152 @@
+"""What cl_optim.SGD and cl_optim.AdamW share: bucketing, backend dispatch, AMP hand-over, RESTORE."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import check_backend_name, resolve
+from ._terms import StepTerms
+
+
+def backend_from_torch_flags(backend: str, foreach: Optional[bool], fused: Optional[bool]) -> str:
+    """Map torch.optim's ``foreach=`` / ``fused=`` keywords onto ``backend=``, for drop-in use."""
+    check_backend_name(backend)
+    if foreach is None and not fused:
+        return backend
+    if backend != "auto":
+        raise ValueError("pass either backend= or torch's foreach=/fused=, not both")
+    if foreach and fused:
+        raise ValueError("`foreach` and `fused` cannot both be True")
+    if fused:
+        # fused=True asks for a compiled kernel; with none shipped, resolve() explains why.
+        for name in ("cuda", "triton", "cpp"):
+            try:
+                resolve(name, torch.device("cpu"), torch.float32)
+                return name
+            except RuntimeError:
+                continue
+        raise RuntimeError(
+            "fused=True asks for a compiled backend (cuda, triton or cpp) and none is available: "
+            "see cl_optim.report(); use backend='auto' for the fastest available one"
+        )
+    return "foreach" if foreach else "forloop"
+
+
+def _merge_found_inf(found_inf: Optional[Tensor], skip: Optional[Tensor]) -> Optional[Tensor]:
+    if skip is None:
+        return found_inf
+    skip = skip.to(torch.float32)
+    if found_inf is None:
+        return skip
+    return torch.maximum(found_inf.to(skip.device, torch.float32), skip)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the cl_optim base optimizers. Subclasses implement :meth:`_update_bucket`.
+
+    It collects the parameters that have a gradient, validates them all before anything is
+    written, splits them into (device, dtype) buckets, picks the backend of each bucket (recorded
+    in ``backends_used``) and passes the optional terms of ``_terms.py`` down to the update.
+    """
+
+    # GradScaler hands grad_scale / found_inf to step() as attributes instead of unscaling and
+    # syncing itself: the update unscales, and skips itself when found_inf is set.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, backend: str):
+        self.backend = check_backend_name(backend)
+        # "(device)/(dtype)" -> backend name, for every bucket stepped so far.
+        self.backends_used: dict[str, str] = {}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Groups loaded from a torch.optim state_dict lack cl_optim-only keys: fill them in.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def __repr__(self) -> str:
+        return super().__repr__().rstrip(")") + f"backend: {self.backend}\n)"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step; ``closure`` re-evaluates the loss, as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._fused_step(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+        return loss
+
+    @torch.no_grad()
+    def _fused_step(
+        self,
+        restore: Optional[dict] = None,
+        skip: Optional[Tensor] = None,
+        grad_scale: Optional[Tensor] = None,
+        found_inf: Optional[Tensor] = None,
+    ) -> None:
+        """One step with the RESTORE term (``restore``: param -> save buffer), AMP and a skip flag.
+
+        ``grad_scale``/``found_inf`` follow GradScaler's hand-over; ``skip`` (a device flag, e.g.
+        SAM's non-finite first pass) skips the update like ``found_inf``. Parameters in
+        ``restore`` that have no gradient are restored by a plain copy, so no perturbed weight
+        is ever left behind, skipped or not.
+        """
+        found_inf = _merge_found_inf(found_inf, skip)
+
+        # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                _check_param(p)
+            for (device, dtype), index in _buckets(params).items():
+                plan.append((group, [params[i] for i in index], resolve(self.backend, device, dtype)))
+
+        stepped = set()
+        for group, bucket, backend in plan:
+            device, dtype = bucket[0].device, bucket[0].dtype
+            self.backends_used[f"{device}/{dtype}"] = backend
+            terms = StepTerms(
+                restore_from=[restore[p] for p in bucket] if restore is not None else None,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            ).to(device)
+            self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
+            stepped.update(bucket)
+
+        if restore is not None:
+            for param, saved in restore.items():
+                if param not in stepped:
+                    param.copy_(saved)
+
+    def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _check_param(p: Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError(
+            "cl_optim optimizers do not support sparse gradients (a parameter of shape "
+            f"{tuple(p.shape)} has one); use torch.optim.SparseAdam or a dense embedding"
+        )
+    if p.is_complex():
+        raise RuntimeError(
+            f"cl_optim optimizers support real floating-point parameters only, got {p.dtype} "
+            f"(shape {tuple(p.shape)})"
+        )
+    if p.grad.shape != p.shape:
+        raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def _buckets(params: list[Tensor]) -> dict:
+    buckets: dict = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+    return buckets

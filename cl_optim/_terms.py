@@ -1,0 +1,137 @@
+"""The optional terms of a fused step (DESIGN.md §3), shared by every base optimizer.
+
+A step of ``cl_optim.SGD`` / ``cl_optim.AdamW`` runs, per element and in fp32 whatever the
+parameter dtype, in this order:
+
+1. RESTORE     ``p <- save``                      (SAM: back to the unperturbed weights)
+2. AMP         ``g <- g / grad_scale``; the update is skipped when ``found_inf`` is non-zero
+3. FISHER_EMA  ``F <- beta*F + (1-beta)*g**2``    (the task gradient, before clipping and EWC)
+4. CLIP        ``g <- clip_coef * g``
+5. maximize    ``g <- -g``
+6. EWC         ``g <- g + lam*A*(p - mu)``        (evaluated at the restored weights)
+7. the base update (weight decay, momentum or Adam moments, parameter write)
+
+RESTORE happens even when the update is skipped, so a skipped SAM step never leaves perturbed
+weights behind. Every term is off by default. The compiled backends implement this same list;
+the two Python backends below are its reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+LowPrecision = (torch.float16, torch.bfloat16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: fp32 for fp16/bf16 parameters, else the parameter's own."""
+    return torch.float32 if dtype in LowPrecision else dtype
+
+
+@dataclass
+class StepTerms:
+    """Optional inputs of one step over a list of parameters; each list is aligned with it."""
+
+    restore_from: Optional[list[Tensor]] = None  # RESTORE: save buffers, same dtype as the params
+    grad_scale: Optional[Tensor] = None  # AMP: device scalar, gradients are divided by it
+    found_inf: Optional[Tensor] = None  # AMP: device scalar; non-zero skips the update
+    fisher: Optional[list[Tensor]] = None  # FISHER_EMA: fp32 running Fisher, updated in place
+    fisher_beta: float = 0.0
+    clip_coef: Optional[Tensor] = None  # CLIP: device scalar multiplying the task gradient
+    ewc_precision: Optional[list[Tensor]] = None  # EWC: A, fp32
+    ewc_anchor: Optional[list[Tensor]] = None  # EWC: mu, fp32
+    ewc_lam: Union[float, list[float]] = 0.0  # EWC: lambda, one value or one per tensor
+
+    _LISTS = ("restore_from", "fisher", "ewc_precision", "ewc_anchor")
+
+    def select(self, index: list[int]) -> StepTerms:
+        """The terms of a sub-list of the parameters (a (device, dtype) bucket)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._LISTS:
+            if picked[name] is not None:
+                picked[name] = [picked[name][i] for i in index]
+        if isinstance(self.ewc_lam, list):
+            picked["ewc_lam"] = [self.ewc_lam[i] for i in index]
+        return StepTerms(**picked)
+
+    def to(self, device: torch.device) -> StepTerms:
+        """Move the device scalars next to the parameters they act on."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("grad_scale", "found_inf", "clip_coef"):
+            if moved[name] is not None:
+                moved[name] = moved[name].to(device, non_blocking=True)
+        return StepTerms(**moved)
+
+    def skip_update(self) -> bool:
+        """AMP skip decision of the Python backends: one host read of ``found_inf``.
+
+        On a CPU tensor this costs nothing; on a CUDA tensor it is one synchronisation, the same
+        one GradScaler makes for torch's non-fused optimizers. The compiled backends read the
+        flag on the device instead.
+        """
+        return self.found_inf is not None and bool(self.found_inf.item() != 0)
+
+    def inv_scale(self) -> Tensor:
+        # The same rounding as GradScaler.unscale_, so a fused unscale equals unscale_ + step.
+        return self.grad_scale.double().reciprocal().float()
+
+    def lam(self, i: int) -> float:
+        return self.ewc_lam[i] if isinstance(self.ewc_lam, list) else self.ewc_lam
+
+
+def restore_forloop_(params: list[Tensor], terms: StepTerms) -> None:
+    if terms.restore_from is not None:
+        for param, saved in zip(params, terms.restore_from):
+            param.copy_(saved)
+
+
+def restore_foreach_(params: list[Tensor], terms: StepTerms) -> None:
+    if terms.restore_from is not None and params:
+        torch._foreach_copy_(params, terms.restore_from)
+
+
+def task_grad_forloop(i: int, param: Tensor, grad: Tensor, terms: StepTerms, maximize: bool) -> Tensor:
+    """Steps 2-6 for tensor ``i``: the gradient the base update sees, in ``param``'s (opmath) dtype.
+
+    ``param`` is the opmath view of the (restored) parameter. ``grad`` is never modified.
+    """
+    g = grad.to(param.dtype)
+    if terms.grad_scale is not None:
+        g = g * terms.inv_scale()
+    if terms.fisher is not None:
+        beta = terms.fisher_beta
+        terms.fisher[i].mul_(beta).addcmul_(g, g, value=1 - beta)
+    if terms.clip_coef is not None:
+        g = g * terms.clip_coef
+    if maximize:
+        g = -g
+    if terms.ewc_precision is not None:
+        g = g.addcmul(terms.ewc_precision[i], param - terms.ewc_anchor[i], value=terms.lam(i))
+    return g
+
+
+def task_grads_foreach(
+    params: list[Tensor], grads: list[Tensor], terms: StepTerms, maximize: bool
+) -> list[Tensor]:
+    """Steps 2-6 for a whole (device, dtype) bucket with ``torch._foreach_*``; same math as above."""
+    dtype = params[0].dtype
+    g = [grad.to(dtype) for grad in grads]
+    if terms.grad_scale is not None:
+        g = torch._foreach_mul(g, terms.inv_scale())
+    if terms.fisher is not None:
+        beta = terms.fisher_beta
+        torch._foreach_mul_(terms.fisher, beta)
+        torch._foreach_addcmul_(terms.fisher, g, g, value=1 - beta)
+    if terms.clip_coef is not None:
+        g = torch._foreach_mul(g, terms.clip_coef)
+    if maximize:
+        g = torch._foreach_neg(g)
+    if terms.ewc_precision is not None:
+        offsets = torch._foreach_sub(params, terms.ewc_anchor)
+        lams = terms.ewc_lam if isinstance(terms.ewc_lam, list) else [terms.ewc_lam] * len(params)
+        g = torch._foreach_addcmul(g, terms.ewc_precision, offsets, lams)
+    return g

@@ -1,0 +1,222 @@
+"""AdamW: a drop-in for ``torch.optim.AdamW`` with the fused-step terms of cl_optim."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._optimizer import FusedOptimizer, backend_from_torch_flags
+from ._terms import (
+    StepTerms,
+    opmath_dtype,
+    restore_foreach_,
+    restore_forloop_,
+    task_grad_forloop,
+    task_grads_foreach,
+)
+
+__all__ = ["AdamW", "adamw_step_"]
+
+
+class AdamW(FusedOptimizer):
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter), the numbers of ``torch.optim.AdamW``.
+
+    Per element, at step ``t``, with ``g`` the task gradient after the optional terms of
+    ``cl_optim._terms`` (AMP unscale, Fisher EMA, clipping, maximize, EWC)::
+
+        p <- p * (1 - lr * weight_decay)
+        m <- m + (1 - beta1) * (g - m)
+        v <- beta2 * v + (1 - beta2) * g**2
+        vmax <- max(vmax, v)                          (amsgrad; v below means vmax)
+        p <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    The state is ``step`` (a CPU fp32 scalar, as in torch), ``exp_avg``, ``exp_avg_sq`` and, with
+    amsgrad, ``max_exp_avg_sq``, in the parameter dtype; fp16/bf16 parameters are updated in fp32
+    and rounded once. A step skipped by AMP leaves every state entry unchanged.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be a
+            tensor.
+        backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
+        foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+
+    Example:
+        >>> import torch, cl_optim
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = cl_optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if any(isinstance(b, Tensor) for b in betas):
+            raise TypeError("cl_optim.AdamW takes betas as Python floats (tensor betas are not supported)")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
+        super().__init__(params, defaults, backend_from_torch_flags(backend, foreach, fused))
+
+    def _update_bucket(self, group, params, grads, terms, backend):
+        amsgrad = group["amsgrad"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw_step_(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+            [s["step"] for s in states],
+            terms,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            backend=backend,
+        )
+
+
+def adamw_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: Optional[list[Tensor]],
+    steps: list[Tensor],
+    terms: Optional[StepTerms] = None,
+    *,
+    lr,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    backend: str = "forloop",
+) -> None:
+    """The AdamW step of one (device, dtype) bucket, in place. ``max_exp_avg_sqs`` given = amsgrad."""
+    terms = terms if terms is not None else StepTerms()
+    impl = {"forloop": _adamw_forloop, "foreach": _adamw_foreach}[backend]
+    impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
+         weight_decay, maximize)  # fmt: skip
+
+
+def _as_scalar(lr):
+    # A 1-element tensor lr is used as torch does (0-dim arithmetic), a CPU read when it is an alpha.
+    return lr.squeeze() if isinstance(lr, Tensor) else lr
+
+
+def _adamw_forloop(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2,
+                   eps, weight_decay, maximize):  # fmt: skip
+    restore_forloop_(params, terms)
+    if terms.skip_update():
+        return
+    lr = _as_scalar(lr)
+    for i, param in enumerate(params):
+        dtype = opmath_dtype(param.dtype)
+        p = param.to(dtype)
+        g = task_grad_forloop(i, p, grads[i], terms, maximize)
+        exp_avg, exp_avg_sq = exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype)
+        steps[i] += 1
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = steps[i].item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if max_exp_avg_sqs is not None:
+            max_sq = max_exp_avg_sqs[i].to(dtype)
+            torch.maximum(max_sq, exp_avg_sq, out=max_sq)
+            denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            _copy_back(max_exp_avg_sqs[i], max_sq)
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+        _copy_back(exp_avgs[i], exp_avg)
+        _copy_back(exp_avg_sqs[i], exp_avg_sq)
+        _copy_back(param, p)
+
+
+def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2,
+                   eps, weight_decay, maximize):  # fmt: skip
+    restore_foreach_(params, terms)
+    if terms.skip_update() or not params:
+        return
+    lr = _as_scalar(lr)
+    dtype = opmath_dtype(params[0].dtype)
+    low_precision = dtype != params[0].dtype
+    up = (lambda ts: [t.to(dtype) for t in ts]) if low_precision else (lambda ts: ts)
+    p, exp_avg, exp_avg_sq = up(params), up(exp_avgs), up(exp_avg_sqs)
+    g = task_grads_foreach(p, grads, terms, maximize)
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avg, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
+    step_values = [s.item() for s in steps]
+    step_sizes = [-_to_float(lr / (1 - beta1**t)) for t in step_values]
+    bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_values]
+    if max_exp_avg_sqs is not None:
+        max_sq = up(max_exp_avg_sqs)
+        torch._foreach_maximum_(max_sq, exp_avg_sq)
+        denom = torch._foreach_sqrt(max_sq)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denom, bias_correction2_sqrts)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, exp_avg, denom, step_sizes)
+    if low_precision:
+        written = [exp_avgs, exp_avg_sqs, params] + ([max_exp_avg_sqs] if max_exp_avg_sqs is not None else [])
+        values = [exp_avg, exp_avg_sq, p] + ([max_sq] if max_exp_avg_sqs is not None else [])
+        for dst, src in zip(written, values):
+            torch._foreach_copy_(dst, src)
+
+
+def _to_float(x) -> float:
+    return x.item() if isinstance(x, Tensor) else x
+
+
+def _copy_back(stored: Tensor, value: Tensor) -> None:
+    if stored is not value:
+        stored.copy_(value)

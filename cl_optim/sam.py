@@ -1,0 +1,405 @@
+"""Sharpness-aware minimisation (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021).
+
+SAM minimises ``max_{||T^-1 e|| <= rho} L(w + e)`` with one ascent step: at the weights ``w``
+with gradient ``g``,
+
+    s = rho / (||T g||_2 + eps)          one norm over every parameter of every group
+    e = s * T**2 * g                     per group: each group may have its own rho
+    w <- w + e, then the gradient at w + e drives the base optimizer's update of w.
+
+``T = 1`` is SAM. ASAM comes in two conventions (both per group):
+
+* ``adaptive=True``: ``T = |w| + eta`` with ``eta = 0`` on every tensor, as davda54/sam and
+  ``pytorch_optimizer.SAM`` do, so their users get the same numbers;
+* ``adaptive="official"``: ``T = |w| + eta`` with ``eta = 0.01`` on weight tensors only, the rule
+  of Kwon et al.'s code; tensors with at most one dimension (biases, norm-layer scales and shifts)
+  keep ``T = 1``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import check_backend_name, resolve
+from ._optimizer import FusedOptimizer, _merge_found_inf
+from ._terms import opmath_dtype
+
+__all__ = ["SAM", "grad_sq_norm", "sam_perturb_"]
+
+_ADAPTIVE_MODES = (False, True, "official")
+_DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01}
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-aware minimisation around any ``torch.optim.Optimizer`` class.
+
+    The signature is davda54/sam's and ``pytorch_optimizer.SAM``'s, so switching is one line.
+
+    Args:
+        params: parameters or parameter groups; groups may set ``rho``, ``adaptive`` and ``eta``.
+        base_optimizer: the optimizer *class* that makes the update, built on the same
+            ``param_groups`` (so LR schedulers and ``add_param_group`` work on the SAM object).
+            With ``cl_optim.SGD``/``cl_optim.AdamW`` the restore and the update are one call.
+        rho: radius of the neighbourhood (``>= 0``).
+        adaptive: ``False`` (SAM), ``True`` (ASAM as davda54: ``T = |w|``, all tensors) or
+            ``"official"`` (ASAM as Kwon et al.: ``T = |w| + 0.01``, tensors of 2+ dimensions).
+        eta: overrides the ASAM offset of the chosen convention.
+        perturb_eps: ``eps`` of the scale ``rho / (||T g|| + eps)``; 1e-12 as davda54.
+        backend: backend of the perturbation (and of a cl_optim base optimizer).
+        **base_kwargs: hyper-parameters of the base optimizer.
+
+    A step is ``first_step`` (save ``w`` into a buffer allocated once, perturb), a second
+    forward/backward at ``w + e``, then ``second_step`` (restore ``w`` in place, base update).
+    If the first-pass gradient is not finite, nothing is perturbed and the whole step is skipped
+    without a host synchronisation; ``last_step_skipped`` holds the flag on the device.
+
+    Example:
+        >>> import torch, cl_optim
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)
+        >>> opt = cl_optim.SAM(model.parameters(), cl_optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> loss_fn().backward(); opt.first_step(zero_grad=True)
+        >>> loss_fn().backward(); opt.second_step(zero_grad=True)
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params,
+        base_optimizer: type,
+        rho: float = 0.05,
+        adaptive=False,
+        *,
+        eta: Optional[float] = None,
+        perturb_eps: float = 1e-12,
+        backend: str = "auto",
+        **base_kwargs,
+    ):
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError("SAM takes the base optimizer class (e.g. torch.optim.SGD), not an instance")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
+        if not perturb_eps >= 0.0:
+            raise ValueError(f"Invalid perturb_eps: {perturb_eps}")
+        self.backend = check_backend_name(backend)
+        self.perturb_eps = perturb_eps
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
+        super().__init__(params, defaults)
+        if issubclass(base_optimizer, FusedOptimizer):
+            base_kwargs = dict(base_kwargs, backend=backend)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # One list of groups and one state for both: schedulers, add_param_group and state_dict
+        # see the base optimizer's hyper-parameters and moments through the SAM object.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self.defaults.update(rho=rho, adaptive=adaptive, eta=eta)
+        self._saved: dict[Tensor, Tensor] = {}  # restore buffers, allocated once, never serialised
+        self._pending: Optional[list[Tensor]] = None  # parameters perturbed by a pending first_step
+        self._pass1_nonfinite: Optional[Tensor] = None
+        self.last_step_skipped: Optional[Tensor] = None
+        self.steps = 0
+        self.perturb_backends_used: dict[str, str] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Validate rho/adaptive/eta before the group joins the (shared) list of groups.
+        _check_sam_group({key: param_group.get(key, self.defaults[key]) for key in ("rho", "adaptive", "eta")})
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------- steps
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save the weights and move them to ``w + e`` (the ascent step of the current gradient)."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are still perturbed; "
+                "call second_step() (or step()) first"
+            )
+        plan = []  # (group, weighted-mode, eta, bucket params)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                _check_sam_param(p)
+            for (device, dtype), bucket in _buckets(params).items():
+                plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype)))
+        if not plan:
+            raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
+
+        # One global norm over every group and device, accumulated in fp32 (davda54's convention:
+        # the norm is global, rho is per group).
+        home = plan[0][3][0].device
+        weights = [_asam_weights(group, bucket) for group, _, _, bucket, _ in plan]
+        sq_norms = [
+            grad_sq_norm([p.grad for p in bucket], w, backend=backend).to(home)
+            for (_, _, _, bucket, backend), w in zip(plan, weights)
+        ]
+        norm = torch.stack(sq_norms).sum().sqrt()
+        finite = torch.isfinite(norm)
+        self._pass1_nonfinite = ~finite
+
+        perturbed = []
+        for (group, device, dtype, bucket, backend), w in zip(plan, weights):
+            self.perturb_backends_used[f"{device}/{dtype}"] = backend
+            # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
+            scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
+            sam_perturb_(
+                bucket,
+                [p.grad for p in bucket],
+                [self._save_buffer(p) for p in bucket],
+                scale.to(device),
+                w,
+                backend=backend,
+            )
+            perturbed.extend(bucket)
+        self._pending = perturbed
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights in place and make the base optimizer's update with the new gradient."""
+        if self._pending is None:
+            raise RuntimeError("second_step() called without a pending first_step(); nothing was changed")
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (AMP hand-over)
+        found_inf = getattr(self, "found_inf", None)
+        restore = {p: self._saved[p] for p in self._pending}
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self._restore(restore)
+            raise RuntimeError(
+                "no gradient at the perturbed weights: call backward() between first_step() and "
+                "second_step(); the weights were restored and no update was made"
+            )
+        skip = self._pass1_nonfinite
+        if isinstance(self.base_optimizer, FusedOptimizer):
+            self.base_optimizer._fused_step(restore=restore, skip=skip, grad_scale=grad_scale, found_inf=found_inf)
+        else:
+            self._restore(restore)
+            self._foreign_update(skip, grad_scale, found_inf)
+        flag = _merge_found_inf(found_inf, skip)
+        self.last_step_skipped = flag != 0
+        self._pending = None
+        self.steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """``first_step``, ``closure()`` at the perturbed weights, ``second_step``; returns its loss.
+
+        The gradient at the current weights must exist (run the first forward/backward before),
+        and the closure must run the forward and ``backward()``, as in davda54/sam. Without a
+        closure, ``step()`` completes a pending ``first_step`` (that is how ``GradScaler.step``
+        reaches ``second_step``).
+        """
+        if closure is None:
+            if self._pending is not None:
+                self.second_step()
+                return None
+            raise RuntimeError(
+                "SAM.step() needs a closure that re-evaluates the loss and calls backward(), "
+                "or use first_step() / second_step()"
+            )
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._abort()
+            raise
+        if not any(p.grad is not None for p in self._pending):
+            self._abort()
+            raise RuntimeError(
+                "the closure did not call backward(): SAM needs the gradient at the perturbed weights; "
+                "the weights were restored and no update was made"
+            )
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state (momentum, Adam moments, ...) and SAM's own counters.
+
+        The restore buffers are transient and never saved; asking between ``first_step`` and
+        ``second_step`` (perturbed weights) is an error.
+        """
+        if self._pending is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+        state = super().state_dict()
+        state["sam"] = {"steps": self.steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a SAM state dict, or a plain one of the base optimizer class."""
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        state_dict = dict(state_dict)
+        sam_state = state_dict.pop("sam", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            for key in ("rho", "adaptive", "eta"):
+                group.setdefault(key, self.defaults[key])
+            _check_sam_group(group)
+        self.steps = int(sam_state.get("steps", 0))
+
+    # --------------------------------------------------------------------------------- helpers
+
+    def _save_buffer(self, p: Tensor) -> Tensor:
+        buf = self._saved.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._saved[p] = buf
+        return buf
+
+    def _restore(self, restore: dict) -> None:
+        for param, saved in restore.items():
+            param.copy_(saved)
+
+    def _abort(self) -> None:
+        """Put the weights back after a failed second pass; no update is made."""
+        if self._pending is not None:
+            self._restore({p: self._saved[p] for p in self._pending})
+            self._pending = None
+
+    def _foreign_update(self, skip, grad_scale, found_inf) -> None:
+        # A torch.optim base cannot skip on a device flag: one host read decides (documented).
+        flag = _merge_found_inf(found_inf, skip)
+        if flag is not None and bool(flag.item() != 0):
+            return
+        if grad_scale is not None:
+            inv_scale = grad_scale.double().reciprocal().float()
+            grads = defaultdict(list)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grads[p.grad.device].append(p.grad)
+            for device, device_grads in grads.items():
+                torch._foreach_mul_(device_grads, inv_scale.to(device))
+        self.base_optimizer.step()
+
+
+def _check_sam_group(group: dict) -> None:
+    if not group["rho"] >= 0.0:
+        raise ValueError(f"Invalid rho: {group['rho']} (must be >= 0)")
+    if group["adaptive"] not in _ADAPTIVE_MODES:
+        raise ValueError(f"Invalid adaptive: {group['adaptive']!r}; expected False, True or 'official'")
+    if group["eta"] is not None and not group["eta"] >= 0.0:
+        raise ValueError(f"Invalid eta: {group['eta']} (must be >= 0)")
+
+
+def _check_sam_param(p: Tensor) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError(f"SAM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+    if p.is_complex():
+        raise RuntimeError(f"SAM supports real floating-point parameters only, got {p.dtype}")
+
+
+def _buckets(params: list[Tensor]) -> dict:
+    buckets: dict = defaultdict(list)
+    for p in params:
+        buckets[(p.device, p.dtype)].append(p)
+    return buckets
+
+
+def _asam_weights(group: dict, params: list[Tensor]) -> Optional[list[Optional[Tensor]]]:
+    """``T`` of each tensor (fp32), or None where ``T = 1``."""
+    mode = "official" if group["adaptive"] == "official" else bool(group["adaptive"])
+    if mode is False:
+        return None
+    eta = _DEFAULT_ETA[mode] if group["eta"] is None else group["eta"]
+    weights = []
+    for p in params:
+        if mode == "official" and p.dim() <= 1:
+            weights.append(None)
+        else:
+            weights.append(p.to(opmath_dtype(p.dtype)).abs().add_(eta))
+    return weights
+
+
+# --------------------------------------------------------------------------------- fused ops
+
+
+def grad_sq_norm(
+    grads: list[Tensor], weights: Optional[list[Optional[Tensor]]] = None, *, backend: str = "forloop"
+) -> Tensor:
+    """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, an fp32 scalar on its device.
+
+    ``weights[i] is None`` means ``T_i = 1``. A non-finite gradient makes the result non-finite,
+    which is how callers detect it without a host read.
+    """
+    weights = weights if weights is not None else [None] * len(grads)
+    terms = [g if w is None else w * g.to(w.dtype) for g, w in zip(grads, weights)]
+    if backend == "foreach":
+        norms = torch._foreach_norm(terms, 2, dtype=torch.float32)
+    elif backend == "forloop":
+        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in terms]
+    else:
+        raise ValueError(f"grad_sq_norm has no {backend!r} implementation")
+    return torch.stack(norms).square().sum()
+
+
+def sam_perturb_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    saves: list[Tensor],
+    scale: Tensor,
+    weights: Optional[list[Optional[Tensor]]] = None,
+    *,
+    backend: str = "forloop",
+) -> None:
+    """``save <- p; p <- p + scale * T**2 * g`` over a bucket, in fp32, ``scale`` a device scalar.
+
+    Elements whose perturbation is not finite (``scale == 0`` with an inf/nan gradient) are not
+    moved, so a skipped step leaves the weights exactly as they were.
+    """
+    weights = weights if weights is not None else [None] * len(params)
+    if backend == "forloop":
+        for p, g, save, w in zip(params, grads, saves, weights):
+            save.copy_(p)
+            e = _perturbation(p, g, w, scale)
+            torch.nan_to_num_(e, nan=0.0, posinf=0.0, neginf=0.0)
+            _add_in_opmath_(p, e)
+    elif backend == "foreach":
+        if not params:
+            return
+        torch._foreach_copy_(saves, params)
+        dtype = opmath_dtype(params[0].dtype)
+        g = [grad.to(dtype) for grad in grads]
+        squared = [None if w is None else w * w for w in weights]
+        e = [g_i if w is None else torch.mul(w, g_i) for g_i, w in zip(g, squared)]
+        e = torch._foreach_mul(e, scale)
+        for e_i in e:
+            torch.nan_to_num_(e_i, nan=0.0, posinf=0.0, neginf=0.0)
+        if dtype == params[0].dtype:
+            torch._foreach_add_(params, e)
+        else:
+            moved = torch._foreach_add([p.to(dtype) for p in params], e)
+            torch._foreach_copy_(params, moved)
+    else:
+        raise ValueError(f"sam_perturb_ has no {backend!r} implementation")
+
+
+def _perturbation(p: Tensor, g: Tensor, w: Optional[Tensor], scale: Tensor) -> Tensor:
+    g = g.to(opmath_dtype(p.dtype))
+    if w is not None:
+        g = (w * w) * g
+    return g * scale
+
+
+def _add_in_opmath_(p: Tensor, e: Tensor) -> None:
+    if p.dtype == e.dtype:
+        p.add_(e)
+    else:
+        p.copy_(p.to(e.dtype).add_(e))

@@ -1,0 +1,190 @@
+"""SGD with momentum: a drop-in for ``torch.optim.SGD`` with the fused-step terms of cl_optim."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._optimizer import FusedOptimizer, backend_from_torch_flags
+from ._terms import (
+    StepTerms,
+    opmath_dtype,
+    restore_foreach_,
+    restore_forloop_,
+    task_grad_forloop,
+    task_grads_foreach,
+)
+
+__all__ = ["SGD", "sgd_step_"]
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent with momentum, the numbers of ``torch.optim.SGD``.
+
+    Per element, with ``g`` the task gradient after the optional terms of ``cl_optim._terms``
+    (AMP unscale, Fisher EMA, clipping, maximize, EWC)::
+
+        g <- g + weight_decay * p
+        b <- g                                 (first step)
+        b <- momentum * b + (1 - dampening) * g
+        g <- g + momentum * b   if nesterov else   b
+        p <- p - lr * g
+
+    The state is ``momentum_buffer`` (absent when ``momentum == 0``), as in torch, so state dicts
+    move between the two both ways. fp16/bf16 parameters are updated in fp32 and rounded once.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``;
+            ``lr`` may be a tensor.
+        backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
+        foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+
+    Example:
+        >>> import torch, cl_optim
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = cl_optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: Union[float, Tensor] = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        backend: str = "auto",
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults, backend_from_torch_flags(backend, foreach, fused))
+
+    def _update_bucket(self, group, params, grads, terms, backend):
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
+        sgd_step_(
+            params,
+            grads,
+            buffers,
+            terms,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            backend=backend,
+        )
+        if buffers is not None:
+            for p, buf in zip(params, buffers):
+                if buf is not None:
+                    self.state[p]["momentum_buffer"] = buf
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: Optional[list[Optional[Tensor]]],
+    terms: Optional[StepTerms] = None,
+    *,
+    lr,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    backend: str = "forloop",
+) -> None:
+    """The SGD step of one (device, dtype) bucket, in place.
+
+    ``momentum_buffers[i] is None`` means "first step": the buffer is created from the gradient
+    and written back into the list. ``None`` for the whole list means no momentum.
+    """
+    terms = terms if terms is not None else StepTerms()
+    impl = {"forloop": _sgd_forloop, "foreach": _sgd_foreach}[backend]
+    impl(params, grads, momentum_buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize)
+
+
+def _sgd_forloop(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    restore_forloop_(params, terms)
+    if terms.skip_update():
+        return
+    for i, param in enumerate(params):
+        p = param.to(opmath_dtype(param.dtype))
+        g = task_grad_forloop(i, p, grads[i], terms, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            if buffers[i] is None:
+                buf = g.detach().clone()
+            else:
+                buf = buffers[i].to(p.dtype)
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+            buffers[i] = _written_back(buffers[i], buf, param.dtype)
+        p.add_(g, alpha=-lr)
+        if p is not param:
+            param.copy_(p)
+
+
+def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    restore_foreach_(params, terms)
+    if terms.skip_update() or not params:
+        return
+    dtype = opmath_dtype(params[0].dtype)
+    p = [param.to(dtype) for param in params]
+    g = task_grads_foreach(p, grads, terms, maximize)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, p, alpha=weight_decay)
+    if momentum != 0:
+        fresh = [i for i, b in enumerate(buffers) if b is None]
+        old = [i for i, b in enumerate(buffers) if b is not None]
+        bufs: list = [None] * len(params)
+        for i in fresh:
+            bufs[i] = g[i].detach().clone()
+        if old:
+            stepped = [buffers[i].to(dtype) for i in old]
+            torch._foreach_mul_(stepped, momentum)
+            torch._foreach_add_(stepped, [g[i] for i in old], alpha=1 - dampening)
+            for i, b in zip(old, stepped):
+                bufs[i] = b
+        g = torch._foreach_add(g, bufs, alpha=momentum) if nesterov else bufs
+        for i in range(len(params)):
+            buffers[i] = _written_back(buffers[i], bufs[i], params[i].dtype)
+    torch._foreach_add_(p, g, alpha=-lr)
+    if p[0] is not params[0]:
+        torch._foreach_copy_(params, p)
+
+
+def _written_back(stored: Optional[Tensor], value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Store an opmath state tensor in the parameter dtype (in place when it already exists)."""
+    if stored is None:
+        return value if value.dtype == dtype else value.to(dtype)
+    if stored is not value:
+        stored.copy_(value)
+    return stored
