@@ -80,7 +80,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._fused_step(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+        self._fused_step(
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None)
+        )
         return loss
 
     @torch.no_grad()
@@ -142,7 +144,9 @@ def _check_param(p: Tensor) -> None:
             f"(shape {tuple(p.shape)})"
         )
     if p.grad.shape != p.shape:
-        raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}")
+        raise RuntimeError(
+            f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}"
+        )
 
 
 def _buckets(params: list[Tensor]) -> dict:

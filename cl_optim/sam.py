@@ -84,7 +84,9 @@ class SAM(torch.optim.Optimizer):
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("SAM takes the base optimizer class (e.g. torch.optim.SGD), not an instance")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
+            )
         if not perturb_eps >= 0.0:
             raise ValueError(f"Invalid perturb_eps: {perturb_eps}")
         self.backend = check_backend_name(backend)
@@ -109,7 +111,9 @@ class SAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate rho/adaptive/eta before the group joins the (shared) list of groups.
-        _check_sam_group({key: param_group.get(key, self.defaults[key]) for key in ("rho", "adaptive", "eta")})
+        _check_sam_group(
+            {key: param_group.get(key, self.defaults[key]) for key in ("rho", "adaptive", "eta")}
+        )
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------------------- steps
@@ -178,7 +182,9 @@ class SAM(torch.optim.Optimizer):
             )
         skip = self._pass1_nonfinite
         if isinstance(self.base_optimizer, FusedOptimizer):
-            self.base_optimizer._fused_step(restore=restore, skip=skip, grad_scale=grad_scale, found_inf=found_inf)
+            self.base_optimizer._fused_step(
+                restore=restore, skip=skip, grad_scale=grad_scale, found_inf=found_inf
+            )
         else:
             self._restore(restore)
             self._foreign_update(skip, grad_scale, found_inf)
@@ -234,7 +240,9 @@ class SAM(torch.optim.Optimizer):
         ``second_step`` (perturbed weights) is an error.
         """
         if self._pending is not None:
-            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step(): the weights are perturbed"
+            )
         state = super().state_dict()
         state["sam"] = {"steps": self.steps}
         return state
