@@ -144,7 +144,8 @@ class SAM(torch.optim.Optimizer):
             grad_sq_norm([p.grad for p in bucket], w, backend=backend).to(home)
             for (_, _, _, bucket, backend), w in zip(plan, weights)
         ]
-        norm = torch.stack(sq_norms).sum().sqrt()
+        acc = torch.float64 if any(x.dtype == torch.float64 for x in sq_norms) else torch.float32
+        norm = torch.stack([x.to(acc) for x in sq_norms]).sum().sqrt()
         finite = torch.isfinite(norm)
         self._pass1_nonfinite = ~finite
 
@@ -342,17 +343,20 @@ def _asam_weights(group: dict, params: list[Tensor]) -> Optional[list[Optional[T
 def grad_sq_norm(
     grads: list[Tensor], weights: Optional[list[Optional[Tensor]]] = None, *, backend: str = "forloop"
 ) -> Tensor:
-    """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, an fp32 scalar on its device.
+    """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, a scalar on its device.
+
+    Accumulated in fp32 (fp64 for fp64 gradients), whatever the gradient dtype.
 
     ``weights[i] is None`` means ``T_i = 1``. A non-finite gradient makes the result non-finite,
     which is how callers detect it without a host read.
     """
     weights = weights if weights is not None else [None] * len(grads)
     terms = [g if w is None else w * g.to(w.dtype) for g, w in zip(grads, weights)]
+    acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else torch.float32
     if backend == "foreach":
-        norms = torch._foreach_norm(terms, 2, dtype=torch.float32)
+        norms = torch._foreach_norm(terms, 2, dtype=acc)
     elif backend == "forloop":
-        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in terms]
+        norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in terms]
     else:
         raise ValueError(f"grad_sq_norm has no {backend!r} implementation")
     return torch.stack(norms).square().sum()

@@ -1,0 +1,95 @@
+"""Shared fixtures: the parameter zoo, deterministic gradients and the reduced-precision rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Sizes of DESIGN.md §4: empty, one element, odd sizes, and one past 2**18.
+ZOO_SIZES = (0, 1, 97, 1025, 278011)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_zoo(dtype: torch.dtype, seed: int = 0) -> list[dict]:
+    """Two parameter groups covering every shape of the zoo, one non-contiguous and one grad-less."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def param(*shape):
+        return torch.nn.Parameter(torch.randn(*shape, generator=gen).to(dtype))
+
+    empty, one, odd, mid, big = (param(n) for n in ZOO_SIZES)
+    # A non-contiguous leaf: the transpose of a 31x33 matrix.
+    strided = torch.nn.Parameter(torch.randn(31, 33, generator=gen).to(dtype).t())
+    assert not strided.is_contiguous()
+    frozen_grad = param(5)  # never gets a gradient
+    return [
+        {"params": [empty, one, odd, frozen_grad]},
+        {"params": [mid, big, strided], "lr": 0.03},
+    ]
+
+
+def zoo_params(groups: list[dict]) -> list[torch.Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+def clone_groups(groups: list[dict], dtype: torch.dtype | None = None) -> list[dict]:
+    """A deep copy of the zoo (values, strides and group options), optionally in another dtype."""
+    out = []
+    for g in groups:
+        params = []
+        for p in g["params"]:
+            q = torch.empty_strided(p.shape, p.stride(), dtype=dtype or p.dtype)
+            with torch.no_grad():
+                q.copy_(p)
+            params.append(torch.nn.Parameter(q))
+        out.append({**g, "params": params})
+    return out
+
+
+def zoo_grads(params: list[torch.Tensor], step: int, scale: float = 1.0) -> list[torch.Tensor | None]:
+    """Deterministic fp32 gradients for a step; the 5-element parameter gets None."""
+    grads = []
+    for i, p in enumerate(params):
+        if p.numel() == 5:
+            grads.append(None)
+            continue
+        gen = torch.Generator().manual_seed(1000 * step + i)
+        grads.append(torch.randn(p.shape, generator=gen) * scale)
+    return grads
+
+
+def set_grads(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.to(p.dtype)
+
+
+def assert_close_lowp(candidate: torch.Tensor, oracle: torch.Tensor, reference: torch.Tensor, atol: float):
+    """Reduced precision: |candidate - ref| <= 2 * |oracle - ref| + atol, elementwise.
+
+    ``reference`` is the same computation in fp64; ``oracle`` the forloop in the same dtype.
+    """
+    ref = reference.double()
+    err_candidate = (candidate.double() - ref).abs()
+    err_oracle = (oracle.double() - ref).abs()
+    bad = err_candidate > 2 * err_oracle + atol
+    assert not bad.any(), (
+        f"{int(bad.sum())} elements exceed 2x the oracle's error + {atol}: "
+        f"max candidate error {err_candidate.max().item():.3g}, max oracle error {err_oracle.max().item():.3g}"
+    )
+
+
+def assert_state_close(candidate, oracle, reference, dtype, atol=1e-2):
+    if dtype == torch.float32 or reference is None:
+        torch.testing.assert_close(candidate, oracle)
+    else:
+        assert candidate.dtype == oracle.dtype
+        assert_close_lowp(candidate, oracle, reference, atol)

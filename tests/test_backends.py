@@ -1,0 +1,167 @@
+"""Every backend against the forloop oracle, after 10 steps, on parameters and every state tensor.
+
+The zoo (tests/conftest.py) has an empty tensor, one element, odd sizes, a non-contiguous view,
+two groups, a parameter without gradient, in fp32, bf16 and fp16. Reduced precision follows
+DESIGN.md §4: the candidate's error against an fp64 run is at most twice the oracle's, plus a
+small atol.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, assert_state_close, clone_groups, make_zoo, set_grads, zoo_grads, zoo_params
+
+import cl_optim
+from cl_optim._terms import StepTerms
+from cl_optim.adamw import adamw_step_
+from cl_optim.sam import grad_sq_norm, sam_perturb_
+from cl_optim.sgd import sgd_step_
+
+CANDIDATES = ["foreach"]  # every non-oracle backend this release ships
+STEPS = 10
+LOWP_ATOL = {torch.float32: 0.0, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: bool):
+    """10 steps of the functional op with every optional term switched on (or none)."""
+    groups = clone_groups(make_zoo(torch.float32), dtype)
+    params = [p for p in zoo_params(groups) if p.numel() != 5]  # the grad-less one is not stepped
+    gen = torch.Generator().manual_seed(3)
+    n = len(params)
+    fisher = [torch.rand(p.shape, generator=gen) for p in params] if with_terms else None
+    precision = [torch.rand(p.shape, generator=gen) for p in params]
+    anchor = [torch.randn(p.shape, generator=gen) for p in params]
+    buffers = [None] * n
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    vmax = [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(0.0) for _ in params]
+    for step in range(STEPS):
+        grads = [g.to(dtype) for g in zoo_grads(params, step, scale=8.0 if with_terms else 1.0)]
+        terms = StepTerms()
+        if with_terms:
+            saves = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0.01)  # a perturbation RESTORE must undo
+            terms = StepTerms(
+                restore_from=saves,
+                grad_scale=torch.tensor(8.0),
+                found_inf=torch.tensor(1.0 if step == 4 else 0.0),
+                fisher=fisher,
+                fisher_beta=0.95,
+                clip_coef=torch.tensor(0.7),
+                ewc_precision=precision,
+                ewc_anchor=anchor,
+                ewc_lam=[0.5 + i for i in range(n)],
+            )
+        with torch.no_grad():
+            if kind == "sgd":
+                sgd_step_(params, grads, buffers, terms, lr=0.05, momentum=0.9, dampening=0.1, nesterov=False,
+                          weight_decay=1e-2, maximize=False, backend=backend)  # fmt: skip
+            elif kind == "sgd_nesterov":
+                sgd_step_(params, grads, buffers, terms, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True,
+                          weight_decay=0.0, maximize=True, backend=backend)  # fmt: skip
+            else:
+                adamw_step_(params, grads, m, v, vmax if kind == "adamw_amsgrad" else None, steps, terms,
+                            lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=1e-2, maximize=False,
+                            backend=backend)  # fmt: skip
+    out = {f"param{i}": p.detach() for i, p in enumerate(params)}
+    if kind.startswith("sgd"):
+        out.update({f"momentum_buffer{i}": b for i, b in enumerate(buffers)})
+    else:
+        out.update({f"exp_avg{i}": t for i, t in enumerate(m)})
+        out.update({f"exp_avg_sq{i}": t for i, t in enumerate(v)})
+        out.update({f"step{i}": t for i, t in enumerate(steps)})
+        if kind == "adamw_amsgrad":
+            out.update({f"max_exp_avg_sq{i}": t for i, t in enumerate(vmax)})
+    if fisher is not None:
+        out.update({f"fisher{i}": f for i, f in enumerate(fisher)})
+    return out
+
+
+@pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_step_backend_matches_forloop(backend, dtype, kind, with_terms):
+    oracle = _functional_run(kind, "forloop", dtype, with_terms)
+    candidate = _functional_run(kind, backend, dtype, with_terms)
+    reference = _functional_run(kind, "forloop", torch.float64, with_terms) if dtype != torch.float32 else {}
+    assert candidate.keys() == oracle.keys()
+    for name in oracle:
+        assert_state_close(candidate[name], oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+    # The run really moved the weights and the skipped AMP step left the step count at 9.
+    assert not torch.equal(oracle["param2"].float(), make_zoo(torch.float32)[0]["params"][2].detach().to(dtype).float())
+    if "step0" in oracle:
+        assert oracle["step0"].item() == (STEPS - 1 if with_terms else STEPS)
+
+
+@pytest.mark.parametrize("adaptive", [False, True, "official"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_sam_optimizer_backend_matches_forloop(backend, dtype, adaptive):
+    """Whole SAM+AdamW and SAM+SGD iterations over the zoo, every parameter and state tensor."""
+
+    def run(backend, run_dtype, base):
+        groups = clone_groups(make_zoo(torch.float32), run_dtype)
+        groups[1]["rho"] = 0.2
+        kwargs = dict(lr=0.05, momentum=0.9) if base is cl_optim.SGD else dict(lr=1e-2)
+        opt = cl_optim.SAM(groups, base, rho=0.05, adaptive=adaptive, backend=backend, **kwargs)
+        params = zoo_params(groups)
+        for step in range(STEPS):
+            set_grads(params, zoo_grads(params, step))
+            opt.first_step(zero_grad=True)
+            set_grads(params, zoo_grads(params, step + 100))
+            opt.second_step(zero_grad=True)
+        out = {f"param{i}": p.detach() for i, p in enumerate(params)}
+        for i, p in enumerate(params):
+            for key, value in opt.state[p].items():
+                out[f"{key}{i}"] = value
+        return out, opt
+
+    for base in (cl_optim.SGD, cl_optim.AdamW):
+        oracle, _ = run("forloop", dtype, base)
+        candidate, opt = run(backend, dtype, base)
+        assert set(opt.perturb_backends_used.values()) == {backend}
+        assert set(opt.base_optimizer.backends_used.values()) == {backend}
+        reference = run("forloop", torch.float64, base)[0] if dtype != torch.float32 else {}
+        assert candidate.keys() == oracle.keys() and len(oracle) > 7
+        for name in oracle:
+            assert_state_close(candidate[name], oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_grad_norm_and_perturb_ops(backend, dtype):
+    params = [p for p in zoo_params(clone_groups(make_zoo(torch.float32), dtype)) if p.numel() != 5]
+    grads = [g.to(dtype) for g in zoo_grads(params, 0)]
+    weights = [None if p.dim() < 2 else p.detach().float().abs() + 0.01 for p in params]
+    for w in (None, weights):
+        expected = grad_sq_norm(grads, w, backend="forloop")
+        got = grad_sq_norm(grads, w, backend=backend)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        outs = {}
+        for name in ("forloop", backend):
+            ps = [p.detach().clone() for p in params]
+            saves = [torch.empty_like(p) for p in ps]
+            sam_perturb_(ps, grads, saves, torch.tensor(0.05) / expected.sqrt(), w, backend=name)
+            assert all(torch.equal(s, p.detach()) for s, p in zip(saves, params))
+            outs[name] = ps
+        for a, b in zip(outs[backend], outs["forloop"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["forloop", *CANDIDATES])
+def test_nonfinite_gradient_moves_nothing(backend):
+    params = [torch.randn(10), torch.randn(3, 4)]
+    grads = [torch.randn(10), torch.randn(3, 4)]
+    grads[1][1, 2] = float("inf")
+    grads[0][3] = float("nan")
+    sq = grad_sq_norm(grads, backend=backend)
+    assert not torch.isfinite(sq)
+    ps = [p.clone() for p in params]
+    sam_perturb_(ps, grads, [torch.empty_like(p) for p in ps], torch.tensor(0.0), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(ps, params))
