@@ -176,7 +176,7 @@ class SAM(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         restore = {p: self._saved[p] for p in self._pending}
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            self._restore(restore)
+            self._abort()
             raise RuntimeError(
                 "no gradient at the perturbed weights: call backward() between first_step() and "
                 "second_step(); the weights were restored and no update was made"
@@ -193,6 +193,9 @@ class SAM(torch.optim.Optimizer):
         self.last_step_skipped = flag != 0
         self._pending = None
         self.steps += 1
+        # What an LR scheduler's wrapper of step() records: first_step/second_step users get no
+        # "lr_scheduler.step() before optimizer.step()" warning.
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 

@@ -93,7 +93,9 @@ def test_step_backend_matches_forloop(backend, dtype, kind, with_terms):
     for name in oracle:
         assert_state_close(candidate[name], oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
     # The run really moved the weights and the skipped AMP step left the step count at 9.
-    assert not torch.equal(oracle["param2"].float(), make_zoo(torch.float32)[0]["params"][2].detach().to(dtype).float())
+    assert not torch.equal(
+        oracle["param2"].float(), make_zoo(torch.float32)[0]["params"][2].detach().to(dtype).float()
+    )
     if "step0" in oracle:
         assert oracle["step0"].item() == (STEPS - 1 if with_terms else STEPS)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import textbook as tb
+import torch
 
 import cl_optim
 from cl_optim._terms import StepTerms
@@ -150,7 +150,9 @@ def test_sam_forloop_matches_textbook(adaptive, base):
     if base == "sgd":
         opt = cl_optim.SAM(groups, cl_optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9, backend="forloop")
     else:
-        opt = cl_optim.SAM(groups, cl_optim.AdamW, adaptive=adaptive, lr=0.05, weight_decay=0.01, backend="forloop")
+        opt = cl_optim.SAM(
+            groups, cl_optim.AdamW, adaptive=adaptive, lr=0.05, weight_decay=0.01, backend="forloop"
+        )
     rhos = [0.1, 0.1, 0.3]
     book = [tb.TensorState(p=w.double().numpy().copy()) for w in w0]
     an, cn = [x.double().numpy() for x in a], [x.double().numpy() for x in c]
