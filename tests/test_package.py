@@ -1,0 +1,57 @@
+"""Packaging promises: import without Triton or a compiler, kernels/ only as cl_optim.kernels."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import cl_optim
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+
+
+def test_import_works_without_triton_and_touches_no_cuda():
+    code = (
+        "import sys, builtins\n"
+        "real_import = builtins.__import__\n"
+        "def guarded(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('triton', 'ninja'):\n"
+        "        raise ImportError('blocked for the test: ' + name)\n"
+        "    return real_import(name, *a, **k)\n"
+        "builtins.__import__ = guarded\n"
+        "import torch\n"
+        "torch.cuda.init = lambda: (_ for _ in ()).throw(AssertionError('CUDA touched at import'))\n"
+        "import cl_optim, cl_optim.kernels\n"
+        "assert 'triton' not in sys.modules\n"
+        "print(cl_optim.__version__)\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == cl_optim.__version__
+
+
+def test_kernels_is_installed_as_a_subpackage_only():
+    result = _run(
+        "import cl_optim.kernels as k, importlib.util as u; print(k.__name__, u.find_spec('kernels'))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["cl_optim.kernels", "None"]
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = re.search(r"<!-- test-command -->\n```bash\n(.*?)\n```", readme, re.S).group(1)
+    for line in test_command.splitlines():
+        assert line.strip() in ci, f"README test command line not in .ci/run: {line}"
+    assert "python bench/continual.py" in readme
+
+
+def test_public_api():
+    assert set(cl_optim.__all__) >= {"SGD", "AdamW", "SAM", "report", "preserve_bn_stats", "skip_grad_sync"}
