@@ -167,3 +167,30 @@ def test_nonfinite_gradient_moves_nothing(backend):
     ps = [p.clone() for p in params]
     sam_perturb_(ps, grads, [torch.empty_like(p) for p in ps], torch.tensor(0.0), backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(ps, params))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
+    """The shipped backends on CUDA tensors against the forloop oracle on the CPU."""
+
+    def run(device, backend):
+        groups = clone_groups(make_zoo(torch.float32), dtype)
+        for g in groups:
+            g["params"] = [torch.nn.Parameter(p.detach().to(device)) for p in g["params"]]
+        opt = cl_optim.SAM(groups, cl_optim.AdamW, rho=0.05, lr=1e-2, backend=backend)
+        params = zoo_params(groups)
+        for step in range(STEPS):
+            set_grads(params, [None if g is None else g.to(device) for g in zoo_grads(params, step)])
+            opt.first_step(zero_grad=True)
+            set_grads(params, [None if g is None else g.to(device) for g in zoo_grads(params, step + 100)])
+            opt.second_step(zero_grad=True)
+        return [p.detach().cpu() for p in params], opt
+
+    oracle, _ = run("cpu", "forloop")
+    for backend in ["forloop", *CANDIDATES]:
+        got, opt = run("cuda", backend)
+        assert set(opt.base_optimizer.backends_used.values()) == {backend}
+        for a, b in zip(got, oracle):
+            tol = {} if dtype == torch.float32 else dict(rtol=0, atol=LOWP_ATOL[dtype] * 4)
+            torch.testing.assert_close(a, b, **tol)

@@ -293,3 +293,20 @@ def test_step_order_errors_leave_params_unchanged():
     _unchanged(model, before)
     with pytest.raises(RuntimeError, match="no gradient"):
         opt.first_step()
+
+
+def test_a_plain_base_optimizer_state_dict_loads_into_sam():
+    """Switching an existing run to SAM keeps its momentum: torch.optim.SGD's state dict loads."""
+    model = _model()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for i in range(3):
+        _loss(model, i).backward()
+        plain.step()
+        plain.zero_grad()
+    opt = cl_optim.SAM(model.parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["rho"] == 0.07 and opt.steps == 0
+    for p in model.parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"])
+    _two_step(model, opt, 2, start=3)
+    assert opt.base_optimizer.state is opt.state
