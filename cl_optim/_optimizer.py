@@ -36,6 +36,14 @@ def backend_from_torch_flags(backend: str, foreach: Optional[bool], fused: Optio
     return "foreach" if foreach else "forloop"
 
 
+def check_lr(lr) -> None:
+    """torch.optim's checks of ``lr``: a float or a 1-element tensor, not negative."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
 def _merge_found_inf(found_inf: Optional[Tensor], skip: Optional[Tensor]) -> Optional[Tensor]:
     if skip is None:
         return found_inf
