@@ -7,10 +7,11 @@ which backends run on this machine. Nothing here touches CUDA, Triton or a compi
 
 from ._backend import report
 from .adamw import AdamW
+from .ewc import EWC
 from .integration import preserve_bn_stats, skip_grad_sync
 from .sam import SAM
 from .sgd import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "AdamW", "SAM", "report", "preserve_bn_stats", "skip_grad_sync", "__version__"]
+__all__ = ["SGD", "AdamW", "SAM", "EWC", "report", "preserve_bn_stats", "skip_grad_sync", "__version__"]

@@ -36,6 +36,37 @@ def backend_from_torch_flags(backend: str, foreach: Optional[bool], fused: Optio
     return "foreach" if foreach else "forloop"
 
 
+FISHER_KEY = "fisher_ema"  # optimizer-state key of the running Fisher, always fp32
+
+
+def check_fisher_ema(beta: Optional[float]) -> None:
+    if beta is not None and not 0.0 <= beta < 1.0:
+        raise ValueError(f"Invalid fisher_ema: {beta} (the EMA factor beta must be in [0, 1))")
+
+
+def fisher_buffer(state: dict, p: Tensor) -> Tensor:
+    """The running Fisher of ``p`` in its optimizer state, created as fp32 zeros."""
+    if FISHER_KEY not in state:
+        state[FISHER_KEY] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    return state[FISHER_KEY]
+
+
+def keep_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Undo torch's cast of floating state to the parameter dtype for the running Fisher.
+
+    ``Optimizer.load_state_dict`` turns every floating state tensor into the parameter's dtype;
+    a bf16 model would silently get a bf16 Fisher (an EMA that stalls at half its target).
+    """
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for saved_id, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(saved_id, {})
+        if FISHER_KEY in saved:
+            optimizer.state[p][FISHER_KEY] = (
+                saved[FISHER_KEY].to(device=p.device, dtype=torch.float32).clone()
+            )
+
+
 def check_lr(lr) -> None:
     """torch.optim's checks of ``lr``: a float or a 1-element tensor, not negative."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -65,8 +96,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     # syncing itself: the update unscales, and skips itself when found_inf is set.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, backend: str):
+    def __init__(self, params, defaults: dict, backend: str, ewc=None, fisher_ema: Optional[float] = None):
+        from .ewc import EWC
+
+        if ewc is not None and not isinstance(ewc, EWC):
+            raise TypeError(f"ewc= takes a cl_optim.EWC, got {type(ewc).__name__}")
+        check_fisher_ema(fisher_ema)
         self.backend = check_backend_name(backend)
+        self.ewc = ewc
+        self.fisher_ema = fisher_ema
         # "(device)/(dtype)" -> backend name, for every bucket stepped so far.
         self.backends_used: dict[str, str] = {}
         super().__init__(params, defaults)
@@ -77,6 +115,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        keep_fp32_state(self, state_dict)
+
+    def running_fisher(self) -> dict:
+        """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
+        return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
 
     def __repr__(self) -> str:
         return super().__repr__().rstrip(")") + f"backend: {self.backend}\n)"
@@ -128,6 +174,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             ).to(device)
+            if self.fisher_ema is not None:
+                terms.fisher = [fisher_buffer(self.state[p], p) for p in bucket]
+                terms.fisher_beta = self.fisher_ema
+            if self.ewc is not None:
+                terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
             self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
             stepped.update(bucket)
 

@@ -42,8 +42,8 @@ class StepTerms:
     fisher: Optional[list[Tensor]] = None  # FISHER_EMA: fp32 running Fisher, updated in place
     fisher_beta: float = 0.0
     clip_coef: Optional[Tensor] = None  # CLIP: device scalar multiplying the task gradient
-    ewc_precision: Optional[list[Tensor]] = None  # EWC: A, fp32
-    ewc_anchor: Optional[list[Tensor]] = None  # EWC: mu, fp32
+    ewc_precision: Optional[list[Optional[Tensor]]] = None  # EWC: A, fp32; None = no term there
+    ewc_anchor: Optional[list[Optional[Tensor]]] = None  # EWC: mu, fp32
     ewc_lam: Union[float, list[float]] = 0.0  # EWC: lambda, one value or one per tensor
 
     _LISTS = ("restore_from", "fisher", "ewc_precision", "ewc_anchor")
@@ -109,7 +109,7 @@ def task_grad_forloop(i: int, param: Tensor, grad: Tensor, terms: StepTerms, max
         g = g * terms.clip_coef
     if maximize:
         g = -g
-    if terms.ewc_precision is not None:
+    if terms.ewc_precision is not None and terms.ewc_precision[i] is not None:
         g = g.addcmul(terms.ewc_precision[i], param - terms.ewc_anchor[i], value=terms.lam(i))
     return g
 
@@ -131,7 +131,16 @@ def task_grads_foreach(
     if maximize:
         g = torch._foreach_neg(g)
     if terms.ewc_precision is not None:
-        offsets = torch._foreach_sub(params, terms.ewc_anchor)
-        lams = terms.ewc_lam if isinstance(terms.ewc_lam, list) else [terms.ewc_lam] * len(params)
-        g = torch._foreach_addcmul(g, terms.ewc_precision, offsets, lams)
+        covered = [i for i, a in enumerate(terms.ewc_precision) if a is not None]
+        if covered:
+            offsets = torch._foreach_sub([params[i] for i in covered], [terms.ewc_anchor[i] for i in covered])
+            pulled = torch._foreach_addcmul(
+                [g[i] for i in covered],
+                [terms.ewc_precision[i] for i in covered],
+                offsets,
+                [terms.lam(i) for i in covered],
+            )
+            g = list(g)
+            for i, value in zip(covered, pulled):
+                g[i] = value
     return g

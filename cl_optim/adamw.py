@@ -42,6 +42,10 @@ class AdamW(FusedOptimizer):
             tensor.
         backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
         foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+        ewc: a ``cl_optim.EWC``; its gradient ``lam*A*(p - mu)`` is added inside the update.
+        fisher_ema: ``beta``: a running fp32 Fisher ``F <- beta*F + (1-beta)*g**2`` of the task
+            gradient (before the EWC term), in the state as ``fisher_ema``; see
+            ``running_fisher()``.
 
     Example:
         >>> import torch, cl_optim
@@ -64,6 +68,8 @@ class AdamW(FusedOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        ewc=None,
+        fisher_ema: Optional[float] = None,
     ):
         check_lr(lr)
         if not eps >= 0.0:
@@ -79,13 +85,19 @@ class AdamW(FusedOptimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
         )
-        super().__init__(params, defaults, backend_from_torch_flags(backend, foreach, fused))
+        super().__init__(
+            params,
+            defaults,
+            backend_from_torch_flags(backend, foreach, fused),
+            ewc=ewc,
+            fisher_ema=fisher_ema,
+        )
 
     def _update_bucket(self, group, params, grads, terms, backend):
         amsgrad = group["amsgrad"]
         for p in params:
             state = self.state[p]
-            if len(state) == 0:
+            if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, resolve
-from ._optimizer import FusedOptimizer, _merge_found_inf
+from ._optimizer import (
+    FISHER_KEY,
+    FusedOptimizer,
+    _merge_found_inf,
+    check_fisher_ema,
+    fisher_buffer,
+    keep_fp32_state,
+)
 from ._terms import opmath_dtype
 
 __all__ = ["SAM", "grad_sq_norm", "sam_perturb_"]
@@ -79,6 +86,8 @@ class SAM(torch.optim.Optimizer):
         eta: Optional[float] = None,
         perturb_eps: float = 1e-12,
         backend: str = "auto",
+        ewc=None,
+        fisher_ema: Optional[float] = None,
         **base_kwargs,
     ):
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -89,12 +98,20 @@ class SAM(torch.optim.Optimizer):
             )
         if not perturb_eps >= 0.0:
             raise ValueError(f"Invalid perturb_eps: {perturb_eps}")
+        check_fisher_ema(fisher_ema)
         self.backend = check_backend_name(backend)
         self.perturb_eps = perturb_eps
+        self.fisher_ema = fisher_ema
+        self.ewc = ewc
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         super().__init__(params, defaults)
         if issubclass(base_optimizer, FusedOptimizer):
-            base_kwargs = dict(base_kwargs, backend=backend)
+            base_kwargs = dict(base_kwargs, backend=backend, ewc=ewc)
+        elif ewc is not None:
+            from .ewc import EWC
+
+            if not isinstance(ewc, EWC):
+                raise TypeError(f"ewc= takes a cl_optim.EWC, got {type(ewc).__name__}")
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of groups and one state for both: schedulers, add_param_group and state_dict
         # see the base optimizer's hyper-parameters and moments through the SAM object.
@@ -119,8 +136,12 @@ class SAM(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- steps
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Save the weights and move them to ``w + e`` (the ascent step of the current gradient)."""
+    def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        """Save the weights and move them to ``w + e`` (the ascent step of the current gradient).
+
+        ``grad_scaler``: the ``GradScaler`` of an AMP loop, needed only with ``fisher_ema`` (the
+        running Fisher is of the unscaled gradient; the perturbation does not depend on the scale).
+        """
         if self._pending is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are still perturbed; "
@@ -149,9 +170,13 @@ class SAM(torch.optim.Optimizer):
         finite = torch.isfinite(norm)
         self._pass1_nonfinite = ~finite
 
+        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
         perturbed = []
         for (group, device, dtype, bucket, backend), w in zip(plan, weights):
             self.perturb_backends_used[f"{device}/{dtype}"] = backend
+            fisher = None
+            if self.fisher_ema is not None:
+                fisher = [fisher_buffer(self.state[p], p) for p in bucket]
             # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
             scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
             sam_perturb_(
@@ -161,6 +186,10 @@ class SAM(torch.optim.Optimizer):
                 scale.to(device),
                 w,
                 backend=backend,
+                fisher=fisher,
+                fisher_beta=self.fisher_ema or 0.0,
+                grad_scale=None if grad_scale is None else grad_scale.to(device),
+                finite=finite.to(device),
             )
             perturbed.extend(bucket)
         self._pending = perturbed
@@ -251,6 +280,10 @@ class SAM(torch.optim.Optimizer):
         state["sam"] = {"steps": self.steps}
         return state
 
+    def running_fisher(self) -> dict:
+        """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
+        return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a SAM state dict, or a plain one of the base optimizer class."""
         if self._pending is not None:
@@ -260,6 +293,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        keep_fp32_state(self, state_dict)
         for group in self.param_groups:
             for key in ("rho", "adaptive", "eta"):
                 group.setdefault(key, self.defaults[key])
@@ -299,6 +333,8 @@ class SAM(torch.optim.Optimizer):
                         grads[p.grad.device].append(p.grad)
             for device, device_grads in grads.items():
                 torch._foreach_mul_(device_grads, inv_scale.to(device))
+        if self.ewc is not None:
+            self.ewc.add_grad_()  # at the restored weights, after the unscale
         self.base_optimizer.step()
 
 
@@ -373,13 +409,21 @@ def sam_perturb_(
     weights: Optional[list[Optional[Tensor]]] = None,
     *,
     backend: str = "forloop",
+    fisher: Optional[list[Tensor]] = None,
+    fisher_beta: float = 0.0,
+    grad_scale: Optional[Tensor] = None,
+    finite: Optional[Tensor] = None,
 ) -> None:
     """``save <- p; p <- p + scale * T**2 * g`` over a bucket, in fp32, ``scale`` a device scalar.
 
     Elements whose perturbation is not finite (``scale == 0`` with an inf/nan gradient) are not
-    moved, so a skipped step leaves the weights exactly as they were.
+    moved, so a skipped step leaves the weights exactly as they were. With ``fisher``, the
+    FISHER_EMA term of the first-pass gradient ``F <- beta*F + (1-beta)*(g/grad_scale)**2`` is
+    applied too, where the device flag ``finite`` is set.
     """
     weights = weights if weights is not None else [None] * len(params)
+    if fisher is not None:
+        _fisher_ema_where_(fisher, grads, fisher_beta, grad_scale, finite)
     if backend == "forloop":
         for p, g, save, w in zip(params, grads, saves, weights):
             save.copy_(p)
@@ -404,6 +448,18 @@ def sam_perturb_(
             torch._foreach_copy_(params, moved)
     else:
         raise ValueError(f"sam_perturb_ has no {backend!r} implementation")
+
+
+def _fisher_ema_where_(fisher, grads, beta, grad_scale, finite) -> None:
+    # Per tensor even on the foreach path: torch has no foreach `where`, and this runs once per
+    # SAM step on the first-pass gradient; the compiled backends fuse it into the perturbation.
+    inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+    for f, g in zip(fisher, grads):
+        g = g.to(torch.float32)
+        if inv_scale is not None:
+            g = g * inv_scale
+        ema = f.mul(beta).addcmul_(g, g, value=1 - beta)
+        f.copy_(ema if finite is None else torch.where(finite, ema, f))
 
 
 def _perturbation(p: Tensor, g: Tensor, w: Optional[Tensor], scale: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ class SGD(FusedOptimizer):
             ``lr`` may be a tensor.
         backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
         foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+        ewc: a ``cl_optim.EWC``; its gradient ``lam*A*(p - mu)`` is added inside the update.
+        fisher_ema: ``beta``: a running fp32 Fisher ``F <- beta*F + (1-beta)*g**2`` of the task
+            gradient (before the EWC term), in the state as ``fisher_ema``; see
+            ``running_fisher()``.
 
     Example:
         >>> import torch, cl_optim
@@ -63,6 +67,8 @@ class SGD(FusedOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        ewc=None,
+        fisher_ema: Optional[float] = None,
     ):
         check_lr(lr)
         if momentum < 0.0:
@@ -79,7 +85,13 @@ class SGD(FusedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
         )
-        super().__init__(params, defaults, backend_from_torch_flags(backend, foreach, fused))
+        super().__init__(
+            params,
+            defaults,
+            backend_from_torch_flags(backend, foreach, fused),
+            ewc=ewc,
+            fisher_ema=fisher_ema,
+        )
 
     def _update_bucket(self, group, params, grads, terms, backend):
         momentum = group["momentum"]

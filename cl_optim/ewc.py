@@ -1,0 +1,384 @@
+r"""Elastic weight consolidation (Kirkpatrick et al., PNAS 2017) in two fp32 buffers per parameter.
+
+Kirkpatrick's penalty after tasks ``1..T`` is a sum of quadratics, one per task ``k`` with Fisher
+``F_k`` and anchor ``theta*_k``::
+
+    R(theta) = lam/2 * sum_k sum_i F_k,i * (theta_i - theta*_k,i)**2
+
+A sum of quadratics is one quadratic: with ``A = sum_k F_k`` (the precision) and
+``mu = sum_k F_k * theta*_k / A`` (the Fisher-weighted anchor),
+``R = lam/2 * sum_i A_i * (theta_i - mu_i)**2 + const``. So ``mode="separate"`` keeps only
+``(A, mu)`` and the constant, whatever the number of tasks, and folds a finished task in with
+
+    A'  = a * A + b * F
+    mu' = (a*A*mu + b*F*theta) / A'        (mu' = theta where A' = 0)
+
+(``a = b = 1`` for Kirkpatrick's sum). ``mode="online"`` is Schwarz et al.'s online EWC (ICML
+2018, §4): ``A' = gamma*A + F``, the anchor moves to the latest weights (``mu' = theta``), and the
+penalty weighs ``A`` by ``gamma`` once more, ``R = lam/2 * sum gamma*A*(theta - mu)**2``.
+
+Lambda convention: ``lam`` multiplies ``1/2 * sum A d**2``, so the gradient is ``lam*A*d``
+(FACIL, PyCIL, van de Ven's code). Libraries without the 1/2 (Avalanche, Mammoth, GT-RIPL) use
+``lam_theirs = lam_ours / 2``.
+
+Other libraries' accumulation rules are ``consolidate(F, decay=a, weight=b)`` in online mode
+with ``gamma=1`` (anchor at the latest weights, no extra decay at penalty time):
+
+=====================  ===========================================  =========================
+library                their rule                                   here
+=====================  ===========================================  =========================
+Avalanche (online)     I <- decay_factor*I + I_new                  ``decay=decay_factor``
+Mammoth ``ewc_on``     F <- gamma*F + F_new                         ``decay=gamma``
+FACIL                  F <- alpha*F + (1-alpha)*F_new               ``decay=alpha, weight=1-alpha``
+PyCIL                  F <- alpha*F + (1-alpha)*F_new, alpha=known/total  as FACIL
+=====================  ===========================================  =========================
+
+Example:
+    >>> import torch, cl_optim
+    >>> model = torch.nn.Linear(3, 2)
+    >>> ewc = cl_optim.EWC(model, lam=100.0)
+    >>> ewc.consolidate({name: torch.ones_like(p) for name, p in model.named_parameters()})
+    >>> float(ewc.penalty())
+    0.0
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EWC"]
+
+Selector = Union[str, nn.Module, Tensor]
+
+
+@dataclass
+class _Entry:
+    name: str
+    param: Tensor
+    lam: float
+    precision: Optional[Tensor] = None  # A, fp32; None until the first consolidation (A = 0)
+    anchor: Optional[Tensor] = None  # mu, fp32
+    constant: float = 0.0  # sum_i of the collapse constant (separate mode), fp64 on the host
+
+
+class EWC:
+    """Consolidated EWC penalty over a model's parameters (see the module docstring for the math).
+
+    Args:
+        model_or_named_params: an ``nn.Module`` or an iterable of ``(name, parameter)``.
+        lam: lambda, in the ``lam/2 * sum A d**2`` convention.
+        mode: ``"separate"`` (exact collapse of one penalty per task) or ``"online"`` (Schwarz).
+        gamma: online decay (``0 < gamma <= 1``); must be 1 in separate mode.
+        include / exclude: parameters to cover / leave out, each a name pattern (``fnmatch``
+            style: ``"head.*"``; a plain prefix such as ``"head"`` also matches ``"head.weight"``),
+            a module, or a parameter. Default: every parameter.
+        lam_overrides: ``{selector: lam}`` for per-group lambda; the first match wins.
+
+    Parameters with a gradient but no consolidated task yet carry no penalty (``A = 0``); a
+    parameter added later starts there too (``track``). A parameter whose shape changed (a grown
+    head) must be re-bound with ``pad_`` before use: a silent broadcast would corrupt ``A``.
+    """
+
+    def __init__(
+        self,
+        model_or_named_params,
+        lam: float = 1.0,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        *,
+        include: Optional[Iterable[Selector]] = None,
+        exclude: Optional[Iterable[Selector]] = None,
+        lam_overrides: Optional[Mapping] = None,
+    ):
+        if mode not in ("separate", "online"):
+            raise ValueError(f"Invalid mode {mode!r}: expected 'separate' or 'online'")
+        if not lam >= 0.0:
+            raise ValueError(f"Invalid lam: {lam} (must be >= 0)")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"Invalid gamma: {gamma} (must be in (0, 1])")
+        if mode == "separate" and gamma != 1.0:
+            raise ValueError(
+                "mode='separate' is the exact sum of per-task penalties: gamma must be 1 (use 'online')"
+            )
+        self.lam = float(lam)
+        self.mode = mode
+        self.gamma = float(gamma)
+        self.tasks = 0
+        self.history: list[dict] = []  # metadata of each consolidation (estimator, samples, ...)
+        self._include = list(include) if include is not None else None
+        self._exclude = list(exclude) if exclude is not None else []
+        self._lam_overrides = dict(lam_overrides or {})
+        self._modules = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
+        self._entries: dict[str, _Entry] = {}
+        self._by_param: dict[int, _Entry] = {}
+        self.track(model_or_named_params)
+
+    # ------------------------------------------------------------------------------- coverage
+
+    def track(self, model_or_named_params) -> list[str]:
+        """Cover parameters not seen before (they start with ``A = 0``); returns their names."""
+        named = (
+            model_or_named_params.named_parameters()
+            if isinstance(model_or_named_params, nn.Module)
+            else model_or_named_params
+        )
+        added = []
+        for name, param in named:
+            if name in self._entries or not self._selected(name, param):
+                continue
+            entry = _Entry(name=name, param=param, lam=self._lam_for(name, param))
+            self._entries[name] = entry
+            self._by_param[id(param)] = entry
+            added.append(name)
+        return added
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def _matches(self, selector: Selector, name: str, param: Tensor) -> bool:
+        if isinstance(selector, str):
+            return fnmatch.fnmatchcase(name, selector) or name == selector or name.startswith(selector + ".")
+        if isinstance(selector, nn.Module):
+            return any(param is q for q in selector.parameters())
+        if isinstance(selector, Tensor):
+            return param is selector
+        raise TypeError(f"a selector must be a name pattern, a module or a parameter, got {type(selector)}")
+
+    def _selected(self, name: str, param: Tensor) -> bool:
+        if self._include is not None and not any(self._matches(s, name, param) for s in self._include):
+            return False
+        return not any(self._matches(s, name, param) for s in self._exclude)
+
+    def _lam_for(self, name: str, param: Tensor) -> float:
+        for selector, lam in self._lam_overrides.items():
+            if self._matches(selector, name, param):
+                if not lam >= 0.0:
+                    raise ValueError(f"Invalid lam override {lam} for {selector!r}")
+                return float(lam)
+        return self.lam
+
+    def _checked(self, entry: _Entry) -> _Entry:
+        if entry.precision is not None and entry.precision.shape != entry.param.shape:
+            raise RuntimeError(
+                f"EWC: parameter {entry.name!r} changed shape from {tuple(entry.precision.shape)} to "
+                f"{tuple(entry.param.shape)}; call ewc.pad_({entry.name!r}, new_param) to keep its "
+                "importance (new entries get A = 0)"
+            )
+        return entry
+
+    # -------------------------------------------------------------------------- consolidation
+
+    @torch.no_grad()
+    def consolidate(self, fisher: Mapping, *, decay: Optional[float] = None, weight: float = 1.0) -> None:
+        """Fold a finished task in: ``A' = decay*A + weight*F`` and the anchor rule of the mode.
+
+        ``fisher`` maps names (or the parameters themselves, as ``optimizer.running_fisher()``
+        does) to fp32-able tensors of the parameters' shapes, evaluated at the current weights.
+        ``decay`` defaults to 1 (separate) or ``gamma`` (online). Covered parameters missing
+        from ``fisher`` get no new importance (one warning names them). Nothing is written
+        unless every tensor is valid.
+        """
+        decay = (1.0 if self.mode == "separate" else self.gamma) if decay is None else float(decay)
+        if not decay >= 0.0 or not weight >= 0.0:
+            raise ValueError(f"decay and weight must be >= 0, got {decay} and {weight}")
+        by_name = self._fisher_by_name(fisher)
+        missing = [name for name in self._entries if name not in by_name]
+        if missing:
+            warnings.warn(
+                f"EWC.consolidate: no Fisher for {missing}; they get no new importance", stacklevel=2
+            )
+        plan = []
+        for name, entry in self._entries.items():
+            self._checked(entry)
+            f = by_name.get(name)
+            if f is None:
+                continue
+            if f.shape != entry.param.shape:
+                raise ValueError(
+                    f"Fisher for {name!r} has shape {tuple(f.shape)}, the parameter {tuple(entry.param.shape)}"
+                )
+            f = f.detach().to(device=entry.param.device, dtype=torch.float32)
+            if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+                raise ValueError(f"Fisher for {name!r} has negative or non-finite entries")
+            plan.append((entry, f))
+        for entry, f in plan:
+            self._fold(entry, f, decay, weight)
+        self.tasks += 1
+        self.history.append({"decay": decay, "weight": weight, **getattr(fisher, "meta", {})})
+
+    def _fisher_by_name(self, fisher: Mapping) -> dict[str, Tensor]:
+        out = {}
+        for key, value in fisher.items():
+            if isinstance(key, Tensor):
+                entry = self._by_param.get(id(key))
+                if entry is not None:
+                    out[entry.name] = value
+            elif key in self._entries:
+                out[key] = value
+        return out
+
+    def _fold(self, entry: _Entry, f: Tensor, decay: float, weight: float) -> None:
+        theta = entry.param.detach().to(torch.float32)
+        new_f = weight * f
+        if entry.precision is None:
+            entry.precision = torch.zeros_like(theta)
+            entry.anchor = theta.clone()
+        old = decay * entry.precision
+        total = old + new_f
+        if self.mode == "separate":
+            # The constant of the collapse: for two quadratics w1(x-m1)^2 + w2(x-m2)^2 =
+            # (w1+w2)(x-m)^2 + w1*w2/(w1+w2)*(m1-m2)^2, written without cancellation.
+            safe = torch.where(total > 0, total, torch.ones_like(total))
+            gap = old * new_f / safe * (entry.anchor - theta) ** 2
+            entry.constant = decay * entry.constant + float(gap.double().sum())
+            mixed = (old * entry.anchor + new_f * theta) / safe
+            entry.anchor.copy_(torch.where(total > 0, mixed, theta))
+        else:
+            entry.anchor.copy_(theta)
+        entry.precision.copy_(total)
+
+    # ------------------------------------------------------------------------------ penalty
+
+    def _scale(self) -> float:
+        # Schwarz et al. weigh the accumulated precision by gamma once more at penalty time.
+        return self.gamma if self.mode == "online" else 1.0
+
+    def penalty(self) -> Tensor:
+        """``sum over parameters of lam/2 * (sum A*(p - mu)**2 + const)``, differentiable in ``p``.
+
+        The constant makes the value equal to the explicit sum of per-task penalties.
+        """
+        total = None
+        for entry in self._entries.values():
+            self._checked(entry)
+            if entry.precision is None:
+                continue
+            diff = entry.param.to(torch.float32) - entry.anchor
+            term = 0.5 * entry.lam * self._scale() * ((entry.precision * diff * diff).sum() + entry.constant)
+            total = term if total is None else total + term
+        if total is None:
+            device = next((e.param.device for e in self._entries.values()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        return total
+
+    @torch.no_grad()
+    def add_grad_(self) -> None:
+        """``p.grad += lam * A * (p - mu)`` for every covered parameter with importance.
+
+        For optimizers that are not cl_optim's; cl_optim's take ``ewc=`` and fuse this term.
+        A parameter without ``.grad`` gets one.
+        """
+        for entry in self._entries.values():
+            self._checked(entry)
+            if entry.precision is None:
+                continue
+            p = entry.param
+            pull = entry.precision * (p.to(torch.float32) - entry.anchor) * (entry.lam * self._scale())
+            if p.grad is None:
+                p.grad = pull.to(p.dtype)
+            else:
+                p.grad.copy_(p.grad.to(torch.float32) + pull)
+
+    def step_terms(self, params: list[Tensor]):
+        """``(precisions, anchors, lams)`` aligned with ``params`` for the fused EWC term.
+
+        Entries are None (and lam 0) for parameters without importance.
+        """
+        precisions, anchors, lams = [], [], []
+        for p in params:
+            entry = self._by_param.get(id(p))
+            if entry is not None:
+                self._checked(entry)
+            if entry is None or entry.precision is None:
+                precisions.append(None)
+                anchors.append(None)
+                lams.append(0.0)
+            else:
+                precisions.append(entry.precision)
+                anchors.append(entry.anchor)
+                lams.append(entry.lam * self._scale())
+        return precisions, anchors, lams
+
+    # -------------------------------------------------------------------------- model changes
+
+    @torch.no_grad()
+    def pad_(self, name: str, param: Optional[Tensor] = None) -> None:
+        """Re-bind ``name`` to a grown parameter: old entries keep (A, mu), new ones get A = 0, mu = p.
+
+        Every dimension must be at least as large as before; the old block is the leading slice.
+        """
+        entry = self._entries[name]
+        if param is None:
+            param = entry.param
+        old_shape = entry.precision.shape if entry.precision is not None else param.shape
+        if len(old_shape) != param.dim() or any(n < o for n, o in zip(param.shape, old_shape)):
+            raise ValueError(
+                f"pad_: {name!r} cannot go from {tuple(old_shape)} to {tuple(param.shape)} by padding"
+            )
+        del self._by_param[id(entry.param)]
+        entry.param = param
+        self._by_param[id(param)] = entry
+        if entry.precision is None:
+            return
+        block = tuple(slice(0, n) for n in old_shape)
+        precision = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        anchor = param.detach().to(torch.float32).clone()
+        precision[block] = entry.precision
+        anchor[block] = entry.anchor
+        entry.precision, entry.anchor = precision, anchor
+
+    # ----------------------------------------------------------------------------- state dict
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: mode, lambdas, task count, history, and fp32 (A, mu)."""
+        return {
+            "mode": self.mode,
+            "lam": self.lam,
+            "gamma": self.gamma,
+            "tasks": self.tasks,
+            "history": list(self.history),
+            "entries": {
+                name: {
+                    "lam": e.lam,
+                    "precision": e.precision,
+                    "anchor": e.anchor,
+                    "constant": e.constant,
+                }
+                for name, e in self._entries.items()
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state dict; (A, mu) stay fp32 whatever the model dtype. Shapes must match."""
+        if state["mode"] != self.mode:
+            raise ValueError(f"state dict is for mode {state['mode']!r}, this EWC is {self.mode!r}")
+        unknown = set(state["entries"]) - set(self._entries)
+        if unknown:
+            raise KeyError(f"state dict has parameters this EWC does not cover: {sorted(unknown)}")
+        for name, saved in state["entries"].items():
+            entry = self._entries[name]
+            if saved["precision"] is not None and saved["precision"].shape != entry.param.shape:
+                raise RuntimeError(
+                    f"EWC: saved {name!r} has shape {tuple(saved['precision'].shape)}, the parameter "
+                    f"{tuple(entry.param.shape)}; load into the old shape, then pad_"
+                )
+        self.lam, self.gamma = float(state["lam"]), float(state["gamma"])
+        self.tasks, self.history = int(state["tasks"]), list(state["history"])
+        for name, saved in state["entries"].items():
+            entry = self._entries[name]
+            entry.lam, entry.constant = float(saved["lam"]), float(saved["constant"])
+            if saved["precision"] is None:
+                entry.precision = entry.anchor = None
+            else:
+                device = entry.param.device
+                entry.precision = saved["precision"].to(device=device, dtype=torch.float32).clone()
+                entry.anchor = saved["anchor"].to(device=device, dtype=torch.float32).clone()
