@@ -8,6 +8,6 @@ top-level `kernels` module.
 from setuptools import setup
 
 setup(
-    packages=["cl_optim", "cl_optim.kernels"],
+    packages=["cl_optim", "cl_optim.fisher", "cl_optim.kernels"],
     package_dir={"cl_optim": "cl_optim", "cl_optim.kernels": "kernels"},
 )

@@ -5,6 +5,7 @@ terms of continual learning; ``SAM`` wraps any torch.optim optimizer class. ``re
 which backends run on this machine. Nothing here touches CUDA, Triton or a compiler at import.
 """
 
+from . import fisher
 from ._backend import report
 from .adamw import AdamW
 from .ewc import EWC
@@ -14,4 +15,14 @@ from .sgd import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "AdamW", "SAM", "EWC", "report", "preserve_bn_stats", "skip_grad_sync", "__version__"]
+__all__ = [
+    "SGD",
+    "AdamW",
+    "SAM",
+    "EWC",
+    "fisher",
+    "report",
+    "preserve_bn_stats",
+    "skip_grad_sync",
+    "__version__",
+]

@@ -1,0 +1,295 @@
+"""cl_optim.fisher.estimate against batch-size-1 reference loops and the closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cl_optim
+from cl_optim import fisher
+
+CLASSES = 3
+
+
+class Scale(nn.Module):
+    """A layer without a per-sample rule: goes through the torch.func fallback."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class SequenceModel(nn.Module):
+    """Embedding (repeated tokens, padding row) -> Conv1d -> sequence Linear -> LayerNorm -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.proj = nn.Linear(6, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)  # (B, T, 6)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = torch.tanh(self.norm(self.proj(h)))  # (B, T, 5)
+        return self.head(h.mean(1))
+
+
+class TiedModel(nn.Module):
+    """The output layer shares the embedding matrix (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(CLASSES, 4)
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.inner(self.embed(tokens).mean(1)))
+        return h @ self.embed.weight.t()
+
+
+def _mlp():
+    return nn.Sequential(
+        nn.Linear(5, 8), Scale(8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, CLASSES)
+    )
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2, dilation=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, CLASSES),
+    )
+
+
+def _data(kind, batches=2, batch=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        if kind == "mlp":
+            x = torch.randn(batch, 5, generator=gen)
+        elif kind == "cnn":
+            x = torch.randn(batch, 2, 6, 6, generator=gen)
+        else:
+            x = torch.randint(0, 7, (batch, 5), generator=gen)
+            x[:, 0] = x[:, 1]  # a repeated token in every sample
+            x[0, 2] = 0  # and a padding token
+        out.append((x, torch.randint(0, CLASSES, (batch,), generator=gen)))
+    return out
+
+
+def _model(kind):
+    torch.manual_seed(1)
+    model = {"mlp": _mlp, "cnn": _cnn, "seq": SequenceModel, "tied": TiedModel}[kind]()
+    if kind == "cnn":  # non-trivial running statistics for the eval-mode BatchNorm
+        model[4].running_mean.uniform_(-0.5, 0.5)
+        model[4].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _reference(model, data, estimator, mc_labels=None, loss_scale_sum=False):
+    """Batch-size-1 loops: per sample (and label), autograd of log p, squared."""
+    model.eval()
+    params = list(model.named_parameters())
+    totals = {n: torch.zeros_like(p) for n, p in params}
+    seen = 0
+    for b, (x, y) in enumerate(data):
+        for n in range(x.shape[0]):
+            logp = torch.log_softmax(model(x[n : n + 1])[0], 0)
+            probs = logp.exp().detach()
+            if estimator == "exact":
+                terms = [(probs[c], logp[c]) for c in range(CLASSES)]
+            elif estimator == "empirical":
+                terms = [(1.0, logp[y[n]])]
+            else:
+                labels = mc_labels[b][n]
+                terms = [(1.0 / len(labels), logp[c]) for c in labels]
+            for weight, value in terms:
+                grads = torch.autograd.grad(value, [p for _, p in params], retain_graph=True)
+                for (name, _), g in zip(params, grads):
+                    totals[name] += weight * g**2
+            seen += 1
+    return {n: t / seen for n, t in totals.items()}
+
+
+def _mc_labels(model, data, mc_samples, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        return [
+            torch.multinomial(torch.softmax(model(x).float(), 1), mc_samples, replacement=True, generator=gen)
+            for x, _ in data
+        ]
+
+
+def _assert_relative(got, want, tol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == torch.float32
+        err = ((got[name] - want[name]).norm() / want[name].norm()).item()
+        assert err < tol, f"{name}: relative error {err:.3g}"
+        assert want[name].norm() > 0
+
+
+@pytest.mark.parametrize("estimator", ["exact", "mc", "empirical"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq", "tied"])
+def test_estimators_match_batch_size_one_loops(kind, estimator):
+    model = _model(kind)
+    data = _data("seq" if kind == "tied" else kind)
+    if kind == "tied":
+        data = [(x.clamp(max=CLASSES - 1), y) for x, y in data]
+    kwargs, labels = {}, None
+    if estimator == "mc":
+        kwargs = dict(mc_samples=3, generator=torch.Generator().manual_seed(5))
+        labels = _mc_labels(model, data, 3, 5)
+    got = fisher.estimate(model, data, estimator=estimator, **kwargs)
+    _assert_relative(got, _reference(model, data, estimator, labels))
+    rules = got.meta["per_sample"]
+    if kind == "mlp":
+        assert rules == {"0": "linear", "1": "torch.func", "3": "linear", "5": "linear"}
+    elif kind == "cnn":
+        assert set(rules.values()) == {"conv", "groupnorm", "batchnorm-eval", "linear"}
+    elif kind == "seq":
+        assert rules == {
+            "embed": "embedding",
+            "conv": "conv",
+            "proj": "linear",
+            "norm": "layernorm",
+            "head": "linear",
+        }
+    else:
+        assert rules == "torch.func (whole model)"
+    assert got.meta["samples"] == 12 and got.meta["estimator"] == estimator
+
+
+def test_exact_equals_the_closed_form():
+    """F = 1/N sum_n diag(J_n^T (diag p_n - p_n p_n^T) J_n), J_n from torch.func.jacrev."""
+    from torch.func import functional_call, jacrev
+
+    model = _model("mlp")
+    data = _data("mlp", batches=1, batch=4)
+    got = fisher.estimate(model, data, estimator="exact")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    x = data[0][0]
+    for n in range(x.shape[0]):
+        jac = jacrev(lambda p, xi=x[n : n + 1]: functional_call(model, p, (xi,))[0])(params)
+        probs = torch.softmax(model(x[n : n + 1])[0], 0).detach()
+        middle = torch.diag(probs) - torch.outer(probs, probs)
+        for name, j in jac.items():
+            flat = j.reshape(CLASSES, -1)  # (C, numel)
+            expected[name] += torch.einsum("ci,cd,di->i", flat, middle, flat).view_as(params[name])
+    _assert_relative(got, {n: e / x.shape[0] for n, e in expected.items()})
+
+
+def test_batched_is_the_squared_batch_mean_gradient_with_a_warning():
+    model = _model("mlp")
+    data = _data("mlp", batches=3, batch=8)
+    with pytest.warns(UserWarning, match="1/batch_size"):
+        got = fisher.estimate(model, data, estimator="batched")
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in data:
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            expected[name] += g**2 / len(data)
+    _assert_relative(got, expected)
+    empirical = fisher.estimate(model, data, estimator="empirical")
+    ratio = sum(empirical[n].sum() for n in empirical) / sum(got[n].sum() for n in got)
+    assert ratio > 2.0  # about the batch size (8) away from the optimum; far from 1
+
+
+def test_gaussian_likelihood_for_regression():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 3, generator=gen), torch.randn(5, 2, generator=gen)) for _ in range(2)]
+    sigma = 0.5
+    exact = fisher.estimate(model, data, estimator="exact", likelihood="gaussian", sigma=sigma)
+    empirical = fisher.estimate(model, data, estimator="empirical", likelihood="gaussian", sigma=sigma)
+    ref_exact = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    ref_emp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for x, y in data:
+        for n in range(x.shape[0]):
+            out = model(x[n : n + 1])[0]
+            for o in range(2):
+                grads = torch.autograd.grad(out[o], list(model.parameters()), retain_graph=True)
+                for (name, _), g in zip(model.named_parameters(), grads):
+                    ref_exact[name] += g**2 / sigma**2 / 10
+            nll = 0.5 * ((out - y[n]) ** 2).sum() / sigma**2
+            grads = torch.autograd.grad(nll, list(model.parameters()))
+            for (name, _), g in zip(model.named_parameters(), grads):
+                ref_emp[name] += g**2 / 10
+    _assert_relative(exact, ref_exact)
+    _assert_relative(empirical, ref_emp)
+    mc = fisher.estimate(model, data * 200, estimator="mc", likelihood="gaussian", sigma=sigma, mc_samples=4)
+    _assert_relative(mc, ref_exact, tol=0.1)  # unbiased: 8000 draws; exact within 10 %
+
+
+def test_result_does_not_depend_on_loss_reduction_or_loss_scale():
+    model = _model("mlp")
+    data = _data("mlp")
+    base = fisher.estimate(model, data, estimator="empirical")
+    summed = fisher.estimate(
+        model,
+        data,
+        estimator="empirical",
+        loss_fn=lambda o, t: nn.functional.cross_entropy(o, t, reduction="sum"),
+    )
+    scaled = fisher.estimate(model, data, estimator="empirical", loss_scale=1024.0)
+    for name in base:
+        torch.testing.assert_close(summed[name], base[name])
+        torch.testing.assert_close(scaled[name], base[name])
+    with pytest.raises(ValueError, match="neither a mean nor a sum"):
+        fisher.estimate(model, data, estimator="empirical", loss_fn=lambda o, t: o.square().sum().sqrt())
+
+
+def test_modes_are_restored_and_batchnorm_buffers_untouched():
+    model = _model("cnn")
+    model.train()
+    model[5].eval()  # a module the user had in eval mode stays so
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    fisher.estimate(model, _data("cnn"), estimator="exact")
+    assert model.training and model[4].training and not model[5].training
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name])
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    model = _model("cnn")
+    with pytest.raises(RuntimeError, match="BatchNorm2d in train mode"):
+        fisher.estimate(model, _data("cnn"), estimator="exact", eval_mode=False)
+
+
+def test_n_samples_and_bf16_model():
+    model = _model("mlp")
+    data = _data("mlp", batches=3, batch=6)
+    got = fisher.estimate(model, data, estimator="exact", n_samples=8)
+    assert got.meta["samples"] == 8 and got.meta["batches"] == 2
+    _assert_relative(got, _reference(model, [data[0], (data[1][0][:2], data[1][1][:2])], "exact"))
+    low = fisher.estimate(
+        _model("mlp").to(torch.bfloat16), [(x.bfloat16(), y) for x, y in data], estimator="exact"
+    )
+    full = fisher.estimate(model, data, estimator="exact")
+    for name in full:
+        assert low[name].dtype == torch.float32
+        assert ((low[name] - full[name]).norm() / full[name].norm()) < 0.1  # bf16 forward, fp32 squares
+
+
+def test_bad_arguments():
+    model = _model("mlp")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        fisher.estimate(model, _data("mlp"), estimator="sqrt")
+    with pytest.raises(ValueError, match="no samples"):
+        fisher.estimate(model, [], estimator="exact")
+    assert cl_optim.fisher is fisher
