@@ -179,9 +179,14 @@ def rule_for(module: nn.Module) -> tuple[Rule, str]:
         return _batch_norm, "batchnorm-eval"
     if type(module) is nn.Linear:
         return _linear, "linear"
-    if type(module) in (nn.Conv1d, nn.Conv2d):
-        if module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-            return _conv, "conv"
+    plain_conv = type(module) in (nn.Conv1d, nn.Conv2d)
+    if (
+        plain_conv
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return _conv, "conv"
     if type(module) is nn.Embedding and module.max_norm is None:
         return _embedding, "embedding"
     if type(module) is nn.LayerNorm:
