@@ -137,6 +137,10 @@ def estimate(
             capture = _Capture(layers)
             with torch.enable_grad(), capture:
                 output = model(*inputs)
+            if not bool(torch.isfinite(output).all()):
+                raise ValueError(
+                    "the model's output contains inf or nan: no Fisher can be estimated at these weights"
+                )
             whole_model = whole_model or capture.reused()
             if not whole_model and batches == 0 and estimator != "batched":
                 whole_model = not _layers_cover_all_uses(capture, output, named)
