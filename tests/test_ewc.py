@@ -346,3 +346,13 @@ def test_bad_input_is_refused_and_nothing_changes():
     for n, (a, mu) in before.items():
         assert torch.equal(after[n]["precision"], a) and torch.equal(after[n]["anchor"], mu)
     assert ewc.tasks == 1
+
+
+def test_selectors_by_module_parameter_and_include():
+    model = _model()
+    assert cl_optim.EWC(model, exclude=[model[2]]).names == ["0.weight", "0.bias"]
+    assert cl_optim.EWC(model, include=[model[0].bias, "2"]).names == ["0.bias", "2.weight", "2.bias"]
+    ewc = cl_optim.EWC(model, lam=1.0, lam_overrides={model[2]: 0.0})
+    assert [e.lam for e in ewc._entries.values()] == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(TypeError, match="selector"):
+        cl_optim.EWC(model, exclude=[3])
