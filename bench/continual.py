@@ -1,75 +1,370 @@
-"""The continual-learning main job (placeholder until the benchmark issue lands).
+"""The continual-learning main job: what cl_optim's optimizers do against forgetting.
 
-The full benchmark (permuted and split 8x8-digits tasks; fine-tune, EWC, online EWC, SAM and
-EWC+SAM; accuracy matrix, forgetting, JSON and a plot) needs cl_optim.EWC and is not built yet.
-Until then this script runs a small, real check of what exists: a two-task sequence of synthetic
-regression problems trained with cl_optim.SGD and cl_optim.SAM, reporting the loss on each task
-after each stage (how much task 1 is forgotten while learning task 2).
+Two task sequences built from scikit-learn's 8x8 digits (shipped with the package, no download):
 
-    python bench/continual.py [--steps 300] [--seed 0]
+* permuted: ``--tasks`` tasks, each a fixed permutation of the 64 pixels (the first is the
+  identity), all ten classes, one shared 10-way head (domain-incremental, as permuted MNIST);
+* split: the ten classes in pairs (0/1, 2/3, ...), one 2-way head per task (task-incremental).
+
+An MLP (64-256-256, ReLU) is trained on the tasks in order with each method, all through
+cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact
+Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD) and ``ewc_sam``. After each
+task it records the test accuracy on every task, and reports per method the accuracy matrix,
+average final accuracy, average forgetting (best earlier accuracy minus final, tasks 1..T-1)
+and the optimizer-side time per step. Writes a JSON file and a PNG plot.
+
+    python bench/continual.py                      # defaults: about a minute on 2 cores
+    python bench/continual.py --methods finetune ewc --lam 1000 --epochs 5
+    python bench/continual.py --data-dir ~/data/mnist   # MNIST / Fashion-MNIST IDX files
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 import cl_optim
 
-
-def make_task(seed: int, n: int = 256):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 16, generator=gen)
-    w = torch.randn(16, 1, generator=gen)
-    return x, torch.tanh(x @ w)
+METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(model, opt, task, steps, use_sam):
-    x, y = task
-    loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)
-    for _ in range(steps):
-        loss_fn().backward()
-        if use_sam:
-            opt.first_step(zero_grad=True)
-            loss_fn().backward()
-            opt.second_step(zero_grad=True)
-        else:
-            opt.step()
-            opt.zero_grad()
+# ------------------------------------------------------------------------------------ data
 
 
-@torch.no_grad()
-def evaluate(model, task):
-    x, y = task
-    return torch.nn.functional.mse_loss(model(x), y).item()
+def load_digits_dataset():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32) / 16.0
+    return x, digits.target.astype(np.int64), "sklearn digits 8x8"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+
+
+def load_idx_dataset(data_dir: Path):
+    """MNIST or Fashion-MNIST in the standard IDX files (optionally .gz), train and test joined."""
+
+    def find(stem):
+        for name in (stem, stem + ".gz"):
+            if (data_dir / name).exists():
+                return data_dir / name
+        raise FileNotFoundError(f"{data_dir}: no {stem}[.gz]")
+
+    parts = []
+    for split in ("train", "t10k"):
+        images = _read_idx(find(f"{split}-images-idx3-ubyte")).astype(np.float32) / 255.0
+        labels = _read_idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
+        parts.append((images.reshape(len(images), -1), labels))
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return x, y, f"IDX files in {data_dir}"
+
+
+def make_tasks(x, y, kind: str, n_tasks: int, seed: int, train_fraction=0.7, max_train=None):
+    """Lists of task dicts: train/test tensors, the head each task uses and its class count."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(train_fraction * len(x))
+    train, test = (x[:split], y[:split]), (x[split:], y[split:])
+    if max_train is not None:
+        train = (train[0][:max_train], train[1][:max_train])
+    tasks = []
+    if kind == "permuted":
+        for t in range(n_tasks):
+            perm = np.arange(x.shape[1]) if t == 0 else rng.permutation(x.shape[1])
+            tasks.append(
+                {
+                    "name": f"perm{t}",
+                    "head": 0,
+                    "classes": 10,
+                    "train": (torch.tensor(train[0][:, perm]), torch.tensor(train[1])),
+                    "test": (torch.tensor(test[0][:, perm]), torch.tensor(test[1])),
+                }
+            )
+    else:
+        pairs = [(2 * t, 2 * t + 1) for t in range(min(n_tasks, 5))]
+        for t, (a, b) in enumerate(pairs):
+
+            def select(part, a=a, b=b):
+                mask = (part[1] == a) | (part[1] == b)
+                return torch.tensor(part[0][mask]), torch.tensor((part[1][mask] == b).astype(np.int64))
+
+            tasks.append(
+                {"name": f"{a}v{b}", "head": t, "classes": 2, "train": select(train), "test": select(test)}
+            )
+    return tasks
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+class MultiHeadMLP(nn.Module):
+    def __init__(self, inputs: int, heads: list[int], hidden: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in heads)
+        self.active = 0
+
+    def forward(self, x):
+        return self.heads[self.active](self.trunk(x))
+
+
+def build_optimizer(method, model, args):
+    ewc = None
+    if method in ("ewc", "ewc_sam"):
+        ewc = cl_optim.EWC(model, lam=args.lam, mode="separate")
+    elif method == "online_ewc":
+        ewc = cl_optim.EWC(model, lam=args.lam, mode="online", gamma=args.gamma)
+    kwargs = dict(lr=args.lr, momentum=0.9, ewc=ewc, backend=args.backend)
+    if method in ("sam", "ewc_sam"):
+        return cl_optim.SAM(model.parameters(), cl_optim.SGD, rho=args.rho, **kwargs), ewc
+    return cl_optim.SGD(model.parameters(), **kwargs), ewc
+
+
+def accuracy(model, task, device):
+    model.eval()
+    model.active = task["head"]
+    x, y = task["test"]
+    with torch.no_grad():
+        pred = model(x.to(device)).argmax(1).cpu()
+    model.train()
+    return float((pred == y).float().mean())
+
+
+def run_method(method, tasks, args, device, progress):
+    torch.manual_seed(args.seed)
+    heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
+    model = MultiHeadMLP(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
+    opt, ewc = build_optimizer(method, model, args)
+    is_sam = isinstance(opt, cl_optim.SAM)
+    loss_fn = nn.CrossEntropyLoss()
+    matrix, step_seconds, steps = [], 0.0, 0
+    gen = torch.Generator().manual_seed(args.seed)
+    for task in tasks:
+        model.active = task["head"]
+        x, y = (t.to(device) for t in task["train"])
+        for _ in range(args.epochs):
+            order = torch.randperm(len(x), generator=gen).to(device)
+            for start in range(0, len(x), args.batch_size):
+                batch = order[start : start + args.batch_size]
+                opt.zero_grad()
+                loss_fn(model(x[batch]), y[batch]).backward()
+                tic = time.perf_counter()
+                if is_sam:
+                    opt.first_step(zero_grad=True)
+                    step_seconds += time.perf_counter() - tic
+                    loss_fn(model(x[batch]), y[batch]).backward()
+                    tic = time.perf_counter()
+                    opt.second_step(zero_grad=True)
+                else:
+                    opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_seconds += time.perf_counter() - tic
+                steps += 1
+                progress.update(1)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise FloatingPointError(f"the weights diverged during task {task['name']}: lower --lr or --lam")
+        if ewc is not None:
+            n = min(args.fisher_samples, len(x))
+            data = [(x[s : s + 250], y[s : s + 250]) for s in range(0, n, 250)]
+            ewc.consolidate(cl_optim.fisher.estimate(model, data, estimator="exact"))
+        matrix.append([accuracy(model, t, device) for t in tasks])
+    final = matrix[-1]
+    forgetting = [
+        max(matrix[i][j] for i in range(j, len(tasks) - 1)) - final[j] for j in range(len(tasks) - 1)
+    ]
+    return {
+        "accuracy_matrix": matrix,
+        "average_accuracy": float(np.mean(final)),
+        "average_forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
+        "optimizer_ms_per_step": 1e3 * step_seconds / max(1, steps),
+        "steps": steps,
+    }
+
+
+# --------------------------------------------------------------------------------- reports
+
+
+def format_matrix(name, result, tasks):
+    lines = [f"  {name}: accuracy on task j (columns) after training task i (rows)"]
+    header = "           " + " ".join(f"{t['name']:>7}" for t in tasks)
+    lines.append(header)
+    for i, row in enumerate(result["accuracy_matrix"]):
+        lines.append(f"    {tasks[i]['name']:>6} " + " ".join(f"{a:7.3f}" for a in row))
+    return "\n".join(lines)
+
+
+def plot(results, tasks_by_bench, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(results)
+    methods = list(next(iter(results.values())))
+    fig, axes = plt.subplots(
+        len(benches), len(methods), figsize=(3.2 * len(methods), 2.8 * len(benches)), squeeze=False
+    )
+    for r, bench in enumerate(benches):
+        tasks = tasks_by_bench[bench]
+        for c, method in enumerate(methods):
+            ax = axes[r][c]
+            if "diverged" in results[bench][method]:
+                ax.set_title(f"{bench}: {method} (diverged)", fontsize=9)
+                continue
+            matrix = np.array(results[bench][method]["accuracy_matrix"])
+            for j, task in enumerate(tasks):
+                ax.plot(range(j, len(tasks)), matrix[j:, j], marker="o", label=task["name"])
+            ax.set_ylim(0, 1.02)
+            ax.set_xticks(range(len(tasks)))
+            ax.set_title(f"{bench}: {method}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("test accuracy")
+            if r == len(benches) - 1:
+                ax.set_xlabel("after training task")
+    for row in axes:
+        row[-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def git_sha():
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="cl_optim continual-learning benchmark (digits, no download)"
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--benchmarks", nargs="+", default=["permuted", "split"], choices=["permuted", "split"]
+    )
+    parser.add_argument("--tasks", type=int, default=5, help="tasks per benchmark (split has at most 5)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per task")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lam", type=float, default=300.0, help="EWC lambda (lam/2 * sum A d^2 convention)")
+    parser.add_argument("--gamma", type=float, default=0.9, help="online EWC decay")
+    parser.add_argument("--rho", type=float, default=0.05, help="SAM radius")
+    parser.add_argument("--fisher-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    tasks = [make_task(args.seed + 1), make_task(args.seed + 2)]
-    print("placeholder main job: two synthetic regression tasks (the digits benchmark is not built yet)")
-    print(f"{'method':<8} {'task1 after 1':>14} {'task1 after 2':>14} {'task2 after 2':>14} {'ms/step':>8}")
-    for method in ("sgd", "sam"):
-        torch.manual_seed(args.seed)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-        if method == "sam":
-            opt = cl_optim.SAM(model.parameters(), cl_optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
-        else:
-            opt = cl_optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        start = time.perf_counter()
-        train(model, opt, tasks[0], args.steps, method == "sam")
-        after_first = evaluate(model, tasks[0])
-        train(model, opt, tasks[1], args.steps, method == "sam")
-        elapsed_ms = 1e3 * (time.perf_counter() - start) / (2 * args.steps)
-        print(
-            f"{method:<8} {after_first:>14.4f} {evaluate(model, tasks[0]):>14.4f} "
-            f"{evaluate(model, tasks[1]):>14.4f} {elapsed_ms:>8.2f}"
-        )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="MNIST/Fashion-MNIST IDX files instead of digits"
+    )
+    parser.add_argument(
+        "--max-train", type=int, default=None, help="cap on training samples (before splitting)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 tasks, 3 epochs: a smoke run of a few seconds"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.quick:
+        args.tasks, args.epochs, args.fisher_samples = 3, 3, 250
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if args.data_dir is not None:
+        x, y, source = load_idx_dataset(args.data_dir)
+    else:
+        x, y, source = load_digits_dataset()
+    tasks_by_bench = {
+        kind: make_tasks(x, y, kind, args.tasks, args.seed, max_train=args.max_train)
+        for kind in args.benchmarks
+    }
+    total = sum(
+        len(args.methods) * args.epochs * sum(-(-len(t["train"][0]) // args.batch_size) for t in tasks)
+        for tasks in tasks_by_bench.values()
+    )
+    from tqdm import tqdm
+
+    results = {}
+    start = time.time()
+    with tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=None) as progress:
+        for kind, tasks in tasks_by_bench.items():
+            results[kind] = {}
+            for method in args.methods:
+                progress.set_postfix_str(f"{kind}/{method}")
+                try:
+                    results[kind][method] = run_method(method, tasks, args, device, progress)
+                except FloatingPointError as error:
+                    results[kind][method] = {"diverged": str(error)}
+
+    print(f"\ndata: {source}; MLP {x.shape[1]}-256-256; SGD lr {args.lr} momentum 0.9; "
+          f"{args.epochs} epochs/task; lam {args.lam}; rho {args.rho}; seed {args.seed}")  # fmt: skip
+    for kind, tasks in tasks_by_bench.items():
+        print(f"\n== {kind} ({len(tasks)} tasks) ==")
+        for method, result in results[kind].items():
+            if "diverged" not in result:
+                print(format_matrix(method, result, tasks))
+        print(f"\n  {'method':<11} {'avg acc':>8} {'forgetting':>11} {'opt ms/step':>12}")
+        for method, result in results[kind].items():
+            if "diverged" in result:
+                print(f"  {method:<11} diverged: {result['diverged']}")
+                continue
+            print(
+                f"  {method:<11} {result['average_accuracy']:8.3f} {result['average_forgetting']:11.3f} "
+                f"{result['optimizer_ms_per_step']:12.3f}"
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "results": results,
+        "tasks": {kind: [t["name"] for t in tasks] for kind, tasks in tasks_by_bench.items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": source,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "cl_optim": cl_optim.__version__,
+            "python": platform.python_version(),
+        },
+        "git_sha": git_sha(),
+        "seconds": time.time() - start,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.out.write_text(json.dumps(record, indent=1))
+    png = args.out.with_suffix(".png")
+    plot(results, tasks_by_bench, png)
+    print(f"\nwrote {os.path.relpath(args.out)} and {os.path.relpath(png)} ({record['seconds']:.0f} s)")
+    return record
 
 
 if __name__ == "__main__":
