@@ -1,0 +1,62 @@
+"""SAM iterations, optimizer side (first_step + second_step), fp32.
+
+Bytes floors (DESIGN.md §3): SAM+AdamW 48 B/param (norm 4, perturb 16, restore+AdamW 28),
+SAM+SGD-momentum 40 B/param. Providers: ``pytorch_optimizer.SAM`` over torch's fused base (what
+users run today), cl_optim.SAM over torch's fused base, and cl_optim.SAM over cl_optim's base
+on every available backend (restore and update in one call).
+
+    python bench/bench_sam.py [--quick] [--device cuda] [--sets resnet18 many_small]
+"""
+
+from __future__ import annotations
+
+import pytorch_optimizer
+import torch
+from harness import PARAM_SETS, Case, cl_optim_backends, make_params, numel, parse_args, run
+
+import cl_optim
+
+OPS = {
+    "sam_adamw": (48, torch.optim.AdamW, cl_optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+    "sam_sgd": (40, torch.optim.SGD, cl_optim.SGD, dict(lr=1e-3, momentum=0.9)),
+}
+
+
+def _iteration(opt):
+    def step():
+        opt.first_step()
+        opt.second_step()
+
+    return step
+
+
+def cases(args):
+    out = []
+    for set_name in args.sets:
+        shapes = PARAM_SETS[set_name](args.quick)
+        for op, (floor, torch_cls, ours_cls, kwargs) in OPS.items():
+            providers = {
+                "pytorch_optimizer": lambda torch_cls=torch_cls, kwargs=kwargs, shapes=shapes: _iteration(
+                    pytorch_optimizer.SAM(
+                        make_params(shapes, args.device), torch_cls, rho=0.05, fused=True, **kwargs
+                    )
+                ),
+                "cl_optim+torch_fused": lambda torch_cls=torch_cls, kwargs=kwargs, shapes=shapes: _iteration(
+                    cl_optim.SAM(make_params(shapes, args.device), torch_cls, rho=0.05, fused=True, **kwargs)
+                ),
+            }
+            for backend in cl_optim_backends(args.device):
+                providers[f"cl_optim_{backend}"] = lambda backend=backend, ours_cls=ours_cls, kwargs=kwargs, shapes=shapes: _iteration(
+                    cl_optim.SAM(make_params(shapes, args.device), ours_cls, rho=0.05, backend=backend, **kwargs)
+                )  # fmt: skip
+            out.append(Case(op, set_name, numel(shapes), floor, providers, ["pytorch_optimizer"]))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv)
+    return run(cases(args), args.device, args.csv, "bench_sam: one SAM iteration, optimizer side")
+
+
+if __name__ == "__main__":
+    main()

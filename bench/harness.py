@@ -1,0 +1,388 @@
+"""Shared harness of the microbenchmarks: parameter sets, timing, bandwidth, memory, CSV and tables.
+
+Every script (``bench_step.py``, ``bench_sam.py``, ``bench_ewc.py``, ``bench_fisher.py``) builds,
+for each parameter set, a list of providers — callables that make one optimizer-side step — and
+hands them to :func:`run`. Per row it measures the median and p20/p80 time, the effective GB/s on
+the op's bytes floor (DESIGN.md §3), the fraction of a bandwidth ceiling measured in the same run
+(the fastest of a copy and a STREAM-like triad over the same total size), the speed-up against
+each baseline, the peak extra memory of a step, and on CUDA the kernel launches per step. Rows
+are appended to a long-format CSV naming the device, versions and git sha.
+
+cl_optim's providers are one per backend that ``cl_optim`` can run on the device, found in its
+registry, so a new backend appears in every table without editing the scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+import cl_optim
+from cl_optim._backend import _REGISTRY, BACKENDS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CSV = ROOT / "bench" / "results" / "bench.csv"
+CSV_FIELDS = [
+    "op", "provider", "param_set", "metric", "unit", "p50", "p20", "p80",
+    "device", "torch", "triton", "cl_optim", "git_sha", "timestamp",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- parameter sets
+
+
+def _resnet18_shapes():
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    channels_in = 64
+    for stage, channels in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            first_in = channels_in if block == 0 else channels
+            shapes += [(channels, first_in, 3, 3), (channels,), (channels,)]
+            shapes += [(channels, channels, 3, 3), (channels,), (channels,)]
+            if block == 0 and stage > 0:  # downsample
+                shapes += [(channels, channels_in, 1, 1), (channels,), (channels,)]
+        channels_in = channels
+    return shapes + [(1000, 512), (1000,)]
+
+
+def _transformer_shapes(layers=6, width=384, vocab=8192):
+    shapes = [(vocab, width), (1024, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+PARAM_SETS = {
+    "large": lambda quick: [(8_000_000,)] if quick else [(64_000_000,)],
+    "resnet18": lambda quick: _resnet18_shapes(),
+    "transformer": lambda quick: _transformer_shapes(layers=2 if quick else 6),
+    "many_small": lambda quick: [(4096,)] * (500 if quick else 2000),
+}
+
+
+def make_params(shapes, device, dtype=torch.float32, seed=0):
+    """Leaf parameters with gradients, deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device, dtype))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-2).to(device, dtype)
+        params.append(p)
+    return params
+
+
+def numel(shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_l2_flush: dict = {}
+
+
+def _flush_l2(device):
+    if device not in _l2_flush:
+        _l2_flush[device] = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
+    _l2_flush[device].zero_()
+
+
+def time_step(
+    step: Callable[[], None], device: torch.device, min_reps=5, max_reps=30, budget_s=1.5
+) -> list[float]:
+    """Seconds per call: one warm-up, then repeats until ``budget_s`` (at least ``min_reps``).
+
+    On CUDA: CUDA events around each call, with the L2 cache flushed before it.
+    """
+    step()
+    synchronize(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < min_reps or (len(times) < max_reps and spent < budget_s):
+        if device.type == "cuda":
+            _flush_l2(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            tic = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - tic
+        times.append(elapsed)
+        spent += elapsed
+    return times
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(p50, p20, p80)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def _rss(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def extra_memory(step: Callable[[], None], device: torch.device) -> tuple[str, Optional[float]]:
+    """(metric, bytes) of what a step allocates beyond what existed before it.
+
+    CUDA: the caching allocator's peak above the memory in use before the step
+    (``peak_extra_memory``). CPU: the bytes the step allocates, from the profiler
+    (``allocated_memory``) — an upper bound of its peak, since glibc reuses freed blocks and the
+    resident set of a warmed-up process hardly moves.
+    """
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return "peak_extra_memory", float(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return "allocated_memory", float(sum(max(0, e.self_cpu_memory_usage) for e in prof.events()))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2: keep tables readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def launches_per_step(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        synchronize(device)
+    return float(sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
+
+
+def bandwidth_ceiling(total: int, device: torch.device) -> float:
+    """Bytes/s of the fastest of three streaming passes over ``total`` fp32 elements.
+
+    A copy (8 B/element), a STREAM-like triad ``a = b + s*c`` and its in-place form
+    ``a += s*b`` (12 B), and torch's fused AdamW step on one tensor (28 B), each counted in bytes
+    moved per second (the bytes the kernel must move, as the floors of DESIGN.md §3 count them).
+    """
+    a, b, c = (torch.rand(total, device=device) for _ in range(3))
+    rate = lambda step, nbytes: (
+        nbytes * total / statistics.median(time_step(step, device, min_reps=5, budget_s=0.5))
+    )
+    best = max(
+        rate(lambda: a.copy_(b), 8),
+        rate(lambda: torch.add(b, c, alpha=3.0, out=a), 12),
+        rate(lambda: a.add_(b, alpha=1e-3), 12),  # in place: no write-allocate read of the output
+    )
+    del a, b, c
+    param = make_params([(total,)], device)
+    fused = torch.optim.AdamW(param, lr=1e-3, fused=True)
+    best = max(best, rate(fused.step, 28))
+    return best
+
+
+# ---------------------------------------------------------------------------------- providers
+
+
+def cl_optim_backends(device: torch.device) -> list[str]:
+    """Every cl_optim backend that can run fp32 on ``device``, fastest first."""
+    return [
+        name
+        for name in BACKENDS
+        if _REGISTRY[name].shipped and _REGISTRY[name].unavailable_reason(device, torch.float32) is None
+    ]
+
+
+@dataclass
+class Case:
+    """One op on one parameter set, with providers: name -> factory returning the step callable."""
+
+    op: str
+    param_set: str
+    elements: int
+    bytes_per_element: Optional[float]  # the floor of DESIGN.md §3; None where it does not apply
+    providers: dict[str, Callable[[], Callable[[], None]]]
+    baselines: list[str]
+    # Report time per unit (e.g. per sample) when set: one count, or one per provider.
+    unit_count: Optional[Union[int, dict]] = None
+    min_reps: int = 5
+    budget_s: float = 1.5
+
+
+def _versions():
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        triton_version = "none"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        git_sha = sha.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+        if dirty.stdout.strip():
+            git_sha += "-dirty"
+    except OSError:
+        git_sha = "unknown"
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cl_optim": cl_optim.__version__,
+        "git_sha": git_sha,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "cpu"
+    try:
+        model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+        cpu = model.strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> list[dict]:
+    """Measure every provider of every case, print a table, append the rows to the CSV."""
+    versions = _versions()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    dev = device_name(device)
+    ceilings: dict[int, float] = {}
+    rows = []
+    print(
+        f"\n{title} — {dev}; torch {versions['torch']}, cl_optim {versions['cl_optim']} ({versions['git_sha']})"
+    )
+    header = f"{'op':<16} {'set':<12} {'provider':<22} {'ms p50':>9} {'[p20, p80]':>17} {'GB/s':>7} {'ceil':>5} {'speed-up':>20} {'+MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        if case.bytes_per_element is not None and case.elements not in ceilings:
+            ceilings[case.elements] = bandwidth_ceiling(case.elements, device)
+        results = {}
+        for name, factory in case.providers.items():
+            step = factory()
+            times = time_step(step, device, min_reps=case.min_reps, budget_s=case.budget_s)
+            if case.unit_count:
+                units = case.unit_count[name] if isinstance(case.unit_count, dict) else case.unit_count
+                times = [t / units for t in times]
+            results[name] = {
+                "times": times,
+                "memory": extra_memory(step, device),
+                "launches": launches_per_step(step, device),
+            }
+            del step
+        for name, result in results.items():
+            p50, p20, p80 = quantiles(result["times"])
+            unit = "ms/sample" if case.unit_count else "ms"
+            metrics = [("time", unit, 1e3 * p50, 1e3 * p20, 1e3 * p80)]
+            bandwidth = ceiling = None
+            if case.bytes_per_element is not None:
+                moved = case.bytes_per_element * case.elements
+                bandwidth = moved / p50 / 1e9
+                ceiling = moved / p50 / ceilings[case.elements]
+                metrics += [
+                    ("bandwidth", "GB/s", bandwidth, moved / p80 / 1e9, moved / p20 / 1e9),
+                    ("fraction_of_ceiling", "ratio", ceiling, moved / p80 / ceilings[case.elements], moved / p20 / ceilings[case.elements]),
+                ]  # fmt: skip
+            speedups = {}
+            for base in case.baselines:
+                if base in results and base != name:
+                    b50, b20, b80 = quantiles(results[base]["times"])
+                    speedups[base] = b50 / p50
+                    metrics.append((f"speedup_vs_{base}", "x", b50 / p50, b20 / p80, b80 / p20))
+            memory_metric, memory_bytes = result["memory"]
+            mb = memory_bytes / 2**20
+            metrics.append((memory_metric, "MiB", mb, mb, mb))
+            if result["launches"] is not None:
+                metrics.append(
+                    ("launches_per_step", "count", result["launches"], result["launches"], result["launches"])
+                )
+            for metric, unit, v50, v20, v80 in metrics:
+                rows.append(
+                    {
+                        "op": case.op, "provider": name, "param_set": case.param_set, "metric": metric,
+                        "unit": unit, "p50": f"{v50:.6g}", "p20": f"{v20:.6g}", "p80": f"{v80:.6g}",
+                        "device": dev, "torch": versions["torch"], "triton": versions["triton"],
+                        "cl_optim": versions["cl_optim"], "git_sha": versions["git_sha"], "timestamp": stamp,
+                    }
+                )  # fmt: skip
+            main_base = next((b for b in case.baselines if b in speedups), None)
+            speed = f"{speedups[main_base]:.2f}x vs {main_base}" if main_base else "baseline"
+            gbs = f"{bandwidth:7.1f}" if bandwidth is not None else "      -"
+            frac = f"{ceiling:5.0%}" if ceiling is not None else "    -"
+            memory = f"{mb:9.1f}"
+            print(
+                f"{case.op:<16} {case.param_set:<12} {name:<22} {1e3 * p50:9.3f} "
+                f"[{1e3 * p20:7.3f},{1e3 * p80:8.3f}] {gbs} {frac} {speed:>20} {memory}"
+            )
+    if ceilings:
+        for elements, ceiling in ceilings.items():
+            print(f"bandwidth ceiling over {elements / 1e6:.1f}M fp32 elements: {ceiling / 1e9:.1f} GB/s")
+    memory_note = (
+        "allocator peak above the memory in use" if device.type == "cuda" else "bytes allocated by the step"
+    )
+    per_unit = " (fisher rows: ms per sample)" if any(case.unit_count for case in cases) else ""
+    print(f"+MiB: {memory_note}; ceil: effective GB/s over the ceiling{per_unit}")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} rows appended to {csv_path}")
+    return rows
+
+
+def parse_args(description: str, argv=None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller sets and fewer cases (under a minute)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    return args
