@@ -93,9 +93,11 @@ def cases(args):
         samples = 256 if args.quick else 1024
         model = _model(args.device)
         providers = {
-            "loop_bs1": lambda e=estimator: loop_bs1(model, _data(loops, args.device, batch=loops), e),
-            "torch_func_vmap": lambda e=estimator: torch_func_vmap(model, _data(samples, args.device), e),
-            "cl_optim": lambda e=estimator: ours(model, _data(samples, args.device), e),
+            "loop_bs1": lambda e=estimator, m=model, n=loops: loop_bs1(m, _data(n, args.device, batch=n), e),
+            "torch_func_vmap": lambda e=estimator, m=model, n=samples: torch_func_vmap(
+                m, _data(n, args.device), e
+            ),
+            "cl_optim": lambda e=estimator, m=model, n=samples: ours(m, _data(n, args.device), e),
         }
         # Per-sample times; the loop runs on `loops` samples, the others on `samples`.
         case = Case(f"fisher_{estimator}", "mlp784", 0, None, providers, ["loop_bs1", "torch_func_vmap"])

@@ -211,7 +211,6 @@ def bandwidth_ceiling(total: int, device: torch.device) -> float:
         rate(lambda: torch.add(b, c, alpha=3.0, out=a), 12),
         rate(lambda: a.add_(b, alpha=1e-3), 12),  # in place: no write-allocate read of the output
     )
-    del a, b, c
     param = make_params([(total,)], device)
     fused = torch.optim.AdamW(param, lr=1e-3, fused=True)
     best = max(best, rate(fused.step, 28))
