@@ -7,10 +7,12 @@ import importlib.util
 import json
 import pathlib
 import struct
+import sys
 
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # as when the script runs: its folder is on the path
 _spec = importlib.util.spec_from_file_location("continual", ROOT / "bench" / "continual.py")
 continual = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(continual)

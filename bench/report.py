@@ -1,0 +1,109 @@
+"""Markdown tables of the latest benchmark rows, for the README.
+
+For each (op, parameter set, provider) the newest row of each metric in the CSV is used; one
+table per op family lists the median time, effective GB/s, the fraction of the bandwidth
+ceiling and the speed-up over the family's main baseline, with the device, versions and git sha
+the rows name.
+
+    python bench/report.py [--csv bench/results/bench.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from harness import DEFAULT_CSV
+
+MAIN_BASELINE = {
+    "sgd_momentum": "torch_fused",
+    "adamw": "torch_fused",
+    "sam_adamw": "pytorch_optimizer",
+    "sam_sgd": "pytorch_optimizer",
+    "adamw_ewc": "autograd_penalty",
+    "sgd_ewc": "autograd_penalty",
+    "fisher_empirical": "loop_bs1",
+    "fisher_exact": "loop_bs1",
+}
+
+
+def latest(rows):
+    table: dict = defaultdict(dict)
+    for row in rows:  # the CSV is append-only: later rows win
+        table[(row["op"], row["param_set"], row["provider"])][row["metric"]] = row
+    return table
+
+
+def markdown(csv_path: Path) -> str:
+    with csv_path.open() as f:
+        table = latest(list(csv.DictReader(f)))
+    ops = list(dict.fromkeys(key[0] for key in table))
+    lines = []
+    for op in ops:
+        base = MAIN_BASELINE.get(op)
+        keys = [key for key in table if key[0] == op]
+        any_row = next(iter(table[keys[0]].values()))
+        lines.append(
+            f"**{op}** — {any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
+            f"({any_row['git_sha']}, {any_row['timestamp'][:10]})\n"
+        )
+        unit = table[keys[0]]["time"]["unit"]
+        lines.append(f"| set | provider | {unit} p50 [p20, p80] | GB/s | of ceiling | vs {base} |")
+        lines.append("|---|---|---|---|---|---|")
+        for key in keys:
+            metrics = table[key]
+            t = metrics["time"]
+            gbs = f"{float(metrics['bandwidth']['p50']):.1f}" if "bandwidth" in metrics else "-"
+            frac = (
+                f"{float(metrics['fraction_of_ceiling']['p50']):.0%}"
+                if "fraction_of_ceiling" in metrics
+                else "-"
+            )
+            speed = metrics.get(f"speedup_vs_{base}")
+            speed = f"{float(speed['p50']):.2f}x" if speed else "—"
+            lines.append(
+                f"| {key[1]} | {key[2]} | {float(t['p50']):.3g} [{float(t['p20']):.3g}, {float(t['p80']):.3g}] "
+                f"| {gbs} | {frac} | {speed} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def compact(csv_path: Path) -> str:
+    """One row per (op, set): the main baseline, torch's best, and cl_optim's fastest backend."""
+    with csv_path.open() as f:
+        table = latest(list(csv.DictReader(f)))
+    any_row = next(iter(next(iter(table.values())).values()))
+    lines = [
+        f"{any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
+        f"({any_row['git_sha']}, {any_row['timestamp'][:10]}). Median time of the optimizer-side step "
+        "(Fisher: per sample).\n",
+        "| op | set | baseline | baseline time | fastest cl_optim | cl_optim time | speed-up | cl_optim of ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for op, param_set in dict.fromkeys((key[0], key[1]) for key in table):
+        base = MAIN_BASELINE.get(op)
+        ours = {k[2]: m for k, m in table.items() if k[:2] == (op, param_set) and k[2].startswith("cl_optim")}
+        if base is None or (op, param_set, base) not in table or not ours:
+            continue
+        name, metrics = min(ours.items(), key=lambda item: float(item[1]["time"]["p50"]))
+        unit = metrics["time"]["unit"]
+        base_time = float(table[(op, param_set, base)]["time"]["p50"])
+        time = float(metrics["time"]["p50"])
+        frac = metrics.get("fraction_of_ceiling")
+        frac = f"{float(frac['p50']):.0%}" if frac else "-"
+        lines.append(
+            f"| {op} | {param_set} | {base} | {base_time:.3g} {unit} | {name} | {time:.3g} {unit} "
+            f"| {base_time / time:.2f}x | {frac} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    parser.add_argument("--compact", action="store_true", help="one row per op and set")
+    args = parser.parse_args()
+    print(compact(args.csv) if args.compact else markdown(args.csv))
