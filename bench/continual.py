@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import device_name  # bench/ is on sys.path when this script runs
 from torch import nn
 
 import cl_optim
@@ -347,10 +348,7 @@ def main(argv=None):
         "tasks": {kind: [t["name"] for t in tasks] for kind, tasks in tasks_by_bench.items()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": source,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
+        "device": device_name(device),
         "versions": {
             "torch": torch.__version__,
             "cl_optim": cl_optim.__version__,
