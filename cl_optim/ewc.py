@@ -82,7 +82,8 @@ class EWC:
         lam_overrides: ``{selector: lam}`` for per-group lambda; the first match wins.
 
     Parameters with a gradient but no consolidated task yet carry no penalty (``A = 0``); a
-    parameter added later starts there too (``track``). A parameter whose shape changed (a grown
+    parameter added later starts there too (``track``). cl_optim's optimizers add the pull to
+    the parameters they step, i.e. those with a gradient, like any torch optimizer. A parameter whose shape changed (a grown
     head) must be re-bound with ``pad_`` before use: a silent broadcast would corrupt ``A``.
     """
 
@@ -274,11 +275,12 @@ class EWC:
         """``p.grad += lam * A * (p - mu)`` for every covered parameter with importance.
 
         For optimizers that are not cl_optim's; cl_optim's take ``ewc=`` and fuse this term.
-        A parameter without ``.grad`` gets one.
+        A parameter without ``.grad`` gets one, as back-propagating ``penalty()`` would give it;
+        frozen parameters (``requires_grad=False``) are left alone.
         """
         for entry in self._entries.values():
             self._checked(entry)
-            if entry.precision is None:
+            if entry.precision is None or not entry.param.requires_grad:
                 continue
             p = entry.param
             pull = entry.precision * (p.to(torch.float32) - entry.anchor) * (entry.lam * self._scale())

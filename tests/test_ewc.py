@@ -356,3 +356,13 @@ def test_selectors_by_module_parameter_and_include():
     assert [e.lam for e in ewc._entries.values()] == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(TypeError, match="selector"):
         cl_optim.EWC(model, exclude=[3])
+
+
+def test_add_grad_leaves_frozen_parameters_alone():
+    model = _model()
+    ewc = _consolidated(model)
+    model[0].bias.requires_grad_(False)
+    _set_params(model, _random_like(model, torch.Generator().manual_seed(8)))
+    model.zero_grad()
+    ewc.add_grad_()
+    assert model[0].bias.grad is None and model[0].weight.grad is not None
