@@ -2,15 +2,15 @@
 
 Every op has one contract (the per-element math of DESIGN.md §3) and several implementations:
 
-======== =============================================== ========================
+======== =============================================== ===============================
 backend  what                                            state in this release
-======== =============================================== ========================
+======== =============================================== ===============================
 cuda     csrc/cuda, multi-tensor-apply kernels            not built yet
 triton   kernels/, pointer-table Triton kernels           not built yet
-cpp      csrc/cpu, at::parallel_for loops                 not built yet
+cpp      csrc/cpu, at::parallel_for loops                 CPU tensors; built on first use
 foreach  torch._foreach_* over each (device, dtype) group available everywhere
 forloop  one tensor at a time, the readable oracle       available everywhere
-======== =============================================== ========================
+======== =============================================== ===============================
 
 ``"auto"`` takes, for each (device, dtype) group, the first backend in that order that is
 available; it passes over an unavailable one with one warning naming the reason (backends that
@@ -54,10 +54,27 @@ def _forloop_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return _foreach_reason(device, dtype)
 
 
+def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors, not {device.type}"
+    reason = _foreach_reason(device, dtype)
+    if reason is not None:
+        return reason
+    from ._ext import cpu_extension_error
+
+    error = cpu_extension_error()
+    if error is None:
+        return None
+    text = str(error).strip().splitlines()
+    return (
+        f"the C++ extension could not be built or loaded: {type(error).__name__}: {text[-1] if text else ''}"
+    )
+
+
 _REGISTRY = {
     "cuda": _Backend("cuda", _not_shipped("the CUDA kernels (csrc/cuda)"), shipped=False),
     "triton": _Backend("triton", _not_shipped("the Triton kernels (kernels/)"), shipped=False),
-    "cpp": _Backend("cpp", _not_shipped("the C++ CPU kernels (csrc/cpu)"), shipped=False),
+    "cpp": _Backend("cpp", _cpp_reason),
     "foreach": _Backend("foreach", _foreach_reason),
     "forloop": _Backend("forloop", _forloop_reason),
 }
@@ -65,9 +82,12 @@ _REGISTRY = {
 _warned: set[tuple[str, str]] = set()
 
 
+COMPILED = ("cuda", "triton", "cpp")  # what torch's fused=True asks for
+
+
 def check_backend_name(name: str) -> str:
-    """Validate a ``backend=`` argument and return it."""
-    if name != "auto" and name not in _REGISTRY:
+    """Validate a ``backend=`` argument and return it (``"fused"``: the fastest compiled one)."""
+    if name not in ("auto", "fused") and name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     return name
 
@@ -75,14 +95,31 @@ def check_backend_name(name: str) -> str:
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Return the backend that runs a (device, dtype) group.
 
-    >>> resolve("auto", torch.device("cpu"), torch.float32)
-    'foreach'
+    >>> resolve("forloop", torch.device("cpu"), torch.float32)
+    'forloop'
     """
     check_backend_name(requested)
+    if requested == "fused":
+        reasons = {}
+        for name in COMPILED:
+            reasons[name] = _REGISTRY[name].unavailable_reason(device, dtype)
+            if reasons[name] is None:
+                return name
+        detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+        raise RuntimeError(
+            f"fused=True asks for a compiled backend and none can run on {device} / {dtype}: {detail}"
+        )
     if requested != "auto":
         reason = _REGISTRY[requested].unavailable_reason(device, dtype)
         if reason is not None:
-            raise RuntimeError(f"backend {requested!r} cannot run on {device} / {dtype}: {reason}")
+            original = None
+            if requested == "cpp":
+                from ._ext import cpu_extension_error
+
+                original = cpu_extension_error()
+            raise RuntimeError(
+                f"backend {requested!r} cannot run on {device} / {dtype}: {reason}"
+            ) from original
         return requested
     for name in BACKENDS:
         backend = _REGISTRY[name]

@@ -22,17 +22,7 @@ def backend_from_torch_flags(backend: str, foreach: Optional[bool], fused: Optio
     if foreach and fused:
         raise ValueError("`foreach` and `fused` cannot both be True")
     if fused:
-        # fused=True asks for a compiled kernel; with none shipped, resolve() explains why.
-        for name in ("cuda", "triton", "cpp"):
-            try:
-                resolve(name, torch.device("cpu"), torch.float32)
-                return name
-            except RuntimeError:
-                continue
-        raise RuntimeError(
-            "fused=True asks for a compiled backend (cuda, triton or cpp) and none is available: "
-            "see cl_optim.report(); use backend='auto' for the fastest available one"
-        )
+        return "fused"  # resolved per (device, dtype) bucket to the fastest compiled backend
     return "foreach" if foreach else "forloop"
 
 

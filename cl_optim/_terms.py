@@ -83,6 +83,23 @@ class StepTerms:
         return self.ewc_lam[i] if isinstance(self.ewc_lam, list) else self.ewc_lam
 
 
+def kernel_terms(terms: StepTerms, n: int) -> dict:
+    """The terms as the compiled step kernels take them (see cl_optim/ops.py): empty lists switch
+    a term off, and the AMP and CLIP factors are plain numbers (1 when off), read on the host —
+    free for the CPU tensors the ``cpp`` backend runs on."""
+    has_ewc = terms.ewc_precision is not None and any(a is not None for a in terms.ewc_precision)
+    return dict(
+        restore_from=list(terms.restore_from) if terms.restore_from is not None else [],
+        fisher=list(terms.fisher) if terms.fisher is not None else [],
+        ewc_precision=list(terms.ewc_precision) if has_ewc else [],
+        ewc_anchor=list(terms.ewc_anchor) if has_ewc else [],
+        ewc_lam=[float(terms.lam(i)) for i in range(n)] if has_ewc else [],
+        inv_scale=float(terms.inv_scale()) if terms.grad_scale is not None else 1.0,
+        clip_coef=float(terms.clip_coef) if terms.clip_coef is not None else 1.0,
+        fisher_beta=float(terms.fisher_beta),
+    )
+
+
 def restore_forloop_(params: list[Tensor], terms: StepTerms) -> None:
     if terms.restore_from is not None:
         for param, saved in zip(params, terms.restore_from):

@@ -10,6 +10,7 @@ from torch import Tensor
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
+    kernel_terms,
     opmath_dtype,
     restore_foreach_,
     restore_forloop_,
@@ -142,7 +143,7 @@ def adamw_step_(
 ) -> None:
     """The AdamW step of one (device, dtype) bucket, in place. ``max_exp_avg_sqs`` given = amsgrad."""
     terms = terms if terms is not None else StepTerms()
-    impl = {"forloop": _adamw_forloop, "foreach": _adamw_foreach}[backend]
+    impl = {"forloop": _adamw_forloop, "foreach": _adamw_foreach, "cpp": _adamw_kernel}[backend]
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
          weight_decay, maximize)  # fmt: skip
 
@@ -220,6 +221,23 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         values = [exp_avg, exp_avg_sq, p] + ([max_sq] if max_exp_avg_sqs is not None else [])
         for dst, src in zip(written, values):
             torch._foreach_copy_(dst, src)
+
+
+def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
+                  weight_decay, maximize):  # fmt: skip
+    """The compiled kernel (``torch.ops.cl_optim.adamw_step_``): one pass per element."""
+    if terms.skip_update() or not params:
+        restore_foreach_(params, terms)
+        return
+    lr = _as_scalar(lr)
+    torch._foreach_add_(steps, 1)
+    step_values = [s.item() for s in steps]
+    torch.ops.cl_optim.adamw_step_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
+        [_to_float(lr / (1 - beta1**t)) for t in step_values], [(1 - beta2**t) ** 0.5 for t in step_values],
+        **kernel_terms(terms, len(params)), maximize=maximize, lr=_to_float(lr), beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay,
+    )  # fmt: skip
 
 
 def _to_float(x) -> float:

@@ -162,8 +162,8 @@ class SAM(torch.optim.Optimizer):
         home = plan[0][3][0].device
         weights = [_asam_weights(group, bucket) for group, _, _, bucket, _ in plan]
         sq_norms = [
-            grad_sq_norm([p.grad for p in bucket], w, backend=backend).to(home)
-            for (_, _, _, bucket, backend), w in zip(plan, weights)
+            grad_sq_norm([p.grad for p in bucket], bucket, weighted, eta, backend=backend).to(home)
+            for (_, _, _, bucket, backend), (weighted, eta) in zip(plan, weights)
         ]
         acc = torch.float64 if any(x.dtype == torch.float64 for x in sq_norms) else torch.float32
         norm = torch.stack([x.to(acc) for x in sq_norms]).sum().sqrt()
@@ -172,7 +172,7 @@ class SAM(torch.optim.Optimizer):
 
         grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
         perturbed = []
-        for (group, device, dtype, bucket, backend), w in zip(plan, weights):
+        for (group, device, dtype, bucket, backend), (weighted, eta) in zip(plan, weights):
             self.perturb_backends_used[f"{device}/{dtype}"] = backend
             fisher = None
             if self.fisher_ema is not None:
@@ -184,7 +184,8 @@ class SAM(torch.optim.Optimizer):
                 [p.grad for p in bucket],
                 [self._save_buffer(p) for p in bucket],
                 scale.to(device),
-                w,
+                weighted,
+                eta,
                 backend=backend,
                 fisher=fisher,
                 fisher_beta=self.fisher_ema or 0.0,
@@ -361,35 +362,46 @@ def _buckets(params: list[Tensor]) -> dict:
     return buckets
 
 
-def _asam_weights(group: dict, params: list[Tensor]) -> Optional[list[Optional[Tensor]]]:
-    """``T`` of each tensor (fp32), or None where ``T = 1``."""
+def _asam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[bool]], float]:
+    """Which tensors ASAM normalises (``T = |w| + eta``) and ``eta``; ``(None, 0)`` for plain SAM."""
     mode = "official" if group["adaptive"] == "official" else bool(group["adaptive"])
     if mode is False:
-        return None
+        return None, 0.0
     eta = _DEFAULT_ETA[mode] if group["eta"] is None else group["eta"]
-    weights = []
-    for p in params:
-        if mode == "official" and p.dim() <= 1:
-            weights.append(None)
-        else:
-            weights.append(p.to(opmath_dtype(p.dtype)).abs().add_(eta))
-    return weights
+    return [not (mode == "official" and p.dim() <= 1) for p in params], float(eta)
+
+
+def _weight_tensors(params, weighted, eta, count) -> list[Optional[Tensor]]:
+    """``T`` of each tensor in opmath (the Python backends materialise it), None where ``T = 1``."""
+    if weighted is None:
+        return [None] * count
+    return [p.to(opmath_dtype(p.dtype)).abs().add_(eta) if w else None for p, w in zip(params, weighted)]
 
 
 # --------------------------------------------------------------------------------- fused ops
 
 
 def grad_sq_norm(
-    grads: list[Tensor], weights: Optional[list[Optional[Tensor]]] = None, *, backend: str = "forloop"
+    grads: list[Tensor],
+    params: Optional[list[Tensor]] = None,
+    weighted: Optional[list[bool]] = None,
+    eta: float = 0.0,
+    *,
+    backend: str = "forloop",
 ) -> Tensor:
     """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, a scalar on its device.
 
-    Accumulated in fp32 (fp64 for fp64 gradients), whatever the gradient dtype.
-
-    ``weights[i] is None`` means ``T_i = 1``. A non-finite gradient makes the result non-finite,
-    which is how callers detect it without a host read.
+    ``T_i = |p_i| + eta`` where ``weighted[i]`` (ASAM), else 1. Accumulated in fp32 (fp64 for
+    fp64 gradients; the ``cpp`` kernel accumulates in fp64 and rounds once), whatever the
+    gradient dtype. A non-finite gradient makes the result non-finite, which is how callers
+    detect it without a host read.
     """
-    weights = weights if weights is not None else [None] * len(grads)
+    if backend == "cpp":
+        if not grads:
+            return torch.zeros(())
+        flags = [int(w) for w in weighted] if weighted is not None else []
+        return torch.ops.cl_optim.grad_sq_norm(grads, params if weighted is not None else [], flags, eta)
+    weights = _weight_tensors(params, weighted, eta, len(grads))
     terms = [g if w is None else w * g.to(w.dtype) for g, w in zip(grads, weights)]
     acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else torch.float32
     if backend == "foreach":
@@ -406,7 +418,8 @@ def sam_perturb_(
     grads: list[Tensor],
     saves: list[Tensor],
     scale: Tensor,
-    weights: Optional[list[Optional[Tensor]]] = None,
+    weighted: Optional[list[bool]] = None,
+    eta: float = 0.0,
     *,
     backend: str = "forloop",
     fisher: Optional[list[Tensor]] = None,
@@ -416,12 +429,23 @@ def sam_perturb_(
 ) -> None:
     """``save <- p; p <- p + scale * T**2 * g`` over a bucket, in fp32, ``scale`` a device scalar.
 
-    Elements whose perturbation is not finite (``scale == 0`` with an inf/nan gradient) are not
-    moved, so a skipped step leaves the weights exactly as they were. With ``fisher``, the
-    FISHER_EMA term of the first-pass gradient ``F <- beta*F + (1-beta)*(g/grad_scale)**2`` is
-    applied too, where the device flag ``finite`` is set.
+    ``T`` as in :func:`grad_sq_norm`. Elements whose perturbation is not finite (``scale == 0``
+    with an inf/nan gradient) are not moved, so a skipped step leaves the weights exactly as they
+    were. With ``fisher``, the FISHER_EMA term of the first-pass gradient
+    ``F <- beta*F + (1-beta)*(g/grad_scale)**2`` is applied too, where the device flag ``finite``
+    is set.
     """
-    weights = weights if weights is not None else [None] * len(params)
+    if backend == "cpp":
+        if not params:
+            return
+        torch.ops.cl_optim.sam_perturb_(
+            params, grads, saves, float(scale.detach()), [int(w) for w in weighted] if weighted is not None else [], eta,
+            fisher if fisher is not None else [], fisher_beta,
+            float(grad_scale.double().reciprocal()) if grad_scale is not None else 1.0,
+            bool(finite) if finite is not None else True,
+        )  # fmt: skip
+        return
+    weights = _weight_tensors(params, weighted, eta, len(params))
     if fisher is not None:
         _fisher_ema_where_(fisher, grads, fisher_beta, grad_scale, finite)
     if backend == "forloop":

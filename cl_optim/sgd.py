@@ -10,6 +10,7 @@ from torch import Tensor
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
+    kernel_terms,
     opmath_dtype,
     restore_foreach_,
     restore_forloop_,
@@ -135,7 +136,7 @@ def sgd_step_(
     and written back into the list. ``None`` for the whole list means no momentum.
     """
     terms = terms if terms is not None else StepTerms()
-    impl = {"forloop": _sgd_forloop, "foreach": _sgd_foreach}[backend]
+    impl = {"forloop": _sgd_forloop, "foreach": _sgd_foreach, "cpp": _sgd_kernel}[backend]
     impl(params, grads, momentum_buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize)
 
 
@@ -188,6 +189,25 @@ def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_
     torch._foreach_add_(p, g, alpha=-lr)
     if p[0] is not params[0]:
         torch._foreach_copy_(params, p)
+
+
+def _sgd_kernel(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    """The compiled kernel (``torch.ops.cl_optim.sgd_step_``): one pass per element."""
+    if terms.skip_update() or not params:
+        restore_foreach_(params, terms)
+        return
+    ready = []
+    if momentum != 0:
+        for i, buf in enumerate(buffers):
+            ready.append(0 if buf is None else 1)
+            if buf is None:  # the kernel writes the first-step buffer (= the gradient) itself
+                buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    lr = lr.item() if isinstance(lr, Tensor) else lr
+    torch.ops.cl_optim.sgd_step_(
+        params, grads, buffers if momentum != 0 else [], ready, **kernel_terms(terms, len(params)),
+        maximize=maximize, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov,
+    )  # fmt: skip
 
 
 def _written_back(stored: Optional[Tensor], value: Tensor, dtype: torch.dtype) -> Tensor:

@@ -25,7 +25,7 @@ def test_quick_step_and_ewc_benchmarks_write_the_csv_schema(tmp_path):
     assert list(rows[0]) == harness.CSV_FIELDS
     providers = {(r["op"], r["provider"]) for r in rows}
     expected_backends = {f"cl_optim_{b}" for b in harness.cl_optim_backends(harness.torch.device("cpu"))}
-    assert expected_backends == {"cl_optim_foreach", "cl_optim_forloop"}
+    assert {"cl_optim_foreach", "cl_optim_forloop"} <= expected_backends
     for op in ("sgd_momentum", "adamw"):
         assert {
             (op, p) for p in ("torch_forloop", "torch_foreach", "torch_fused", *expected_backends)

@@ -133,7 +133,8 @@ def test_base_optimizer_fuses_the_unscale(cls, torch_cls):
             opt.zero_grad()
         results.append(_params(model))
         assert scaler.get_scale() == 2.0**11
-    _same(results[0], results[1])
+    for a, b in zip(*results):  # compiled kernels round their own way: fp32 assert_close defaults
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("base,kwargs", SAM_BASES, ids=IDS)

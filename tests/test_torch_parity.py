@@ -8,6 +8,18 @@ import pytest
 import torch
 
 import cl_optim
+from cl_optim._backend import COMPILED, resolve
+
+
+def _runs_on_cpu(name):
+    try:
+        return resolve(name, torch.device("cpu"), torch.float32) == name
+    except RuntimeError:
+        return False
+
+
+COMPILED_ON_CPU = [name for name in COMPILED if _runs_on_cpu(name)]
+AUTO_ON_CPU = resolve("auto", torch.device("cpu"), torch.float32)
 
 SGD_CASES = [
     dict(lr=0.1),
@@ -44,13 +56,14 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _assert_equal_state(a, b):
+def _assert_equal_state(a, b, **tolerance):
+    """Same keys and values; bit for bit unless a tolerance is given (``{}``: fp32 defaults)."""
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        torch.testing.assert_close(a[key], b[key], **tolerance)
 
 
-@pytest.mark.parametrize("backend", ["forloop", "foreach"])
+@pytest.mark.parametrize("backend", ["forloop", "foreach", *COMPILED_ON_CPU])
 @pytest.mark.parametrize("torch_cls,ours_cls,kwargs", PAIRS)
 def test_same_numbers_and_state_as_torch(torch_cls, ours_cls, kwargs, backend):
     ref_model, model = _model(), _model()
@@ -58,10 +71,13 @@ def test_same_numbers_and_state_as_torch(torch_cls, ours_cls, kwargs, backend):
     ours = ours_cls(model.parameters(), backend=backend, **kwargs)
     _train(ref_model, ref, 12)
     _train(model, ours, 12)
+    # The Python backends run torch's own ops: bit for bit. A compiled kernel rounds its fp32
+    # intermediates its own way (torch's CPU kernels use FMA): assert_close's fp32 defaults.
+    exact = {} if backend in COMPILED_ON_CPU else dict(rtol=0, atol=0)
     for a, b in zip(_params(ref_model), _params(model)):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)  # fp32: bit for bit
+        torch.testing.assert_close(b, a, **exact)
     for p_ref, p in zip(ref_model.parameters(), model.parameters()):
-        _assert_equal_state(ref.state[p_ref], ours.state[p])
+        _assert_equal_state(ref.state[p_ref], ours.state[p], **exact)  # step counts: exact either way
     assert ours.backends_used == {"cpu/torch.float32": backend}
 
 
@@ -72,7 +88,7 @@ def test_state_dict_moves_both_ways(torch_cls, ours_cls, kwargs):
     opt_torch = torch_cls(m_torch.parameters(), **kwargs)
     _train(m_torch, opt_torch, 5)
     m_ours.load_state_dict(m_torch.state_dict())
-    opt_ours = ours_cls(m_ours.parameters(), **kwargs)
+    opt_ours = ours_cls(m_ours.parameters(), backend="foreach", **kwargs)  # bit for bit with torch
     opt_ours.load_state_dict(_roundtrip(opt_torch.state_dict()))
     _train(m_torch, opt_torch, 5, start=5)
     _train(m_ours, opt_ours, 5, start=5)
@@ -103,7 +119,8 @@ def test_lr_scheduler_and_param_groups(ours_cls, torch_cls):
     results = []
     for cls in (torch_cls, ours_cls):
         model = _model()
-        opt = cls([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], lr=0.1)
+        groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
+        opt = cls(groups, lr=0.1) if cls is torch_cls else cls(groups, lr=0.1, backend="foreach")
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         for i in range(6):
             _train(model, opt, 1, start=i)
@@ -139,13 +156,14 @@ def test_bad_hyperparameters_raise():
 
 def test_unavailable_backend_raises_its_reason_and_leaves_params():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = cl_optim.SGD([p], lr=0.1, backend="cpp")
+    opt = cl_optim.SGD([p], lr=0.1, backend="cuda")
     p.grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run.*not part of cl_optim"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run.*not part of cl_optim"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3))
-    with pytest.raises(RuntimeError, match="fused=True asks for a compiled backend"):
-        cl_optim.AdamW([p], fused=True)
+    fused = cl_optim.AdamW([p], fused=True)
+    fused.step()
+    assert fused.backends_used == {"cpu/torch.float32": COMPILED_ON_CPU[0]} if COMPILED_ON_CPU else True
 
 
 def test_torch_foreach_keyword_selects_backend():
@@ -175,7 +193,7 @@ def test_mixed_dtypes_are_bucketed_and_recorded():
     opt = cl_optim.AdamW([a, b], lr=0.1)
     a.grad, b.grad = torch.ones(4), torch.ones(4, dtype=torch.bfloat16)
     opt.step()
-    assert opt.backends_used == {"cpu/torch.float32": "foreach", "cpu/torch.bfloat16": "foreach"}
+    assert opt.backends_used == {"cpu/torch.float32": AUTO_ON_CPU, "cpu/torch.bfloat16": AUTO_ON_CPU}
     assert opt.state[b]["exp_avg"].dtype == torch.bfloat16
     torch.testing.assert_close(b.detach().float(), a.detach(), rtol=0, atol=4e-3)
 
@@ -185,4 +203,4 @@ def test_report_names_every_backend():
     for name in ("cuda", "triton", "cpp", "foreach", "forloop"):
         assert f"  {name} " in text
     assert "foreach  cpu   available" in text
-    assert "cpp      cpu   unavailable: " in text
+    assert "cuda     cpu   unavailable: " in text

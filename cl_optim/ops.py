@@ -1,0 +1,55 @@
+"""Every fused op of cl_optim, declared once as a ``torch.library`` op.
+
+The schemas live here, with fake implementations so that ``torch.compile`` can trace through an
+optimizer step; the compiled backends register their kernels against them (``csrc/bindings.cpp``
+for the CPU). Lists that may be empty switch a term off: an empty ``restore_from`` is no RESTORE,
+an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC. ``inv_scale`` and
+``clip_coef`` are 1 when AMP and CLIP are off (a multiplication by 1 is exact).
+
+Importing this module defines the schemas only; it loads no extension and touches no device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIBRARY = "cl_optim"
+
+SCHEMAS = {
+    "sgd_step_": (
+        "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] buffer_ready, "
+        "Tensor[] restore_from, Tensor(c!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, "
+        "float[] ewc_lam, float inv_scale, float clip_coef, float fisher_beta, bool maximize, float lr, "
+        "float momentum, float dampening, float weight_decay, bool nesterov) -> ()"
+    ),
+    "adamw_step_": (
+        "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, float[] step_sizes, float[] bias_correction2_sqrts, Tensor[] restore_from, "
+        "Tensor(e!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, float[] ewc_lam, float inv_scale, "
+        "float clip_coef, float fisher_beta, bool maximize, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay) -> ()"
+    ),
+    "grad_sq_norm": "grad_sq_norm(Tensor[] grads, Tensor[] params, int[] weighted, float eta) -> Tensor",
+    "sam_perturb_": (
+        "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saves, float scale, int[] weighted, "
+        "float eta, Tensor(c!)[] fisher, float fisher_beta, float inv_scale, bool update_fisher) -> ()"
+    ),
+}
+
+_library = torch.library.Library(LIBRARY, "DEF")
+for _schema in SCHEMAS.values():
+    _library.define(_schema)
+
+
+def _no_output(*args, **kwargs):
+    return None
+
+
+for _name in ("sgd_step_", "adamw_step_", "sam_perturb_"):
+    torch.library.register_fake(f"{LIBRARY}::{_name}", _no_output, lib=_library)
+
+
+@torch.library.register_fake(f"{LIBRARY}::grad_sq_norm", lib=_library)
+def _grad_sq_norm_fake(grads, params, weighted, eta):
+    dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
+    return grads[0].new_empty((), dtype=dtype)

@@ -1,0 +1,63 @@
+// Multi-tensor CPU loops: the elements of every tensor of a (device, dtype) group are cut into
+// fixed-size chunks, and at::parallel_for runs over the chunk list, so many small tensors cost
+// one parallel region rather than one each. Reductions keep one partial per chunk and add them
+// in chunk order: the result does not depend on the number of threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace cl_optim {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per work item: 128 KiB of fp32
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& sizes) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(sizes.size()); ++t)
+    for (int64_t b = 0; b < sizes[t]; b += kChunk) chunks.push_back({t, b, std::min(sizes[t], b + kChunk)});
+  return chunks;
+}
+
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) f(chunks[i], i);
+  });
+}
+
+// Contiguous views of the tensors an op touches; non-contiguous ones are worked on in a copy
+// that finish() writes back (only for the tensors the op writes).
+class Workspace {
+ public:
+  at::Tensor use(const at::Tensor& t, bool written) {
+    if (!t.defined() || t.is_contiguous()) return t;
+    at::Tensor copy = t.contiguous();
+    if (written) writes_.emplace_back(t, copy);
+    return copy;
+  }
+  void finish() {
+    for (auto& [dst, src] : writes_) dst.copy_(src);
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
+};
+
+inline void check_cpu_list(const std::vector<at::Tensor>& ts, const char* what, int64_t n) {
+  TORCH_CHECK(static_cast<int64_t>(ts.size()) == n, what, ": expected ", n, " tensors, got ", ts.size());
+  for (const auto& t : ts) TORCH_CHECK(t.device().is_cpu(), what, ": expected CPU tensors");
+}
+
+// The value of an optional one-element tensor on the CPU, or `fallback`.
+inline double scalar_or(const std::optional<at::Tensor>& t, double fallback) {
+  return t.has_value() && t->defined() ? t->to(at::kDouble).item<double>() : fallback;
+}
+
+}  // namespace cl_optim

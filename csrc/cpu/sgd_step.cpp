@@ -1,0 +1,70 @@
+// cl_optim::sgd_step_ on the CPU: torch.optim.SGD's update with the optional terms of
+// DESIGN.md §3 fused into one pass over each element (csrc/include/cl_optim/elementwise.h).
+#include "step_terms.h"
+
+namespace cl_optim {
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList fisher,
+                  const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                  const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
+                  double inv_scale, double clip_coef, double fisher_beta, bool maximize, double lr, double momentum,
+                  double dampening, double weight_decay, bool nesterov) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  check_cpu_list(grads.vec(), "grads", n);
+  const bool has_momentum = !momentum_buffers.empty();
+  TORCH_CHECK(!has_momentum || (static_cast<int64_t>(momentum_buffers.size()) == n &&
+                                static_cast<int64_t>(buffer_ready.size()) == n),
+              "momentum_buffers and buffer_ready must have one entry per parameter");
+  Workspace ws;
+  std::vector<at::Tensor> p, g, buf;
+  std::vector<int64_t> sizes;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
+    p.push_back(ws.use(params[i], true));
+    g.push_back(ws.use(grads[i], false));
+    if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true));
+    sizes.push_back(params[i].numel());
+  }
+  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  const auto chunks = make_chunks(sizes);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    GradTerms<opmath_t> gt;
+    gt.inv_scale = static_cast<opmath_t>(inv_scale);
+    gt.clip_coef = static_cast<opmath_t>(clip_coef);
+    gt.fisher_beta = static_cast<opmath_t>(fisher_beta);
+    gt.fisher_one_minus_beta = static_cast<opmath_t>(1.0 - fisher_beta);
+    gt.maximize = maximize;
+    const SgdParams<opmath_t> sp{static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
+                                 static_cast<opmath_t>(1.0 - dampening), static_cast<opmath_t>(weight_decay),
+                                 nesterov};
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+      const int64_t t = c.tensor;
+      scalar_t* pp = p[t].data_ptr<scalar_t>();
+      const scalar_t* gp = g[t].data_ptr<scalar_t>();
+      scalar_t* bp = has_momentum ? buf[t].data_ptr<scalar_t>() : nullptr;
+      const bool ready = has_momentum && buffer_ready[t] != 0;
+      const scalar_t* save = terms.save<scalar_t>(t);
+      float* fp = terms.fisher_ptr(t);
+      const bool ewc = terms.has_ewc(t);
+      const float* ap = ewc ? terms.precision[t].data_ptr<float>() : nullptr;
+      const float* mp = ewc ? terms.anchor[t].data_ptr<float>() : nullptr;
+      const opmath_t lam = static_cast<opmath_t>(ewc ? terms.lam[t] : 0.0);
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        opmath_t pv = static_cast<opmath_t>(save ? save[i] : pp[i]);
+        const opmath_t gv = task_grad<opmath_t>(static_cast<opmath_t>(gp[i]), pv, fp ? fp + i : nullptr, ewc,
+                                                ewc ? static_cast<opmath_t>(ap[i]) : opmath_t(0),
+                                                ewc ? static_cast<opmath_t>(mp[i]) : opmath_t(0), lam, gt);
+        opmath_t bv = bp ? static_cast<opmath_t>(bp[i]) : opmath_t(0);
+        sgd_update<opmath_t>(pv, gv, bp ? &bv : nullptr, ready, sp);
+        pp[i] = static_cast<scalar_t>(pv);
+        if (bp) bp[i] = static_cast<scalar_t>(bv);
+      }
+    });
+  });
+  ws.finish();
+}
+
+}  // namespace cl_optim

@@ -1,0 +1,50 @@
+// The optional-term inputs shared by the SGD and AdamW CPU steps: resolved once per call into
+// contiguous tensors, then read per element through raw pointers.
+#pragma once
+
+#include <cl_optim/elementwise.h>
+
+#include "multi_tensor.h"
+
+namespace cl_optim {
+
+struct StepTermInputs {
+  std::vector<at::Tensor> restore, fisher, precision, anchor;
+  std::vector<double> lam;
+
+  StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList fisher_in,
+                 const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                 const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam) {
+    TORCH_CHECK(restore_from.empty() || static_cast<int64_t>(restore_from.size()) == n, "restore_from: wrong length");
+    TORCH_CHECK(fisher_in.empty() || static_cast<int64_t>(fisher_in.size()) == n, "fisher: wrong length");
+    TORCH_CHECK(ewc_precision.size() == ewc_anchor.size(), "ewc_precision and ewc_anchor differ in length");
+    TORCH_CHECK(ewc_precision.empty() || static_cast<int64_t>(ewc_precision.size()) == n, "ewc: wrong length");
+    for (const auto& t : restore_from) restore.push_back(ws.use(t, false));
+    for (const auto& t : fisher_in) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat, "the running Fisher must be fp32");
+      fisher.push_back(ws.use(t, true));
+    }
+    for (size_t i = 0; i < ewc_precision.size(); ++i) {
+      std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
+      TORCH_CHECK(a.has_value() == mu.has_value(), "EWC precision and anchor must be given together");
+      if (a.has_value()) {
+        TORCH_CHECK(a->scalar_type() == at::kFloat && mu->scalar_type() == at::kFloat, "EWC buffers must be fp32");
+        precision.push_back(ws.use(*a, false));
+        anchor.push_back(ws.use(*mu, false));
+      } else {
+        precision.emplace_back();
+        anchor.emplace_back();
+      }
+      lam.push_back(i < ewc_lam.size() ? ewc_lam[i] : 0.0);
+    }
+  }
+
+  template <typename scalar_t>
+  const scalar_t* save(int64_t t) const {
+    return restore.empty() ? nullptr : restore[t].data_ptr<scalar_t>();
+  }
+  float* fisher_ptr(int64_t t) const { return fisher.empty() ? nullptr : fisher[t].data_ptr<float>(); }
+  bool has_ewc(int64_t t) const { return !precision.empty() && precision[t].defined(); }
+};
+
+}  // namespace cl_optim

@@ -1,0 +1,121 @@
+// Per-element math of every fused op of cl_optim (DESIGN.md §3), written once for the CPU loops
+// (csrc/cpu) and the CUDA kernels (csrc/cuda). Only launch geometry, vector widths and
+// reductions differ per backend; what happens to one element is defined here.
+//
+// Everything is computed in `T`, the op-math type (float for fp16/bf16/fp32 parameters, double
+// for fp64), and follows the order of the Python oracle (cl_optim/_terms.py):
+//   RESTORE -> AMP unscale -> FISHER_EMA -> CLIP -> maximize -> EWC -> base update.
+// This header includes nothing from torch so that .cu files stay light to compile.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CLO_HD __host__ __device__ __forceinline__
+#else
+#define CLO_HD inline
+#endif
+
+namespace cl_optim {
+
+// The optional terms applied to the task gradient before the base update. Complements such as
+// 1 - beta are computed by the host in double and rounded once, as the Python oracle does.
+template <typename T>
+struct GradTerms {
+  T inv_scale = T(1);  // AMP: 1/grad_scale (1 when off: multiplying by 1 is exact)
+  T clip_coef = T(1);  // CLIP
+  T fisher_beta = T(0), fisher_one_minus_beta = T(1);  // FISHER_EMA, when a Fisher pointer is given
+  bool maximize = false;
+};
+
+// g -> the gradient the base update sees. `fisher` (fp32 running Fisher) may be null; `precision`
+// and `anchor` (EWC A and mu) are used when `has_ewc`.
+template <typename T>
+CLO_HD T task_grad(T g, T p, float* fisher, bool has_ewc, T precision, T anchor, T ewc_lam,
+                   const GradTerms<T>& terms) {
+  g = g * terms.inv_scale;
+  if (fisher != nullptr) {
+    // F <- beta*F + (1-beta)*g^2, of the task gradient: before clipping and the EWC pull.
+    const T f = static_cast<T>(*fisher);
+    *fisher = static_cast<float>(f * terms.fisher_beta + terms.fisher_one_minus_beta * g * g);
+  }
+  g = g * terms.clip_coef;
+  if (terms.maximize) g = -g;
+  if (has_ewc) g = g + ewc_lam * precision * (p - anchor);
+  return g;
+}
+
+template <typename T>
+struct SgdParams {
+  T lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov;
+};
+
+// torch.optim.SGD: `buf_ready` false means the first step, where the buffer becomes g.
+template <typename T>
+CLO_HD void sgd_update(T& p, T g, T* buf, bool buf_ready, const SgdParams<T>& a) {
+  if (a.weight_decay != T(0)) g = g + a.weight_decay * p;
+  if (buf != nullptr) {
+    T b = buf_ready ? *buf * a.momentum + a.one_minus_dampening * g : g;
+    *buf = b;
+    g = a.nesterov ? g + a.momentum * b : b;
+  }
+  p = p - a.lr * g;
+}
+
+template <typename T>
+struct AdamWParams {
+  T decay;                  // 1 - lr * weight_decay (1: no decay)
+  T one_minus_beta1, beta2, one_minus_beta2, eps;
+  T step_size;              // lr / (1 - beta1^t), per tensor
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^t), per tensor
+};
+
+// torch.optim.AdamW; `vmax` non-null means amsgrad.
+template <typename T>
+CLO_HD void adamw_update(T& p, T g, T& m, T& v, T* vmax, const AdamWParams<T>& a) {
+  if (a.decay != T(1)) p = p * a.decay;
+  m = m + a.one_minus_beta1 * (g - m);
+  v = v * a.beta2 + a.one_minus_beta2 * g * g;
+  T second = v;
+  if (vmax != nullptr) {
+    *vmax = *vmax > v ? *vmax : v;
+    second = *vmax;
+  }
+  const T denom = sqrt(second) / a.bias_correction2_sqrt + a.eps;
+  p = p - a.step_size * (m / denom);
+}
+
+// SAM: the perturbation scale * T^2 * g, where T is the ASAM weight (1 for plain SAM). A
+// non-finite result (scale 0 times an inf/nan gradient) moves nothing.
+template <typename T>
+CLO_HD T sam_perturbation(T g, T weight, T scale) {
+  const T e = weight * weight * g * scale;
+  return (e == e && e - e == T(0)) ? e : T(0);
+}
+
+// ASAM weight of one element: |p| + eta where the tensor is normalised, else 1.
+template <typename T>
+CLO_HD T asam_weight(T p, bool weighted, T eta) {
+  return weighted ? (p < T(0) ? -p : p) + eta : T(1);
+}
+
+// fisher_accumulate_: F += w * g^2.
+template <typename T>
+CLO_HD float fisher_accumulate(float f, T g, T w) {
+  return static_cast<float>(static_cast<T>(f) + w * g * g);
+}
+
+// ewc_grad_add_: g + lam * A * (p - mu); ewc_penalty term: A * (p - mu)^2.
+template <typename T>
+CLO_HD T ewc_pull(T g, T p, T precision, T anchor, T lam) {
+  return g + lam * precision * (p - anchor);
+}
+
+template <typename T>
+CLO_HD T ewc_penalty_term(T p, T precision, T anchor) {
+  const T d = p - anchor;
+  return precision * d * d;
+}
+
+}  // namespace cl_optim
