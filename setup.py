@@ -1,13 +1,41 @@
 """Packaging for cl_optim.
 
-`kernels/` (Triton) is installed as the sub-package `cl_optim.kernels` through a package_dir
-mapping, so the source tree keeps the layout of DESIGN.md while nothing is ever installed as a
-top-level `kernels` module.
+`kernels/` (Triton) is installed as `cl_optim.kernels` and `csrc/` (the C++/CUDA sources, for the
+just-in-time build) as `cl_optim._csrc`, through package_dir mappings, so the source tree keeps
+the layout of DESIGN.md while nothing is ever installed as a top-level `kernels` module.
+
+By default nothing is compiled at install time: the C++ CPU kernels are built on first use.
+`CL_OPTIM_BUILD_EXT=1 pip install --no-build-isolation .` builds them ahead of time as
+`cl_optim._C_cpu` (it needs the torch it will run with, hence no build isolation).
 """
+
+import glob
+import os
 
 from setuptools import setup
 
+ext_modules, cmdclass = [], {}
+if os.environ.get("CL_OPTIM_BUILD_EXT") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            "cl_optim._C_cpu",
+            ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+            include_dirs=[os.path.abspath("csrc/include")],
+            define_macros=[("CL_OPTIM_AOT", "1")],
+            extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
 setup(
-    packages=["cl_optim", "cl_optim.fisher", "cl_optim.kernels"],
-    package_dir={"cl_optim": "cl_optim", "cl_optim.kernels": "kernels"},
+    packages=["cl_optim", "cl_optim.fisher", "cl_optim.kernels", "cl_optim._csrc"],
+    package_dir={"cl_optim": "cl_optim", "cl_optim.kernels": "kernels", "cl_optim._csrc": "csrc"},
+    package_data={
+        "cl_optim._csrc": ["*.cpp", "include/cl_optim/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

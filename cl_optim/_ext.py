@@ -49,6 +49,13 @@ def _build_cpu() -> None:
         return
     from torch.utils import cpp_extension
 
+    try:  # the ninja wheel's binary, even when the environment's bin/ is not on PATH
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     cpp_extension.verify_ninja_availability()
     root = csrc_dir()
     build = cache_dir()

@@ -24,3 +24,13 @@ TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
   m.impl("grad_sq_norm", &cl_optim::grad_sq_norm_cpu);
   m.impl("sam_perturb_", &cl_optim::sam_perturb_cpu);
 }
+
+#ifdef CL_OPTIM_AOT
+// Built ahead of time as the Python extension module cl_optim._C_cpu: importing (or
+// torch.ops.load_library-ing) it runs the registrations above; the module itself is empty.
+#include <Python.h>
+extern "C" PyObject* PyInit__C_cpu(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

@@ -79,17 +79,22 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     const opmath_t scale_t = static_cast<opmath_t>(scale), eta_t = static_cast<opmath_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;
-      scalar_t* pp = p[t].data_ptr<scalar_t>();
-      const scalar_t* gp = g[t].data_ptr<scalar_t>();
-      scalar_t* sp = s[t].data_ptr<scalar_t>();
-      float* fp = (update_fisher && !f.empty()) ? f[t].data_ptr<float>() : nullptr;
+      scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
+      const scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
+      scalar_t* __restrict__ sp = s[t].data_ptr<scalar_t>();
+      float* __restrict__ fp = (update_fisher && !f.empty()) ? f[t].data_ptr<float>() : nullptr;
       const bool w = !weighted.empty() && weighted[t] != 0;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
-        sp[i] = pp[i];
-        if (fp) task_grad<opmath_t>(gv, pv, fp + i, false, opmath_t(0), opmath_t(0), opmath_t(0), gt);
-        pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, asam_weight<opmath_t>(pv, w, eta_t), scale_t));
-      }
+      with_flags(
+          [&](auto FISHER, auto WEIGHTED) {
+            for (int64_t i = c.begin; i < c.end; ++i) {
+              const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
+              sp[i] = pp[i];
+              if constexpr (FISHER) task_grad<true, false>(gv, pv, fp[i], opmath_t(0), opmath_t(0), opmath_t(0), gt);
+              const opmath_t weight = asam_weight<opmath_t>(pv, WEIGHTED, eta_t);
+              pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, weight, scale_t));
+            }
+          },
+          fp != nullptr, w);
     });
   });
   ws.finish();

@@ -12,36 +12,49 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CLO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined: the CPU loops vectorise only when the per-element functions disappear into them.
+#define CLO_HD inline __attribute__((always_inline))
 #else
 #define CLO_HD inline
 #endif
 
 namespace cl_optim {
 
+// sqrt in the op-math type: float stays float (an unqualified sqrt(float) may resolve to the
+// double C function on the host, which neither vectorises nor matches the oracle's rounding).
+template <typename T>
+CLO_HD T op_sqrt(T x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // The optional terms applied to the task gradient before the base update. Complements such as
 // 1 - beta are computed by the host in double and rounded once, as the Python oracle does.
+// Terms that read extra memory (FISHER, EWC) are compile-time flags; the others are factors
+// that are exact when off (x * 1, x * -1), so the loops stay branch-free and vectorise.
 template <typename T>
 struct GradTerms {
-  T inv_scale = T(1);  // AMP: 1/grad_scale (1 when off: multiplying by 1 is exact)
+  T inv_scale = T(1);  // AMP: 1/grad_scale
   T clip_coef = T(1);  // CLIP
-  T fisher_beta = T(0), fisher_one_minus_beta = T(1);  // FISHER_EMA, when a Fisher pointer is given
-  bool maximize = false;
+  T sign = T(1);       // maximize: -1
+  T fisher_beta = T(0), fisher_one_minus_beta = T(1);  // FISHER_EMA
 };
 
-// g -> the gradient the base update sees. `fisher` (fp32 running Fisher) may be null; `precision`
-// and `anchor` (EWC A and mu) are used when `has_ewc`.
-template <typename T>
-CLO_HD T task_grad(T g, T p, float* fisher, bool has_ewc, T precision, T anchor, T ewc_lam,
-                   const GradTerms<T>& terms) {
+// g -> the gradient the base update sees: unscale, Fisher EMA of the task gradient (before
+// clipping and the EWC pull), clip, maximize, EWC pull lam * A * (p - mu).
+template <bool FISHER, bool EWC, typename T>
+CLO_HD T task_grad(T g, T p, float& fisher, T precision, T anchor, T ewc_lam, const GradTerms<T>& terms) {
   g = g * terms.inv_scale;
-  if (fisher != nullptr) {
-    // F <- beta*F + (1-beta)*g^2, of the task gradient: before clipping and the EWC pull.
-    const T f = static_cast<T>(*fisher);
-    *fisher = static_cast<float>(f * terms.fisher_beta + terms.fisher_one_minus_beta * g * g);
+  if constexpr (FISHER) {
+    const T f = static_cast<T>(fisher);
+    fisher = static_cast<float>(f * terms.fisher_beta + terms.fisher_one_minus_beta * g * g);
   }
-  g = g * terms.clip_coef;
-  if (terms.maximize) g = -g;
-  if (has_ewc) g = g + ewc_lam * precision * (p - anchor);
+  g = g * terms.clip_coef * terms.sign;
+  if constexpr (EWC) g = g + ewc_lam * precision * (p - anchor);
   return g;
 }
 
@@ -51,13 +64,13 @@ struct SgdParams {
   bool nesterov;
 };
 
-// torch.optim.SGD: `buf_ready` false means the first step, where the buffer becomes g.
-template <typename T>
-CLO_HD void sgd_update(T& p, T g, T* buf, bool buf_ready, const SgdParams<T>& a) {
-  if (a.weight_decay != T(0)) g = g + a.weight_decay * p;
-  if (buf != nullptr) {
-    T b = buf_ready ? *buf * a.momentum + a.one_minus_dampening * g : g;
-    *buf = b;
+// torch.optim.SGD. With MOMENTUM, `buf_ready` false is the first step: the buffer becomes g.
+template <bool MOMENTUM, typename T>
+CLO_HD void sgd_update(T& p, T g, T& buf, bool buf_ready, const SgdParams<T>& a) {
+  g = a.weight_decay != T(0) ? g + a.weight_decay * p : g;  // 0 * inf must not reach g
+  if constexpr (MOMENTUM) {
+    const T b = buf_ready ? buf * a.momentum + a.one_minus_dampening * g : g;
+    buf = b;
     g = a.nesterov ? g + a.momentum * b : b;
   }
   p = p - a.lr * g;
@@ -65,24 +78,24 @@ CLO_HD void sgd_update(T& p, T g, T* buf, bool buf_ready, const SgdParams<T>& a)
 
 template <typename T>
 struct AdamWParams {
-  T decay;                  // 1 - lr * weight_decay (1: no decay)
+  T decay;                  // 1 - lr * weight_decay (exactly 1: no decay)
   T one_minus_beta1, beta2, one_minus_beta2, eps;
   T step_size;              // lr / (1 - beta1^t), per tensor
   T bias_correction2_sqrt;  // sqrt(1 - beta2^t), per tensor
 };
 
-// torch.optim.AdamW; `vmax` non-null means amsgrad.
-template <typename T>
-CLO_HD void adamw_update(T& p, T g, T& m, T& v, T* vmax, const AdamWParams<T>& a) {
-  if (a.decay != T(1)) p = p * a.decay;
+// torch.optim.AdamW; AMSGRAD keeps the running maximum `vmax` of v.
+template <bool AMSGRAD, typename T>
+CLO_HD void adamw_update(T& p, T g, T& m, T& v, T& vmax, const AdamWParams<T>& a) {
+  p = p * a.decay;
   m = m + a.one_minus_beta1 * (g - m);
   v = v * a.beta2 + a.one_minus_beta2 * g * g;
   T second = v;
-  if (vmax != nullptr) {
-    *vmax = *vmax > v ? *vmax : v;
-    second = *vmax;
+  if constexpr (AMSGRAD) {
+    vmax = vmax > v ? vmax : v;
+    second = vmax;
   }
-  const T denom = sqrt(second) / a.bias_correction2_sqrt + a.eps;
+  const T denom = op_sqrt(second) / a.bias_correction2_sqrt + a.eps;
   p = p - a.step_size * (m / denom);
 }
 

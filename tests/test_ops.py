@@ -1,0 +1,102 @@
+"""The torch.library ops of cl_optim/ops.py: schemas, fake kernels and the compiled CPU kernels.
+
+``torch.library.opcheck`` checks each op's schema (mutation annotations), its fake
+implementation against the real kernel, and that it survives torch.compile's tracing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cl_optim.ops  # noqa: F401  (defines the schemas)
+from cl_optim._backend import resolve
+
+try:
+    HAS_CPP = resolve("cpp", torch.device("cpu"), torch.float32) == "cpp"
+except RuntimeError as error:  # pragma: no cover - a machine without a C++ toolchain
+    HAS_CPP, CPP_ERROR = False, error
+
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the cpp backend cannot be built on this machine")
+ops = torch.ops.cl_optim
+
+
+def _tensors(n=3, size=37, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(size + i, generator=gen).to(dtype) for i in range(n)]
+
+
+def _ewc(params):
+    return [torch.rand(p.shape) for p in params], [torch.randn(p.shape) for p in params], [0.5] * len(params)
+
+
+def _sgd_args(dtype=torch.float32):
+    params, grads, bufs = _tensors(dtype=dtype), _tensors(dtype=dtype), _tensors(dtype=dtype)
+    precision, anchor, lam = _ewc(params)
+    restore = [p.clone() for p in params]
+    fisher = [torch.rand(p.shape) for p in params]
+    return (params, grads, bufs, [1, 0, 1], restore, fisher, precision, anchor, lam, 0.125, 0.7, 0.9, False,
+            0.1, 0.9, 0.1, 1e-2, False)  # fmt: skip
+
+
+def _adamw_args(amsgrad=True):
+    params, grads = _tensors(), _tensors()
+    m, v = _tensors(), [t.abs() for t in _tensors()]
+    vmax = [t.clone() for t in v] if amsgrad else []
+    precision, anchor, lam = _ewc(params)
+    return (params, grads, m, v, vmax, [0.01, 0.02, 0.03], [0.5, 0.6, 0.7], [], [], precision, anchor, lam,
+            1.0, 1.0, 0.0, True, 1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "op,args",
+    [
+        ("sgd_step_", _sgd_args()),
+        ("sgd_step_", _sgd_args(torch.bfloat16)),
+        ("adamw_step_", _adamw_args()),
+        ("adamw_step_", _adamw_args(amsgrad=False)),
+        ("grad_sq_norm", (_tensors(), _tensors(), [1, 0, 1], 0.01)),
+        (
+            "sam_perturb_",
+            (_tensors(), _tensors(), _tensors(), 0.05, [1, 1, 0], 0.0, _tensors(), 0.9, 0.5, True),
+        ),
+    ],
+    ids=["sgd", "sgd_bf16", "adamw_amsgrad", "adamw", "grad_sq_norm", "sam_perturb"],
+)
+def test_opcheck(op, args):
+    torch.library.opcheck(getattr(ops, op).default, args)
+
+
+@needs_cpp
+def test_ops_trace_without_graph_breaks():
+    params, grads = _tensors(), _tensors()
+    m, v = _tensors(), [t.abs() for t in _tensors()]
+
+    def step(params, grads, m, v):
+        ops.adamw_step_(params, grads, m, v, [], [0.01] * 3, [0.5] * 3, [], [], [], [], [],
+                        1.0, 1.0, 0.0, False, 1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+        return ops.grad_sq_norm(grads, [], [], 0.0)
+
+    expected_params = [p.clone() for p in params]
+    expected_m, expected_v = [t.clone() for t in m], [t.clone() for t in v]
+    expected = step(expected_params, grads, expected_m, expected_v)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(params, grads, m, v)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(params + m + v, expected_params + expected_m + expected_v):
+        torch.testing.assert_close(a, b)
+
+
+def test_schemas_exist_without_any_extension():
+    """Importing cl_optim defines the ops (schemas and fakes) but builds nothing."""
+    for name in ("sgd_step_", "adamw_step_", "grad_sq_norm", "sam_perturb_"):
+        assert hasattr(ops, name)
+
+
+def test_the_cpp_backend_builds_where_ci_requires_it():
+    """CI sets CL_OPTIM_REQUIRE_CPP=1: there, a failed build fails instead of skipping tests."""
+    import os
+
+    if os.environ.get("CL_OPTIM_REQUIRE_CPP") == "1":
+        assert HAS_CPP, f"the cpp backend did not build: {CPP_ERROR!r}"
