@@ -8,7 +8,7 @@ namespace {
 // One chunk, with the flags as template parameters and restrict-qualified pointers passed by
 // value: a loop the compiler can vectorise (no aliasing through lambda captures, no branches).
 template <bool SAVE, bool FISHER, bool EWC, bool AMSGRAD, typename scalar_t, typename opmath_t>
-void adamw_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp, scalar_t* __restrict__ mp,
+CLO_CPU_CLONES void adamw_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp, scalar_t* __restrict__ mp,
                  scalar_t* __restrict__ vp, scalar_t* __restrict__ xp, const scalar_t* __restrict__ save,
                  float* __restrict__ fp, const float* __restrict__ ewc_a, const float* __restrict__ ewc_mu,
                  opmath_t lam, int64_t begin, int64_t end, const GradTerms<opmath_t> gt,

@@ -13,6 +13,15 @@
 
 namespace cl_optim {
 
+// Per-chunk loops are compiled twice, for the x86-64 baseline (SSE2) and for AVX2, and the
+// loader picks the best one the CPU runs (GCC function multiversioning: no -march=native in
+// anything built, yet 32-byte vectors where the machine has them).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CL_OPTIM_NO_CLONES)
+#define CLO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLO_CPU_CLONES
+#endif
+
 constexpr int64_t kChunk = 1 << 15;  // elements per work item: 128 KiB of fp32
 
 struct Chunk {

@@ -7,10 +7,10 @@ namespace {
 
 // One chunk, with the flags as template parameters and restrict-qualified pointers passed by
 // value: a loop the compiler can vectorise (no aliasing through lambda captures, no branches).
-template <bool SAVE, bool FISHER, bool EWC, bool MOMENTUM, typename scalar_t, typename opmath_t>
-void sgd_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp, scalar_t* __restrict__ bp,
+template <bool SAVE, bool FISHER, bool EWC, bool MOMENTUM, bool READY, typename scalar_t, typename opmath_t>
+CLO_CPU_CLONES void sgd_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp, scalar_t* __restrict__ bp,
                const scalar_t* __restrict__ save, float* __restrict__ fp, const float* __restrict__ ap,
-               const float* __restrict__ mp, opmath_t lam, bool ready, int64_t begin, int64_t end,
+               const float* __restrict__ mp, opmath_t lam, int64_t begin, int64_t end,
                const GradTerms<opmath_t> gt, const SgdParams<opmath_t> sp) {
   for (int64_t i = begin; i < end; ++i) {
     opmath_t pv;
@@ -26,7 +26,7 @@ void sgd_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp, scala
     const opmath_t gv = task_grad<FISHER, EWC>(static_cast<opmath_t>(gp[i]), pv, f, a, mu, lam, gt);
     opmath_t bv = 0;
     if constexpr (MOMENTUM) bv = static_cast<opmath_t>(bp[i]);
-    sgd_update<MOMENTUM>(pv, gv, bv, ready, sp);
+    sgd_update<MOMENTUM>(pv, gv, bv, READY, sp);
     if constexpr (MOMENTUM) bp[i] = static_cast<scalar_t>(bv);
     pp[i] = static_cast<scalar_t>(pv);
   }
@@ -84,11 +84,11 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       const bool ready = has_momentum && buffer_ready[t] != 0;
       // Compile-time flags: each combination is its own branch-free, vectorisable loop.
       with_flags(
-          [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM) {
-            sgd_chunk<SAVE(), FISHER(), EWC(), MOMENTUM()>(pp, gp, bp, save, fp, ap, mp, lam, ready, c.begin, c.end,
-                                                           gt, sp);
+          [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
+            sgd_chunk<SAVE(), FISHER(), EWC(), MOMENTUM(), READY()>(pp, gp, bp, save, fp, ap, mp, lam, c.begin, c.end,
+                                                                    gt, sp);
           },
-          save != nullptr, fp != nullptr, ewc, bp != nullptr);
+          save != nullptr, fp != nullptr, ewc, bp != nullptr, ready);
     });
   });
   ws.finish();
