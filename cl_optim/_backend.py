@@ -5,7 +5,7 @@ Every op has one contract (the per-element math of DESIGN.md §3) and several im
 ======== =============================================== ===============================
 backend  what                                            state in this release
 ======== =============================================== ===============================
-cuda     csrc/cuda, multi-tensor-apply kernels            not built yet
+cuda     csrc/cuda, multi-tensor-apply kernels            compile-checked, not bound yet
 triton   kernels/, pointer-table Triton kernels           not built yet
 cpp      csrc/cpu, at::parallel_for loops                 CPU tensors; built on first use
 foreach  torch._foreach_* over each (device, dtype) group available everywhere
@@ -41,7 +41,7 @@ class _Backend:
 
 
 def _not_shipped(what: str) -> Callable[[torch.device, torch.dtype], Optional[str]]:
-    return lambda device, dtype: f"{what} are not part of cl_optim 0.1 (pure-PyTorch backends only)"
+    return lambda device, dtype: f"not part of cl_optim 0.1: {what}"
 
 
 def _foreach_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -72,8 +72,14 @@ def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 _REGISTRY = {
-    "cuda": _Backend("cuda", _not_shipped("the CUDA kernels (csrc/cuda)"), shipped=False),
-    "triton": _Backend("triton", _not_shipped("the Triton kernels (kernels/)"), shipped=False),
+    "cuda": _Backend(
+        "cuda",
+        _not_shipped("the CUDA kernels (csrc/cuda) compile but are not bound to the ops yet"),
+        shipped=False,
+    ),
+    "triton": _Backend(
+        "triton", _not_shipped("the Triton kernels (kernels/) are not written yet"), shipped=False
+    ),
     "cpp": _Backend("cpp", _cpp_reason),
     "foreach": _Backend("foreach", _foreach_reason),
     "forloop": _Backend("forloop", _forloop_reason),

@@ -8,7 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <type_traits>
+#include <cl_optim/flags.h>
+
 #include <vector>
 
 namespace cl_optim {
@@ -40,23 +41,6 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) f(chunks[i], i);
   });
-}
-
-// Calls f(std::bool_constant<b0>{}, std::bool_constant<b1>{}, ...) for runtime flags, so that a
-// loop body can test them with `if constexpr` and vectorise without per-element branches.
-template <typename F>
-void with_flags(const F& f) {
-  f();
-}
-template <typename F, typename... Rest>
-void with_flags(const F& f, bool first, Rest... rest) {
-  auto bind = [&](auto flag) {
-    with_flags([&](auto... more) { f(flag, more...); }, rest...);
-  };
-  if (first)
-    bind(std::true_type{});
-  else
-    bind(std::false_type{});
 }
 
 // Contiguous views of the tensors an op touches; non-contiguous ones are worked on in a copy

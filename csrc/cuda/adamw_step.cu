@@ -1,0 +1,89 @@
+// cl_optim::adamw_step_ on CUDA: the per-element math of csrc/include/cl_optim/elementwise.h
+// (the same functions the CPU tests exercise) over a multi-tensor-apply launch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cl_optim/elementwise.h>
+#include <cl_optim/flags.h>
+
+#include "multi_tensor_apply.cuh"
+
+namespace cl_optim::cuda {
+
+// Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher (fp32),
+// 7 EWC precision (fp32), 8 EWC anchor (fp32). Scalars per tensor: step size, sqrt(1 - beta2^t).
+struct AdamWDeviceArgs {
+  const float* inv_scale;  // AMP: 1/grad_scale on the device, or null
+  const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
+  const float* clip_coef;  // CLIP, or null
+  float sign, fisher_beta, ewc_lam;
+  float decay, one_minus_beta1, beta2, one_minus_beta2, eps;
+};
+
+template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool AMSGRAD>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta, AdamWDeviceArgs args) {
+  int t;
+  int64_t begin, end;
+  chunk_range(meta, t, begin, end);
+  auto* p = static_cast<scalar_t*>(meta.addresses[0][t]);
+  const auto* g = static_cast<const scalar_t*>(meta.addresses[1][t]);
+  auto* m = static_cast<scalar_t*>(meta.addresses[2][t]);
+  auto* v = static_cast<scalar_t*>(meta.addresses[3][t]);
+  auto* vmax = static_cast<scalar_t*>(meta.addresses[4][t]);
+  const auto* save = static_cast<const scalar_t*>(meta.addresses[5][t]);
+  auto* fisher = static_cast<float*>(meta.addresses[6][t]);
+  const auto* precision = static_cast<const float*>(meta.addresses[7][t]);
+  const auto* anchor = static_cast<const float*>(meta.addresses[8][t]);
+  const bool skip = load_or(args.found_inf, 0.f) != 0.f;
+  GradTerms<float> terms;
+  terms.inv_scale = load_or(args.inv_scale, 1.f);
+  terms.clip_coef = load_or(args.clip_coef, 1.f);
+  terms.sign = args.sign;
+  terms.fisher_beta = args.fisher_beta;
+  terms.fisher_one_minus_beta = 1.f - args.fisher_beta;
+  const AdamWParams<float> a{args.decay, args.one_minus_beta1, args.beta2, args.one_minus_beta2, args.eps,
+                             meta.scalars[0][t], meta.scalars[1][t]};
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float pv = static_cast<float>(SAVE ? save[i] : p[i]);
+    if (skip) {  // a skipped step still restores the weights
+      if (SAVE) p[i] = save[i];
+      continue;
+    }
+    float unused = 0.f;
+    float& f = FISHER ? fisher[i] : unused;
+    const float gv = task_grad<FISHER, EWC>(static_cast<float>(g[i]), pv, f, EWC ? precision[i] : 0.f,
+                                            EWC ? anchor[i] : 0.f, args.ewc_lam, terms);
+    float mv = static_cast<float>(m[i]), vv = static_cast<float>(v[i]), xv = AMSGRAD ? static_cast<float>(vmax[i]) : 0.f;
+    adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
+    p[i] = static_cast<scalar_t>(pv);  // round to nearest even for bf16/fp16
+    m[i] = static_cast<scalar_t>(mv);
+    v[i] = static_cast<scalar_t>(vv);
+    if (AMSGRAD) vmax[i] = static_cast<scalar_t>(xv);
+  }
+}
+
+// Host launcher: one launch per kMaxBlocks chunks for the whole group. `dtype`: 0 fp32, 1 fp16,
+// 2 bf16. Empty lists switch their term off.
+void adamw_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+                     const std::vector<float>& step_sizes, const std::vector<float>& bias_correction2_sqrts,
+                     const AdamWDeviceArgs& args, bool save, bool fisher, bool ewc, bool amsgrad, cudaStream_t stream) {
+  auto run = [&](auto tag, auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {
+    using scalar_t = decltype(tag);
+    multi_tensor_apply<9>(lists, sizes, step_sizes, bias_correction2_sqrts, [&](const TensorListMeta<9>& meta, int blocks) {
+      adamw_kernel<scalar_t, SAVE(), FISHER(), EWC(), AMSGRAD()><<<blocks, kThreads, 0, stream>>>(meta, args);
+      check(cudaGetLastError(), "adamw_kernel launch");
+    });
+  };
+  auto by_flags = [&](auto tag) {
+    with_flags([&](auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) { run(tag, SAVE, FISHER, EWC, AMSGRAD); }, save,
+               fisher, ewc, amsgrad);
+  };
+  switch (dtype) {
+    case 0: by_flags(float{}); break;
+    case 1: by_flags(__half{}); break;
+    case 2: by_flags(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("adamw_step_cuda: dtype must be fp32, fp16 or bf16");
+  }
+}
+
+}  // namespace cl_optim::cuda

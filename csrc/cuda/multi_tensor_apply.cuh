@@ -1,0 +1,86 @@
+// Multi-tensor apply (the apex pattern, written here): the addresses of up to kMaxTensors
+// tensors of each list and a block -> (tensor, chunk) map travel as one kernel argument, so a
+// whole (op, dtype) group is one launch per kMaxBlocks chunks, however many tensors it has.
+// Torch-light on purpose: CUDA runtime only, no ATen headers (they cost minutes of nvcc time).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace cl_optim::cuda {
+
+constexpr int kMaxTensors = 36;
+constexpr int kMaxBlocks = 320;
+constexpr int kChunk = 16384;  // elements per block-chunk
+constexpr int kThreads = 512;
+
+template <int kLists>
+struct TensorListMeta {
+  void* addresses[kLists][kMaxTensors];
+  int64_t sizes[kMaxTensors];  // 64-bit: a tensor may exceed 2^31 elements
+  float scalars[2][kMaxTensors];  // per-tensor scalars (e.g. AdamW step size, bias correction)
+  unsigned char block_to_tensor[kMaxBlocks];
+  int block_to_chunk[kMaxBlocks];
+};
+
+inline void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+// Host side: walks the tensors, fills metas and launches `launch(meta, blocks)` whenever the
+// tensor table or the block map is full. lists[l][t] is the address of tensor t in list l.
+template <int kLists, typename Launch>
+void multi_tensor_apply(const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+                        const std::vector<float>& scalar0, const std::vector<float>& scalar1, const Launch& launch) {
+  TensorListMeta<kLists> meta{};
+  int tensors = 0, blocks = 0;
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  for (int64_t t = 0; t < n; ++t) {
+    if (sizes[t] == 0) continue;
+    for (int l = 0; l < kLists; ++l) meta.addresses[l][tensors] = lists[l][t];
+    meta.sizes[tensors] = sizes[t];
+    meta.scalars[0][tensors] = scalar0.empty() ? 0.f : scalar0[t];
+    meta.scalars[1][tensors] = scalar1.empty() ? 0.f : scalar1[t];
+    ++tensors;
+    const int64_t chunks = (sizes[t] + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      meta.block_to_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks == kMaxBlocks || (tensors == kMaxTensors && last_chunk)) {
+        launch(meta, blocks);
+        blocks = 0;
+        if (last_chunk) {
+          tensors = 0;
+        } else {  // the current tensor continues in the next launch, as entry 0
+          for (int l = 0; l < kLists; ++l) meta.addresses[l][0] = meta.addresses[l][tensors - 1];
+          meta.sizes[0] = meta.sizes[tensors - 1];
+          meta.scalars[0][0] = meta.scalars[0][tensors - 1];
+          meta.scalars[1][0] = meta.scalars[1][tensors - 1];
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch(meta, blocks);
+}
+
+// The element range of this block's chunk.
+template <int kLists>
+__device__ __forceinline__ void chunk_range(const TensorListMeta<kLists>& meta, int& tensor, int64_t& begin,
+                                            int64_t& end) {
+  tensor = meta.block_to_tensor[blockIdx.x];
+  begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
+  end = begin + kChunk < meta.sizes[tensor] ? begin + kChunk : meta.sizes[tensor];
+}
+
+// Device scalars (lr, loss scale, found_inf, SAM scale) are read by pointer: a step needs no
+// host synchronisation and can be captured in a CUDA graph. Null means "off" (the default value).
+__device__ __forceinline__ float load_or(const float* p, float fallback) { return p ? *p : fallback; }
+
+}  // namespace cl_optim::cuda

@@ -1,0 +1,128 @@
+// SAM's first pass on CUDA: cl_optim::grad_sq_norm (two-stage, deterministic: no float atomics)
+// and cl_optim::sam_perturb_ (the scale read from device memory: no host synchronisation).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cl_optim/elementwise.h>
+#include <cl_optim/flags.h>
+
+#include "multi_tensor_apply.cuh"
+
+namespace cl_optim::cuda {
+
+// Stage 1: each block writes the sum of (T g)^2 over its chunk to partials[launch_offset + block].
+// Lists: 0 grad, 1 param (for the ASAM weight). scalars[0][t] != 0 marks a weighted tensor.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    grad_sq_norm_partials(TensorListMeta<2> meta, float eta, float* partials, int launch_offset) {
+  int t;
+  int64_t begin, end;
+  chunk_range(meta, t, begin, end);
+  const auto* g = static_cast<const scalar_t*>(meta.addresses[0][t]);
+  const auto* p = static_cast<const scalar_t*>(meta.addresses[1][t]);
+  const bool weighted = meta.scalars[0][t] != 0.f;
+  float sum = 0.f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float w = asam_weight<float>(weighted ? static_cast<float>(p[i]) : 0.f, weighted, eta);
+    const float tg = w * static_cast<float>(g[i]);
+    sum += tg * tg;
+  }
+  __shared__ float shared[kThreads];
+  shared[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {  // fixed tree: same order every run
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[launch_offset + blockIdx.x] = shared[0];
+}
+
+// Stage 2: one block adds the partials in a fixed order into *out.
+__global__ void __launch_bounds__(kThreads) sum_partials(const float* partials, int count, float* out) {
+  __shared__ float shared[kThreads];
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partials[i];
+  shared[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = shared[0];
+}
+
+// perturb: save <- p; [F <- beta F + (1-beta)(g * inv_scale)^2 where *finite]; p <- p + s T^2 g.
+// Lists: 0 param, 1 grad, 2 save, 3 fisher (fp32). scalars[0][t] != 0 marks a weighted tensor.
+template <typename scalar_t, bool FISHER>
+__global__ void __launch_bounds__(kThreads)
+    sam_perturb_kernel(TensorListMeta<4> meta, const float* scale, const float* inv_scale, const bool* finite,
+                       float eta, float fisher_beta) {
+  int t;
+  int64_t begin, end;
+  chunk_range(meta, t, begin, end);
+  auto* p = static_cast<scalar_t*>(meta.addresses[0][t]);
+  const auto* g = static_cast<const scalar_t*>(meta.addresses[1][t]);
+  auto* save = static_cast<scalar_t*>(meta.addresses[2][t]);
+  auto* fisher = static_cast<float*>(meta.addresses[3][t]);
+  const bool weighted = meta.scalars[0][t] != 0.f;
+  const float s = *scale;
+  GradTerms<float> terms;
+  terms.inv_scale = load_or(inv_scale, 1.f);
+  terms.fisher_beta = fisher_beta;
+  terms.fisher_one_minus_beta = 1.f - fisher_beta;
+  const bool update_fisher = FISHER && (finite == nullptr || *finite);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);
+    save[i] = p[i];
+    if (update_fisher) task_grad<true, false>(gv, pv, fisher[i], 0.f, 0.f, 0.f, terms);
+    p[i] = static_cast<scalar_t>(pv + sam_perturbation<float>(gv, asam_weight<float>(pv, weighted, eta), s));
+  }
+}
+
+namespace {
+template <typename F>
+void by_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 1: f(__half{}); break;
+    case 2: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("cl_optim CUDA kernels take fp32, fp16 or bf16");
+  }
+}
+}  // namespace
+
+// `partials` must hold one float per chunk of the group (sum over tensors of ceil(size/kChunk)).
+void grad_sq_norm_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+                       const std::vector<float>& weighted, float eta, float* partials, float* out,
+                       cudaStream_t stream) {
+  int offset = 0;
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    multi_tensor_apply<2>(lists, sizes, weighted, {}, [&](const TensorListMeta<2>& meta, int blocks) {
+      grad_sq_norm_partials<scalar_t><<<blocks, kThreads, 0, stream>>>(meta, eta, partials, offset);
+      check(cudaGetLastError(), "grad_sq_norm_partials launch");
+      offset += blocks;
+    });
+  });
+  sum_partials<<<1, kThreads, 0, stream>>>(partials, offset, out);
+  check(cudaGetLastError(), "sum_partials launch");
+}
+
+void sam_perturb_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+                      const std::vector<float>& weighted, const float* scale, const float* inv_scale,
+                      const bool* finite, float eta, float fisher_beta, bool fisher, cudaStream_t stream) {
+  by_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    with_flags(
+        [&](auto FISHER) {
+          multi_tensor_apply<4>(lists, sizes, weighted, {}, [&](const TensorListMeta<4>& meta, int blocks) {
+            sam_perturb_kernel<scalar_t, FISHER()>
+                <<<blocks, kThreads, 0, stream>>>(meta, scale, inv_scale, finite, eta, fisher_beta);
+            check(cudaGetLastError(), "sam_perturb_kernel launch");
+          });
+        },
+        fisher);
+  });
+}
+
+}  // namespace cl_optim::cuda

@@ -1,0 +1,88 @@
+// cl_optim::sgd_step_ on CUDA: the per-element math of csrc/include/cl_optim/elementwise.h over a
+// multi-tensor-apply launch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cl_optim/elementwise.h>
+#include <cl_optim/flags.h>
+
+#include "multi_tensor_apply.cuh"
+
+namespace cl_optim::cuda {
+
+// Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher (fp32), 5 EWC precision (fp32),
+// 6 EWC anchor (fp32).
+struct SgdDeviceArgs {
+  const float* inv_scale;  // AMP: 1/grad_scale on the device, or null
+  const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
+  const float* clip_coef;  // CLIP, or null
+  const float* lr;         // a tensor learning rate on the device, or null for `lr_value`
+  float lr_value, sign, fisher_beta, ewc_lam;
+  float momentum, one_minus_dampening, weight_decay;
+  bool nesterov;
+};
+
+template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool MOMENTUM, bool READY>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, SgdDeviceArgs args) {
+  int t;
+  int64_t begin, end;
+  chunk_range(meta, t, begin, end);
+  auto* p = static_cast<scalar_t*>(meta.addresses[0][t]);
+  const auto* g = static_cast<const scalar_t*>(meta.addresses[1][t]);
+  auto* buf = static_cast<scalar_t*>(meta.addresses[2][t]);
+  const auto* save = static_cast<const scalar_t*>(meta.addresses[3][t]);
+  auto* fisher = static_cast<float*>(meta.addresses[4][t]);
+  const auto* precision = static_cast<const float*>(meta.addresses[5][t]);
+  const auto* anchor = static_cast<const float*>(meta.addresses[6][t]);
+  const bool skip = load_or(args.found_inf, 0.f) != 0.f;
+  GradTerms<float> terms;
+  terms.inv_scale = load_or(args.inv_scale, 1.f);
+  terms.clip_coef = load_or(args.clip_coef, 1.f);
+  terms.sign = args.sign;
+  terms.fisher_beta = args.fisher_beta;
+  terms.fisher_one_minus_beta = 1.f - args.fisher_beta;
+  const SgdParams<float> s{load_or(args.lr, args.lr_value), args.momentum, args.one_minus_dampening,
+                           args.weight_decay, args.nesterov};
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float pv = static_cast<float>(SAVE ? save[i] : p[i]);
+    if (skip) {  // a skipped step still restores the weights
+      if (SAVE) p[i] = save[i];
+      continue;
+    }
+    float unused = 0.f;
+    float& f = FISHER ? fisher[i] : unused;
+    const float gv = task_grad<FISHER, EWC>(static_cast<float>(g[i]), pv, f, EWC ? precision[i] : 0.f,
+                                            EWC ? anchor[i] : 0.f, args.ewc_lam, terms);
+    float bv = MOMENTUM ? static_cast<float>(buf[i]) : 0.f;
+    sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
+    if (MOMENTUM) buf[i] = static_cast<scalar_t>(bv);
+    p[i] = static_cast<scalar_t>(pv);
+  }
+}
+
+// Host launcher: one launch per kMaxBlocks chunks. `dtype`: 0 fp32, 1 fp16, 2 bf16. `ready`
+// (momentum buffers initialised) is one value for the whole call: the Python side groups the
+// first-step tensors separately.
+void sgd_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+                   const SgdDeviceArgs& args, bool save, bool fisher, bool ewc, bool momentum, bool ready,
+                   cudaStream_t stream) {
+  auto by_flags = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    with_flags(
+        [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
+          multi_tensor_apply<7>(lists, sizes, {}, {}, [&](const TensorListMeta<7>& meta, int blocks) {
+            sgd_kernel<scalar_t, SAVE(), FISHER(), EWC(), MOMENTUM(), READY()><<<blocks, kThreads, 0, stream>>>(meta, args);
+            check(cudaGetLastError(), "sgd_kernel launch");
+          });
+        },
+        save, fisher, ewc, momentum, ready);
+  };
+  switch (dtype) {
+    case 0: by_flags(float{}); break;
+    case 1: by_flags(__half{}); break;
+    case 2: by_flags(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("sgd_step_cuda: dtype must be fp32, fp16 or bf16");
+  }
+}
+
+}  // namespace cl_optim::cuda
