@@ -257,8 +257,12 @@ def _versions():
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
         git_sha = sha.stdout.strip() or "unknown"
+        # Uncommitted code changes mark the sha; the results folder a run writes to does not.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         if dirty.stdout.strip():
             git_sha += "-dirty"
