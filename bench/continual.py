@@ -314,6 +314,11 @@ def main(argv=None):
     )
     from tqdm import tqdm
 
+    # Build or load a compiled backend now, so its one-time cost is not counted as step time.
+    from cl_optim._backend import resolve
+
+    resolve(args.backend, device, torch.float32)
+
     results = {}
     start = time.time()
     with tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=None) as progress:
