@@ -86,10 +86,9 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sam_perturb_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    GradTerms<opmath_t> gt;
-    gt.inv_scale = static_cast<opmath_t>(inv_scale);
-    gt.fisher_beta = static_cast<opmath_t>(fisher_beta);
-    gt.fisher_one_minus_beta = static_cast<opmath_t>(1.0 - fisher_beta);
+    const auto gt = make_grad_terms<opmath_t>(static_cast<opmath_t>(inv_scale), opmath_t(1), false,
+                                              static_cast<opmath_t>(fisher_beta),
+                                              static_cast<opmath_t>(1.0 - fisher_beta));
     const opmath_t scale_t = static_cast<opmath_t>(scale), eta_t = static_cast<opmath_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;

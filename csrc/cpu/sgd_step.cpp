@@ -61,12 +61,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    GradTerms<opmath_t> gt;
-    gt.inv_scale = static_cast<opmath_t>(inv_scale);
-    gt.clip_coef = static_cast<opmath_t>(clip_coef);
-    gt.fisher_beta = static_cast<opmath_t>(fisher_beta);
-    gt.fisher_one_minus_beta = static_cast<opmath_t>(1.0 - fisher_beta);
-    gt.sign = maximize ? opmath_t(-1) : opmath_t(1);
+    const auto gt = make_grad_terms<opmath_t>(static_cast<opmath_t>(inv_scale), static_cast<opmath_t>(clip_coef), maximize,
+                                              static_cast<opmath_t>(fisher_beta),
+                                              static_cast<opmath_t>(1.0 - fisher_beta));
     const SgdParams<opmath_t> sp{static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
                                  static_cast<opmath_t>(1.0 - dampening), static_cast<opmath_t>(weight_decay),
                                  nesterov};

@@ -35,12 +35,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta,
   const auto* precision = static_cast<const float*>(meta.addresses[7][t]);
   const auto* anchor = static_cast<const float*>(meta.addresses[8][t]);
   const bool skip = load_or(args.found_inf, 0.f) != 0.f;
-  GradTerms<float> terms;
-  terms.inv_scale = load_or(args.inv_scale, 1.f);
-  terms.clip_coef = load_or(args.clip_coef, 1.f);
-  terms.sign = args.sign;
-  terms.fisher_beta = args.fisher_beta;
-  terms.fisher_one_minus_beta = 1.f - args.fisher_beta;
+  const auto terms = make_grad_terms<float>(load_or(args.inv_scale, 1.f), load_or(args.clip_coef, 1.f),
+                                            args.sign < 0.f, args.fisher_beta, 1.f - args.fisher_beta);
   const AdamWParams<float> a{args.decay, args.one_minus_beta1, args.beta2, args.one_minus_beta2, args.eps,
                              meta.scalars[0][t], meta.scalars[1][t]};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {

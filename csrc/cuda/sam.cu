@@ -66,10 +66,7 @@ __global__ void __launch_bounds__(kThreads)
   auto* fisher = static_cast<float*>(meta.addresses[3][t]);
   const bool weighted = meta.scalars[0][t] != 0.f;
   const float s = *scale;
-  GradTerms<float> terms;
-  terms.inv_scale = load_or(inv_scale, 1.f);
-  terms.fisher_beta = fisher_beta;
-  terms.fisher_one_minus_beta = 1.f - fisher_beta;
+  const auto terms = make_grad_terms<float>(load_or(inv_scale, 1.f), 1.f, false, fisher_beta, 1.f - fisher_beta);
   const bool update_fisher = FISHER && (finite == nullptr || *finite);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);

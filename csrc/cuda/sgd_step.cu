@@ -35,12 +35,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   const auto* precision = static_cast<const float*>(meta.addresses[5][t]);
   const auto* anchor = static_cast<const float*>(meta.addresses[6][t]);
   const bool skip = load_or(args.found_inf, 0.f) != 0.f;
-  GradTerms<float> terms;
-  terms.inv_scale = load_or(args.inv_scale, 1.f);
-  terms.clip_coef = load_or(args.clip_coef, 1.f);
-  terms.sign = args.sign;
-  terms.fisher_beta = args.fisher_beta;
-  terms.fisher_one_minus_beta = 1.f - args.fisher_beta;
+  const auto terms = make_grad_terms<float>(load_or(args.inv_scale, 1.f), load_or(args.clip_coef, 1.f),
+                                            args.sign < 0.f, args.fisher_beta, 1.f - args.fisher_beta);
   const SgdParams<float> s{load_or(args.lr, args.lr_value), args.momentum, args.one_minus_dampening,
                            args.weight_decay, args.nesterov};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {

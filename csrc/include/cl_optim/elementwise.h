@@ -44,6 +44,17 @@ struct GradTerms {
   T fisher_beta = T(0), fisher_one_minus_beta = T(1);  // FISHER_EMA
 };
 
+template <typename T>
+CLO_HD GradTerms<T> make_grad_terms(T inv_scale, T clip_coef, bool maximize, T fisher_beta, T fisher_one_minus_beta) {
+  GradTerms<T> terms;
+  terms.inv_scale = inv_scale;
+  terms.clip_coef = clip_coef;
+  terms.sign = maximize ? T(-1) : T(1);
+  terms.fisher_beta = fisher_beta;
+  terms.fisher_one_minus_beta = fisher_one_minus_beta;
+  return terms;
+}
+
 // g -> the gradient the base update sees: unscale, Fisher EMA of the task gradient (before
 // clipping and the EWC pull), clip, maximize, EWC pull lam * A * (p - mu).
 template <bool FISHER, bool EWC, typename T>
