@@ -137,7 +137,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
     ) -> None:
-        """One step with the RESTORE term (``restore``: param -> save buffer), AMP and a skip flag.
+        """One step with the RESTORE term, AMP and a skip flag.
+
+        ``restore`` maps ``id(param)`` to ``(param, save buffer)`` (ids: hashing tensors is a Python
+        call per lookup, which adds up over thousands of small tensors).
 
         ``grad_scale``/``found_inf`` follow GradScaler's hand-over; ``skip`` (a device flag, e.g.
         SAM's non-finite first pass) skips the update like ``found_inf``. Parameters in
@@ -160,7 +163,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             device, dtype = bucket[0].device, bucket[0].dtype
             self.backends_used[f"{device}/{dtype}"] = backend
             terms = StepTerms(
-                restore_from=[restore[p] for p in bucket] if restore is not None else None,
+                restore_from=[restore[id(p)][1] for p in bucket] if restore is not None else None,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             ).to(device)
@@ -170,11 +173,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self.ewc is not None:
                 terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
             self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
-            stepped.update(bucket)
+            stepped.update(id(p) for p in bucket)
 
         if restore is not None:
-            for param, saved in restore.items():
-                if param not in stepped:
+            for key, (param, saved) in restore.items():
+                if key not in stepped:
                     param.copy_(saved)
 
     def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract

@@ -204,7 +204,7 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     torch._foreach_lerp_(exp_avg, g, 1 - beta1)
     torch._foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
-    step_values = [s.item() for s in steps]
+    step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
     step_sizes = [-_to_float(lr / (1 - beta1**t)) for t in step_values]
     bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_values]
     if max_exp_avg_sqs is not None:
@@ -231,7 +231,7 @@ def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         return
     lr = _as_scalar(lr)
     torch._foreach_add_(steps, 1)
-    step_values = [s.item() for s in steps]
+    step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
     torch.ops.cl_optim.adamw_step_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
         [_to_float(lr / (1 - beta1**t)) for t in step_values], [(1 - beta2**t) ** 0.5 for t in step_values],

@@ -119,7 +119,8 @@ class SAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.defaults.update(rho=rho, adaptive=adaptive, eta=eta)
-        self._saved: dict[Tensor, Tensor] = {}  # restore buffers, allocated once, never serialised
+        # id(param) -> restore buffer, allocated once, never serialised
+        self._saved: dict[int, Tensor] = {}
         self._pending: Optional[list[Tensor]] = None  # parameters perturbed by a pending first_step
         self._pass1_nonfinite: Optional[Tensor] = None
         self.last_step_skipped: Optional[Tensor] = None
@@ -204,7 +205,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step() called without a pending first_step(); nothing was changed")
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (AMP hand-over)
         found_inf = getattr(self, "found_inf", None)
-        restore = {p: self._saved[p] for p in self._pending}
+        restore = self._restore_map()
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             self._abort()
             raise RuntimeError(
@@ -304,20 +305,24 @@ class SAM(torch.optim.Optimizer):
     # --------------------------------------------------------------------------------- helpers
 
     def _save_buffer(self, p: Tensor) -> Tensor:
-        buf = self._saved.get(p)
+        buf = self._saved.get(id(p))
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._saved[p] = buf
+            self._saved[id(p)] = buf
         return buf
 
+    def _restore_map(self) -> dict:
+        """``id(param) -> (param, save buffer)`` for the pending perturbation."""
+        return {id(p): (p, self._saved[id(p)]) for p in self._pending}
+
     def _restore(self, restore: dict) -> None:
-        for param, saved in restore.items():
+        for param, saved in restore.values():
             param.copy_(saved)
 
     def _abort(self) -> None:
         """Put the weights back after a failed second pass; no update is made."""
         if self._pending is not None:
-            self._restore({p: self._saved[p] for p in self._pending})
+            self._restore(self._restore_map())
             self._pending = None
 
     def _foreign_update(self, skip, grad_scale, found_inf) -> None:

@@ -179,7 +179,7 @@ def test_sam_adds_the_ewc_gradient_at_the_restored_weights(base):
                 with torch.no_grad():
                     saved = [p.clone() for p in model.parameters()]
                     for p in model.parameters():
-                        p.copy_(opt._saved[p])
+                        p.copy_(opt._saved[id(p)])
                     ewc.add_grad_()
                     for p, s in zip(model.parameters(), saved):
                         p.copy_(s)

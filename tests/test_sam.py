@@ -114,10 +114,10 @@ def test_restore_is_in_place_and_the_save_buffer_is_reused_not_saved():
     opt = cl_optim.SAM(model.parameters(), cl_optim.SGD, lr=0.1, momentum=0.9)
     ptrs = [p.data_ptr() for p in model.parameters()]
     _two_step(model, opt, 1)
-    buffers = {id(p): opt._saved[p].data_ptr() for p in model.parameters()}
+    buffers = {id(p): opt._saved[id(p)].data_ptr() for p in model.parameters()}
     _two_step(model, opt, 3, start=1)
     assert [p.data_ptr() for p in model.parameters()] == ptrs
-    assert {id(p): opt._saved[p].data_ptr() for p in model.parameters()} == buffers
+    assert {id(p): opt._saved[id(p)].data_ptr() for p in model.parameters()} == buffers
     state = opt.state_dict()
     assert all(set(s) == {"momentum_buffer"} for s in state["state"].values())
     assert len(state["state"]) == 4 and state["sam"] == {"steps": 4}
