@@ -271,3 +271,29 @@ def test_ddp_pass1_is_local_and_pass2_is_synchronised():
     for rank in range(world):
         for got, want in zip(results[rank]["params"], expected_params):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [cl_optim.SGD, cl_optim.AdamW])
+def test_torch_compile_of_the_step_and_of_the_model(cls):
+    """Dynamo runs opt.step (with graph breaks around host reads) and SAM around a compiled model,
+    giving the eager numbers."""
+    results = []
+    for compiled in (False, True):
+        model = _model()
+        opt = cls(model.parameters(), lr=0.05)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        forward = torch.compile(model, backend="eager") if compiled else model
+        sam = cl_optim.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05)
+        for i in range(3):
+            torch.nn.functional.mse_loss(
+                forward(torch.randn(4, 6, generator=torch.Generator().manual_seed(i))), torch.zeros(4, 3)
+            ).backward()
+            step()
+            opt.zero_grad()
+            _loss(forward, i).backward()
+            sam.first_step(zero_grad=True)
+            _loss(forward, i).backward()
+            sam.second_step(zero_grad=True)
+        results.append(_params(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
