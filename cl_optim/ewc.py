@@ -80,6 +80,8 @@ class EWC:
             style: ``"head.*"``; a plain prefix such as ``"head"`` also matches ``"head.weight"``),
             a module, or a parameter. Default: every parameter.
         lam_overrides: ``{selector: lam}`` for per-group lambda; the first match wins.
+        backend: backend of ``add_grad_``, ``consolidate`` and ``penalty_value`` (the fused ops
+            ``ewc_grad_add_``, ``ewc_consolidate_``, ``ewc_penalty``), as for the optimizers.
 
     Parameters with a gradient but no consolidated task yet carry no penalty (``A = 0``); a
     parameter added later starts there too (``track``). cl_optim's optimizers add the pull to
@@ -97,7 +99,11 @@ class EWC:
         include: Optional[Iterable[Selector]] = None,
         exclude: Optional[Iterable[Selector]] = None,
         lam_overrides: Optional[Mapping] = None,
+        backend: str = "auto",
     ):
+        from ._backend import check_backend_name
+
+        self.backend = check_backend_name(backend)
         if mode not in ("separate", "online"):
             raise ValueError(f"Invalid mode {mode!r}: expected 'separate' or 'online'")
         if not lam >= 0.0:
@@ -210,8 +216,21 @@ class EWC:
             if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
                 raise ValueError(f"Fisher for {name!r} has negative or non-finite entries")
             plan.append((entry, f))
-        for entry, f in plan:
-            self._fold(entry, f, decay, weight)
+        for entry, _ in plan:
+            if entry.precision is None:  # first importance: A = 0, mu = the current weights
+                entry.precision = torch.zeros(
+                    entry.param.shape, dtype=torch.float32, device=entry.param.device
+                )
+                entry.anchor = entry.param.detach().to(torch.float32).clone()
+        fisher_of = {id(entry): f for entry, f in plan}
+        for backend, bucket in self._buckets([entry for entry, _ in plan]):
+            fishers = [fisher_of[id(e)] for e in bucket]
+            gaps = ewc_consolidate_(
+                [e.precision for e in bucket], [e.anchor for e in bucket], fishers,
+                [e.param.detach() for e in bucket], decay, weight, self.mode == "separate", backend=backend,
+            ).tolist()  # fmt: skip
+            for entry, gap in zip(bucket, gaps):
+                entry.constant = decay * entry.constant + gap if self.mode == "separate" else 0.0
         self.tasks += 1
         self.history.append({"decay": decay, "weight": weight, **getattr(fisher, "meta", {})})
 
@@ -226,25 +245,14 @@ class EWC:
                 out[key] = value
         return out
 
-    def _fold(self, entry: _Entry, f: Tensor, decay: float, weight: float) -> None:
-        theta = entry.param.detach().to(torch.float32)
-        new_f = weight * f
-        if entry.precision is None:
-            entry.precision = torch.zeros_like(theta)
-            entry.anchor = theta.clone()
-        old = decay * entry.precision
-        total = old + new_f
-        if self.mode == "separate":
-            # The constant of the collapse: for two quadratics w1(x-m1)^2 + w2(x-m2)^2 =
-            # (w1+w2)(x-m)^2 + w1*w2/(w1+w2)*(m1-m2)^2, written without cancellation.
-            safe = torch.where(total > 0, total, torch.ones_like(total))
-            gap = old * new_f / safe * (entry.anchor - theta) ** 2
-            entry.constant = decay * entry.constant + float(gap.double().sum())
-            mixed = (old * entry.anchor + new_f * theta) / safe
-            entry.anchor.copy_(torch.where(total > 0, mixed, theta))
-        else:
-            entry.anchor.copy_(theta)
-        entry.precision.copy_(total)
+    def _buckets(self, entries: list) -> list:
+        """[(backend, entries)] per (device, dtype) of the parameters, in a fixed order."""
+        from ._backend import resolve
+
+        groups: dict = {}
+        for entry in entries:
+            groups.setdefault((entry.param.device, entry.param.dtype), []).append(entry)
+        return [(resolve(self.backend, device, dtype), group) for (device, dtype), group in groups.items()]
 
     # ------------------------------------------------------------------------------ penalty
 
@@ -278,16 +286,37 @@ class EWC:
         A parameter without ``.grad`` gets one, as back-propagating ``penalty()`` would give it;
         frozen parameters (``requires_grad=False``) are left alone.
         """
+        entries = []
         for entry in self._entries.values():
             self._checked(entry)
-            if entry.precision is None or not entry.param.requires_grad:
-                continue
-            p = entry.param
-            pull = entry.precision * (p.to(torch.float32) - entry.anchor) * (entry.lam * self._scale())
-            if p.grad is None:
-                p.grad = pull.to(p.dtype)
-            else:
-                p.grad.copy_(p.grad.to(torch.float32) + pull)
+            if entry.precision is not None and entry.param.requires_grad:
+                entries.append(entry)
+                if entry.param.grad is None:
+                    entry.param.grad = torch.zeros_like(entry.param)
+        for backend, bucket in self._buckets(entries):
+            ewc_grad_add_(
+                [e.param.grad for e in bucket], [e.param.detach() for e in bucket], [e.precision for e in bucket],
+                [e.anchor for e in bucket], [e.lam * self._scale() for e in bucket], backend=backend,
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def penalty_value(self) -> Tensor:
+        """The value of :meth:`penalty` without an autograd graph, from the fused ``ewc_penalty`` op
+        (fp64 accumulation), for logging."""
+        entries = []
+        for entry in self._entries.values():
+            self._checked(entry)
+            if entry.precision is not None:
+                entries.append(entry)
+        total = torch.zeros((), dtype=torch.float64)
+        for backend, bucket in self._buckets(entries):
+            lams = [e.lam * self._scale() for e in bucket]
+            value = ewc_penalty(
+                [e.param.detach() for e in bucket], [e.precision for e in bucket], [e.anchor for e in bucket], lams,
+                backend=backend,
+            )  # fmt: skip
+            total = total + value.cpu() + sum(0.5 * lam * e.constant for lam, e in zip(lams, bucket))
+        return total
 
     def step_terms(self, params: list[Tensor]):
         """``(precisions, anchors, lams)`` aligned with ``params`` for the fused EWC term.
@@ -384,3 +413,82 @@ class EWC:
                 device = entry.param.device
                 entry.precision = saved["precision"].to(device=device, dtype=torch.float32).clone()
                 entry.anchor = saved["anchor"].to(device=device, dtype=torch.float32).clone()
+
+
+# --------------------------------------------------------------------------------- fused ops
+
+
+def _backend_impl(backend: str, forloop, op_name: str):
+    if backend in ("forloop", "foreach"):  # one readable implementation serves both
+        return forloop
+    if backend == "cpp":
+        return getattr(torch.ops.cl_optim, op_name)
+    raise ValueError(f"{op_name} has no {backend!r} implementation")
+
+
+def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], weight: float = 1.0, *, backend="forloop"):
+    """``F += weight * g**2`` (fp32 ``F``), e.g. summing squared per-sample or batch gradients."""
+    if not fisher:
+        return
+
+    def forloop(fisher, grads, weight):
+        for f, g in zip(fisher, grads):
+            g32 = g.to(torch.float32)
+            f.addcmul_(g32, g32, value=weight)
+
+    _backend_impl(backend, forloop, "fisher_accumulate_")(fisher, grads, weight)
+
+
+def ewc_grad_add_(grads, params, precision, anchor, lam, *, backend="forloop") -> None:
+    """``g += lam_i * A * (p - mu)`` per tensor, in fp32 whatever the parameter dtype."""
+    if not grads:
+        return
+
+    def forloop(grads, params, precision, anchor, lam):
+        for g, p, a, mu, lam_i in zip(grads, params, precision, anchor, lam):
+            g.copy_(g.to(torch.float32).addcmul(a, p.to(torch.float32) - mu, value=lam_i))
+
+    _backend_impl(backend, forloop, "ewc_grad_add_")(grads, params, precision, anchor, list(lam))
+
+
+def ewc_penalty(params, precision, anchor, lam, *, backend="forloop") -> Tensor:
+    """``sum_i lam_i / 2 * sum A (p - mu)**2`` as an fp64 scalar (no graph)."""
+    if not params:
+        return torch.zeros((), dtype=torch.float64)
+
+    def forloop(params, precision, anchor, lam):
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for p, a, mu, lam_i in zip(params, precision, anchor, lam):
+            d = p.double() - mu.double()
+            total = total + 0.5 * lam_i * (a.double() * d * d).sum()
+        return total
+
+    return _backend_impl(backend, forloop, "ewc_penalty")(params, precision, anchor, list(lam))
+
+
+def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_anchor, *, backend="forloop"):
+    """``A <- decay*A + weight*F``; ``mu <-`` the Fisher-weighted anchor (``weighted_anchor``) or
+    the current weights. Returns per tensor, as fp64, the increment of the collapse constant:
+    ``sum decay*A * weight*F / A' * (mu - p)**2``, written without cancellation."""
+    if not precision:
+        return torch.zeros(0, dtype=torch.float64)
+
+    def forloop(precision, anchor, fisher, params, decay, weight, weighted_anchor):
+        gaps = []
+        for a, mu, f, p in zip(precision, anchor, fisher, params):
+            theta = p.to(torch.float32)
+            old, fresh = decay * a, weight * f
+            total = old + fresh
+            if weighted_anchor:
+                safe = torch.where(total > 0, total, torch.ones_like(total))
+                gaps.append(float((old * fresh / safe * (mu - theta) ** 2).double().sum()))
+                mu.copy_(torch.where(total > 0, (old * mu + fresh * theta) / safe, theta))
+            else:
+                gaps.append(0.0)
+                mu.copy_(theta)
+            a.copy_(total)
+        return torch.tensor(gaps, dtype=torch.float64)
+
+    return _backend_impl(backend, forloop, "ewc_consolidate_")(
+        precision, anchor, fisher, params, decay, weight, weighted_anchor
+    )

@@ -34,6 +34,15 @@ SCHEMAS = {
         "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saves, float scale, int[] weighted, "
         "float eta, Tensor(c!)[] fisher, float fisher_beta, float inv_scale, bool update_fisher) -> ()"
     ),
+    "fisher_accumulate_": "fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float weight) -> ()",
+    "ewc_grad_add_": (
+        "ewc_grad_add_(Tensor(a!)[] grads, Tensor[] params, Tensor[] precision, Tensor[] anchor, float[] lam) -> ()"
+    ),
+    "ewc_penalty": "ewc_penalty(Tensor[] params, Tensor[] precision, Tensor[] anchor, float[] lam) -> Tensor",
+    "ewc_consolidate_": (
+        "ewc_consolidate_(Tensor(a!)[] precision, Tensor(b!)[] anchor, Tensor[] fisher, Tensor[] params, "
+        "float decay, float weight, bool weighted_anchor) -> Tensor"
+    ),
 }
 
 _library = torch.library.Library(LIBRARY, "DEF")
@@ -45,7 +54,7 @@ def _no_output(*args, **kwargs):
     return None
 
 
-for _name in ("sgd_step_", "adamw_step_", "sam_perturb_"):
+for _name in ("sgd_step_", "adamw_step_", "sam_perturb_", "fisher_accumulate_", "ewc_grad_add_"):
     torch.library.register_fake(f"{LIBRARY}::{_name}", _no_output, lib=_library)
 
 
@@ -53,3 +62,13 @@ for _name in ("sgd_step_", "adamw_step_", "sam_perturb_"):
 def _grad_sq_norm_fake(grads, params, weighted, eta):
     dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
     return grads[0].new_empty((), dtype=dtype)
+
+
+@torch.library.register_fake(f"{LIBRARY}::ewc_penalty", lib=_library)
+def _ewc_penalty_fake(params, precision, anchor, lam):
+    return (params[0] if params else torch.empty(0)).new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake(f"{LIBRARY}::ewc_consolidate_", lib=_library)
+def _ewc_consolidate_fake(precision, anchor, fisher, params, decay, weight, weighted_anchor):
+    return (precision[0] if precision else torch.empty(0)).new_empty((len(precision),), dtype=torch.float64)

@@ -16,6 +16,11 @@ at::Tensor grad_sq_norm_cpu(at::TensorList, at::TensorList, c10::IntArrayRef, do
 void sam_perturb_cpu(at::TensorList, at::TensorList, at::TensorList, double, c10::IntArrayRef, double, at::TensorList,
                      double, double, bool);
 
+void fisher_accumulate_cpu(at::TensorList, at::TensorList, double);
+void ewc_grad_add_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<double>);
+at::Tensor ewc_penalty_cpu(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<double>);
+at::Tensor ewc_consolidate_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, bool);
+
 }  // namespace cl_optim
 
 TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
@@ -23,6 +28,10 @@ TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
   m.impl("adamw_step_", &cl_optim::adamw_step_cpu);
   m.impl("grad_sq_norm", &cl_optim::grad_sq_norm_cpu);
   m.impl("sam_perturb_", &cl_optim::sam_perturb_cpu);
+  m.impl("fisher_accumulate_", &cl_optim::fisher_accumulate_cpu);
+  m.impl("ewc_grad_add_", &cl_optim::ewc_grad_add_cpu);
+  m.impl("ewc_penalty", &cl_optim::ewc_penalty_cpu);
+  m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cpu);
 }
 
 #ifdef CL_OPTIM_AOT

@@ -212,3 +212,40 @@ def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
         for a, b in zip(got, oracle):
             tol = {} if dtype == torch.float32 else dict(rtol=0, atol=LOWP_ATOL[dtype] * 4)
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_fisher_and_ewc_ops_match_forloop(backend, dtype):
+    from cl_optim.ewc import ewc_consolidate_, ewc_grad_add_, ewc_penalty, fisher_accumulate_
+
+    params = [p.detach() for p in zoo_params(clone_groups(make_zoo(torch.float32), dtype)) if p.numel() != 5]
+    grads = [g.to(dtype) for g in zoo_grads(params, 0)]
+    gen = torch.Generator().manual_seed(9)
+    fisher = [torch.rand(p.shape, generator=gen) for p in params]
+    fisher[2].view(-1)[::3] = 0.0  # entries where A' = 0: the anchor falls back to p
+    lam = [0.5 + i for i in range(len(params))]
+
+    def run(name):
+        f = [t.clone() for t in fisher]
+        fisher_accumulate_(f, grads, 0.25, backend=name)
+        a = [torch.zeros(p.shape) if i == 2 else torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
+             for i, p in enumerate(params)]  # fmt: skip
+        mu = [
+            torch.randn(p.shape, generator=torch.Generator().manual_seed(50 + i))
+            for i, p in enumerate(params)
+        ]
+        gaps = ewc_consolidate_(a, mu, f, params, 0.9, 1.0, True, backend=name)
+        g = [t.clone() for t in grads]
+        ewc_grad_add_(g, params, a, mu, lam, backend=name)
+        return f, a, mu, g, gaps, ewc_penalty(params, a, mu, lam, backend=name)
+
+    oracle, got = run("forloop"), run(backend)
+    for want_list, got_list in zip(oracle[:4], got[:4]):
+        for want, have in zip(want_list, got_list):
+            if want.dtype == torch.float32:
+                torch.testing.assert_close(have, want)  # fp32 defaults
+            else:  # gradients in the parameter dtype: one rounding of the same fp32 value
+                torch.testing.assert_close(have.float(), want.float(), rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(got[4], oracle[4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[5], oracle[5], rtol=1e-6, atol=0)

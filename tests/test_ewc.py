@@ -366,3 +366,14 @@ def test_add_grad_leaves_frozen_parameters_alone():
     model.zero_grad()
     ewc.add_grad_()
     assert model[0].bias.grad is None and model[0].weight.grad is not None
+
+
+def test_penalty_value_equals_penalty_on_every_backend():
+    model = _model()
+    for backend in ("forloop", "auto"):
+        ewc = cl_optim.EWC(model, lam=LAM, backend=backend)
+        for fisher, anchor in _tasks(model, 3, seed=11):
+            _set_params(model, anchor)
+            ewc.consolidate(fisher)
+        _set_params(model, _random_like(model, torch.Generator().manual_seed(12)))
+        torch.testing.assert_close(ewc.penalty_value().float(), ewc.penalty().detach(), rtol=1e-5, atol=1e-5)

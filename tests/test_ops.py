@@ -94,3 +94,14 @@ def test_the_cpp_backend_builds_where_ci_requires_it():
 
     if os.environ.get("CL_OPTIM_REQUIRE_CPP") == "1":
         assert HAS_CPP, f"the cpp backend did not build: {CPP_ERROR!r}"
+
+
+@needs_cpp
+def test_opcheck_fisher_and_ewc_ops():
+    params, grads = _tensors(), _tensors()
+    fisher = [torch.rand(p.shape) for p in params]
+    precision, anchor, lam = _ewc(params)
+    torch.library.opcheck(ops.fisher_accumulate_.default, (fisher, grads, 0.5))
+    torch.library.opcheck(ops.ewc_grad_add_.default, (grads, params, precision, anchor, lam))
+    torch.library.opcheck(ops.ewc_penalty.default, (params, precision, anchor, lam))
+    torch.library.opcheck(ops.ewc_consolidate_.default, (precision, anchor, fisher, params, 0.9, 1.0, True))

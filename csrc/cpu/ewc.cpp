@@ -1,0 +1,179 @@
+// The Fisher and EWC element ops on the CPU (DESIGN.md §3): fisher_accumulate_, ewc_grad_add_,
+// ewc_penalty, ewc_consolidate_. Fisher, precision A and anchor mu are fp32; parameters and
+// gradients any float type, computed in their op-math type.
+#include <cl_optim/elementwise.h>
+
+#include "multi_tensor.h"
+
+namespace cl_optim {
+namespace {
+
+std::vector<int64_t> numels(at::TensorList ts) {
+  std::vector<int64_t> sizes;
+  for (const auto& t : ts) sizes.push_back(t.numel());
+  return sizes;
+}
+
+void check_fp32(at::TensorList ts, const char* what) {
+  for (const auto& t : ts) TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be fp32");
+}
+
+}  // namespace
+
+// F += weight * g^2
+void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double weight) {
+  const int64_t n = static_cast<int64_t>(fisher.size());
+  if (n == 0) return;
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "fisher_accumulate_: one gradient per Fisher tensor");
+  check_fp32(fisher, "the Fisher");
+  Workspace ws;
+  std::vector<at::Tensor> f, g;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].sizes() == fisher[i].sizes(), "fisher_accumulate_: shapes differ");
+    f.push_back(ws.use(fisher[i], true));
+    g.push_back(ws.use(grads[i], false));
+  }
+  const auto chunks = make_chunks(numels(fisher));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fisher_accumulate_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t w = static_cast<opmath_t>(weight);
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+      float* __restrict__ fp = f[c.tensor].data_ptr<float>();
+      const scalar_t* __restrict__ gp = g[c.tensor].data_ptr<scalar_t>();
+      for (int64_t i = c.begin; i < c.end; ++i) fp[i] = fisher_accumulate<opmath_t>(fp[i], static_cast<opmath_t>(gp[i]), w);
+    });
+  });
+  ws.finish();
+}
+
+// g += lam_t * A * (p - mu)
+void ewc_grad_add_cpu(at::TensorList grads, at::TensorList params, at::TensorList precision, at::TensorList anchor,
+                      c10::ArrayRef<double> lam) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  if (n == 0) return;
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == n && static_cast<int64_t>(precision.size()) == n &&
+                  static_cast<int64_t>(anchor.size()) == n && static_cast<int64_t>(lam.size()) == n,
+              "ewc_grad_add_: one param, precision, anchor and lambda per gradient");
+  check_fp32(precision, "the EWC precision");
+  check_fp32(anchor, "the EWC anchor");
+  Workspace ws;
+  std::vector<at::Tensor> g, p, a, mu;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
+    g.push_back(ws.use(grads[i], true));
+    p.push_back(ws.use(params[i], false));
+    a.push_back(ws.use(precision[i], false));
+    mu.push_back(ws.use(anchor[i], false));
+  }
+  const auto chunks = make_chunks(numels(grads));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "ewc_grad_add_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
+      const int64_t t = c.tensor;
+      scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
+      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
+      const float* __restrict__ ap = a[t].data_ptr<float>();
+      const float* __restrict__ mp = mu[t].data_ptr<float>();
+      const opmath_t l = static_cast<opmath_t>(lam[t]);
+      for (int64_t i = c.begin; i < c.end; ++i)
+        gp[i] = static_cast<scalar_t>(ewc_pull<opmath_t>(static_cast<opmath_t>(gp[i]), static_cast<opmath_t>(pp[i]),
+                                                         static_cast<opmath_t>(ap[i]), static_cast<opmath_t>(mp[i]), l));
+    });
+  });
+  ws.finish();
+}
+
+// sum_t lam_t / 2 * sum A (p - mu)^2, in double with fixed-order chunk partials (fp64 scalar).
+at::Tensor ewc_penalty_cpu(at::TensorList params, at::TensorList precision, at::TensorList anchor,
+                           c10::ArrayRef<double> lam) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
+  TORCH_CHECK(static_cast<int64_t>(precision.size()) == n && static_cast<int64_t>(anchor.size()) == n &&
+                  static_cast<int64_t>(lam.size()) == n,
+              "ewc_penalty: one precision, anchor and lambda per parameter");
+  Workspace ws;
+  std::vector<at::Tensor> p, a, mu;
+  for (int64_t i = 0; i < n; ++i) {
+    p.push_back(ws.use(params[i], false));
+    a.push_back(ws.use(precision[i], false));
+    mu.push_back(ws.use(anchor[i], false));
+  }
+  const auto chunks = make_chunks(numels(params));
+  std::vector<double> partial(chunks.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ewc_penalty", [&] {
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
+      const int64_t t = c.tensor;
+      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
+      const float* __restrict__ ap = a[t].data_ptr<float>();
+      const float* __restrict__ mp = mu[t].data_ptr<float>();
+      double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = c.begin; i < c.end; ++i)
+        lanes[i & 7] += ewc_penalty_term<double>(static_cast<double>(pp[i]), ap[i], mp[i]);
+      double sum = 0;
+      for (double x : lanes) sum += x;
+      partial[index] = 0.5 * lam[t] * sum;
+    });
+  });
+  double total = 0;
+  for (double x : partial) total += x;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+}
+
+// A' = decay*A + weight*F; mu' = (decay*A*mu + weight*F*p)/A' (p where A' = 0) when
+// weighted_anchor, else p. Returns, per tensor, sum of decay*A * weight*F / A' * (mu - p)^2 (the
+// increment of the separate-penalty constant; 0 when not weighted_anchor), as fp64.
+at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, at::TensorList fisher,
+                               at::TensorList params, double decay, double weight, bool weighted_anchor) {
+  const int64_t n = static_cast<int64_t>(precision.size());
+  TORCH_CHECK(static_cast<int64_t>(anchor.size()) == n && static_cast<int64_t>(fisher.size()) == n &&
+                  static_cast<int64_t>(params.size()) == n,
+              "ewc_consolidate_: one anchor, Fisher and parameter per precision tensor");
+  if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));
+  check_fp32(precision, "the EWC precision");
+  check_fp32(anchor, "the EWC anchor");
+  check_fp32(fisher, "the Fisher");
+  Workspace ws;
+  std::vector<at::Tensor> a, mu, f, p;
+  for (int64_t i = 0; i < n; ++i) {
+    a.push_back(ws.use(precision[i], true));
+    mu.push_back(ws.use(anchor[i], true));
+    f.push_back(ws.use(fisher[i], false));
+    p.push_back(ws.use(params[i], false));
+  }
+  const auto chunks = make_chunks(numels(precision));
+  std::vector<double> partial(chunks.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ewc_consolidate_", [&] {
+    const float d = static_cast<float>(decay), w = static_cast<float>(weight);
+    for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
+      const int64_t t = c.tensor;
+      float* __restrict__ ap = a[t].data_ptr<float>();
+      float* __restrict__ mp = mu[t].data_ptr<float>();
+      const float* __restrict__ fp = f[t].data_ptr<float>();
+      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
+      double gap = 0;
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const float theta = static_cast<float>(pp[i]);
+        const float old = d * ap[i], fresh = w * fp[i], total = old + fresh;
+        if (weighted_anchor) {
+          const float diff = mp[i] - theta;
+          if (total > 0.f) {
+            gap += static_cast<double>(old * fresh / total * diff * diff);
+            mp[i] = (old * mp[i] + fresh * theta) / total;
+          } else {
+            mp[i] = theta;
+          }
+        } else {
+          mp[i] = theta;
+        }
+        ap[i] = total;
+      }
+      partial[index] = gap;
+    });
+  });
+  std::vector<double> per_tensor(n, 0.0);
+  for (size_t i = 0; i < chunks.size(); ++i) per_tensor[chunks[i].tensor] += partial[i];
+  ws.finish();
+  return at::tensor(per_tensor, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace cl_optim
