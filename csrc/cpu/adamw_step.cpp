@@ -15,16 +15,7 @@ CLO_CPU_CLONES void adamw_chunk(scalar_t* __restrict__ pp, const scalar_t* __res
                  const AdamWParams<opmath_t> ap) {
   for (int64_t i = begin; i < end; ++i) {
     opmath_t pv;
-    if constexpr (SAVE) pv = static_cast<opmath_t>(save[i]);
-    else pv = static_cast<opmath_t>(pp[i]);
-    opmath_t a = 0, mu = 0;
-    float unused = 0;
-    if constexpr (EWC) {
-      a = static_cast<opmath_t>(ewc_a[i]);
-      mu = static_cast<opmath_t>(ewc_mu[i]);
-    }
-    float& f = FISHER ? fp[i] : unused;
-    const opmath_t gv = task_grad<FISHER, EWC>(static_cast<opmath_t>(gp[i]), pv, f, a, mu, lam, gt);
+    const opmath_t gv = restored_task_grad<SAVE, FISHER, EWC>(pp, save, gp, fp, ewc_a, ewc_mu, i, lam, gt, pv);
     opmath_t mv = static_cast<opmath_t>(mp[i]), vv = static_cast<opmath_t>(vp[i]), xv = 0;
     if constexpr (AMSGRAD) xv = static_cast<opmath_t>(xp[i]);
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, ap);

@@ -14,16 +14,7 @@ CLO_CPU_CLONES void sgd_chunk(scalar_t* __restrict__ pp, const scalar_t* __restr
                const GradTerms<opmath_t> gt, const SgdParams<opmath_t> sp) {
   for (int64_t i = begin; i < end; ++i) {
     opmath_t pv;
-    if constexpr (SAVE) pv = static_cast<opmath_t>(save[i]);
-    else pv = static_cast<opmath_t>(pp[i]);
-    opmath_t a = 0, mu = 0;
-    float unused = 0;
-    if constexpr (EWC) {
-      a = static_cast<opmath_t>(ap[i]);
-      mu = static_cast<opmath_t>(mp[i]);
-    }
-    float& f = FISHER ? fp[i] : unused;
-    const opmath_t gv = task_grad<FISHER, EWC>(static_cast<opmath_t>(gp[i]), pv, f, a, mu, lam, gt);
+    const opmath_t gv = restored_task_grad<SAVE, FISHER, EWC>(pp, save, gp, fp, ap, mp, i, lam, gt, pv);
     opmath_t bv = 0;
     if constexpr (MOMENTUM) bv = static_cast<opmath_t>(bp[i]);
     sgd_update<MOMENTUM>(pv, gv, bv, READY, sp);

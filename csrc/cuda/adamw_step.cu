@@ -40,15 +40,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta,
   const AdamWParams<float> a{args.decay, args.one_minus_beta1, args.beta2, args.one_minus_beta2, args.eps,
                              meta.scalars[0][t], meta.scalars[1][t]};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    float pv = static_cast<float>(SAVE ? save[i] : p[i]);
     if (skip) {  // a skipped step still restores the weights
       if (SAVE) p[i] = save[i];
       continue;
     }
-    float unused = 0.f;
-    float& f = FISHER ? fisher[i] : unused;
-    const float gv = task_grad<FISHER, EWC>(static_cast<float>(g[i]), pv, f, EWC ? precision[i] : 0.f,
-                                            EWC ? anchor[i] : 0.f, args.ewc_lam, terms);
+    float pv;
+    const float gv =
+        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, args.ewc_lam, terms, pv);
     float mv = static_cast<float>(m[i]), vv = static_cast<float>(v[i]), xv = AMSGRAD ? static_cast<float>(vmax[i]) : 0.f;
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
     p[i] = static_cast<scalar_t>(pv);  // round to nearest even for bf16/fp16

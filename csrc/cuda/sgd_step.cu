@@ -40,15 +40,13 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   const SgdParams<float> s{load_or(args.lr, args.lr_value), args.momentum, args.one_minus_dampening,
                            args.weight_decay, args.nesterov};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    float pv = static_cast<float>(SAVE ? save[i] : p[i]);
     if (skip) {  // a skipped step still restores the weights
       if (SAVE) p[i] = save[i];
       continue;
     }
-    float unused = 0.f;
-    float& f = FISHER ? fisher[i] : unused;
-    const float gv = task_grad<FISHER, EWC>(static_cast<float>(g[i]), pv, f, EWC ? precision[i] : 0.f,
-                                            EWC ? anchor[i] : 0.f, args.ewc_lam, terms);
+    float pv;
+    const float gv =
+        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, args.ewc_lam, terms, pv);
     float bv = MOMENTUM ? static_cast<float>(buf[i]) : 0.f;
     sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
     if (MOMENTUM) buf[i] = static_cast<scalar_t>(bv);

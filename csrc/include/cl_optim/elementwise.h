@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CLO_HD __host__ __device__ __forceinline__
@@ -67,6 +68,20 @@ CLO_HD T task_grad(T g, T p, float& fisher, T precision, T anchor, T ewc_lam, co
   g = g * terms.clip_coef * terms.sign;
   if constexpr (EWC) g = g + ewc_lam * precision * (p - anchor);
   return g;
+}
+
+// The first half of every fused step at element i, shared by the SGD and AdamW loops and kernels:
+// RESTORE (read the weight from `save`), then the task gradient with its optional terms. Sets
+// `p` (op-math) and returns the gradient the base update sees. Pointers a flag switches off are
+// never read.
+template <bool SAVE, bool FISHER, bool EWC, typename T, typename S>
+CLO_HD T restored_task_grad(const S* param, const S* save, const S* grad, float* fisher, const float* precision,
+                            const float* anchor, int64_t i, T ewc_lam, const GradTerms<T>& terms, T& p) {
+  p = static_cast<T>(SAVE ? save[i] : param[i]);
+  float unused = 0.f;
+  float& f = FISHER ? fisher[i] : unused;
+  return task_grad<FISHER, EWC>(static_cast<T>(grad[i]), p, f, EWC ? static_cast<T>(precision[i]) : T(0),
+                                EWC ? static_cast<T>(anchor[i]) : T(0), ewc_lam, terms);
 }
 
 template <typename T>
