@@ -56,13 +56,12 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, inv_scale, clip_coef,
+                       fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto gt = make_grad_terms<opmath_t>(static_cast<opmath_t>(inv_scale), static_cast<opmath_t>(clip_coef), maximize,
-                                              static_cast<opmath_t>(fisher_beta),
-                                              static_cast<opmath_t>(1.0 - fisher_beta));
+    const auto gt = terms.grad_terms<opmath_t>();
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;
       const AdamWParams<opmath_t> ap_{static_cast<opmath_t>(1.0 - lr * weight_decay),
@@ -80,9 +79,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const scalar_t* __restrict__ save = terms.save<scalar_t>(t);
       float* __restrict__ fp = terms.fisher_ptr(t);
       const bool ewc = terms.has_ewc(t);
-      const float* __restrict__ ewc_a = ewc ? terms.precision[t].data_ptr<float>() : nullptr;
-      const float* __restrict__ ewc_mu = ewc ? terms.anchor[t].data_ptr<float>() : nullptr;
-      const opmath_t lam = static_cast<opmath_t>(ewc ? terms.lam[t] : 0.0);
+      const float* __restrict__ ewc_a = terms.precision_ptr(t);
+      const float* __restrict__ ewc_mu = terms.anchor_ptr(t);
+      const opmath_t lam = static_cast<opmath_t>(terms.lam_of(t));
       // Compile-time flags: each combination is its own branch-free, vectorisable loop.
       with_flags(
           [&](auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {

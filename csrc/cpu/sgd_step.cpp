@@ -48,13 +48,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, inv_scale, clip_coef,
+                       fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto gt = make_grad_terms<opmath_t>(static_cast<opmath_t>(inv_scale), static_cast<opmath_t>(clip_coef), maximize,
-                                              static_cast<opmath_t>(fisher_beta),
-                                              static_cast<opmath_t>(1.0 - fisher_beta));
+    const auto gt = terms.grad_terms<opmath_t>();
     const SgdParams<opmath_t> sp{static_cast<opmath_t>(lr), static_cast<opmath_t>(momentum),
                                  static_cast<opmath_t>(1.0 - dampening), static_cast<opmath_t>(weight_decay),
                                  nesterov};
@@ -66,9 +65,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       const scalar_t* __restrict__ save = terms.save<scalar_t>(t);
       float* __restrict__ fp = terms.fisher_ptr(t);
       const bool ewc = terms.has_ewc(t);
-      const float* __restrict__ ap = ewc ? terms.precision[t].data_ptr<float>() : nullptr;
-      const float* __restrict__ mp = ewc ? terms.anchor[t].data_ptr<float>() : nullptr;
-      const opmath_t lam = static_cast<opmath_t>(ewc ? terms.lam[t] : 0.0);
+      const float* __restrict__ ap = terms.precision_ptr(t);
+      const float* __restrict__ mp = terms.anchor_ptr(t);
+      const opmath_t lam = static_cast<opmath_t>(terms.lam_of(t));
       const bool ready = has_momentum && buffer_ready[t] != 0;
       // Compile-time flags: each combination is its own branch-free, vectorisable loop.
       with_flags(

@@ -11,10 +11,14 @@ namespace cl_optim {
 struct StepTermInputs {
   std::vector<at::Tensor> restore, fisher, precision, anchor;
   std::vector<double> lam;
+  double inv_scale, clip_coef, fisher_beta;
+  bool maximize;
 
   StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList fisher_in,
                  const c10::List<std::optional<at::Tensor>>& ewc_precision,
-                 const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam) {
+                 const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
+                 double inv_scale_in, double clip_coef_in, double fisher_beta_in, bool maximize_in)
+      : inv_scale(inv_scale_in), clip_coef(clip_coef_in), fisher_beta(fisher_beta_in), maximize(maximize_in) {
     TORCH_CHECK(restore_from.empty() || static_cast<int64_t>(restore_from.size()) == n, "restore_from: wrong length");
     TORCH_CHECK(fisher_in.empty() || static_cast<int64_t>(fisher_in.size()) == n, "fisher: wrong length");
     TORCH_CHECK(ewc_precision.size() == ewc_anchor.size(), "ewc_precision and ewc_anchor differ in length");
@@ -45,6 +49,16 @@ struct StepTermInputs {
   }
   float* fisher_ptr(int64_t t) const { return fisher.empty() ? nullptr : fisher[t].data_ptr<float>(); }
   bool has_ewc(int64_t t) const { return !precision.empty() && precision[t].defined(); }
+  const float* precision_ptr(int64_t t) const { return has_ewc(t) ? precision[t].data_ptr<float>() : nullptr; }
+  const float* anchor_ptr(int64_t t) const { return has_ewc(t) ? anchor[t].data_ptr<float>() : nullptr; }
+  double lam_of(int64_t t) const { return has_ewc(t) ? lam[t] : 0.0; }
+
+  // The scalar terms in op-math; 1 - beta is formed in double and rounded once, as the oracle does.
+  template <typename T>
+  GradTerms<T> grad_terms() const {
+    return make_grad_terms<T>(static_cast<T>(inv_scale), static_cast<T>(clip_coef), maximize,
+                              static_cast<T>(fisher_beta), static_cast<T>(1.0 - fisher_beta));
+  }
 };
 
 }  // namespace cl_optim

@@ -1,8 +1,5 @@
 // cl_optim::adamw_step_ on CUDA: the per-element math of csrc/include/cl_optim/elementwise.h
 // (the same functions the CPU tests exercise) over a multi-tensor-apply launch.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cl_optim/elementwise.h>
 #include <cl_optim/flags.h>
 
@@ -72,12 +69,7 @@ void adamw_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, co
     with_flags([&](auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) { run(tag, SAVE, FISHER, EWC, AMSGRAD); }, save,
                fisher, ewc, amsgrad);
   };
-  switch (dtype) {
-    case 0: by_flags(float{}); break;
-    case 1: by_flags(__half{}); break;
-    case 2: by_flags(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("adamw_step_cuda: dtype must be fp32, fp16 or bf16");
-  }
+  by_dtype(dtype, by_flags);
 }
 
 }  // namespace cl_optim::cuda

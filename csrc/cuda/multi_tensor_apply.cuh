@@ -4,6 +4,8 @@
 // Torch-light on purpose: CUDA runtime only, no ATen headers (they cost minutes of nvcc time).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -68,6 +70,17 @@ void multi_tensor_apply(const std::vector<std::vector<void*>>& lists, const std:
     }
   }
   if (blocks > 0) launch(meta, blocks);
+}
+
+// f(scalar tag) for the parameter dtype code the launchers take: 0 fp32, 1 fp16, 2 bf16.
+template <typename F>
+void by_dtype(int dtype, const F& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 1: f(__half{}); break;
+    case 2: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("cl_optim CUDA kernels take fp32, fp16 or bf16 parameters");
+  }
 }
 
 // The element range of this block's chunk.

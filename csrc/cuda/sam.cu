@@ -1,8 +1,5 @@
 // SAM's first pass on CUDA: cl_optim::grad_sq_norm (two-stage, deterministic: no float atomics)
 // and cl_optim::sam_perturb_ (the scale read from device memory: no host synchronisation).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cl_optim/elementwise.h>
 #include <cl_optim/flags.h>
 
@@ -76,17 +73,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-namespace {
-template <typename F>
-void by_dtype(int dtype, const F& f) {
-  switch (dtype) {
-    case 0: f(float{}); break;
-    case 1: f(__half{}); break;
-    case 2: f(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("cl_optim CUDA kernels take fp32, fp16 or bf16");
-  }
-}
-}  // namespace
 
 // `partials` must hold one float per chunk of the group (sum over tensors of ceil(size/kChunk)).
 void grad_sq_norm_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,

@@ -1,8 +1,5 @@
 // cl_optim::sgd_step_ on CUDA: the per-element math of csrc/include/cl_optim/elementwise.h over a
 // multi-tensor-apply launch.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cl_optim/elementwise.h>
 #include <cl_optim/flags.h>
 
@@ -71,12 +68,7 @@ void sgd_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, cons
         },
         save, fisher, ewc, momentum, ready);
   };
-  switch (dtype) {
-    case 0: by_flags(float{}); break;
-    case 1: by_flags(__half{}); break;
-    case 2: by_flags(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("sgd_step_cuda: dtype must be fp32, fp16 or bf16");
-  }
+  by_dtype(dtype, by_flags);
 }
 
 }  // namespace cl_optim::cuda
