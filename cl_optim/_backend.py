@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "resolve", "report", "check_backend_name"]
+__all__ = ["BACKENDS", "resolve", "report", "check_backend_name", "kernel_op"]
 
 # Auto-priority order, fastest first.
 BACKENDS = ("cuda", "triton", "cpp", "foreach", "forloop")
@@ -138,6 +138,15 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
             _warned.add((name, reason))
             warnings.warn(f"cl_optim: backend {name!r} skipped: {reason}", RuntimeWarning, stacklevel=3)
     raise RuntimeError(f"no cl_optim backend can run on {device} / {dtype}")
+
+
+def kernel_op(backend: str, op_name: str, like: torch.Tensor):
+    """The ``torch.ops.cl_optim`` op that runs ``op_name`` for a compiled ``backend``, after
+    checking that the backend can run on ``like``'s device and dtype (building the extension
+    on first use): a direct functional call gets the same clear error as an optimizer.
+    """
+    resolve(backend, like.device, like.dtype)
+    return getattr(torch.ops.cl_optim, op_name)
 
 
 def report(file=None) -> str:

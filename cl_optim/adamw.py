@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._backend import kernel_op
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
@@ -232,7 +233,7 @@ def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
     lr = _as_scalar(lr)
     torch._foreach_add_(steps, 1)
     step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
-    torch.ops.cl_optim.adamw_step_(
+    kernel_op("cpp", "adamw_step_", params[0])(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
         [_to_float(lr / (1 - beta1**t)) for t in step_values], [(1 - beta2**t) ** 0.5 for t in step_values],
         **kernel_terms(terms, len(params)), maximize=maximize, lr=_to_float(lr), beta1=beta1, beta2=beta2,

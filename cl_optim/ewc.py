@@ -53,6 +53,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._backend import kernel_op
+
 __all__ = ["EWC"]
 
 Selector = Union[str, nn.Module, Tensor]
@@ -418,11 +420,11 @@ class EWC:
 # --------------------------------------------------------------------------------- fused ops
 
 
-def _backend_impl(backend: str, forloop, op_name: str):
+def _backend_impl(backend: str, forloop, op_name: str, like: Tensor):
     if backend in ("forloop", "foreach"):  # one readable implementation serves both
         return forloop
     if backend == "cpp":
-        return getattr(torch.ops.cl_optim, op_name)
+        return kernel_op(backend, op_name, like)
     raise ValueError(f"{op_name} has no {backend!r} implementation")
 
 
@@ -436,7 +438,7 @@ def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], weight: float 
             g32 = g.to(torch.float32)
             f.addcmul_(g32, g32, value=weight)
 
-    _backend_impl(backend, forloop, "fisher_accumulate_")(fisher, grads, weight)
+    _backend_impl(backend, forloop, "fisher_accumulate_", fisher[0])(fisher, grads, weight)
 
 
 def ewc_grad_add_(grads, params, precision, anchor, lam, *, backend="forloop") -> None:
@@ -448,7 +450,7 @@ def ewc_grad_add_(grads, params, precision, anchor, lam, *, backend="forloop") -
         for g, p, a, mu, lam_i in zip(grads, params, precision, anchor, lam):
             g.copy_(g.to(torch.float32).addcmul(a, p.to(torch.float32) - mu, value=lam_i))
 
-    _backend_impl(backend, forloop, "ewc_grad_add_")(grads, params, precision, anchor, list(lam))
+    _backend_impl(backend, forloop, "ewc_grad_add_", grads[0])(grads, params, precision, anchor, list(lam))
 
 
 def ewc_penalty(params, precision, anchor, lam, *, backend="forloop") -> Tensor:
@@ -463,7 +465,7 @@ def ewc_penalty(params, precision, anchor, lam, *, backend="forloop") -> Tensor:
             total = total + 0.5 * lam_i * (a.double() * d * d).sum()
         return total
 
-    return _backend_impl(backend, forloop, "ewc_penalty")(params, precision, anchor, list(lam))
+    return _backend_impl(backend, forloop, "ewc_penalty", params[0])(params, precision, anchor, list(lam))
 
 
 def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_anchor, *, backend="forloop"):
@@ -489,6 +491,6 @@ def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_
             a.copy_(total)
         return torch.tensor(gaps, dtype=torch.float64)
 
-    return _backend_impl(backend, forloop, "ewc_consolidate_")(
+    return _backend_impl(backend, forloop, "ewc_consolidate_", params[0])(
         precision, anchor, fisher, params, decay, weight, weighted_anchor
     )

@@ -29,7 +29,9 @@ SCHEMAS = {
         "float clip_coef, float fisher_beta, bool maximize, float lr, float beta1, float beta2, float eps, "
         "float weight_decay) -> ()"
     ),
-    "grad_sq_norm": "grad_sq_norm(Tensor[] grads, Tensor[] params, int[] weighted, float eta) -> Tensor",
+    "grad_sq_norm": (
+        "grad_sq_norm(Tensor[] grads, Tensor[] params, Tensor[] fisher, int[] weighted, float eta) -> Tensor"
+    ),
     "sam_perturb_": (
         "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saves, float scale, int[] weighted, "
         "float eta, Tensor(c!)[] fisher, float fisher_beta, float inv_scale, bool update_fisher) -> ()"
@@ -59,7 +61,7 @@ for _name in ("sgd_step_", "adamw_step_", "sam_perturb_", "fisher_accumulate_", 
 
 
 @torch.library.register_fake(f"{LIBRARY}::grad_sq_norm", lib=_library)
-def _grad_sq_norm_fake(grads, params, weighted, eta):
+def _grad_sq_norm_fake(grads, params, fisher, weighted, eta):
     dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
     return grads[0].new_empty((), dtype=dtype)
 

@@ -14,6 +14,15 @@ with gradient ``g``,
 * ``adaptive="official"``: ``T = |w| + eta`` with ``eta = 0.01`` on weight tensors only, the rule
   of Kwon et al.'s code; tensors with at most one dimension (biases, norm-layer scales and shifts)
   keep ``T = 1``.
+
+Fisher-SAM (Kim et al., ICML 2022) measures the neighbourhood in the Fisher metric:
+``T**2 = 1 / (1 + eta * F)`` element-wise (every tensor), so ``e = s * g / (1 + eta * F)`` and the
+norm is ``sqrt(sum g**2 / (1 + eta * F))``. Two sources of ``F``, per group:
+
+* ``adaptive="fisher"``: ``F = g**2`` of the current batch, the paper's form (``eta = 1``);
+* ``adaptive="fisher_ema"``: ``F`` is the running Fisher that ``fisher_ema=beta`` keeps in the
+  optimizer state (as it was before this step updates it), so curvature estimated over many
+  steps, or carried over from earlier tasks, shapes the perturbation.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._backend import check_backend_name, resolve
+from ._backend import check_backend_name, kernel_op, resolve
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -35,10 +44,13 @@ from ._optimizer import (
 )
 from ._terms import opmath_dtype
 
-__all__ = ["SAM", "grad_sq_norm", "sam_perturb_"]
+__all__ = ["SAM", "grad_sq_norm", "sam_perturb_", "PLAIN", "ASAM", "FISHER_BATCH", "FISHER_RUNNING"]
 
-_ADAPTIVE_MODES = (False, True, "official")
-_DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01}
+_ADAPTIVE_MODES = (False, True, "official", "fisher", "fisher_ema")
+_DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01, "fisher": 1.0, "fisher_ema": 1.0}
+
+# Per-tensor weight kinds of grad_sq_norm / sam_perturb_ (csrc/include/cl_optim/elementwise.h).
+PLAIN, ASAM, FISHER_BATCH, FISHER_RUNNING = 0, 1, 2, 3
 
 
 class SAM(torch.optim.Optimizer):
@@ -52,9 +64,11 @@ class SAM(torch.optim.Optimizer):
             ``param_groups`` (so LR schedulers and ``add_param_group`` work on the SAM object).
             With ``cl_optim.SGD``/``cl_optim.AdamW`` the restore and the update are one call.
         rho: radius of the neighbourhood (``>= 0``).
-        adaptive: ``False`` (SAM), ``True`` (ASAM as davda54: ``T = |w|``, all tensors) or
-            ``"official"`` (ASAM as Kwon et al.: ``T = |w| + 0.01``, tensors of 2+ dimensions).
-        eta: overrides the ASAM offset of the chosen convention.
+        adaptive: ``False`` (SAM), ``True`` (ASAM as davda54: ``T = |w|``, all tensors),
+            ``"official"`` (ASAM as Kwon et al.: ``T = |w| + 0.01``, tensors of 2+ dimensions),
+            ``"fisher"`` (Fisher-SAM, ``T**2 = 1/(1 + eta*g**2)``) or ``"fisher_ema"``
+            (Fisher-SAM on the running Fisher of ``fisher_ema``, ``T**2 = 1/(1 + eta*F)``).
+        eta: overrides the offset of the chosen convention (ASAM: 0 or 0.01; Fisher-SAM: 1).
         perturb_eps: ``eps`` of the scale ``rho / (||T g|| + eps)``; 1e-12 as davda54.
         backend: backend of the perturbation (and of a cl_optim base optimizer).
         **base_kwargs: hyper-parameters of the base optimizer.
@@ -112,6 +126,8 @@ class SAM(torch.optim.Optimizer):
 
             if not isinstance(ewc, EWC):
                 raise TypeError(f"ewc= takes a cl_optim.EWC, got {type(ewc).__name__}")
+        for group in self.param_groups:
+            self._check_fisher_source(group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         # One list of groups and one state for both: schedulers, add_param_group and state_dict
         # see the base optimizer's hyper-parameters and moments through the SAM object.
@@ -129,10 +145,17 @@ class SAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate rho/adaptive/eta before the group joins the (shared) list of groups.
-        _check_sam_group(
-            {key: param_group.get(key, self.defaults[key]) for key in ("rho", "adaptive", "eta")}
-        )
+        settings = {key: param_group.get(key, self.defaults[key]) for key in ("rho", "adaptive", "eta")}
+        _check_sam_group(settings)
+        self._check_fisher_source(settings)
         super().add_param_group(param_group)
+
+    def _check_fisher_source(self, group: dict) -> None:
+        if group["adaptive"] == "fisher_ema" and self.fisher_ema is None:
+            raise ValueError(
+                'adaptive="fisher_ema" perturbs along the running Fisher: set fisher_ema=beta '
+                '(or use adaptive="fisher", the batch-gradient form)'
+            )
 
     # ----------------------------------------------------------------------------------- steps
 
@@ -140,8 +163,10 @@ class SAM(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Save the weights and move them to ``w + e`` (the ascent step of the current gradient).
 
-        ``grad_scaler``: the ``GradScaler`` of an AMP loop, needed only with ``fisher_ema`` (the
-        running Fisher is of the unscaled gradient; the perturbation does not depend on the scale).
+        ``grad_scaler``: the ``GradScaler`` of an AMP loop, needed with ``fisher_ema`` (the running
+        Fisher is of the unscaled gradient) and with ``adaptive="fisher"`` (its weight
+        ``1/(1 + eta*g**2)`` is of the unscaled gradient: ``eta`` is divided by the squared scale,
+        one host read of the scale). SAM's and ASAM's perturbations do not depend on the scale.
         """
         if self._pending is not None:
             raise RuntimeError(
@@ -161,23 +186,32 @@ class SAM(torch.optim.Optimizer):
         # One global norm over every group and device, accumulated in fp32 (davda54's convention:
         # the norm is global, rho is per group).
         home = plan[0][3][0].device
-        weights = [_asam_weights(group, bucket) for group, _, _, bucket, _ in plan]
+        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
+        weights = [_sam_weights(group, bucket) for group, _, _, bucket, _ in plan]
+        if grad_scale is not None and any(w is not None and FISHER_BATCH in w for w, _ in weights):
+            # 1/(1 + eta*(g/S)**2) = 1/(1 + (eta/S**2)*g**2): the batch Fisher of the unscaled gradient.
+            inv_scale_sq = float(grad_scale.double().reciprocal().square())
+            weights = [
+                (w, eta * inv_scale_sq if w is not None and FISHER_BATCH in w else eta) for w, eta in weights
+            ]
+        fishers = [
+            [fisher_buffer(self.state[p], p) for p in bucket] if self.fisher_ema is not None else None
+            for _, _, _, bucket, _ in plan
+        ]
         sq_norms = [
-            grad_sq_norm([p.grad for p in bucket], bucket, weighted, eta, backend=backend).to(home)
-            for (_, _, _, bucket, backend), (weighted, eta) in zip(plan, weights)
+            grad_sq_norm([p.grad for p in bucket], bucket, weighted, eta, fisher=fisher, backend=backend).to(
+                home
+            )
+            for (_, _, _, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers)
         ]
         acc = torch.float64 if any(x.dtype == torch.float64 for x in sq_norms) else torch.float32
         norm = torch.stack([x.to(acc) for x in sq_norms]).sum().sqrt()
         finite = torch.isfinite(norm)
         self._pass1_nonfinite = ~finite
 
-        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
         perturbed = []
-        for (group, device, dtype, bucket, backend), (weighted, eta) in zip(plan, weights):
+        for (group, device, dtype, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers):
             self.perturb_backends_used[f"{device}/{dtype}"] = backend
-            fisher = None
-            if self.fisher_ema is not None:
-                fisher = [fisher_buffer(self.state[p], p) for p in bucket]
             # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
             scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
             sam_perturb_(
@@ -300,6 +334,7 @@ class SAM(torch.optim.Optimizer):
             for key in ("rho", "adaptive", "eta"):
                 group.setdefault(key, self.defaults[key])
             _check_sam_group(group)
+            self._check_fisher_source(group)
         self.steps = int(sam_state.get("steps", 0))
 
     # --------------------------------------------------------------------------------- helpers
@@ -348,7 +383,9 @@ def _check_sam_group(group: dict) -> None:
     if not group["rho"] >= 0.0:
         raise ValueError(f"Invalid rho: {group['rho']} (must be >= 0)")
     if group["adaptive"] not in _ADAPTIVE_MODES:
-        raise ValueError(f"Invalid adaptive: {group['adaptive']!r}; expected False, True or 'official'")
+        raise ValueError(
+            f"Invalid adaptive: {group['adaptive']!r}; expected False, True, 'official', 'fisher' or 'fisher_ema'"
+        )
     if group["eta"] is not None and not group["eta"] >= 0.0:
         raise ValueError(f"Invalid eta: {group['eta']} (must be >= 0)")
 
@@ -367,20 +404,52 @@ def _buckets(params: list[Tensor]) -> dict:
     return buckets
 
 
-def _asam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[bool]], float]:
-    """Which tensors ASAM normalises (``T = |w| + eta``) and ``eta``; ``(None, 0)`` for plain SAM."""
-    mode = "official" if group["adaptive"] == "official" else bool(group["adaptive"])
+def _sam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[int]], float]:
+    """The weight kind of each tensor (PLAIN, ASAM, FISHER_*) and ``eta``; ``(None, 0)`` for SAM."""
+    mode = group["adaptive"]
     if mode is False:
         return None, 0.0
-    eta = _DEFAULT_ETA[mode] if group["eta"] is None else group["eta"]
-    return [not (mode == "official" and p.dim() <= 1) for p in params], float(eta)
+    eta = float(_DEFAULT_ETA[mode] if group["eta"] is None else group["eta"])
+    if mode == "fisher":
+        return [FISHER_BATCH] * len(params), eta
+    if mode == "fisher_ema":
+        return [FISHER_RUNNING] * len(params), eta
+    return [PLAIN if (mode == "official" and p.dim() <= 1) else ASAM for p in params], eta
 
 
-def _weight_tensors(params, weighted, eta, count) -> list[Optional[Tensor]]:
-    """``T`` of each tensor in opmath (the Python backends materialise it), None where ``T = 1``."""
+def _weights(params, grads, weighted, eta, fisher) -> list[tuple[int, Optional[Tensor]]]:
+    """Per tensor, its weight kind and the tensor the Python backends materialise (opmath):
+    ``T = |p| + eta`` for ASAM, ``T**2 = 1/(1 + eta*F)`` for Fisher-SAM, None for ``T = 1``."""
+    out = []
+    for i, p in enumerate(params):
+        kind = PLAIN if weighted is None else int(weighted[i])
+        dtype = opmath_dtype(grads[i].dtype)
+        if kind == PLAIN:
+            out.append((kind, None))
+        elif kind == ASAM:
+            out.append((kind, p.to(dtype).abs().add_(eta)))
+        elif kind == FISHER_BATCH:
+            out.append((kind, grads[i].to(dtype).square().mul_(eta).add_(1).reciprocal_()))
+        else:  # FISHER_RUNNING (kinds are checked by _check_weights)
+            out.append((kind, fisher[i].to(dtype).mul(eta).add_(1).reciprocal_()))
+    return out
+
+
+def _check_weights(weighted, fisher, count: int) -> None:
     if weighted is None:
-        return [None] * count
-    return [p.to(opmath_dtype(p.dtype)).abs().add_(eta) if w else None for p, w in zip(params, weighted)]
+        return
+    if len(weighted) != count:
+        raise ValueError(f"weighted needs one weight kind per tensor: {len(weighted)} for {count} tensors")
+    if any(int(kind) not in (PLAIN, ASAM, FISHER_BATCH, FISHER_RUNNING) for kind in weighted):
+        raise ValueError(
+            f"SAM weight kinds are 0 (plain), 1 (ASAM), 2 and 3 (Fisher-SAM), got {list(weighted)}"
+        )
+    if FISHER_RUNNING in [int(kind) for kind in weighted] and (fisher is None or len(fisher) != count):
+        raise ValueError("the running-Fisher weight (kind 3) needs `fisher`, one fp32 tensor per parameter")
+
+
+def _weight_sq(kind: int, w: Optional[Tensor]) -> Optional[Tensor]:
+    return w * w if kind == ASAM else w
 
 
 # --------------------------------------------------------------------------------- fused ops
@@ -389,33 +458,56 @@ def _weight_tensors(params, weighted, eta, count) -> list[Optional[Tensor]]:
 def grad_sq_norm(
     grads: list[Tensor],
     params: Optional[list[Tensor]] = None,
-    weighted: Optional[list[bool]] = None,
+    weighted: Optional[list[int]] = None,
     eta: float = 0.0,
     *,
+    fisher: Optional[list[Tensor]] = None,
     backend: str = "forloop",
 ) -> Tensor:
     """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, a scalar on its device.
 
-    ``T_i = |p_i| + eta`` where ``weighted[i]`` (ASAM), else 1. Accumulated in fp32 (fp64 for
-    fp64 gradients; the ``cpp`` kernel accumulates in fp64 and rounds once), whatever the
-    gradient dtype. A non-finite gradient makes the result non-finite, which is how callers
-    detect it without a host read.
+    ``weighted[i]`` is the weight kind of tensor ``i`` (``True``/``False`` also work):
+    ``PLAIN`` (0, ``T = 1``), ``ASAM`` (1, ``T = |p| + eta``), ``FISHER_BATCH`` (2,
+    ``T**2 = 1/(1 + eta*g**2)``) or ``FISHER_RUNNING`` (3, ``T**2 = 1/(1 + eta*fisher[i])``).
+    Accumulated in fp32 (fp64 for fp64 gradients; the ``cpp`` kernel accumulates in fp64 and
+    rounds once), whatever the gradient dtype. A non-finite gradient makes the result non-finite,
+    which is how callers detect it without a host read.
+
+    >>> grad_sq_norm([torch.tensor([3.0, 4.0])])
+    tensor(25.)
+    >>> grad_sq_norm([torch.tensor([1.0, 3.0])], weighted=[FISHER_BATCH], eta=1.0)  # 1/2 + 9/10
+    tensor(1.4000)
     """
+    _check_weights(weighted, fisher, len(grads))
     if backend == "cpp":
         if not grads:
             return torch.zeros(())
-        flags = [int(w) for w in weighted] if weighted is not None else []
-        return torch.ops.cl_optim.grad_sq_norm(grads, params if weighted is not None else [], flags, eta)
-    weights = _weight_tensors(params, weighted, eta, len(grads))
-    terms = [g if w is None else w * g.to(w.dtype) for g, w in zip(grads, weights)]
-    acc = torch.promote_types(grads[0].dtype, torch.float32) if grads else torch.float32
-    if backend == "foreach":
-        norms = torch._foreach_norm(terms, 2, dtype=acc)
-    elif backend == "forloop":
-        norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in terms]
-    else:
+        kinds = [int(w) for w in weighted] if weighted is not None else []
+        return kernel_op(backend, "grad_sq_norm", grads[0])(
+            grads, params if ASAM in kinds else [], fisher if FISHER_RUNNING in kinds else [], kinds, eta
+        )
+    if backend not in ("forloop", "foreach"):
         raise ValueError(f"grad_sq_norm has no {backend!r} implementation")
-    return torch.stack(norms).square().sum()
+    if not grads:
+        return torch.zeros(())
+    acc = torch.promote_types(grads[0].dtype, torch.float32)
+    weights = _weights(params or [None] * len(grads), grads, weighted, eta, fisher) if weighted else None
+    kinds = [PLAIN] * len(grads) if weights is None else [kind for kind, _ in weights]
+    # SAM and ASAM: the norm of T*g; Fisher-SAM: the sum of g**2 * T**2 (no square root of T**2).
+    normed = [i for i, kind in enumerate(kinds) if kind in (PLAIN, ASAM)]
+    terms = [
+        grads[i] if kinds[i] == PLAIN else weights[i][1] * grads[i].to(weights[i][1].dtype) for i in normed
+    ]
+    if backend == "foreach":
+        norms = torch._foreach_norm(terms, 2, dtype=acc) if terms else []
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in terms]
+    squares = dict(zip(normed, (n.square() for n in norms)))
+    for i in range(len(grads)):
+        if i not in squares:
+            g = grads[i].to(weights[i][1].dtype)
+            squares[i] = (g * g * weights[i][1]).sum(dtype=acc)
+    return torch.stack([squares[i] for i in range(len(grads))]).sum()
 
 
 def sam_perturb_(
@@ -423,7 +515,7 @@ def sam_perturb_(
     grads: list[Tensor],
     saves: list[Tensor],
     scale: Tensor,
-    weighted: Optional[list[bool]] = None,
+    weighted: Optional[list[int]] = None,
     eta: float = 0.0,
     *,
     backend: str = "forloop",
@@ -434,49 +526,54 @@ def sam_perturb_(
 ) -> None:
     """``save <- p; p <- p + scale * T**2 * g`` over a bucket, in fp32, ``scale`` a device scalar.
 
-    ``T`` as in :func:`grad_sq_norm`. Elements whose perturbation is not finite (``scale == 0``
-    with an inf/nan gradient) are not moved, so a skipped step leaves the weights exactly as they
-    were. With ``fisher``, the FISHER_EMA term of the first-pass gradient
-    ``F <- beta*F + (1-beta)*(g/grad_scale)**2`` is applied too, where the device flag ``finite``
-    is set.
+    ``T`` as in :func:`grad_sq_norm` (the running-Fisher kind reads ``fisher`` before its update
+    below). Elements whose perturbation is not finite (``scale == 0`` with an inf/nan gradient)
+    are not moved, so a skipped step leaves the weights exactly as they were. With ``fisher``, the
+    FISHER_EMA term of the first-pass gradient ``F <- beta*F + (1-beta)*(g/grad_scale)**2`` is
+    applied too, where the device flag ``finite`` is set.
+
+    >>> p, g, save = torch.zeros(2), torch.tensor([1.0, 3.0]), torch.empty(2)
+    >>> sam_perturb_([p], [g], [save], torch.tensor(0.5), [FISHER_BATCH], 1.0); p
+    tensor([0.2500, 0.1500])
     """
+    _check_weights(weighted, fisher, len(params))
     if backend == "cpp":
         if not params:
             return
-        torch.ops.cl_optim.sam_perturb_(
+        kernel_op(backend, "sam_perturb_", params[0])(
             params, grads, saves, float(scale.detach()), [int(w) for w in weighted] if weighted is not None else [], eta,
             fisher if fisher is not None else [], fisher_beta,
             float(grad_scale.double().reciprocal()) if grad_scale is not None else 1.0,
             bool(finite) if finite is not None else True,
         )  # fmt: skip
         return
-    weights = _weight_tensors(params, weighted, eta, len(params))
-    if fisher is not None:
+    if backend not in ("forloop", "foreach"):
+        raise ValueError(f"sam_perturb_ has no {backend!r} implementation")
+    weights_sq = [_weight_sq(kind, w) for kind, w in _weights(params, grads, weighted, eta, fisher)] if weighted \
+        else [None] * len(params)  # fmt: skip
+    if fisher is not None:  # after the weights: they read the Fisher before this update
         _fisher_ema_where_(fisher, grads, fisher_beta, grad_scale, finite)
     if backend == "forloop":
-        for p, g, save, w in zip(params, grads, saves, weights):
+        for p, g, save, w in zip(params, grads, saves, weights_sq):
             save.copy_(p)
             e = _perturbation(p, g, w, scale)
             torch.nan_to_num_(e, nan=0.0, posinf=0.0, neginf=0.0)
             _add_in_opmath_(p, e)
-    elif backend == "foreach":
-        if not params:
-            return
-        torch._foreach_copy_(saves, params)
-        dtype = opmath_dtype(params[0].dtype)
-        g = [grad.to(dtype) for grad in grads]
-        squared = [None if w is None else w * w for w in weights]
-        e = [g_i if w is None else torch.mul(w, g_i) for g_i, w in zip(g, squared)]
-        e = torch._foreach_mul(e, scale)
-        for e_i in e:
-            torch.nan_to_num_(e_i, nan=0.0, posinf=0.0, neginf=0.0)
-        if dtype == params[0].dtype:
-            torch._foreach_add_(params, e)
-        else:
-            moved = torch._foreach_add([p.to(dtype) for p in params], e)
-            torch._foreach_copy_(params, moved)
+        return
+    if not params:
+        return
+    torch._foreach_copy_(saves, params)
+    dtype = opmath_dtype(params[0].dtype)
+    g = [grad.to(dtype) for grad in grads]
+    e = [g_i if w is None else torch.mul(w, g_i) for g_i, w in zip(g, weights_sq)]
+    e = torch._foreach_mul(e, scale)
+    for e_i in e:
+        torch.nan_to_num_(e_i, nan=0.0, posinf=0.0, neginf=0.0)
+    if dtype == params[0].dtype:
+        torch._foreach_add_(params, e)
     else:
-        raise ValueError(f"sam_perturb_ has no {backend!r} implementation")
+        moved = torch._foreach_add([p.to(dtype) for p in params], e)
+        torch._foreach_copy_(params, moved)
 
 
 def _fisher_ema_where_(fisher, grads, beta, grad_scale, finite) -> None:
@@ -491,10 +588,10 @@ def _fisher_ema_where_(fisher, grads, beta, grad_scale, finite) -> None:
         f.copy_(ema if finite is None else torch.where(finite, ema, f))
 
 
-def _perturbation(p: Tensor, g: Tensor, w: Optional[Tensor], scale: Tensor) -> Tensor:
+def _perturbation(p: Tensor, g: Tensor, weight_sq: Optional[Tensor], scale: Tensor) -> Tensor:
     g = g.to(opmath_dtype(p.dtype))
-    if w is not None:
-        g = (w * w) * g
+    if weight_sq is not None:
+        g = weight_sq * g
     return g * scale
 
 

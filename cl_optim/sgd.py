@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ._backend import kernel_op
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
@@ -203,7 +204,7 @@ def _sgd_kernel(params, grads, buffers, terms, lr, momentum, dampening, weight_d
             if buf is None:  # the kernel writes the first-step buffer (= the gradient) itself
                 buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
     lr = lr.item() if isinstance(lr, Tensor) else lr
-    torch.ops.cl_optim.sgd_step_(
+    kernel_op("cpp", "sgd_step_", params[0])(
         params, grads, buffers if momentum != 0 else [], ready, **kernel_terms(terms, len(params)),
         maximize=maximize, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov,

@@ -12,7 +12,7 @@ void adamw_step_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorLi
                     c10::ArrayRef<double>, c10::ArrayRef<double>, at::TensorList, at::TensorList,
                     const c10::List<std::optional<at::Tensor>>&, const c10::List<std::optional<at::Tensor>>&,
                     c10::ArrayRef<double>, double, double, double, bool, double, double, double, double, double);
-at::Tensor grad_sq_norm_cpu(at::TensorList, at::TensorList, c10::IntArrayRef, double);
+at::Tensor grad_sq_norm_cpu(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, double);
 void sam_perturb_cpu(at::TensorList, at::TensorList, at::TensorList, double, c10::IntArrayRef, double, at::TensorList,
                      double, double, bool);
 

@@ -15,7 +15,7 @@ from conftest import DTYPES, assert_state_close, clone_groups, make_zoo, set_gra
 import cl_optim
 from cl_optim._terms import StepTerms
 from cl_optim.adamw import adamw_step_
-from cl_optim.sam import grad_sq_norm, sam_perturb_
+from cl_optim.sam import FISHER_BATCH, FISHER_RUNNING, grad_sq_norm, sam_perturb_
 from cl_optim.sgd import sgd_step_
 
 
@@ -114,7 +114,7 @@ def test_step_backend_matches_forloop(backend, dtype, kind, with_terms):
         assert oracle["step0"].item() == (STEPS - 1 if with_terms else STEPS)
 
 
-@pytest.mark.parametrize("adaptive", [False, True, "official"])
+@pytest.mark.parametrize("adaptive", [False, True, "official", "fisher", "fisher_ema"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", CANDIDATES)
 def test_sam_optimizer_backend_matches_forloop(backend, dtype, adaptive):
@@ -124,6 +124,8 @@ def test_sam_optimizer_backend_matches_forloop(backend, dtype, adaptive):
         groups = clone_groups(make_zoo(torch.float32), run_dtype)
         groups[1]["rho"] = 0.2
         kwargs = dict(lr=0.05, momentum=0.9) if base is cl_optim.SGD else dict(lr=1e-2)
+        if adaptive == "fisher_ema":
+            kwargs["fisher_ema"] = 0.9
         opt = cl_optim.SAM(groups, base, rho=0.05, adaptive=adaptive, backend=backend, **kwargs)
         params = zoo_params(groups)
         for step in range(STEPS):
@@ -153,10 +155,14 @@ def test_sam_optimizer_backend_matches_forloop(backend, dtype, adaptive):
 def test_grad_norm_and_perturb_ops(backend, dtype):
     params = [p for p in zoo_params(clone_groups(make_zoo(torch.float32), dtype)) if p.numel() != 5]
     grads = [g.to(dtype) for g in zoo_grads(params, 0)]
-    for weighted in (None, [p.dim() >= 2 for p in params]):
-        expected = grad_sq_norm(grads, params, weighted, 0.01, backend="forloop")
-        got = grad_sq_norm(grads, params, weighted, 0.01, backend=backend)
-        exact = grad_sq_norm([g.double() for g in grads], [p.double() for p in params], weighted, 0.01)
+    fisher = [torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    kinds = [int(p.dim() >= 2) for p in params]
+    mixed = [i % 4 for i in range(len(params))]  # every weight kind side by side
+    for weighted in (None, kinds, [FISHER_BATCH] * len(params), [FISHER_RUNNING] * len(params), mixed):
+        expected = grad_sq_norm(grads, params, weighted, 0.5, fisher=fisher, backend="forloop")
+        got = grad_sq_norm(grads, params, weighted, 0.5, fisher=fisher, backend=backend)
+        exact = grad_sq_norm([g.double() for g in grads], [p.double() for p in params], weighted, 0.5,
+                             fisher=[f.double() for f in fisher])  # fmt: skip
         assert got.dtype == torch.float32 and got.dim() == 0
         # within the oracle's own fp32 accumulation error of the fp64 sum (or 1e-6 relative)
         assert abs(got.double() - exact) <= 2 * abs(expected.double() - exact) + 1e-6 * exact
@@ -164,7 +170,10 @@ def test_grad_norm_and_perturb_ops(backend, dtype):
         for name in ("forloop", backend):
             ps = [p.detach().clone() for p in params]
             saves = [torch.empty_like(p) for p in ps]
-            sam_perturb_(ps, grads, saves, torch.tensor(0.05) / expected.sqrt(), weighted, 0.01, backend=name)
+            fs = [f.clone() for f in fisher]
+            sam_perturb_(ps, grads, saves, torch.tensor(0.05) / expected.sqrt(), weighted, 0.5, backend=name,
+                         fisher=fs, fisher_beta=0.9)  # fmt: skip
+            outs[name + "_fisher"] = fs
             assert all(torch.equal(s, p.detach()) for s, p in zip(saves, params))
             outs[name] = ps
         for a, b in zip(outs[backend], outs["forloop"]):
@@ -172,6 +181,9 @@ def test_grad_norm_and_perturb_ops(backend, dtype):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
             else:  # a compiled kernel: its own rounding of the scale, within an ulp
                 torch.testing.assert_close(a, b)
+        for a, b, before in zip(outs[backend + "_fisher"], outs["forloop_fisher"], fisher):
+            torch.testing.assert_close(a, b)
+            assert a.numel() == 0 or not torch.equal(a, before)  # the EMA ran
 
 
 @pytest.mark.parametrize("backend", ["forloop", *CANDIDATES])

@@ -48,12 +48,12 @@ def _scaler(scale=2.0**12):
     return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10_000)
 
 
-def _sam_amp_step(model, opt, scaler, i, clip=None, poison=None):
+def _sam_amp_step(model, opt, scaler, i, clip=None, poison=None, pass_scaler=False):
     """The README recipe: pass 1 without unscale, pass 2 through the scaler."""
     scaler.scale(_loss(model, i)).backward()
     if poison == 1:
         next(model.parameters()).grad[0, 0] = float("inf")
-    opt.first_step(zero_grad=True)
+    opt.first_step(zero_grad=True, grad_scaler=scaler if pass_scaler else None)
     scaler.scale(_loss(model, i)).backward()
     if poison == 2:
         next(model.parameters()).grad[0, 0] = float("inf")
@@ -88,6 +88,32 @@ def test_grad_scaler_gives_the_unscaled_trajectory(base, kwargs, clip):
     for a, b in zip(_params(m_amp), _params(m_ref)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert scaler.get_scale() == 2.0**12
+
+
+@pytest.mark.parametrize("adaptive,fisher_ema", [("fisher", None), ("fisher_ema", 0.9)])
+def test_grad_scaler_with_fisher_sam(adaptive, fisher_ema):
+    """Fisher-SAM's weight is of the unscaled gradient: with grad_scaler= the loss scale changes
+    nothing; forgetting it would (the weight 1/(1 + eta*g**2) of a 4096x gradient is far off)."""
+    m_amp, m_ref, m_forgot = _model(), _model(), _model()
+    kwargs = dict(rho=0.05, adaptive=adaptive, eta=1e3, fisher_ema=fisher_ema, lr=0.1, momentum=0.9)
+    opt_amp = cl_optim.SAM(m_amp.parameters(), cl_optim.SGD, **kwargs)
+    opt_ref = cl_optim.SAM(m_ref.parameters(), cl_optim.SGD, **kwargs)
+    opt_forgot = cl_optim.SAM(m_forgot.parameters(), cl_optim.SGD, **kwargs)
+    scaler, scaler_forgot = _scaler(), _scaler()
+    for i in range(6):
+        _sam_amp_step(m_amp, opt_amp, scaler, i, pass_scaler=True)
+        _sam_amp_step(m_forgot, opt_forgot, scaler_forgot, i)
+        _sam_plain_step(m_ref, opt_ref, i)
+    for a, b in zip(_params(m_amp), _params(m_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if adaptive == "fisher":
+        assert max((a - b).abs().max().item() for a, b in zip(_params(m_forgot), _params(m_ref))) > 1e-4
+    else:  # the running Fisher is unscaled inside the kernel; without grad_scaler it is scaled
+        fisher = opt_forgot.running_fisher()
+        ref = opt_ref.running_fisher()
+        assert all(
+            fisher[p].sum() > 1e6 * ref[q].sum() for p, q in zip(m_forgot.parameters(), m_ref.parameters())
+        )
 
 
 @pytest.mark.parametrize("poison", [1, 2], ids=["inf_in_pass1", "inf_in_pass2"])

@@ -56,13 +56,38 @@ def _adamw_args(amsgrad=True):
         ("sgd_step_", _sgd_args(torch.bfloat16)),
         ("adamw_step_", _adamw_args()),
         ("adamw_step_", _adamw_args(amsgrad=False)),
-        ("grad_sq_norm", (_tensors(), _tensors(), [1, 0, 1], 0.01)),
+        ("grad_sq_norm", (_tensors(), _tensors(), [], [1, 0, 1], 0.01)),
+        ("grad_sq_norm", (_tensors(), [], [t.abs() for t in _tensors()], [2, 3, 0], 0.5)),
         (
             "sam_perturb_",
             (_tensors(), _tensors(), _tensors(), 0.05, [1, 1, 0], 0.0, _tensors(), 0.9, 0.5, True),
         ),
+        (
+            "sam_perturb_",
+            (
+                _tensors(),
+                _tensors(),
+                _tensors(),
+                0.05,
+                [3, 2, 3],
+                1.0,
+                [t.abs() for t in _tensors()],
+                0.9,
+                1.0,
+                True,
+            ),
+        ),
     ],
-    ids=["sgd", "sgd_bf16", "adamw_amsgrad", "adamw", "grad_sq_norm", "sam_perturb"],
+    ids=[
+        "sgd",
+        "sgd_bf16",
+        "adamw_amsgrad",
+        "adamw",
+        "grad_sq_norm",
+        "grad_sq_norm_fisher",
+        "sam_perturb",
+        "sam_perturb_fisher",
+    ],  # fmt: skip
 )
 def test_opcheck(op, args):
     torch.library.opcheck(getattr(ops, op).default, args)
@@ -76,7 +101,7 @@ def test_ops_trace_without_graph_breaks():
     def step(params, grads, m, v):
         ops.adamw_step_(params, grads, m, v, [], [0.01] * 3, [0.5] * 3, [], [], [], [], [],
                         1.0, 1.0, 0.0, False, 1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
-        return ops.grad_sq_norm(grads, [], [], 0.0)
+        return ops.grad_sq_norm(grads, [], [], [], 0.0)
 
     expected_params = [p.clone() for p in params]
     expected_m, expected_v = [t.clone() for t in m], [t.clone() for t in v]

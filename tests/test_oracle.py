@@ -141,18 +141,20 @@ def _quadratic():
     return a, c, w
 
 
-@pytest.mark.parametrize("adaptive", [False, True, "official"])
+@pytest.mark.parametrize("adaptive", [False, True, "official", "fisher", "fisher_ema"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_sam_forloop_matches_textbook(adaptive, base):
     a, c, w0 = _quadratic()
     params = [torch.nn.Parameter(w.clone()) for w in w0]
     groups = [{"params": params[:2], "rho": 0.1}, {"params": params[2:], "rho": 0.3}]
+    beta = 0.8 if adaptive == "fisher_ema" else None
+    eta = 2.0 if adaptive == "fisher_ema" else None  # eta given, or the convention's default
     if base == "sgd":
-        opt = cl_optim.SAM(groups, cl_optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9, backend="forloop")
+        opt = cl_optim.SAM(groups, cl_optim.SGD, adaptive=adaptive, eta=eta, lr=0.1, momentum=0.9,
+                           backend="forloop", fisher_ema=beta)  # fmt: skip
     else:
-        opt = cl_optim.SAM(
-            groups, cl_optim.AdamW, adaptive=adaptive, lr=0.05, weight_decay=0.01, backend="forloop"
-        )
+        opt = cl_optim.SAM(groups, cl_optim.AdamW, adaptive=adaptive, eta=eta, lr=0.05, weight_decay=0.01,
+                           backend="forloop", fisher_ema=beta)  # fmt: skip
     rhos = [0.1, 0.1, 0.3]
     book = [tb.TensorState(p=w.double().numpy().copy()) for w in w0]
     an, cn = [x.double().numpy() for x in a], [x.double().numpy() for x in c]
@@ -161,9 +163,14 @@ def test_sam_forloop_matches_textbook(adaptive, base):
         modes, etas = [None] * 3, [0.0] * 3
     elif adaptive is True:  # davda54: |w| on every tensor
         modes, etas = ["all"] * 3, [0.0] * 3
-    else:  # official: |w| + 0.01 on tensors with 2+ dimensions only
+    elif adaptive == "official":  # |w| + 0.01 on tensors with 2+ dimensions only
         modes = ["all" if len(s) >= 2 else None for s in SHAPES]
         etas = [0.01] * 3
+    elif adaptive == "fisher":  # Kim et al.: T**2 = 1/(1 + g**2), every tensor
+        modes, etas = ["fisher"] * 3, [1.0] * 3
+    else:  # the running Fisher (EMA of the first-pass gradient), before this step's update
+        modes, etas = ["fisher_ema"] * 3, [2.0] * 3
+    fishers = [np.zeros(s) for s in SHAPES]
 
     for _ in range(STEPS):
         for p, ai, ci in zip(params, a, c):
@@ -171,7 +178,9 @@ def test_sam_forloop_matches_textbook(adaptive, base):
         before = [p.detach().clone() for p in params]
         opt.first_step(zero_grad=True)
         g1 = [ai * (s.p - ci) for s, ai, ci in zip(book, an, cn)]
-        e = tb.sam_perturbation([s.p for s in book], g1, rhos, modes, etas)
+        e = tb.sam_perturbation([s.p for s in book], g1, rhos, modes, etas, fishers=fishers)
+        if beta is not None:
+            fishers = [beta * f + (1 - beta) * g * g for f, g in zip(fishers, g1)]
         for p, s, ei in zip(params, book, e):
             np.testing.assert_allclose(p.detach().double().numpy(), s.p + ei, rtol=1e-6, atol=1e-6)
         for p, ai, ci in zip(params, a, c):
@@ -188,3 +197,6 @@ def test_sam_forloop_matches_textbook(adaptive, base):
         assert not any(torch.equal(p, b) for p, b in zip(params, before))
     for p, s in zip(params, book):
         np.testing.assert_allclose(p.detach().double().numpy(), s.p, rtol=1e-5, atol=1e-6)
+    if beta is not None:
+        for p, f in zip(params, fishers):
+            np.testing.assert_allclose(opt.state[p]["fisher_ema"].double().numpy(), f, rtol=1e-5, atol=1e-7)

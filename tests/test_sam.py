@@ -231,10 +231,46 @@ def test_bad_construction_raises():
     with pytest.raises(ValueError, match="more than one parameter group"):
         params = list(model.parameters())
         cl_optim.SAM([{"params": params}, {"params": params[:1]}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="set fisher_ema=beta"):
+        cl_optim.SAM(model.parameters(), torch.optim.SGD, adaptive="fisher_ema", lr=0.1)
+    with pytest.raises(ValueError, match="Invalid eta"):
+        cl_optim.SAM(model.parameters(), torch.optim.SGD, adaptive="fisher", eta=-1.0, lr=0.1)
     opt = cl_optim.SAM(model[0].parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="Invalid rho"):
         opt.add_param_group({"params": model[2].parameters(), "rho": -1.0})
+    with pytest.raises(ValueError, match="set fisher_ema=beta"):
+        opt.add_param_group({"params": model[2].parameters(), "adaptive": "fisher_ema"})
     assert len(opt.param_groups) == 1
+
+
+def test_fisher_sam_weight_kinds_are_checked():
+    from cl_optim.sam import FISHER_RUNNING, grad_sq_norm, sam_perturb_
+
+    g, p = [torch.ones(3)], [torch.zeros(3)]
+    with pytest.raises(ValueError, match="needs `fisher`"):
+        grad_sq_norm(g, p, [FISHER_RUNNING], 1.0)
+    with pytest.raises(ValueError, match="weight kinds are 0"):
+        sam_perturb_(p, g, [torch.empty(3)], torch.tensor(1.0), [7], 1.0)
+    with pytest.raises(ValueError, match="one weight kind per tensor"):
+        grad_sq_norm(g, p, [1, 1], 1.0)
+    assert torch.equal(p[0], torch.zeros(3))
+
+
+def test_fisher_ema_sam_perturbs_less_along_high_fisher_directions():
+    """Two coordinates with the same gradient: the one with the larger running Fisher moves less,
+    by the ratio (1 + eta*F_small) / (1 + eta*F_large)."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = cl_optim.SAM([w], cl_optim.SGD, rho=0.1, adaptive="fisher_ema", eta=1.0, fisher_ema=0.5, lr=0.1)
+    opt.state[w]["fisher_ema"] = torch.tensor([0.0, 3.0])
+    w.grad = torch.tensor([1.0, 1.0])
+    opt.first_step()
+    e = w.detach().clone()
+    assert e[0] / e[1] == pytest.approx(4.0, rel=1e-6)
+    assert float(e.square().div(torch.tensor([1.0, 0.25])).sum()) == pytest.approx(
+        0.01, rel=1e-5
+    )  # ||T^-1 e|| = rho
+    torch.testing.assert_close(opt.state[w]["fisher_ema"], torch.tensor([0.5, 2.0]))  # updated after use
+    opt.second_step()
 
 
 def test_sparse_gradients_are_rejected_with_params_unchanged():

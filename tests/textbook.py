@@ -93,12 +93,23 @@ def adamw_step(s, g, terms, *, lr, beta1, beta2, eps, weight_decay, amsgrad, max
     s.p = s.p - lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
-def sam_perturbation(ps, gs, rhos, modes, etas, eps=1e-12):
+def sam_perturbation(ps, gs, rhos, modes, etas, eps=1e-12, fishers=None):
     """e_i = rho_i * T_i**2 * g_i / (||T g|| + eps), one norm over all tensors.
 
-    ``modes[i]``: None (SAM, T = 1), "all" (ASAM on this tensor) — the caller decides which
-    tensors are normalised (davda54: all; official: tensors with 2+ dims).
+    ``modes[i]``: None (SAM, T = 1), "all" (ASAM on this tensor, T = |p| + eta) — the caller
+    decides which tensors are normalised (davda54: all; official: tensors with 2+ dims) —,
+    "fisher" (Fisher-SAM, T**2 = 1/(1 + eta*g**2)) or "fisher_ema" (T**2 = 1/(1 + eta*F) with
+    ``fishers[i]``, the running Fisher before this step's update).
     """
-    ts = [np.ones_like(p) if mode is None else np.abs(p) + eta for p, mode, eta in zip(ps, modes, etas)]
-    norm = np.sqrt(sum(float(np.sum((t * g) ** 2)) for t, g in zip(ts, gs)))
-    return [rho * t * t * g / (norm + eps) for t, g, rho in zip(ts, gs, rhos)]
+    t_sq = []
+    for i, (p, g, mode, eta) in enumerate(zip(ps, gs, modes, etas)):
+        if mode is None:
+            t_sq.append(np.ones_like(p))
+        elif mode == "all":
+            t_sq.append((np.abs(p) + eta) ** 2)
+        elif mode == "fisher":
+            t_sq.append(1.0 / (1.0 + eta * g * g))
+        else:
+            t_sq.append(1.0 / (1.0 + eta * fishers[i]))
+    norm = np.sqrt(sum(float(np.sum(w * g * g)) for w, g in zip(t_sq, gs)))
+    return [rho * w * g / (norm + eps) for w, g, rho in zip(t_sq, gs, rhos)]

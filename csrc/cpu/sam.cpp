@@ -5,21 +5,45 @@
 
 namespace cl_optim {
 
-// sum_i ||T_i g_i||^2, T_i = |p_i| + eta where weighted[i], else 1. One partial per chunk, summed
-// in chunk order: deterministic whatever the thread count. Accumulated in double; returned as a
-// 0-dim fp32 tensor (fp64 for fp64 gradients). A non-finite gradient gives a non-finite result.
-at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, c10::IntArrayRef weighted, double eta) {
+// `weighted`: empty (plain SAM) or one SamWeight kind per tensor; the running-Fisher kind needs
+// an fp32 `fisher` tensor of the parameter's size.
+static void check_sam_weights(c10::IntArrayRef weighted, at::TensorList grads, at::TensorList params,
+                              at::TensorList fisher, int64_t n) {
+  if (weighted.empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(weighted.size()) == n, "weighted needs one kind per tensor, got ",
+              weighted.size(), " for ", n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(weighted[i] >= kSamPlain && weighted[i] <= kSamFisherRunning, "SAM weight kind ", weighted[i],
+                " is not 0 (plain), 1 (ASAM), 2 (Fisher-SAM, batch) or 3 (Fisher-SAM, running Fisher)");
+    if (weighted[i] == kSamAsam)
+      TORCH_CHECK(static_cast<int64_t>(params.size()) == n && params[i].numel() == grads[i].numel(),
+                  "ASAM needs the parameters, one per gradient and of its size");
+    if (weighted[i] == kSamFisherRunning) {
+      TORCH_CHECK(static_cast<int64_t>(fisher.size()) == n, "Fisher-SAM with the running Fisher needs `fisher`");
+      TORCH_CHECK(fisher[i].scalar_type() == at::kFloat && fisher[i].numel() == grads[i].numel(),
+                  "the running Fisher of tensor ", i, " must be fp32 with the parameter's size");
+    }
+  }
+}
+
+// sum_i ||T_i g_i||^2 with T_i of the SamWeight kind weighted[i] (empty: plain SAM); `fisher`
+// (fp32) is read by the running-Fisher kind only. One partial per chunk, summed in chunk order:
+// deterministic whatever the thread count. Accumulated in double; returned as a 0-dim fp32 tensor
+// (fp64 for fp64 gradients). A non-finite gradient gives a non-finite result.
+at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::TensorList fisher,
+                            c10::IntArrayRef weighted, double eta) {
   const int64_t n = static_cast<int64_t>(grads.size());
   const auto out_dtype = (n > 0 && grads[0].scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   if (n == 0) return at::zeros({}, at::TensorOptions().dtype(out_dtype));
-  TORCH_CHECK(weighted.empty() || (static_cast<int64_t>(weighted.size()) == n && static_cast<int64_t>(params.size()) == n),
-              "weighted and params need one entry per gradient");
+  check_sam_weights(weighted, grads, params, fisher, n);
   Workspace ws;
-  std::vector<at::Tensor> g, p;
+  std::vector<at::Tensor> g, p, f;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
+    const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[i]);
     g.push_back(ws.use(grads[i], false));
-    p.push_back(weighted.empty() ? at::Tensor() : ws.use(params[i], false));
+    p.push_back(kind == kSamAsam ? ws.use(params[i], false) : at::Tensor());
+    f.push_back(kind == kSamFisherRunning ? ws.use(fisher[i], false) : at::Tensor());
     sizes.push_back(grads[i].numel());
   }
   const auto chunks = make_chunks(sizes);
@@ -29,29 +53,27 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, c10::In
     const opmath_t eta_t = static_cast<opmath_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
       const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
-      const bool w = !weighted.empty() && weighted[c.tensor] != 0;
-      const scalar_t* pp = w ? p[c.tensor].data_ptr<scalar_t>() : nullptr;
-      // Eight independent accumulators, added in a fixed order: the adds overlap instead of
-      // waiting on each other, and the result is the same for every thread count.
-      constexpr int kLanes = 8;
-      double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t i = c.begin;
-      for (; i + kLanes <= c.end; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const opmath_t tg =
-              asam_weight<opmath_t>(w ? static_cast<opmath_t>(pp[i + l]) : opmath_t(0), w, eta_t) *
-              static_cast<opmath_t>(gp[i + l]);
-          lanes[l] += static_cast<double>(tg) * static_cast<double>(tg);
-        }
-      }
-      for (; i < c.end; ++i) {
-        const opmath_t tg = asam_weight<opmath_t>(w ? static_cast<opmath_t>(pp[i]) : opmath_t(0), w, eta_t) *
-                            static_cast<opmath_t>(gp[i]);
-        lanes[0] += static_cast<double>(tg) * static_cast<double>(tg);
-      }
-      double sum = 0.0;
-      for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-      partial[index] = sum;
+      const scalar_t* pp = p[c.tensor].defined() ? p[c.tensor].data_ptr<scalar_t>() : nullptr;
+      const float* fp = f[c.tensor].defined() ? f[c.tensor].data_ptr<float>() : nullptr;
+      const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[c.tensor]);
+      with_sam_weight(kind, [&](auto KIND) {
+        auto term = [&](int64_t i) {
+          return sam_norm_term<KIND(), double, opmath_t>(pp ? static_cast<opmath_t>(pp[i]) : opmath_t(0),
+                                                         static_cast<opmath_t>(gp[i]),
+                                                         fp ? static_cast<opmath_t>(fp[i]) : opmath_t(0), eta_t);
+        };
+        // Eight independent accumulators, added in a fixed order: the adds overlap instead of
+        // waiting on each other, and the result is the same for every thread count.
+        constexpr int kLanes = 8;
+        double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = c.begin;
+        for (; i + kLanes <= c.end; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
+        for (; i < c.end; ++i) lanes[0] += term(i);
+        double sum = 0.0;
+        for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+        partial[index] = sum;
+      });
     });
   });
   double total = 0.0;
@@ -59,8 +81,9 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, c10::In
   return at::scalar_tensor(total, at::TensorOptions().dtype(out_dtype));
 }
 
-// save <- p; optionally F <- beta*F + (1-beta)*(g*inv_scale)^2 (when update_fisher); then
-// p <- p + scale * T^2 * g, an element whose perturbation is not finite staying put.
+// save <- p; optionally F <- beta*F + (1-beta)*(g*inv_scale)^2 (when update_fisher and a
+// `fisher` list is given); then p <- p + scale * T^2 * g, T^2 from the Fisher before its update,
+// an element whose perturbation is not finite staying put.
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saves, double scale,
                      c10::IntArrayRef weighted, double eta, at::TensorList fisher, double fisher_beta,
                      double inv_scale, bool update_fisher) {
@@ -68,8 +91,8 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (n == 0) return;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(saves.size()) == n,
               "grads and saves need one tensor per parameter");
-  TORCH_CHECK(weighted.empty() || static_cast<int64_t>(weighted.size()) == n, "weighted: wrong length");
   TORCH_CHECK(fisher.empty() || static_cast<int64_t>(fisher.size()) == n, "fisher: wrong length");
+  check_sam_weights(weighted, grads, params, fisher, n);
   Workspace ws;
   std::vector<at::Tensor> p, g, s, f;
   std::vector<int64_t> sizes;
@@ -95,19 +118,24 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
       const scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
       scalar_t* __restrict__ sp = s[t].data_ptr<scalar_t>();
-      float* __restrict__ fp = (update_fisher && !f.empty()) ? f[t].data_ptr<float>() : nullptr;
-      const bool w = !weighted.empty() && weighted[t] != 0;
-      with_flags(
-          [&](auto FISHER, auto WEIGHTED) {
-            for (int64_t i = c.begin; i < c.end; ++i) {
-              const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
-              sp[i] = pp[i];
-              if constexpr (FISHER) task_grad<true, false>(gv, pv, fp[i], opmath_t(0), opmath_t(0), opmath_t(0), gt);
-              const opmath_t weight = asam_weight<opmath_t>(pv, WEIGHTED, eta_t);
-              pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, weight, scale_t));
-            }
-          },
-          fp != nullptr, w);
+      float* __restrict__ fp = f.empty() ? nullptr : f[t].data_ptr<float>();
+      const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[t]);
+      with_sam_weight(kind, [&](auto KIND) {
+        with_flags(
+            [&](auto FISHER) {
+              for (int64_t i = c.begin; i < c.end; ++i) {
+                const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
+                // The weight reads the running Fisher before this step's EMA update of it.
+                const opmath_t weight_sq = sam_weight_sq<KIND(), opmath_t>(
+                    pv, gv, KIND() == kSamFisherRunning ? static_cast<opmath_t>(fp[i]) : opmath_t(0), eta_t);
+                sp[i] = pp[i];
+                if constexpr (FISHER)
+                  task_grad<true, false>(gv, pv, fp[i], opmath_t(0), opmath_t(0), opmath_t(0), gt);
+                pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, weight_sq, scale_t));
+              }
+            },
+            update_fisher && fp != nullptr);
+      });
     });
   });
   ws.finish();

@@ -125,18 +125,52 @@ CLO_HD void adamw_update(T& p, T g, T& m, T& v, T& vmax, const AdamWParams<T>& a
   p = p - a.step_size * (m / denom);
 }
 
-// SAM: the perturbation scale * T^2 * g, where T is the ASAM weight (1 for plain SAM). A
-// non-finite result (scale 0 times an inf/nan gradient) moves nothing.
-template <typename T>
-CLO_HD T sam_perturbation(T g, T weight, T scale) {
-  const T e = weight * weight * g * scale;
-  return (e == e && e - e == T(0)) ? e : T(0);
-}
+// SAM's per-element weight T of the perturbation e = s * T^2 * g and of the norm ||T g||, one
+// kind per tensor (SamWeight): 1 for SAM; |p| + eta for ASAM; for Fisher-SAM (Kim et al., ICML
+// 2022) T^2 = 1 / (1 + eta * F) with F the squared batch gradient g^2 (the paper's form) or a
+// running diagonal Fisher (cl_optim's fisher_ema buffer, read before this step updates it).
+enum SamWeight : int { kSamPlain = 0, kSamAsam = 1, kSamFisherBatch = 2, kSamFisherRunning = 3 };
 
 // ASAM weight of one element: |p| + eta where the tensor is normalised, else 1.
 template <typename T>
 CLO_HD T asam_weight(T p, bool weighted, T eta) {
   return weighted ? (p < T(0) ? -p : p) + eta : T(1);
+}
+
+// T^2 of one element; `fisher` is read only by kSamFisherRunning.
+template <int KIND, typename T>
+CLO_HD T sam_weight_sq(T p, T g, T fisher, T eta) {
+  if constexpr (KIND == kSamPlain) {
+    return T(1);
+  } else if constexpr (KIND == kSamAsam) {
+    const T w = asam_weight<T>(p, true, eta);
+    return w * w;
+  } else if constexpr (KIND == kSamFisherBatch) {
+    return T(1) / (T(1) + eta * g * g);
+  } else {
+    return T(1) / (T(1) + eta * fisher);
+  }
+}
+
+// (T g)^2 of one element in the accumulation type A. SAM and ASAM square T*g, as the oracle
+// (and davda54) do; Fisher-SAM multiplies g^2 by T^2 (no square root of 1 / (1 + eta F)).
+template <int KIND, typename A, typename T>
+CLO_HD A sam_norm_term(T p, T g, T fisher, T eta) {
+  if constexpr (KIND == kSamPlain || KIND == kSamAsam) {
+    const A tg = static_cast<A>(asam_weight<T>(p, KIND == kSamAsam, eta) * g);
+    return tg * tg;
+  } else {
+    const A ga = static_cast<A>(g);
+    return ga * ga * static_cast<A>(sam_weight_sq<KIND, T>(p, g, fisher, eta));
+  }
+}
+
+// SAM: the perturbation scale * T^2 * g. A non-finite result (scale 0 times an inf/nan
+// gradient) moves nothing.
+template <typename T>
+CLO_HD T sam_perturbation(T g, T weight_sq, T scale) {
+  const T e = weight_sq * g * scale;
+  return (e == e && e - e == T(0)) ? e : T(0);
 }
 
 // fisher_accumulate_: F += w * g^2.

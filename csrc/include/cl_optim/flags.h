@@ -3,6 +3,7 @@
 // own branch-free loop or kernel (`if constexpr` inside). Shared by the CPU and CUDA launchers.
 #pragma once
 
+#include <stdexcept>
 #include <type_traits>
 
 namespace cl_optim {
@@ -21,6 +22,19 @@ void with_flags(const F& f, bool first, Rest... rest) {
     bind(std::true_type{});
   else
     bind(std::false_type{});
+}
+
+// with_sam_weight(kind, f) calls f(std::integral_constant<int, kind>{}) for a SamWeight kind
+// (elementwise.h): the weight of SAM's perturbation becomes a template parameter too.
+template <typename F>
+void with_sam_weight(int kind, const F& f) {
+  switch (kind) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: throw std::invalid_argument("SAM weight kind must be 0 (plain), 1 (ASAM), 2 or 3 (Fisher-SAM)");
+  }
 }
 
 }  // namespace cl_optim
