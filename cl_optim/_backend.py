@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "resolve", "report", "check_backend_name", "kernel_op"]
+__all__ = ["BACKENDS", "resolve", "report", "check_backend_name", "kernel_op", "prepare"]
 
 # Auto-priority order, fastest first.
 BACKENDS = ("cuda", "triton", "cpp", "foreach", "forloop")
@@ -138,6 +138,19 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
             _warned.add((name, reason))
             warnings.warn(f"cl_optim: backend {name!r} skipped: {reason}", RuntimeWarning, stacklevel=3)
     raise RuntimeError(f"no cl_optim backend can run on {device} / {dtype}")
+
+
+def prepare(backend: str, params) -> None:
+    """Build or load the compiled kernels that ``backend`` may pick for these parameters, now.
+
+    Optimizers call it as groups are added, so that the first ``step()`` — possibly inside
+    ``torch.compile``, which cannot trace a compiler run — finds them loaded. Failures are kept
+    for ``resolve`` to report; nothing is raised here.
+    """
+    if backend in ("auto", "fused", "cpp") and any(p.device.type == "cpu" for p in params):
+        from ._ext import cpu_extension_error
+
+        cpu_extension_error()
 
 
 def kernel_op(backend: str, op_name: str, like: torch.Tensor):

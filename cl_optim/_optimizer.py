@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import check_backend_name, resolve
+from ._backend import check_backend_name, prepare, resolve
 from ._terms import StepTerms
 
 
@@ -98,6 +98,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         # "(device)/(dtype)" -> backend name, for every bucket stepped so far.
         self.backends_used: dict[str, str] = {}
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        prepare(self.backend, self.param_groups[-1]["params"])
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

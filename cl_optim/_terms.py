@@ -85,8 +85,8 @@ class StepTerms:
 
 def kernel_terms(terms: StepTerms, n: int) -> dict:
     """The terms as the compiled step kernels take them (see cl_optim/ops.py): empty lists switch
-    a term off, and the AMP and CLIP factors are plain numbers (1 when off), read on the host —
-    free for the CPU tensors the ``cpp`` backend runs on."""
+    a term off; the AMP and CLIP scalars stay tensors (None when off), read by the kernel where
+    they live, and a set ``found_inf`` skips the update inside the kernel (no host read here)."""
     has_ewc = terms.ewc_precision is not None and any(a is not None for a in terms.ewc_precision)
     return dict(
         restore_from=list(terms.restore_from) if terms.restore_from is not None else [],
@@ -94,10 +94,15 @@ def kernel_terms(terms: StepTerms, n: int) -> dict:
         ewc_precision=list(terms.ewc_precision) if has_ewc else [],
         ewc_anchor=list(terms.ewc_anchor) if has_ewc else [],
         ewc_lam=[float(terms.lam(i)) for i in range(n)] if has_ewc else [],
-        inv_scale=float(terms.inv_scale()) if terms.grad_scale is not None else 1.0,
-        clip_coef=float(terms.clip_coef) if terms.clip_coef is not None else 1.0,
+        grad_scale=terms.grad_scale,
+        found_inf=terms.found_inf,
+        clip_coef=_as_tensor(terms.clip_coef),
         fisher_beta=float(terms.fisher_beta),
     )
+
+
+def _as_tensor(value) -> Optional[Tensor]:
+    return value if value is None or isinstance(value, Tensor) else torch.tensor(float(value))
 
 
 def restore_forloop_(params: list[Tensor], terms: StepTerms) -> None:

@@ -226,18 +226,14 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
 
 def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
                   weight_decay, maximize):  # fmt: skip
-    """The compiled kernel (``torch.ops.cl_optim.adamw_step_``): one pass per element."""
-    if terms.skip_update() or not params:
-        restore_foreach_(params, terms)
+    """The compiled kernel (``torch.ops.cl_optim.adamw_step_``): one pass per element; it counts
+    the step and skips on ``found_inf`` itself, so nothing here reads a tensor on the host."""
+    if not params:
         return
-    lr = _as_scalar(lr)
-    torch._foreach_add_(steps, 1)
-    step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
     kernel_op("cpp", "adamw_step_", params[0])(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [],
-        [_to_float(lr / (1 - beta1**t)) for t in step_values], [(1 - beta2**t) ** 0.5 for t in step_values],
-        **kernel_terms(terms, len(params)), maximize=maximize, lr=_to_float(lr), beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay,
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [], steps,
+        **kernel_terms(terms, len(params)), maximize=maximize, lr=_to_float(_as_scalar(lr)), beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay,
     )  # fmt: skip
 
 

@@ -3,8 +3,12 @@
 The schemas live here, with fake implementations so that ``torch.compile`` can trace through an
 optimizer step; the compiled backends register their kernels against them (``csrc/bindings.cpp``
 for the CPU). Lists that may be empty switch a term off: an empty ``restore_from`` is no RESTORE,
-an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC. ``inv_scale`` and
-``clip_coef`` are 1 when AMP and CLIP are off (a multiplication by 1 is exact).
+an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC. The scalars that change
+every step and may live on the device — ``grad_scale``, ``found_inf``, ``clip_coef``, SAM's
+``scale`` and ``finite`` — are 0-dim tensors (``None``: the term is off), so no step needs a host
+read of them: a non-zero ``found_inf`` makes the step restore the weights (RESTORE) and change
+nothing else, inside the op. ``adamw_step_`` increments its ``steps`` itself (unless skipped)
+and derives the bias corrections from them.
 
 Importing this module defines the schemas only; it loads no extension and touches no device.
 """
@@ -19,22 +23,22 @@ SCHEMAS = {
     "sgd_step_": (
         "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] buffer_ready, "
         "Tensor[] restore_from, Tensor(c!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, "
-        "float[] ewc_lam, float inv_scale, float clip_coef, float fisher_beta, bool maximize, float lr, "
-        "float momentum, float dampening, float weight_decay, bool nesterov) -> ()"
+        "float[] ewc_lam, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, float fisher_beta, bool maximize, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov) -> ()"
     ),
     "adamw_step_": (
         "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, float[] step_sizes, float[] bias_correction2_sqrts, Tensor[] restore_from, "
-        "Tensor(e!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, float[] ewc_lam, float inv_scale, "
-        "float clip_coef, float fisher_beta, bool maximize, float lr, float beta1, float beta2, float eps, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor[] restore_from, Tensor(f!)[] fisher, "
+        "Tensor?[] ewc_precision, Tensor?[] ewc_anchor, float[] ewc_lam, Tensor? grad_scale, Tensor? found_inf, "
+        "Tensor? clip_coef, float fisher_beta, bool maximize, float lr, float beta1, float beta2, float eps, "
         "float weight_decay) -> ()"
     ),
     "grad_sq_norm": (
         "grad_sq_norm(Tensor[] grads, Tensor[] params, Tensor[] fisher, int[] weighted, float eta) -> Tensor"
     ),
     "sam_perturb_": (
-        "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saves, float scale, int[] weighted, "
-        "float eta, Tensor(c!)[] fisher, float fisher_beta, float inv_scale, bool update_fisher) -> ()"
+        "sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] saves, Tensor scale, int[] weighted, "
+        "float eta, Tensor(c!)[] fisher, float fisher_beta, Tensor? grad_scale, Tensor? finite) -> ()"
     ),
     "fisher_accumulate_": "fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float weight) -> ()",
     "ewc_grad_add_": (

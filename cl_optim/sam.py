@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._backend import check_backend_name, kernel_op, resolve
+from ._backend import check_backend_name, kernel_op, prepare, resolve
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -137,11 +137,29 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(rho=rho, adaptive=adaptive, eta=eta)
         # id(param) -> restore buffer, allocated once, never serialised
         self._saved: dict[int, Tensor] = {}
-        self._pending: Optional[list[Tensor]] = None  # parameters perturbed by a pending first_step
-        self._pass1_nonfinite: Optional[Tensor] = None
-        self.last_step_skipped: Optional[Tensor] = None
-        self.steps = 0
+        # What changes from step to step lives in one dict, changed item by item: torch.compile
+        # keeps item writes of a compiled first_step/second_step, where it drops rebinding an
+        # attribute of an Optimizer subclass (seen with torch 2.13). The step count is a tensor
+        # (an int would be specialised: one recompilation per step), and the two methods take
+        # no_grad as a block, so that each has a code object of its own (one shared decorator
+        # wrapper made them evict each other from torch.compile's cache).
+        self._run: dict = {
+            "pending": None,  # parameters perturbed by a pending first_step
+            "pass1_nonfinite": None,  # device flag: the first-pass gradient was not finite
+            "last_step_skipped": None,
+            "steps": torch.zeros((), dtype=torch.int64),
+        }
         self.perturb_backends_used: dict[str, str] = {}
+
+    @property
+    def steps(self) -> int:
+        """Completed SAM steps (skipped ones included), saved in ``state_dict``."""
+        return int(self._run["steps"])
+
+    @property
+    def last_step_skipped(self) -> Optional[Tensor]:
+        """Device flag of the last ``second_step``: True when AMP or a non-finite pass skipped it."""
+        return self._run["last_step_skipped"]
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate rho/adaptive/eta before the group joins the (shared) list of groups.
@@ -149,6 +167,7 @@ class SAM(torch.optim.Optimizer):
         _check_sam_group(settings)
         self._check_fisher_source(settings)
         super().add_param_group(param_group)
+        prepare(self.backend, self.param_groups[-1]["params"])
 
     def _check_fisher_source(self, group: dict) -> None:
         if group["adaptive"] == "fisher_ema" and self.fisher_ema is None:
@@ -159,7 +178,6 @@ class SAM(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------- steps
 
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         """Save the weights and move them to ``w + e`` (the ascent step of the current gradient).
 
@@ -168,7 +186,11 @@ class SAM(torch.optim.Optimizer):
         ``1/(1 + eta*g**2)`` is of the unscaled gradient: ``eta`` is divided by the squared scale,
         one host read of the scale). SAM's and ASAM's perturbations do not depend on the scale.
         """
-        if self._pending is not None:
+        with torch.no_grad():  # a block, not @torch.no_grad(): see _run
+            self._first_step(zero_grad, grad_scaler)
+
+    def _first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        if self._run["pending"] is not None:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are still perturbed; "
                 "call second_step() (or step()) first"
@@ -207,7 +229,7 @@ class SAM(torch.optim.Optimizer):
         acc = torch.float64 if any(x.dtype == torch.float64 for x in sq_norms) else torch.float32
         norm = torch.stack([x.to(acc) for x in sq_norms]).sum().sqrt()
         finite = torch.isfinite(norm)
-        self._pass1_nonfinite = ~finite
+        self._run["pass1_nonfinite"] = ~finite
 
         perturbed = []
         for (group, device, dtype, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers):
@@ -228,14 +250,17 @@ class SAM(torch.optim.Optimizer):
                 finite=finite.to(device),
             )
             perturbed.extend(bucket)
-        self._pending = perturbed
+        self._run["pending"] = perturbed
         if zero_grad:
             self.zero_grad()
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights in place and make the base optimizer's update with the new gradient."""
-        if self._pending is None:
+        with torch.no_grad():  # a block, not @torch.no_grad(): see _run
+            self._second_step(zero_grad)
+
+    def _second_step(self, zero_grad: bool = False) -> None:
+        if self._run["pending"] is None:
             raise RuntimeError("second_step() called without a pending first_step(); nothing was changed")
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (AMP hand-over)
         found_inf = getattr(self, "found_inf", None)
@@ -246,7 +271,7 @@ class SAM(torch.optim.Optimizer):
                 "no gradient at the perturbed weights: call backward() between first_step() and "
                 "second_step(); the weights were restored and no update was made"
             )
-        skip = self._pass1_nonfinite
+        skip = self._run["pass1_nonfinite"]
         if isinstance(self.base_optimizer, FusedOptimizer):
             self.base_optimizer._fused_step(
                 restore=restore, skip=skip, grad_scale=grad_scale, found_inf=found_inf
@@ -255,9 +280,9 @@ class SAM(torch.optim.Optimizer):
             self._restore(restore)
             self._foreign_update(skip, grad_scale, found_inf)
         flag = _merge_found_inf(found_inf, skip)
-        self.last_step_skipped = flag != 0
-        self._pending = None
-        self.steps += 1
+        self._run["last_step_skipped"] = flag != 0
+        self._run["pending"] = None
+        self._run["steps"].add_(1)
         # What an LR scheduler's wrapper of step() records: first_step/second_step users get no
         # "lr_scheduler.step() before optimizer.step()" warning.
         self._opt_called = True
@@ -274,7 +299,7 @@ class SAM(torch.optim.Optimizer):
         reaches ``second_step``).
         """
         if closure is None:
-            if self._pending is not None:
+            if self._run["pending"] is not None:
                 self.second_step()
                 return None
             raise RuntimeError(
@@ -288,7 +313,7 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self._abort()
             raise
-        if not any(p.grad is not None for p in self._pending):
+        if not any(p.grad is not None for p in self._run["pending"]):
             self._abort()
             raise RuntimeError(
                 "the closure did not call backward(): SAM needs the gradient at the perturbed weights; "
@@ -308,7 +333,7 @@ class SAM(torch.optim.Optimizer):
         The restore buffers are transient and never saved; asking between ``first_step`` and
         ``second_step`` (perturbed weights) is an error.
         """
-        if self._pending is not None:
+        if self._run["pending"] is not None:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the weights are perturbed"
             )
@@ -322,7 +347,7 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a SAM state dict, or a plain one of the base optimizer class."""
-        if self._pending is not None:
+        if self._run["pending"] is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         state_dict = dict(state_dict)
         sam_state = state_dict.pop("sam", {})
@@ -335,7 +360,7 @@ class SAM(torch.optim.Optimizer):
                 group.setdefault(key, self.defaults[key])
             _check_sam_group(group)
             self._check_fisher_source(group)
-        self.steps = int(sam_state.get("steps", 0))
+        self._run["steps"].fill_(int(sam_state.get("steps", 0)))
 
     # --------------------------------------------------------------------------------- helpers
 
@@ -348,7 +373,7 @@ class SAM(torch.optim.Optimizer):
 
     def _restore_map(self) -> dict:
         """``id(param) -> (param, save buffer)`` for the pending perturbation."""
-        return {id(p): (p, self._saved[id(p)]) for p in self._pending}
+        return {id(p): (p, self._saved[id(p)]) for p in self._run["pending"]}
 
     def _restore(self, restore: dict) -> None:
         for param, saved in restore.values():
@@ -356,9 +381,9 @@ class SAM(torch.optim.Optimizer):
 
     def _abort(self) -> None:
         """Put the weights back after a failed second pass; no update is made."""
-        if self._pending is not None:
+        if self._run["pending"] is not None:
             self._restore(self._restore_map())
-            self._pending = None
+            self._run["pending"] = None
 
     def _foreign_update(self, skip, grad_scale, found_inf) -> None:
         # A torch.optim base cannot skip on a device flag: one host read decides (documented).
@@ -541,10 +566,8 @@ def sam_perturb_(
         if not params:
             return
         kernel_op(backend, "sam_perturb_", params[0])(
-            params, grads, saves, float(scale.detach()), [int(w) for w in weighted] if weighted is not None else [], eta,
-            fisher if fisher is not None else [], fisher_beta,
-            float(grad_scale.double().reciprocal()) if grad_scale is not None else 1.0,
-            bool(finite) if finite is not None else True,
+            params, grads, saves, scale.detach(), [int(w) for w in weighted] if weighted is not None else [], eta,
+            fisher if fisher is not None else [], fisher_beta, grad_scale, finite,
         )  # fmt: skip
         return
     if backend not in ("forloop", "foreach"):

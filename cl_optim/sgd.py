@@ -193,12 +193,18 @@ def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_
 
 
 def _sgd_kernel(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    """The compiled kernel (``torch.ops.cl_optim.sgd_step_``): one pass per element."""
-    if terms.skip_update() or not params:
-        restore_foreach_(params, terms)
+    """The compiled kernel (``torch.ops.cl_optim.sgd_step_``): one pass per element; it skips on
+    ``found_inf`` itself."""
+    if not params:
         return
     ready = []
     if momentum != 0:
+        if dampening != 0 and any(buf is None for buf in buffers) and terms.skip_update():
+            # A skipped first step leaves zero buffers (see the kernel), which the next step
+            # continues exactly only without dampening; with it, decide on the host, once, while
+            # some buffer does not exist yet.
+            restore_foreach_(params, terms)
+            return
         for i, buf in enumerate(buffers):
             ready.append(0 if buf is None else 1)
             if buf is None:  # the kernel writes the first-step buffer (= the gradient) itself

@@ -5,16 +5,19 @@
 
 namespace cl_optim {
 
+using OptionalTensor = std::optional<at::Tensor>;
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
 void sgd_step_cpu(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, at::TensorList, at::TensorList,
-                  const c10::List<std::optional<at::Tensor>>&, const c10::List<std::optional<at::Tensor>>&,
-                  c10::ArrayRef<double>, double, double, double, bool, double, double, double, double, bool);
-void adamw_step_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    c10::ArrayRef<double>, c10::ArrayRef<double>, at::TensorList, at::TensorList,
-                    const c10::List<std::optional<at::Tensor>>&, const c10::List<std::optional<at::Tensor>>&,
-                    c10::ArrayRef<double>, double, double, double, bool, double, double, double, double, double);
+                  const OptionalTensors&, const OptionalTensors&, c10::ArrayRef<double>, const OptionalTensor&,
+                  const OptionalTensor&, const OptionalTensor&, double, bool, double, double, double, double, bool);
+void adamw_step_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                    at::TensorList, at::TensorList, const OptionalTensors&, const OptionalTensors&,
+                    c10::ArrayRef<double>, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
+                    bool, double, double, double, double, double);
 at::Tensor grad_sq_norm_cpu(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, double);
-void sam_perturb_cpu(at::TensorList, at::TensorList, at::TensorList, double, c10::IntArrayRef, double, at::TensorList,
-                     double, double, bool);
+void sam_perturb_cpu(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, c10::IntArrayRef, double,
+                     at::TensorList, double, const OptionalTensor&, const OptionalTensor&);
 
 void fisher_accumulate_cpu(at::TensorList, at::TensorList, double);
 void ewc_grad_add_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<double>);

@@ -30,22 +30,39 @@ def _ewc(params):
     return [torch.rand(p.shape) for p in params], [torch.randn(p.shape) for p in params], [0.5] * len(params)
 
 
-def _sgd_args(dtype=torch.float32):
+def _sgd_args(dtype=torch.float32, found_inf=0.0):
     params, grads, bufs = _tensors(dtype=dtype), _tensors(dtype=dtype), _tensors(dtype=dtype)
     precision, anchor, lam = _ewc(params)
-    restore = [p.clone() for p in params]
+    restore = [p.clone() + 1 for p in params]
     fisher = [torch.rand(p.shape) for p in params]
-    return (params, grads, bufs, [1, 0, 1], restore, fisher, precision, anchor, lam, 0.125, 0.7, 0.9, False,
-            0.1, 0.9, 0.1, 1e-2, False)  # fmt: skip
+    return (params, grads, bufs, [1, 0, 1], restore, fisher, precision, anchor, lam, torch.tensor(8.0),
+            torch.tensor(found_inf), torch.tensor(0.7), 0.9, False, 0.1, 0.9, 0.1, 1e-2, False)  # fmt: skip
 
 
 def _adamw_args(amsgrad=True):
     params, grads = _tensors(), _tensors()
     m, v = _tensors(), [t.abs() for t in _tensors()]
     vmax = [t.clone() for t in v] if amsgrad else []
+    steps = [torch.tensor(float(i)) for i in range(3)]
     precision, anchor, lam = _ewc(params)
-    return (params, grads, m, v, vmax, [0.01, 0.02, 0.03], [0.5, 0.6, 0.7], [], [], precision, anchor, lam,
-            1.0, 1.0, 0.0, True, 1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+    return (params, grads, m, v, vmax, steps, [], [], precision, anchor, lam, None, None, None, 0.0, True, 1e-3,
+            0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+
+
+def _sam_perturb_args(kinds, grad_scale, finite):
+    fisher = [t.abs() for t in _tensors()]
+    return (
+        _tensors(),
+        _tensors(),
+        _tensors(),
+        torch.tensor(0.05),
+        kinds,
+        0.5,
+        fisher,
+        0.9,
+        grad_scale,
+        finite,
+    )
 
 
 @needs_cpp
@@ -54,33 +71,18 @@ def _adamw_args(amsgrad=True):
     [
         ("sgd_step_", _sgd_args()),
         ("sgd_step_", _sgd_args(torch.bfloat16)),
+        ("sgd_step_", _sgd_args(found_inf=1.0)),
         ("adamw_step_", _adamw_args()),
         ("adamw_step_", _adamw_args(amsgrad=False)),
         ("grad_sq_norm", (_tensors(), _tensors(), [], [1, 0, 1], 0.01)),
         ("grad_sq_norm", (_tensors(), [], [t.abs() for t in _tensors()], [2, 3, 0], 0.5)),
-        (
-            "sam_perturb_",
-            (_tensors(), _tensors(), _tensors(), 0.05, [1, 1, 0], 0.0, _tensors(), 0.9, 0.5, True),
-        ),
-        (
-            "sam_perturb_",
-            (
-                _tensors(),
-                _tensors(),
-                _tensors(),
-                0.05,
-                [3, 2, 3],
-                1.0,
-                [t.abs() for t in _tensors()],
-                0.9,
-                1.0,
-                True,
-            ),
-        ),
+        ("sam_perturb_", _sam_perturb_args([1, 1, 0], torch.tensor(2.0), torch.tensor(True))),
+        ("sam_perturb_", _sam_perturb_args([3, 2, 3], None, None)),
     ],
     ids=[
         "sgd",
         "sgd_bf16",
+        "sgd_skipped",
         "adamw_amsgrad",
         "adamw",
         "grad_sq_norm",
@@ -98,14 +100,18 @@ def test_ops_trace_without_graph_breaks():
     params, grads = _tensors(), _tensors()
     m, v = _tensors(), [t.abs() for t in _tensors()]
 
+    steps = [torch.tensor(0.0) for _ in params]
+
     def step(params, grads, m, v):
-        ops.adamw_step_(params, grads, m, v, [], [0.01] * 3, [0.5] * 3, [], [], [], [], [],
-                        1.0, 1.0, 0.0, False, 1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+        ops.adamw_step_(params, grads, m, v, [], steps, [], [], [], [], [], None, None, None, 0.0, False, 1e-3,
+                        0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
         return ops.grad_sq_norm(grads, [], [], [], 0.0)
 
     expected_params = [p.clone() for p in params]
     expected_m, expected_v = [t.clone() for t in m], [t.clone() for t in v]
     expected = step(expected_params, grads, expected_m, expected_v)
+    for t in steps:  # the op counted the step: count it again from 0 for the compiled run
+        t.zero_()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(params, grads, m, v)
     torch.testing.assert_close(got, expected)
@@ -130,3 +136,70 @@ def test_opcheck_fisher_and_ewc_ops():
     torch.library.opcheck(ops.ewc_grad_add_.default, (grads, params, precision, anchor, lam))
     torch.library.opcheck(ops.ewc_penalty.default, (params, precision, anchor, lam))
     torch.library.opcheck(ops.ewc_consolidate_.default, (precision, anchor, fisher, params, 0.9, 1.0, True))
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _opt_state(opt, model):
+    return [p.detach() for p in model.parameters()] + [
+        value for p in model.parameters() for value in opt.state[p].values()
+    ]
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: cl_optim.AdamW(m.parameters(), lr=1e-2, amsgrad=True, fisher_ema=0.9, backend="cpp"),
+        lambda m: cl_optim.SGD(m.parameters(), lr=1e-2, momentum=0.9, nesterov=True, backend="cpp"),
+    ],
+    ids=["adamw", "sgd"],
+)
+def test_whole_optimizer_step_compiles_without_graph_breaks(make):
+    """fullgraph=True fails on any graph break; the compiled steps give the eager numbers."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        model = _small_model()
+        opt = make(model)
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        for i in range(4):
+            model(x + i).square().sum().backward()
+            step()
+            opt.zero_grad()
+        results.append(_opt_state(opt, model))
+    assert len(results[0]) > 4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "base,kwargs",
+    [(cl_optim.AdamW, dict(adaptive="fisher_ema", fisher_ema=0.9)), (cl_optim.SGD, dict(momentum=0.9))],
+    ids=["adamw_fisher_sam", "sgd"],
+)
+def test_sam_steps_compile_without_graph_breaks(base, kwargs):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        model = _small_model()
+        opt = cl_optim.SAM(model.parameters(), base, rho=0.05, lr=1e-2, backend="cpp", **kwargs)
+        first, second = opt.first_step, opt.second_step
+        if compiled:
+            first = torch.compile(first, fullgraph=True, backend="aot_eager")
+            second = torch.compile(second, fullgraph=True, backend="aot_eager")
+        for i in range(4):
+            model(x + i).square().sum().backward()
+            first()
+            opt.zero_grad()
+            model(x + i).square().sum().backward()
+            second()
+            opt.zero_grad()
+        results.append(_opt_state(opt, model))
+        assert opt.steps == 4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

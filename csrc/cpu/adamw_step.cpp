@@ -2,6 +2,8 @@
 // DESIGN.md §3 fused into one pass over each element (csrc/include/cl_optim/elementwise.h).
 #include "step_terms.h"
 
+#include <cmath>
+
 namespace cl_optim {
 namespace {
 
@@ -29,19 +31,27 @@ CLO_CPU_CLONES void adamw_chunk(scalar_t* __restrict__ pp, const scalar_t* __res
 }  // namespace
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, c10::ArrayRef<double> step_sizes,
-                    c10::ArrayRef<double> bias_correction2_sqrts, at::TensorList restore_from, at::TensorList fisher,
-                    const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList restore_from,
+                    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& ewc_precision,
                     const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
-                    double inv_scale, double clip_coef, double fisher_beta, bool maximize, double lr, double beta1,
-                    double beta2, double eps, double weight_decay) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& clip_coef, double fisher_beta, bool maximize, double lr,
+                    double beta1, double beta2, double eps, double weight_decay) {
   const int64_t n = static_cast<int64_t>(params.size());
-  if (n == 0) return;
+  if (n == 0 || skip_step(found_inf, params, restore_from)) return;
   check_cpu_list(grads.vec(), "grads", n);
   TORCH_CHECK(static_cast<int64_t>(exp_avgs.size()) == n && static_cast<int64_t>(exp_avg_sqs.size()) == n,
               "exp_avgs and exp_avg_sqs need one tensor per parameter");
-  TORCH_CHECK(static_cast<int64_t>(step_sizes.size()) == n && static_cast<int64_t>(bias_correction2_sqrts.size()) == n,
-              "step_sizes and bias_correction2_sqrts need one value per parameter");
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "steps needs one step count per parameter");
+  // Count this step, then torch.optim.AdamW's bias corrections of it, in double on the host.
+  std::vector<double> step_sizes(n), bias_correction2_sqrts(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].device().is_cpu(), "each step count is a 1-element CPU tensor");
+    steps[i].add_(1);
+    const double t = steps[i].item<double>();
+    step_sizes[i] = lr / (1.0 - std::pow(beta1, t));
+    bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
+  }
   const bool amsgrad = !max_exp_avg_sqs.empty();
   TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_exp_avg_sqs.size()) == n, "max_exp_avg_sqs: wrong length");
   Workspace ws;
@@ -56,7 +66,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, inv_scale, clip_coef,
+  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,
                        fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_", [&] {

@@ -1,7 +1,7 @@
 // cl_optim::grad_sq_norm and cl_optim::sam_perturb_ on the CPU: SAM's first pass.
 #include <cl_optim/elementwise.h>
 
-#include "multi_tensor.h"
+#include "step_terms.h"
 
 namespace cl_optim {
 
@@ -84,9 +84,12 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
 // save <- p; optionally F <- beta*F + (1-beta)*(g*inv_scale)^2 (when update_fisher and a
 // `fisher` list is given); then p <- p + scale * T^2 * g, T^2 from the Fisher before its update,
 // an element whose perturbation is not finite staying put.
-void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saves, double scale,
+void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saves, const at::Tensor& scale_t,
                      c10::IntArrayRef weighted, double eta, at::TensorList fisher, double fisher_beta,
-                     double inv_scale, bool update_fisher) {
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& finite) {
+  const double scale = scale_t.to(at::kDouble).item<double>();
+  const double inv_scale = inv_scale_of(grad_scale);
+  const bool update_fisher = scalar_or(finite, 1.0) != 0.0;
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) return;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(saves.size()) == n,

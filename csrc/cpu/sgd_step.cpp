@@ -29,8 +29,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList fisher,
                   const c10::List<std::optional<at::Tensor>>& ewc_precision,
                   const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
-                  double inv_scale, double clip_coef, double fisher_beta, bool maximize, double lr, double momentum,
-                  double dampening, double weight_decay, bool nesterov) {
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& clip_coef, double fisher_beta, bool maximize, double lr,
+                  double momentum, double dampening, double weight_decay, bool nesterov) {
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) return;
   check_cpu_list(grads.vec(), "grads", n);
@@ -38,6 +39,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(!has_momentum || (static_cast<int64_t>(momentum_buffers.size()) == n &&
                                 static_cast<int64_t>(buffer_ready.size()) == n),
               "momentum_buffers and buffer_ready must have one entry per parameter");
+  if (skip_step(found_inf, params, restore_from)) {
+    // A skipped first step leaves zeros, not uninitialised memory, in the buffers it was to
+    // start; the next step then forms momentum * 0 + (1 - dampening) * g (= g: dampening 0).
+    for (int64_t i = 0; has_momentum && i < n; ++i)
+      if (buffer_ready[i] == 0) momentum_buffers[i].zero_();
+    return;
+  }
   Workspace ws;
   std::vector<at::Tensor> p, g, buf;
   std::vector<int64_t> sizes;
@@ -48,7 +56,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, inv_scale, clip_coef,
+  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,
                        fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {

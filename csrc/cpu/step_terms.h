@@ -8,6 +8,22 @@
 
 namespace cl_optim {
 
+// AMP's 1/grad_scale as GradScaler.unscale_ rounds it (reciprocal in double, then fp32), so a
+// fused unscale equals unscale_ + step; 1 when AMP is off.
+inline double inv_scale_of(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() && grad_scale->defined()
+             ? static_cast<double>(static_cast<float>(1.0 / scalar_or(grad_scale, 1.0)))
+             : 1.0;
+}
+
+// AMP's skip decision: found_inf non-zero. The step then only restores the weights (RESTORE), so
+// a skipped SAM step leaves no perturbed weight behind. Read here, on the host: free for CPU tensors.
+inline bool skip_step(const std::optional<at::Tensor>& found_inf, at::TensorList params, at::TensorList restore_from) {
+  if (scalar_or(found_inf, 0.0) == 0.0) return false;
+  for (size_t i = 0; i < restore_from.size() && i < params.size(); ++i) params[i].copy_(restore_from[i]);
+  return true;
+}
+
 struct StepTermInputs {
   std::vector<at::Tensor> restore, fisher, precision, anchor;
   std::vector<double> lam;
@@ -17,8 +33,12 @@ struct StepTermInputs {
   StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList fisher_in,
                  const c10::List<std::optional<at::Tensor>>& ewc_precision,
                  const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
-                 double inv_scale_in, double clip_coef_in, double fisher_beta_in, bool maximize_in)
-      : inv_scale(inv_scale_in), clip_coef(clip_coef_in), fisher_beta(fisher_beta_in), maximize(maximize_in) {
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& clip_coef_in,
+                 double fisher_beta_in, bool maximize_in)
+      : inv_scale(inv_scale_of(grad_scale)),
+        clip_coef(scalar_or(clip_coef_in, 1.0)),
+        fisher_beta(fisher_beta_in),
+        maximize(maximize_in) {
     TORCH_CHECK(restore_from.empty() || static_cast<int64_t>(restore_from.size()) == n, "restore_from: wrong length");
     TORCH_CHECK(fisher_in.empty() || static_cast<int64_t>(fisher_in.size()) == n, "fisher: wrong length");
     TORCH_CHECK(ewc_precision.size() == ewc_anchor.size(), "ewc_precision and ewc_anchor differ in length");
