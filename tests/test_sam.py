@@ -281,7 +281,7 @@ def test_sparse_gradients_are_rejected_with_params_unchanged():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.first_step()
     _unchanged(emb, before)
-    assert opt._pending is None
+    assert opt._run["pending"] is None
 
 
 def test_closure_without_backward_raises_and_restores():
