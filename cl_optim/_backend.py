@@ -5,7 +5,7 @@ Every op has one contract (the per-element math of DESIGN.md §3) and several im
 ======== =============================================== ===============================
 backend  what                                            state in this release
 ======== =============================================== ===============================
-cuda     csrc/cuda, multi-tensor-apply kernels            compile-checked, not bound yet
+cuda     csrc/cuda, multi-tensor-apply kernels            CUDA tensors; built on first use
 triton   kernels/, pointer-table Triton kernels           not built yet
 cpp      csrc/cpu, at::parallel_for loops                 CPU tensors; built on first use
 foreach  torch._foreach_* over each (device, dtype) group available everywhere
@@ -14,7 +14,8 @@ forloop  one tensor at a time, the readable oracle       available everywhere
 
 ``"auto"`` takes, for each (device, dtype) group, the first backend in that order that is
 available; it passes over an unavailable one with one warning naming the reason (backends that
-this release does not ship are not candidates, so they cost no warning). A backend asked for by
+this release does not ship, or that are written for another device type, are not candidates, so
+they cost no warning). A backend asked for by
 name that is unavailable raises the reason as an error.
 """
 
@@ -38,6 +39,9 @@ class _Backend:
     # Returns None when the backend can run on this device and dtype, else the reason it cannot.
     unavailable_reason: Callable[[torch.device, torch.dtype], Optional[str]]
     shipped: bool = True
+    # Device types it is written for (None: all): "auto" passes over the others without a
+    # warning — the CUDA kernels not running on CPU tensors is no news.
+    device_types: Optional[tuple[str, ...]] = None
 
 
 def _not_shipped(what: str) -> Callable[[torch.device, torch.dtype], Optional[str]]:
@@ -54,6 +58,22 @@ def _forloop_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return _foreach_reason(device, dtype)
 
 
+def _build_failure(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"the extension could not be built or loaded: {type(error).__name__}: {text[-1] if text else ''}"
+
+
+def _cuda_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA tensors, not {device.type}"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the CUDA kernels take fp32, fp16 or bf16 tensors, not {dtype}"
+    from ._ext import cuda_extension_error
+
+    error = cuda_extension_error()
+    return None if error is None else _build_failure(error)
+
+
 def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if device.type != "cpu":
         return f"the C++ kernels run on CPU tensors, not {device.type}"
@@ -63,24 +83,15 @@ def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     from ._ext import cpu_extension_error
 
     error = cpu_extension_error()
-    if error is None:
-        return None
-    text = str(error).strip().splitlines()
-    return (
-        f"the C++ extension could not be built or loaded: {type(error).__name__}: {text[-1] if text else ''}"
-    )
+    return None if error is None else _build_failure(error)
 
 
 _REGISTRY = {
-    "cuda": _Backend(
-        "cuda",
-        _not_shipped("the CUDA kernels (csrc/cuda) compile but are not bound to the ops yet"),
-        shipped=False,
-    ),
+    "cuda": _Backend("cuda", _cuda_reason, device_types=("cuda",)),
     "triton": _Backend(
         "triton", _not_shipped("the Triton kernels (kernels/) are not written yet"), shipped=False
     ),
-    "cpp": _Backend("cpp", _cpp_reason),
+    "cpp": _Backend("cpp", _cpp_reason, device_types=("cpu",)),
     "foreach": _Backend("foreach", _foreach_reason),
     "forloop": _Backend("forloop", _forloop_reason),
 }
@@ -118,18 +129,18 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     if requested != "auto":
         reason = _REGISTRY[requested].unavailable_reason(device, dtype)
         if reason is not None:
-            original = None
-            if requested == "cpp":
-                from ._ext import cpu_extension_error
+            from ._ext import cpu_extension_error, cuda_extension_error
 
-                original = cpu_extension_error()
+            original = None  # the build error itself, when that is the reason
+            if reason.startswith("the extension could not"):
+                original = {"cpp": cpu_extension_error, "cuda": cuda_extension_error}[requested]()
             raise RuntimeError(
                 f"backend {requested!r} cannot run on {device} / {dtype}: {reason}"
             ) from original
         return requested
     for name in BACKENDS:
         backend = _REGISTRY[name]
-        if not backend.shipped:
+        if not backend.shipped or (backend.device_types and device.type not in backend.device_types):
             continue
         reason = backend.unavailable_reason(device, dtype)
         if reason is None:
@@ -147,10 +158,12 @@ def prepare(backend: str, params) -> None:
     ``torch.compile``, which cannot trace a compiler run — finds them loaded. Failures are kept
     for ``resolve`` to report; nothing is raised here.
     """
-    if backend in ("auto", "fused", "cpp") and any(p.device.type == "cpu" for p in params):
-        from ._ext import cpu_extension_error
+    from ._ext import cpu_extension_error, cuda_extension_error
 
+    if backend in ("auto", "fused", "cpp") and any(p.device.type == "cpu" for p in params):
         cpu_extension_error()
+    if backend in ("auto", "fused", "cuda") and any(p.device.type == "cuda" for p in params):
+        cuda_extension_error()
 
 
 def kernel_op(backend: str, op_name: str, like: torch.Tensor):

@@ -1,10 +1,11 @@
 """Build and load the compiled backends on first use.
 
-The C++ CPU kernels (``csrc/cpu``, bound in ``csrc/bindings.cpp``) are compiled just in time with
+The C++ CPU kernels (``csrc/cpu``, bound in ``csrc/bindings.cpp``) and, with a CUDA build of torch,
+the CUDA kernels (``csrc/cuda``, bound in ``csrc/bindings_cuda.cpp``) are compiled just in time with
 ``torch.utils.cpp_extension.load`` (ninja) into a cache private to this Python environment and
 torch version — one environment's build never loads in another — under torch's file lock, so two
 processes starting together do not corrupt it. ``CL_OPTIM_BUILD_EXT=1 pip install
---no-build-isolation .`` builds it ahead of time as ``cl_optim._C_cpu`` instead. Whatever fails
+--no-build-isolation .`` builds them ahead of time as ``cl_optim._C_cpu`` / ``cl_optim._C_cuda``. Whatever fails
 (no ninja, no compiler, a compile error) is kept, so ``backend="auto"`` can fall back with the
 reason and ``backend="cpp"`` can raise it.
 """
@@ -43,10 +44,15 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "cl_optim" / environment / tag
 
 
-def _build_cpu() -> None:
-    if importlib.util.find_spec("cl_optim._C_cpu") is not None:  # built ahead of time
-        torch.ops.load_library(importlib.util.find_spec("cl_optim._C_cpu").origin)
-        return
+def _load_ahead_of_time_build(module: str) -> bool:
+    spec = importlib.util.find_spec(f"cl_optim.{module}")
+    if spec is None:
+        return False
+    torch.ops.load_library(spec.origin)
+    return True
+
+
+def _ninja_on_path():
     from torch.utils import cpp_extension
 
     try:  # the ninja wheel's binary, even when the environment's bin/ is not on PATH
@@ -57,6 +63,13 @@ def _build_cpu() -> None:
     except ImportError:
         pass
     cpp_extension.verify_ninja_availability()
+    return cpp_extension
+
+
+def _build_cpu() -> None:
+    if _load_ahead_of_time_build("_C_cpu"):
+        return
+    cpp_extension = _ninja_on_path()
     root = csrc_dir()
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
@@ -72,6 +85,40 @@ def _build_cpu() -> None:
         is_python_module=False,
         verbose=os.environ.get("CL_OPTIM_VERBOSE_BUILD") == "1",
     )
+
+
+def _build_cuda() -> None:
+    if _load_ahead_of_time_build("_C_cuda"):
+        return
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is a build without CUDA")
+    cpp_extension = _ninja_on_path()
+    root = csrc_dir()
+    build = cache_dir() / "cuda"
+    build.mkdir(parents=True, exist_ok=True)
+    # One compile per kernel file; TORCH_CUDA_ARCH_LIST, when set, picks the architectures
+    # (default: those of the visible GPUs).
+    cpp_extension.load(
+        name="cl_optim_cuda",
+        sources=[str(root / "bindings_cuda.cpp"), *sorted(str(p) for p in (root / "cuda").glob("*.cu"))],
+        extra_include_paths=[str(root / "include"), str(root)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=os.environ.get("CL_OPTIM_VERBOSE_BUILD") == "1",
+    )
+
+
+def cuda_extension_error() -> Optional[BaseException]:
+    """None once the CUDA kernels are loaded; the build or load error otherwise (tried once)."""
+    if "cuda" not in _state:
+        try:
+            _build_cuda()
+            _state["cuda"] = None
+        except Exception as error:  # noqa: BLE001 - any failure disables the backend, with its reason
+            _state["cuda"] = error
+    return _state["cuda"]
 
 
 def cpu_extension_error() -> Optional[BaseException]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -103,6 +104,12 @@ class AdamW(FusedOptimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if backend == "cuda" and state["step"].device != p.device:
+                # The CUDA kernels count the step on the device (no host sync under AMP); torch's
+                # fused AdamW keeps it there too. Moved once, e.g. after loading a CPU state dict.
+                state["step"] = state["step"].to(p.device)
+            elif backend != "cuda" and state["step"].device.type != "cpu":
+                state["step"] = state["step"].cpu()
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
@@ -144,7 +151,12 @@ def adamw_step_(
 ) -> None:
     """The AdamW step of one (device, dtype) bucket, in place. ``max_exp_avg_sqs`` given = amsgrad."""
     terms = terms if terms is not None else StepTerms()
-    impl = {"forloop": _adamw_forloop, "foreach": _adamw_foreach, "cpp": _adamw_kernel}[backend]
+    impl = {
+        "forloop": _adamw_forloop,
+        "foreach": _adamw_foreach,
+        "cpp": partial(_adamw_kernel, "cpp"),
+        "cuda": partial(_adamw_kernel, "cuda"),
+    }[backend]
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
          weight_decay, maximize)  # fmt: skip
 
@@ -224,13 +236,13 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             torch._foreach_copy_(dst, src)
 
 
-def _adamw_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
+def _adamw_kernel(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
                   weight_decay, maximize):  # fmt: skip
     """The compiled kernel (``torch.ops.cl_optim.adamw_step_``): one pass per element; it counts
     the step and skips on ``found_inf`` itself, so nothing here reads a tensor on the host."""
     if not params:
         return
-    kernel_op("cpp", "adamw_step_", params[0])(
+    kernel_op(backend, "adamw_step_", params[0])(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if max_exp_avg_sqs is not None else [], steps,
         **kernel_terms(terms, len(params)), maximize=maximize, lr=_to_float(_as_scalar(lr)), beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -504,7 +504,7 @@ def grad_sq_norm(
     tensor(1.4000)
     """
     _check_weights(weighted, fisher, len(grads))
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         if not grads:
             return torch.zeros(())
         kinds = [int(w) for w in weighted] if weighted is not None else []
@@ -562,7 +562,7 @@ def sam_perturb_(
     tensor([0.2500, 0.1500])
     """
     _check_weights(weighted, fisher, len(params))
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):
         if not params:
             return
         kernel_op(backend, "sam_perturb_", params[0])(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -137,7 +138,12 @@ def sgd_step_(
     and written back into the list. ``None`` for the whole list means no momentum.
     """
     terms = terms if terms is not None else StepTerms()
-    impl = {"forloop": _sgd_forloop, "foreach": _sgd_foreach, "cpp": _sgd_kernel}[backend]
+    impl = {
+        "forloop": _sgd_forloop,
+        "foreach": _sgd_foreach,
+        "cpp": partial(_sgd_kernel, "cpp"),
+        "cuda": partial(_sgd_kernel, "cuda"),
+    }[backend]
     impl(params, grads, momentum_buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize)
 
 
@@ -192,7 +198,9 @@ def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_
         torch._foreach_copy_(params, p)
 
 
-def _sgd_kernel(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def _sgd_kernel(
+    backend, params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize
+):
     """The compiled kernel (``torch.ops.cl_optim.sgd_step_``): one pass per element; it skips on
     ``found_inf`` itself."""
     if not params:
@@ -210,7 +218,7 @@ def _sgd_kernel(params, grads, buffers, terms, lr, momentum, dampening, weight_d
             if buf is None:  # the kernel writes the first-step buffer (= the gradient) itself
                 buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
     lr = lr.item() if isinstance(lr, Tensor) else lr
-    kernel_op("cpp", "sgd_step_", params[0])(
+    kernel_op(backend, "sgd_step_", params[0])(
         params, grads, buffers if momentum != 0 else [], ready, **kernel_terms(terms, len(params)),
         maximize=maximize, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         nesterov=nesterov,

@@ -33,26 +33,50 @@ def _candidates():
 
 
 CANDIDATES = _candidates()
+
+
+def _cuda_candidates():
+    """The non-oracle backends that run on this machine's GPU (called by GPU tests only)."""
+    from cl_optim._backend import _REGISTRY, BACKENDS
+
+    return [
+        name
+        for name in BACKENDS
+        if name != "forloop"
+        and _REGISTRY[name].shipped
+        and _REGISTRY[name].unavailable_reason(torch.device("cuda"), torch.float32) is None
+    ]
+
+
+def _on(t: torch.Tensor, device: str) -> torch.Tensor:
+    """``t`` on ``device`` with its strides (a transposed CPU tensor stays transposed)."""
+    if t.device.type == device:
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+
 STEPS = 10
 LOWP_ATOL = {torch.float32: 0.0, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: bool):
+def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: bool, device: str = "cpu"):
     """10 steps of the functional op with every optional term switched on (or none)."""
     groups = clone_groups(make_zoo(torch.float32), dtype)
-    params = [p for p in zoo_params(groups) if p.numel() != 5]  # the grad-less one is not stepped
+    # the grad-less one is not stepped; on CUDA, the same values (the transposed one stays strided)
+    params = [_on(p.detach(), device) for p in zoo_params(groups) if p.numel() != 5]
     gen = torch.Generator().manual_seed(3)
     n = len(params)
-    fisher = [torch.rand(p.shape, generator=gen) for p in params] if with_terms else None
-    precision = [torch.rand(p.shape, generator=gen) for p in params]
-    anchor = [torch.randn(p.shape, generator=gen) for p in params]
+    fisher = [torch.rand(p.shape, generator=gen).to(device) for p in params] if with_terms else None
+    precision = [torch.rand(p.shape, generator=gen).to(device) for p in params]
+    anchor = [torch.randn(p.shape, generator=gen).to(device) for p in params]
     buffers = [None] * n
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     vmax = [torch.zeros_like(p) for p in params]
-    steps = [torch.tensor(0.0) for _ in params]
+    # the cuda backend counts AdamW steps on the device, the others on the host (as torch)
+    steps = [torch.tensor(0.0, device=device if backend == "cuda" else "cpu") for _ in params]
     for step in range(STEPS):
-        grads = [g.to(dtype) for g in zoo_grads(params, step, scale=8.0 if with_terms else 1.0)]
+        grads = [g.to(dtype).to(device) for g in zoo_grads(params, step, scale=8.0 if with_terms else 1.0)]
         terms = StepTerms()
         if with_terms:
             saves = [p.detach().clone() for p in params]
@@ -61,11 +85,11 @@ def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: boo
                     p.add_(0.01)  # a perturbation RESTORE must undo
             terms = StepTerms(
                 restore_from=saves,
-                grad_scale=torch.tensor(8.0),
-                found_inf=torch.tensor(1.0 if step == 4 else 0.0),
+                grad_scale=torch.tensor(8.0, device=device),
+                found_inf=torch.tensor(1.0 if step == 4 else 0.0, device=device),
                 fisher=fisher,
                 fisher_beta=0.95,
-                clip_coef=torch.tensor(0.7),
+                clip_coef=torch.tensor(0.7, device=device),
                 ewc_precision=precision,
                 ewc_anchor=anchor,
                 ewc_lam=[0.5 + i for i in range(n)],
@@ -200,6 +224,23 @@ def test_nonfinite_gradient_moves_nothing(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_backends_on_cuda_match_the_cpu_oracle(kind, dtype, with_terms):
+    """Each GPU backend's step, with every term, against the forloop oracle run on the CPU."""
+    candidates = _cuda_candidates()
+    assert "cuda" in candidates, "the CUDA extension did not build or load: see cl_optim.report()"
+    oracle = _functional_run(kind, "forloop", dtype, with_terms)
+    reference = _functional_run(kind, "forloop", torch.float64, with_terms) if dtype != torch.float32 else {}
+    for backend in candidates:
+        got = _functional_run(kind, backend, dtype, with_terms, device="cuda")
+        assert got.keys() == oracle.keys()
+        for name in oracle:
+            assert_state_close(got[name].cpu(), oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
     """The shipped backends on CUDA tensors against the forloop oracle on the CPU."""
@@ -218,7 +259,7 @@ def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
         return [p.detach().cpu() for p in params], opt
 
     oracle, _ = run("cpu", "forloop")
-    for backend in ["forloop", *CANDIDATES]:
+    for backend in ["forloop", *_cuda_candidates()]:
         got, opt = run("cuda", backend)
         assert set(opt.base_optimizer.backends_used.values()) == {backend}
         for a, b in zip(got, oracle):
@@ -229,6 +270,18 @@ def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", CANDIDATES)
 def test_fisher_and_ewc_ops_match_forloop(backend, dtype):
+    _check_fisher_and_ewc_ops(backend, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fisher_and_ewc_ops_on_cuda_match_forloop(dtype):
+    for backend in _cuda_candidates():
+        _check_fisher_and_ewc_ops(backend, dtype, "cuda")
+
+
+def _check_fisher_and_ewc_ops(backend, dtype, device):
+    """The four Fisher/EWC ops of ``backend`` on ``device`` against the forloop oracle on the CPU."""
     from cl_optim.ewc import ewc_consolidate_, ewc_grad_add_, ewc_penalty, fisher_accumulate_
 
     params = [p.detach() for p in zoo_params(clone_groups(make_zoo(torch.float32), dtype)) if p.numel() != 5]
@@ -238,21 +291,24 @@ def test_fisher_and_ewc_ops_match_forloop(backend, dtype):
     fisher[2].view(-1)[::3] = 0.0  # entries where A' = 0: the anchor falls back to p
     lam = [0.5 + i for i in range(len(params))]
 
-    def run(name):
-        f = [t.clone() for t in fisher]
-        fisher_accumulate_(f, grads, 0.25, backend=name)
+    def run(name, on):
+        ps = [_on(p, on) for p in params]
+        f = [t.clone().to(on) for t in fisher]
+        fisher_accumulate_(f, [_on(g, on) for g in grads], 0.25, backend=name)
         a = [torch.zeros(p.shape) if i == 2 else torch.rand(p.shape, generator=torch.Generator().manual_seed(i))
              for i, p in enumerate(params)]  # fmt: skip
         mu = [
             torch.randn(p.shape, generator=torch.Generator().manual_seed(50 + i))
             for i, p in enumerate(params)
         ]
-        gaps = ewc_consolidate_(a, mu, f, params, 0.9, 1.0, True, backend=name)
-        g = [t.clone() for t in grads]
-        ewc_grad_add_(g, params, a, mu, lam, backend=name)
-        return f, a, mu, g, gaps, ewc_penalty(params, a, mu, lam, backend=name)
+        a, mu = [t.to(on) for t in a], [t.to(on) for t in mu]
+        gaps = ewc_consolidate_(a, mu, f, ps, 0.9, 1.0, True, backend=name)
+        g = [_on(t.clone(), on) for t in grads]
+        ewc_grad_add_(g, ps, a, mu, lam, backend=name)
+        out = f, a, mu, g, gaps, ewc_penalty(ps, a, mu, lam, backend=name)
+        return [[t.cpu() for t in x] if isinstance(x, list) else x.cpu() for x in out]
 
-    oracle, got = run("forloop"), run(backend)
+    oracle, got = run("forloop", "cpu"), run(backend, device)
     for want_list, got_list in zip(oracle[:4], got[:4]):
         for want, have in zip(want_list, got_list):
             if want.dtype == torch.float32:

@@ -151,22 +151,13 @@ at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, 
       const float* __restrict__ fp = f[t].data_ptr<float>();
       const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
       double gap = 0;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const float theta = static_cast<float>(pp[i]);
-        const float old = d * ap[i], fresh = w * fp[i], total = old + fresh;
-        if (weighted_anchor) {
-          const float diff = mp[i] - theta;
-          if (total > 0.f) {
-            gap += static_cast<double>(old * fresh / total * diff * diff);
-            mp[i] = (old * mp[i] + fresh * theta) / total;
-          } else {
-            mp[i] = theta;
-          }
-        } else {
-          mp[i] = theta;
-        }
-        ap[i] = total;
-      }
+      with_flags(
+          [&](auto WEIGHTED) {
+            for (int64_t i = c.begin; i < c.end; ++i)
+              gap += static_cast<double>(
+                  ewc_consolidate<WEIGHTED()>(ap[i], mp[i], fp[i], static_cast<float>(pp[i]), d, w));
+          },
+          weighted_anchor);
       partial[index] = gap;
     });
   });

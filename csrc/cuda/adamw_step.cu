@@ -7,18 +7,11 @@
 
 namespace cl_optim::cuda {
 
-// Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher (fp32),
-// 7 EWC precision (fp32), 8 EWC anchor (fp32). Scalars per tensor: step size, sqrt(1 - beta2^t).
-struct AdamWDeviceArgs {
-  const float* inv_scale;  // AMP: 1/grad_scale on the device, or null
-  const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
-  const float* clip_coef;  // CLIP, or null
-  float sign, fisher_beta, ewc_lam;
-  float decay, one_minus_beta1, beta2, one_minus_beta2, eps;
-};
-
+// Lists and arguments: launchers.h. scalars[0][t]: the EWC lambda of tensor t. The bias
+// corrections come from the step count on the device (list 9), counted by the glue before the
+// launch: no host read of it, so AMP's skip (which does not count the step) needs no sync.
 template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool AMSGRAD>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta, AdamWDeviceArgs args) {
+__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<10> meta, AdamWDeviceArgs args) {
   int t;
   int64_t begin, end;
   chunk_range(meta, t, begin, end);
@@ -32,10 +25,20 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta,
   const auto* precision = static_cast<const float*>(meta.addresses[7][t]);
   const auto* anchor = static_cast<const float*>(meta.addresses[8][t]);
   const bool skip = load_or(args.found_inf, 0.f) != 0.f;
+  const float ewc_lam = meta.scalars[0][t];
   const auto terms = make_grad_terms<float>(load_or(args.inv_scale, 1.f), load_or(args.clip_coef, 1.f),
                                             args.sign < 0.f, args.fisher_beta, 1.f - args.fisher_beta);
-  const AdamWParams<float> a{args.decay, args.one_minus_beta1, args.beta2, args.one_minus_beta2, args.eps,
-                             meta.scalars[0][t], meta.scalars[1][t]};
+  // torch.optim.AdamW's bias corrections, in double as the CPU backend forms them on the host;
+  // once per block (thread 0), not once per thread.
+  __shared__ float bias_terms[2];
+  if (threadIdx.x == 0) {
+    const double step = static_cast<double>(*static_cast<const float*>(meta.addresses[9][t]));
+    bias_terms[0] = static_cast<float>(args.lr_exact / (1.0 - ::pow(args.beta1_exact, step)));
+    bias_terms[1] = static_cast<float>(::sqrt(1.0 - ::pow(args.beta2_exact, step)));
+  }
+  __syncthreads();
+  const AdamWParams<float> a{args.decay,         args.one_minus_beta1, args.beta2,   args.one_minus_beta2,
+                             args.eps,           bias_terms[0],        bias_terms[1]};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     if (skip) {  // a skipped step still restores the weights
       if (SAVE) p[i] = save[i];
@@ -43,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta,
     }
     float pv;
     const float gv =
-        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, args.ewc_lam, terms, pv);
+        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
     float mv = static_cast<float>(m[i]), vv = static_cast<float>(v[i]), xv = AMSGRAD ? static_cast<float>(vmax[i]) : 0.f;
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
     p[i] = static_cast<scalar_t>(pv);  // round to nearest even for bf16/fp16
@@ -53,14 +56,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<9> meta,
   }
 }
 
-// Host launcher: one launch per kMaxBlocks chunks for the whole group. `dtype`: 0 fp32, 1 fp16,
-// 2 bf16. Empty lists switch their term off.
-void adamw_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
-                     const std::vector<float>& step_sizes, const std::vector<float>& bias_correction2_sqrts,
-                     const AdamWDeviceArgs& args, bool save, bool fisher, bool ewc, bool amsgrad, cudaStream_t stream) {
+void adamw_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
+                     const std::vector<float>& ewc_lam, const AdamWDeviceArgs& args, bool save, bool fisher, bool ewc,
+                     bool amsgrad, cudaStream_t stream) {
   auto run = [&](auto tag, auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {
     using scalar_t = decltype(tag);
-    multi_tensor_apply<9>(lists, sizes, step_sizes, bias_correction2_sqrts, [&](const TensorListMeta<9>& meta, int blocks) {
+    multi_tensor_apply<10>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<10>& meta, int blocks) {
       adamw_kernel<scalar_t, SAVE(), FISHER(), EWC(), AMSGRAD()><<<blocks, kThreads, 0, stream>>>(meta, args);
       check(cudaGetLastError(), "adamw_kernel launch");
     });

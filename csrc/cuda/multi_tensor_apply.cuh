@@ -13,18 +13,20 @@
 #include <string>
 #include <vector>
 
+#include "launchers.h"
+
 namespace cl_optim::cuda {
 
 constexpr int kMaxTensors = 36;
 constexpr int kMaxBlocks = 320;
-constexpr int kChunk = 16384;  // elements per block-chunk
+constexpr int kChunk = kChunkElements;  // elements per block-chunk (launchers.h)
 constexpr int kThreads = 512;
 
 template <int kLists>
 struct TensorListMeta {
   void* addresses[kLists][kMaxTensors];
   int64_t sizes[kMaxTensors];  // 64-bit: a tensor may exceed 2^31 elements
-  float scalars[2][kMaxTensors];  // per-tensor scalars (e.g. AdamW step size, bias correction)
+  float scalars[2][kMaxTensors];  // per-tensor scalars (e.g. the EWC lambda, a SAM weight kind)
   unsigned char block_to_tensor[kMaxBlocks];
   int block_to_chunk[kMaxBlocks];
 };
@@ -95,5 +97,32 @@ __device__ __forceinline__ void chunk_range(const TensorListMeta<kLists>& meta, 
 // Device scalars (lr, loss scale, found_inf, SAM scale) are read by pointer: a step needs no
 // host synchronisation and can be captured in a CUDA graph. Null means "off" (the default value).
 __device__ __forceinline__ float load_or(const float* p, float fallback) { return p ? *p : fallback; }
+
+// Deterministic block reduction: every thread's value added along a fixed tree (same order on
+// every run, no atomics). The result is valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T value) {
+  __shared__ T shared[kThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Stage 2 of a two-stage reduction, launched with one block per output: out[b] = the sum, in a
+// fixed order, of partials[begin, end) with end = ends[b] and begin = ends[b - 1] (0 for b = 0);
+// ends = nullptr sums all `count` partials into out[0].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sum_partials(const T* partials, int64_t count, const int64_t* ends, T* out) {
+  const int64_t begin = ends == nullptr || blockIdx.x == 0 ? 0 : ends[blockIdx.x - 1];
+  const int64_t end = ends == nullptr ? count : ends[blockIdx.x];
+  T sum = T(0);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) sum += partials[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) out[blockIdx.x] = sum;
+}
 
 }  // namespace cl_optim::cuda

@@ -30,28 +30,8 @@ __global__ void __launch_bounds__(kThreads)
       default: sum += sam_norm_term<kSamPlain, float>(0.f, gv, 0.f, eta);
     }
   }
-  __shared__ float shared[kThreads];
-  shared[threadIdx.x] = sum;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {  // fixed tree: same order every run
-    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[launch_offset + blockIdx.x] = shared[0];
-}
-
-// Stage 2: one block adds the partials in a fixed order into *out.
-__global__ void __launch_bounds__(kThreads) sum_partials(const float* partials, int count, float* out) {
-  __shared__ float shared[kThreads];
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partials[i];
-  shared[threadIdx.x] = sum;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *out = shared[0];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partials[launch_offset + blockIdx.x] = sum;
 }
 
 // perturb: save <- p; [F <- beta F + (1-beta)(g * inv_scale)^2 where *finite]; p <- p + s T^2 g,
@@ -87,10 +67,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// `partials` must hold one float per chunk of the group (sum over tensors of ceil(size/kChunk)).
-void grad_sq_norm_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
-                       const std::vector<float>& kinds, float eta, float* partials, float* out,
-                       cudaStream_t stream) {
+void grad_sq_norm_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
+                       const std::vector<float>& kinds, float eta, float* partials, float* out, cudaStream_t stream) {
   int offset = 0;
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -100,11 +78,11 @@ void grad_sq_norm_cuda(int dtype, const std::vector<std::vector<void*>>& lists, 
       offset += blocks;
     });
   });
-  sum_partials<<<1, kThreads, 0, stream>>>(partials, offset, out);
+  sum_partials<float><<<1, kThreads, 0, stream>>>(partials, offset, nullptr, out);
   check(cudaGetLastError(), "sum_partials launch");
 }
 
-void sam_perturb_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+void sam_perturb_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
                       const std::vector<float>& kinds, const float* scale, const float* inv_scale,
                       const bool* finite, float eta, float fisher_beta, bool fisher, cudaStream_t stream) {
   by_dtype(dtype, [&](auto tag) {

@@ -7,18 +7,7 @@
 
 namespace cl_optim::cuda {
 
-// Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher (fp32), 5 EWC precision (fp32),
-// 6 EWC anchor (fp32).
-struct SgdDeviceArgs {
-  const float* inv_scale;  // AMP: 1/grad_scale on the device, or null
-  const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
-  const float* clip_coef;  // CLIP, or null
-  const float* lr;         // a tensor learning rate on the device, or null for `lr_value`
-  float lr_value, sign, fisher_beta, ewc_lam;
-  float momentum, one_minus_dampening, weight_decay;
-  bool nesterov;
-};
-
+// Lists and arguments: launchers.h. scalars[0][t]: the EWC lambda of tensor t.
 template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool MOMENTUM, bool READY>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, SgdDeviceArgs args) {
   int t;
@@ -32,18 +21,20 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   const auto* precision = static_cast<const float*>(meta.addresses[5][t]);
   const auto* anchor = static_cast<const float*>(meta.addresses[6][t]);
   const bool skip = load_or(args.found_inf, 0.f) != 0.f;
+  const float ewc_lam = meta.scalars[0][t];
   const auto terms = make_grad_terms<float>(load_or(args.inv_scale, 1.f), load_or(args.clip_coef, 1.f),
                                             args.sign < 0.f, args.fisher_beta, 1.f - args.fisher_beta);
   const SgdParams<float> s{load_or(args.lr, args.lr_value), args.momentum, args.one_minus_dampening,
                            args.weight_decay, args.nesterov};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    if (skip) {  // a skipped step still restores the weights
+    if (skip) {  // a skipped step still restores the weights, and starts no buffer (zeros, as on the CPU)
       if (SAVE) p[i] = save[i];
+      if (MOMENTUM && !READY) buf[i] = scalar_t(0.f);
       continue;
     }
     float pv;
     const float gv =
-        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, args.ewc_lam, terms, pv);
+        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
     float bv = MOMENTUM ? static_cast<float>(buf[i]) : 0.f;
     sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
     if (MOMENTUM) buf[i] = static_cast<scalar_t>(bv);
@@ -51,17 +42,14 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   }
 }
 
-// Host launcher: one launch per kMaxBlocks chunks. `dtype`: 0 fp32, 1 fp16, 2 bf16. `ready`
-// (momentum buffers initialised) is one value for the whole call: the Python side groups the
-// first-step tensors separately.
-void sgd_step_cuda(int dtype, const std::vector<std::vector<void*>>& lists, const std::vector<int64_t>& sizes,
+void sgd_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes, const std::vector<float>& ewc_lam,
                    const SgdDeviceArgs& args, bool save, bool fisher, bool ewc, bool momentum, bool ready,
                    cudaStream_t stream) {
   auto by_flags = [&](auto tag) {
     using scalar_t = decltype(tag);
     with_flags(
         [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
-          multi_tensor_apply<7>(lists, sizes, {}, {}, [&](const TensorListMeta<7>& meta, int blocks) {
+          multi_tensor_apply<7>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<7>& meta, int blocks) {
             sgd_kernel<scalar_t, SAVE(), FISHER(), EWC(), MOMENTUM(), READY()><<<blocks, kThreads, 0, stream>>>(meta, args);
             check(cudaGetLastError(), "sgd_kernel launch");
           });

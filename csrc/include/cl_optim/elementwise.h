@@ -191,4 +191,23 @@ CLO_HD T ewc_penalty_term(T p, T precision, T anchor) {
   return precision * d * d;
 }
 
+// ewc_consolidate_ of one element, in fp32 (A and mu are fp32): A' = decay*A + weight*F and
+// mu' = (decay*A*mu + weight*F*p) / A' (p where A' = 0) with WEIGHTED_ANCHOR, else mu' = p.
+// Returns decay*A * weight*F / A' * (mu - p)^2, this element's increment of the constant that
+// makes the collapsed penalty equal the sum of the separate ones (0 without WEIGHTED_ANCHOR).
+template <bool WEIGHTED_ANCHOR>
+CLO_HD float ewc_consolidate(float& precision, float& anchor, float fisher, float theta, float decay, float weight) {
+  const float old = decay * precision, fresh = weight * fisher, total = old + fresh;
+  float gap = 0.f;
+  if (WEIGHTED_ANCHOR && total > 0.f) {
+    const float diff = anchor - theta;
+    gap = old * fresh / total * diff * diff;
+    anchor = (old * anchor + fresh * theta) / total;
+  } else {
+    anchor = theta;
+  }
+  precision = total;
+  return gap;
+}
+
 }  // namespace cl_optim

@@ -1,0 +1,444 @@
+// Registers the CUDA implementations of cl_optim's ops (schemas: cl_optim/ops.py). The torch glue
+// only: it checks the inputs, turns tensor lists into address tables, keeps every per-step scalar
+// (loss scale, found_inf, clip coefficient, SAM scale, step counts) on the device, and calls the
+// torch-free launchers of csrc/cuda (launchers.h). Nothing here reads a device value on the host.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cuda/launchers.h"
+
+namespace cl_optim {
+namespace {
+
+using cuda::Lists;
+using OptionalTensor = std::optional<at::Tensor>;
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+int dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "the cl_optim CUDA kernels take fp32, fp16 or bf16 tensors, got ", type);
+  }
+  return -1;
+}
+
+// Contiguous views of the tensors an op touches; non-contiguous ones are worked on in a copy
+// that finish() writes back (only those the op writes). Every tensor must be on `device`.
+class Workspace {
+ public:
+  explicit Workspace(at::Device device) : device_(device) {}
+  void* use(const at::Tensor& t, bool written) {
+    if (!t.defined()) return nullptr;
+    TORCH_CHECK(t.device() == device_, "cl_optim CUDA op: a tensor is on ", t.device(), ", expected ", device_);
+    if (t.is_contiguous()) return t.data_ptr();
+    at::Tensor copy = t.contiguous();
+    keep_.push_back(copy);
+    if (written) writes_.emplace_back(t, copy);
+    return copy.data_ptr();
+  }
+  void finish() {
+    for (auto& [dst, src] : writes_) dst.copy_(src);
+  }
+
+ private:
+  at::Device device_;
+  std::vector<at::Tensor> keep_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
+};
+
+// A device scalar as the kernels read it (fp32 on `device`), or an undefined tensor.
+at::Tensor device_float(const OptionalTensor& t, at::Device device) {
+  if (!t.has_value() || !t->defined()) return {};
+  TORCH_CHECK(t->numel() == 1, "cl_optim: a per-step scalar must have one element, got ", t->numel());
+  return t->to(device, at::kFloat).reshape({});
+}
+
+const float* float_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// 1/grad_scale rounded as GradScaler.unscale_ does (reciprocal in double, then fp32), on the device.
+at::Tensor device_inv_scale(const OptionalTensor& grad_scale, at::Device device) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return {};
+  return grad_scale->to(device, at::kDouble).reciprocal().to(at::kFloat).reshape({});
+}
+
+void check_length(size_t size, int64_t n, const char* what) {
+  TORCH_CHECK(static_cast<int64_t>(size) == n, "cl_optim CUDA op: ", what, " needs ", n, " entries, got ", size);
+}
+
+struct Launch {
+  Lists lists;
+  std::vector<int64_t> sizes;
+  std::vector<float> scalars;
+  explicit Launch(int n_lists) : lists(n_lists) {}
+};
+
+// The optional per-tensor terms of the SGD and AdamW steps, split by what switches a kernel flag.
+struct StepInputs {
+  bool save, fisher;
+  std::vector<bool> ewc;
+  std::vector<float> lam;
+
+  StepInputs(int64_t n, at::TensorList restore_from, at::TensorList fisher_in, const OptionalTensors& precision,
+             const OptionalTensors& anchor, c10::ArrayRef<double> ewc_lam)
+      : save(!restore_from.empty()), fisher(!fisher_in.empty()), ewc(n, false), lam(n, 0.f) {
+    if (save) check_length(restore_from.size(), n, "restore_from");
+    if (fisher) check_length(fisher_in.size(), n, "fisher");
+    for (const auto& f : fisher_in) TORCH_CHECK(f.scalar_type() == at::kFloat, "the running Fisher must be fp32");
+    TORCH_CHECK(precision.size() == anchor.size(), "ewc_precision and ewc_anchor differ in length");
+    if (!precision.empty()) check_length(precision.size(), n, "ewc_precision");
+    for (size_t i = 0; i < precision.size(); ++i) {
+      const OptionalTensor a = precision.get(i), mu = anchor.get(i);
+      TORCH_CHECK(a.has_value() == mu.has_value(), "EWC precision and anchor must be given together");
+      if (a.has_value()) {
+        TORCH_CHECK(a->scalar_type() == at::kFloat && mu->scalar_type() == at::kFloat, "EWC buffers must be fp32");
+        ewc[i] = true;
+        lam[i] = static_cast<float>(i < ewc_lam.size() ? ewc_lam[i] : 0.0);
+      }
+    }
+  }
+};
+
+void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                      c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList fisher,
+                      const OptionalTensors& ewc_precision, const OptionalTensors& ewc_anchor,
+                      c10::ArrayRef<double> ewc_lam, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                      const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double momentum,
+                      double dampening, double weight_decay, bool nesterov) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_length(grads.size(), n, "grads");
+  const bool has_momentum = !momentum_buffers.empty();
+  if (has_momentum) {
+    check_length(momentum_buffers.size(), n, "momentum_buffers");
+    check_length(buffer_ready.size(), n, "buffer_ready");
+  }
+  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
+  const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
+  cuda::SgdDeviceArgs args{float_ptr(inv_scale),
+                           float_ptr(skip),
+                           float_ptr(clip),
+                           nullptr,
+                           static_cast<float>(lr),
+                           maximize ? -1.f : 1.f,
+                           static_cast<float>(fisher_beta),
+                           0.f,
+                           static_cast<float>(momentum),
+                           static_cast<float>(1.0 - dampening),
+                           static_cast<float>(weight_decay),
+                           nesterov};
+  Workspace ws(device);
+  // One launch group per (buffer started, EWC covered): both are kernel flags.
+  std::map<std::pair<bool, bool>, Launch> launches;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
+    const bool ready = has_momentum && buffer_ready[i] != 0;
+    auto& launch = launches.try_emplace({ready, terms.ewc[i]}, 7).first->second;
+    const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
+                         mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
+    void* addresses[7] = {ws.use(params[i], true),
+                          ws.use(grads[i], false),
+                          has_momentum ? ws.use(momentum_buffers[i], true) : nullptr,
+                          terms.save ? ws.use(restore_from[i], false) : nullptr,
+                          terms.fisher ? ws.use(fisher[i], true) : nullptr,
+                          a.has_value() ? ws.use(*a, false) : nullptr,
+                          mu.has_value() ? ws.use(*mu, false) : nullptr};
+    for (int l = 0; l < 7; ++l) launch.lists[l].push_back(addresses[l]);
+    launch.sizes.push_back(params[i].numel());
+    launch.scalars.push_back(terms.lam[i]);
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  for (const auto& [key, launch] : launches)
+    cuda::sgd_step_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes, launch.scalars, args,
+                        terms.save, terms.fisher, key.second, has_momentum, key.first, stream);
+  ws.finish();
+}
+
+void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                        at::TensorList restore_from, at::TensorList fisher, const OptionalTensors& ewc_precision,
+                        const OptionalTensors& ewc_anchor, c10::ArrayRef<double> ewc_lam,
+                        const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
+                        const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double beta1,
+                        double beta2, double eps, double weight_decay) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_length(grads.size(), n, "grads");
+  check_length(exp_avgs.size(), n, "exp_avgs");
+  check_length(exp_avg_sqs.size(), n, "exp_avg_sqs");
+  check_length(steps.size(), n, "steps");
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  if (amsgrad) check_length(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs");
+  for (const auto& s : steps)
+    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kFloat && s.numel() == 1,
+                "the cuda backend keeps each AdamW step count as a 1-element fp32 tensor on the parameter's device");
+  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
+  const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
+  // Count the step on the device; a skipped step (found_inf = 1) is not counted, as in torch.
+  if (skip.defined())
+    at::_foreach_add_(steps, 1.0 - skip);
+  else
+    at::_foreach_add_(steps, 1.0);
+  cuda::AdamWDeviceArgs args{float_ptr(inv_scale),
+                             float_ptr(skip),
+                             float_ptr(clip),
+                             maximize ? -1.f : 1.f,
+                             static_cast<float>(fisher_beta),
+                             static_cast<float>(1.0 - lr * weight_decay),
+                             static_cast<float>(1.0 - beta1),
+                             static_cast<float>(beta2),
+                             static_cast<float>(1.0 - beta2),
+                             static_cast<float>(eps),
+                             lr,
+                             beta1,
+                             beta2};
+  Workspace ws(device);
+  std::map<bool, Launch> launches;  // by EWC coverage, a kernel flag
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
+    auto& launch = launches.try_emplace(terms.ewc[i], 10).first->second;
+    const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
+                         mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
+    void* addresses[10] = {ws.use(params[i], true),
+                           ws.use(grads[i], false),
+                           ws.use(exp_avgs[i], true),
+                           ws.use(exp_avg_sqs[i], true),
+                           amsgrad ? ws.use(max_exp_avg_sqs[i], true) : nullptr,
+                           terms.save ? ws.use(restore_from[i], false) : nullptr,
+                           terms.fisher ? ws.use(fisher[i], true) : nullptr,
+                           a.has_value() ? ws.use(*a, false) : nullptr,
+                           mu.has_value() ? ws.use(*mu, false) : nullptr,
+                           steps[i].data_ptr()};
+    for (int l = 0; l < 10; ++l) launch.lists[l].push_back(addresses[l]);
+    launch.sizes.push_back(params[i].numel());
+    launch.scalars.push_back(terms.lam[i]);
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  for (const auto& [ewc, launch] : launches)
+    cuda::adamw_step_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes, launch.scalars, args,
+                          terms.save, terms.fisher, ewc, amsgrad, stream);
+  ws.finish();
+}
+
+// The weight kind of each tensor (elementwise.h SamWeight), with the checks of the CPU op.
+std::vector<float> sam_kinds(c10::IntArrayRef weighted, int64_t n, at::TensorList params, at::TensorList fisher,
+                             at::TensorList grads) {
+  std::vector<float> kinds(n, 0.f);
+  if (weighted.empty()) return kinds;
+  check_length(weighted.size(), n, "weighted");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(weighted[i] >= 0 && weighted[i] <= 3, "SAM weight kind ", weighted[i],
+                " is not 0 (plain), 1 (ASAM), 2 or 3 (Fisher-SAM)");
+    if (weighted[i] == 1)
+      TORCH_CHECK(static_cast<int64_t>(params.size()) == n && params[i].numel() == grads[i].numel(),
+                  "ASAM needs the parameters, one per gradient and of its size");
+    if (weighted[i] == 3)
+      TORCH_CHECK(static_cast<int64_t>(fisher.size()) == n && fisher[i].scalar_type() == at::kFloat &&
+                      fisher[i].numel() == grads[i].numel(),
+                  "Fisher-SAM with the running Fisher needs an fp32 `fisher` tensor per gradient");
+    kinds[i] = static_cast<float>(weighted[i]);
+  }
+  return kinds;
+}
+
+at::Tensor grad_sq_norm_cuda_op(at::TensorList grads, at::TensorList params, at::TensorList fisher,
+                                c10::IntArrayRef weighted, double eta) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(n > 0, "grad_sq_norm on CUDA needs at least one gradient");
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto kinds = sam_kinds(weighted, n, params, fisher, grads);
+  Workspace ws(device);
+  Launch launch(3);
+  for (int64_t i = 0; i < n; ++i) {
+    launch.lists[0].push_back(ws.use(grads[i], false));
+    launch.lists[1].push_back(kinds[i] == 1.f ? ws.use(params[i], false) : nullptr);
+    launch.lists[2].push_back(kinds[i] == 3.f ? ws.use(fisher[i], false) : nullptr);
+    launch.sizes.push_back(grads[i].numel());
+  }
+  const auto options = grads[0].options().dtype(at::kFloat);
+  at::Tensor partials = at::empty({std::max<int64_t>(cuda::chunk_count(launch.sizes), 1)}, options);
+  at::Tensor out = at::empty({}, options);
+  cuda::grad_sq_norm_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes, kinds,
+                          static_cast<float>(eta), partials.data_ptr<float>(), out.data_ptr<float>(),
+                          c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  return out;
+}
+
+void sam_perturb_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList saves, const at::Tensor& scale,
+                         c10::IntArrayRef weighted, double eta, at::TensorList fisher, double fisher_beta,
+                         const OptionalTensor& grad_scale, const OptionalTensor& finite) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_length(grads.size(), n, "grads");
+  check_length(saves.size(), n, "saves");
+  if (!fisher.empty()) check_length(fisher.size(), n, "fisher");
+  const auto kinds = sam_kinds(weighted, n, params, fisher, grads);
+  const at::Tensor scale_f = device_float(scale, device), inv_scale = device_inv_scale(grad_scale, device);
+  const at::Tensor finite_b = finite.has_value() && finite->defined() ? finite->to(device, at::kBool).reshape({})
+                                                                      : at::Tensor();
+  Workspace ws(device);
+  Launch launch(4);
+  for (int64_t i = 0; i < n; ++i) {
+    launch.lists[0].push_back(ws.use(params[i], true));
+    launch.lists[1].push_back(ws.use(grads[i], false));
+    launch.lists[2].push_back(ws.use(saves[i], true));
+    launch.lists[3].push_back(fisher.empty() ? nullptr : ws.use(fisher[i], true));
+    launch.sizes.push_back(params[i].numel());
+  }
+  cuda::sam_perturb_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes, kinds,
+                         scale_f.data_ptr<float>(), float_ptr(inv_scale),
+                         finite_b.defined() ? finite_b.data_ptr<bool>() : nullptr, static_cast<float>(eta),
+                         static_cast<float>(fisher_beta), !fisher.empty(),
+                         c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  ws.finish();
+}
+
+void fisher_accumulate_cuda_op(at::TensorList fisher, at::TensorList grads, double weight) {
+  const int64_t n = static_cast<int64_t>(fisher.size());
+  if (n == 0) return;
+  const at::Device device = fisher[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_length(grads.size(), n, "grads");
+  Workspace ws(device);
+  Launch launch(2);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(fisher[i].scalar_type() == at::kFloat && fisher[i].sizes() == grads[i].sizes(),
+                "fisher_accumulate_: the Fisher is fp32 and of the gradient's shape");
+    launch.lists[0].push_back(ws.use(fisher[i], true));
+    launch.lists[1].push_back(ws.use(grads[i], false));
+    launch.sizes.push_back(fisher[i].numel());
+  }
+  cuda::fisher_accumulate_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes,
+                               static_cast<float>(weight), c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  ws.finish();
+}
+
+// Lists of the EWC ops: the parameter-dtype tensor first, then precision and anchor (fp32).
+Launch ewc_launch(Workspace& ws, int n_lists, at::TensorList first, bool first_written, at::TensorList params,
+                  at::TensorList precision, at::TensorList anchor, c10::ArrayRef<double> lam) {
+  const int64_t n = static_cast<int64_t>(first.size());
+  check_length(precision.size(), n, "precision");
+  check_length(anchor.size(), n, "anchor");
+  check_length(lam.size(), n, "lam");
+  Launch launch(n_lists);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(precision[i].scalar_type() == at::kFloat && anchor[i].scalar_type() == at::kFloat,
+                "the EWC precision and anchor must be fp32");
+    int l = 0;
+    launch.lists[l++].push_back(ws.use(first[i], first_written));
+    if (n_lists == 4) launch.lists[l++].push_back(ws.use(params[i], false));
+    launch.lists[l++].push_back(ws.use(precision[i], false));
+    launch.lists[l++].push_back(ws.use(anchor[i], false));
+    launch.sizes.push_back(first[i].numel());
+    launch.scalars.push_back(static_cast<float>(lam[i]));
+  }
+  return launch;
+}
+
+void ewc_grad_add_cuda_op(at::TensorList grads, at::TensorList params, at::TensorList precision,
+                          at::TensorList anchor, c10::ArrayRef<double> lam) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  if (n == 0) return;
+  const at::Device device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_length(params.size(), n, "params");
+  Workspace ws(device);
+  const Launch launch = ewc_launch(ws, 4, grads, true, params, precision, anchor, lam);
+  cuda::ewc_grad_add_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes, launch.scalars,
+                          c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  ws.finish();
+}
+
+at::Tensor ewc_penalty_cuda_op(at::TensorList params, at::TensorList precision, at::TensorList anchor,
+                               c10::ArrayRef<double> lam) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(n > 0, "ewc_penalty on CUDA needs at least one parameter");
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  Workspace ws(device);
+  const Launch launch = ewc_launch(ws, 3, params, false, params, precision, anchor, lam);
+  const auto options = params[0].options().dtype(at::kDouble);
+  at::Tensor partials = at::empty({std::max<int64_t>(cuda::chunk_count(launch.sizes), 1)}, options);
+  at::Tensor out = at::empty({}, options);
+  cuda::ewc_penalty_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes, launch.scalars,
+                         partials.data_ptr<double>(), out.data_ptr<double>(),
+                         c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  return out;
+}
+
+at::Tensor ewc_consolidate_cuda_op(at::TensorList precision, at::TensorList anchor, at::TensorList fisher,
+                                   at::TensorList params, double decay, double weight, bool weighted_anchor) {
+  const int64_t n = static_cast<int64_t>(precision.size());
+  check_length(anchor.size(), n, "anchor");
+  check_length(fisher.size(), n, "fisher");
+  check_length(params.size(), n, "params");
+  TORCH_CHECK(n > 0, "ewc_consolidate_ on CUDA needs at least one tensor");
+  const at::Device device = precision[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  Workspace ws(device);
+  Launch launch(4);
+  std::vector<int64_t> tensor_ends;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(precision[i].scalar_type() == at::kFloat && anchor[i].scalar_type() == at::kFloat &&
+                    fisher[i].scalar_type() == at::kFloat,
+                "ewc_consolidate_: the precision, anchor and Fisher must be fp32");
+    launch.lists[0].push_back(ws.use(precision[i], true));
+    launch.lists[1].push_back(ws.use(anchor[i], true));
+    launch.lists[2].push_back(ws.use(fisher[i], false));
+    launch.lists[3].push_back(ws.use(params[i], false));
+    launch.sizes.push_back(precision[i].numel());
+    chunks += cuda::chunk_count({precision[i].numel()});
+    tensor_ends.push_back(chunks);
+  }
+  const auto options = precision[0].options().dtype(at::kDouble);
+  at::Tensor partials = at::empty({std::max<int64_t>(chunks, 1)}, options);
+  at::Tensor ends = at::tensor(tensor_ends, at::TensorOptions().dtype(at::kLong)).to(device);
+  at::Tensor out = at::empty({n}, options);
+  cuda::ewc_consolidate_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes,
+                             static_cast<float>(decay), static_cast<float>(weight), weighted_anchor,
+                             partials.data_ptr<double>(), ends.data_ptr<int64_t>(), out.data_ptr<double>(),
+                             c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  ws.finish();
+  return out;
+}
+
+}  // namespace
+}  // namespace cl_optim
+
+TORCH_LIBRARY_IMPL(cl_optim, CUDA, m) {
+  m.impl("sgd_step_", &cl_optim::sgd_step_cuda_op);
+  m.impl("adamw_step_", &cl_optim::adamw_step_cuda_op);
+  m.impl("grad_sq_norm", &cl_optim::grad_sq_norm_cuda_op);
+  m.impl("sam_perturb_", &cl_optim::sam_perturb_cuda_op);
+  m.impl("fisher_accumulate_", &cl_optim::fisher_accumulate_cuda_op);
+  m.impl("ewc_grad_add_", &cl_optim::ewc_grad_add_cuda_op);
+  m.impl("ewc_penalty", &cl_optim::ewc_penalty_cuda_op);
+  m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cuda_op);
+}
+
+#ifdef CL_OPTIM_AOT
+// Built ahead of time as the Python extension module cl_optim._C_cuda (see bindings.cpp).
+#include <Python.h>
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
