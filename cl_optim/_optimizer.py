@@ -137,19 +137,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _fused_step(
         self,
         restore: Optional[dict] = None,
+        restore_params: Optional[list[Tensor]] = None,
         skip: Optional[Tensor] = None,
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
     ) -> None:
         """One step with the RESTORE term, AMP and a skip flag.
 
-        ``restore`` maps ``id(param)`` to ``(param, save buffer)`` (ids: hashing tensors is a Python
-        call per lookup, which adds up over thousands of small tensors).
+        ``restore`` maps ``id(param)`` to its save buffer (ids: hashing tensors is a Python call
+        per lookup, which adds up over thousands of small tensors).
 
         ``grad_scale``/``found_inf`` follow GradScaler's hand-over; ``skip`` (a device flag, e.g.
         SAM's non-finite first pass) skips the update like ``found_inf``. Parameters in
         ``restore`` that have no gradient are restored by a plain copy, so no perturbed weight
-        is ever left behind, skipped or not.
+        is ever left behind, skipped or not; a parameter with a gradient but no save buffer (it
+        was not perturbed) is updated from its own value.
         """
         found_inf = _merge_found_inf(found_inf, skip)
 
@@ -158,31 +160,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                _check_param(p)
-            for (device, dtype), index in _buckets(params).items():
+                grad = p.grad
+                if grad.is_sparse or grad.shape != p.shape or p.is_complex():
+                    _check_param(p)  # raises, naming the problem
+            for (device, dtype), index in bucket_indices(params).items():
                 plan.append((group, [params[i] for i in index], resolve(self.backend, device, dtype)))
 
-        stepped = set()
+        restored = 0  # parameters of `restore` that the buckets restore
         for group, bucket, backend in plan:
             device, dtype = bucket[0].device, bucket[0].dtype
             self.backends_used[f"{device}/{dtype}"] = backend
-            terms = StepTerms(
-                restore_from=[restore[id(p)][1] for p in bucket] if restore is not None else None,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            ).to(device)
+            saves = None
+            if restore is not None:
+                saves = [restore.get(id(p)) for p in bucket]
+                missing = [i for i, save in enumerate(saves) if save is None]
+                restored += len(saves) - len(missing)
+                for i in missing:
+                    saves[i] = bucket[i].detach().clone()
+            terms = StepTerms(restore_from=saves, grad_scale=grad_scale, found_inf=found_inf).to(device)
             if self.fisher_ema is not None:
                 terms.fisher = [fisher_buffer(self.state[p], p) for p in bucket]
                 terms.fisher_beta = self.fisher_ema
             if self.ewc is not None:
                 terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
             self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
-            stepped.update(id(p) for p in bucket)
 
-        if restore is not None:
-            for key, (param, saved) in restore.items():
-                if key not in stepped:
-                    param.copy_(saved)
+        if restore is not None and restored != len(restore):
+            stepped = {id(p) for _, bucket, _ in plan for p in bucket}
+            for param in restore_params:
+                if id(param) not in stepped:
+                    param.copy_(restore[id(param)])
 
     def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -205,7 +212,20 @@ def _check_param(p: Tensor) -> None:
         )
 
 
-def _buckets(params: list[Tensor]) -> dict:
+def bucket_indices(params: list[Tensor]) -> dict:
+    """``(device, dtype) -> indices`` of ``params``. One (device, dtype), the usual case, is found
+    without building a torch.device per tensor (``is_cpu`` and ``get_device()`` are plain values)."""
+    if not params:
+        return {}
+    first = params[0]
+    dtype = first.dtype
+    if first.is_cpu:
+        same_device = all(p.is_cpu for p in params)
+    else:
+        index = first.get_device()
+        same_device = all(p.get_device() == index and not p.is_cpu for p in params)
+    if same_device and all(p.dtype is dtype for p in params):
+        return {(first.device, dtype): list(range(len(params)))}
     buckets: dict = defaultdict(list)
     for i, p in enumerate(params):
         buckets[(p.device, p.dtype)].append(i)

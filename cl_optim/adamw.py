@@ -98,21 +98,20 @@ class AdamW(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend):
         amsgrad = group["amsgrad"]
-        for p in params:
-            state = self.state[p]
+        step_device = params[0].device if backend == "cuda" else torch.device("cpu")
+        states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
+        for p, state in zip(params, states):
             if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if backend == "cuda" and state["step"].device != p.device:
-                # The CUDA kernels count the step on the device (no host sync under AMP); torch's
-                # fused AdamW keeps it there too. Moved once, e.g. after loading a CPU state dict.
-                state["step"] = state["step"].to(p.device)
-            elif backend != "cuda" and state["step"].device.type != "cpu":
-                state["step"] = state["step"].cpu()
+            elif state["step"].device != step_device:
+                # The CUDA kernels count the step on the device (no host sync under AMP), as torch's
+                # fused AdamW does; the other backends on the host. Moved once, e.g. after loading
+                # a state dict saved by the other kind.
+                state["step"] = state["step"].to(step_device)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw_step_(
             params,

@@ -38,6 +38,7 @@ from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
     _merge_found_inf,
+    bucket_indices,
     check_fisher_ema,
     fisher_buffer,
     keep_fp32_state,
@@ -199,8 +200,11 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                _check_sam_param(p)
+                if p.grad.is_sparse:
+                    _check_sam_param(p)  # raises, naming the problem
             for (device, dtype), bucket in _buckets(params).items():
+                if dtype.is_complex:
+                    _check_sam_param(bucket[0])
                 plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype)))
         if not plan:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
@@ -239,7 +243,7 @@ class SAM(torch.optim.Optimizer):
             sam_perturb_(
                 bucket,
                 [p.grad for p in bucket],
-                [self._save_buffer(p) for p in bucket],
+                self._save_buffers(bucket, device, dtype),
                 scale.to(device),
                 weighted,
                 eta,
@@ -274,10 +278,14 @@ class SAM(torch.optim.Optimizer):
         skip = self._run["pass1_nonfinite"]
         if isinstance(self.base_optimizer, FusedOptimizer):
             self.base_optimizer._fused_step(
-                restore=restore, skip=skip, grad_scale=grad_scale, found_inf=found_inf
+                restore=restore,
+                restore_params=self._run["pending"],
+                skip=skip,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
             )
         else:
-            self._restore(restore)
+            self._restore()
             self._foreign_update(skip, grad_scale, found_inf)
         flag = _merge_found_inf(found_inf, skip)
         self._run["last_step_skipped"] = flag != 0
@@ -364,25 +372,31 @@ class SAM(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- helpers
 
-    def _save_buffer(self, p: Tensor) -> Tensor:
-        buf = self._saved.get(id(p))
-        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-            buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._saved[id(p)] = buf
-        return buf
+    def _save_buffers(self, bucket: list[Tensor], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+        """The restore buffer of each parameter of a (device, dtype) bucket, allocated once."""
+        saved = self._saved
+        index = -1 if device.type == "cpu" else device.index  # get_device(): an int, no device object
+        buffers = []
+        for p in bucket:
+            buf = saved.get(id(p))
+            if buf is None or buf.shape != p.shape or buf.dtype is not dtype or buf.get_device() != index:
+                buf = saved[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buffers.append(buf)
+        return buffers
 
     def _restore_map(self) -> dict:
-        """``id(param) -> (param, save buffer)`` for the pending perturbation."""
-        return {id(p): (p, self._saved[id(p)]) for p in self._run["pending"]}
+        """``id(param) -> save buffer`` for the pending perturbation."""
+        saved = self._saved
+        return {id(p): saved[id(p)] for p in self._run["pending"]}
 
-    def _restore(self, restore: dict) -> None:
-        for param, saved in restore.values():
-            param.copy_(saved)
+    def _restore(self) -> None:
+        for param in self._run["pending"]:
+            param.copy_(self._saved[id(param)])
 
     def _abort(self) -> None:
         """Put the weights back after a failed second pass; no update is made."""
         if self._run["pending"] is not None:
-            self._restore(self._restore_map())
+            self._restore()
             self._run["pending"] = None
 
     def _foreign_update(self, skip, grad_scale, found_inf) -> None:
@@ -423,10 +437,7 @@ def _check_sam_param(p: Tensor) -> None:
 
 
 def _buckets(params: list[Tensor]) -> dict:
-    buckets: dict = defaultdict(list)
-    for p in params:
-        buckets[(p.device, p.dtype)].append(p)
-    return buckets
+    return {key: [params[i] for i in index] for key, index in bucket_indices(params).items()}
 
 
 def _sam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[int]], float]:

@@ -348,3 +348,18 @@ def test_a_plain_base_optimizer_state_dict_loads_into_sam():
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], plain.state[p]["momentum_buffer"])
     _two_step(model, opt, 2, start=3)
     assert opt.base_optimizer.state is opt.state
+
+
+@pytest.mark.parametrize("backend", ["forloop", "foreach", "cpp"])
+def test_parameter_with_a_gradient_only_in_the_second_pass_is_updated_from_its_own_value(backend):
+    """A tensor that was not perturbed (no first-pass gradient) but has a second-pass gradient is
+    updated like any other, from its unperturbed value; the perturbed one is restored first."""
+    w1, w2 = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.full((2,), 2.0))
+    opt = cl_optim.SAM([w1, w2], cl_optim.SGD, rho=0.1, lr=0.5, backend=backend)
+    w1.grad = torch.tensor([1.0, 0.0, 0.0])
+    opt.first_step(zero_grad=True)
+    assert not torch.equal(w1.detach(), torch.ones(3)) and torch.equal(w2.detach(), torch.full((2,), 2.0))
+    w1.grad, w2.grad = torch.ones(3), torch.ones(2)
+    opt.second_step()
+    torch.testing.assert_close(w1.detach(), torch.full((3,), 0.5))  # restored to 1, then 1 - 0.5 * 1
+    torch.testing.assert_close(w2.detach(), torch.full((2,), 1.5))

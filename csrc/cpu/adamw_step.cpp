@@ -44,11 +44,19 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
               "exp_avgs and exp_avg_sqs need one tensor per parameter");
   TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "steps needs one step count per parameter");
   // Count this step, then torch.optim.AdamW's bias corrections of it, in double on the host.
+  // Through the data pointer, not add_() / item(): two ATen calls per tensor would cost more than
+  // the update itself on thousands of small tensors.
   std::vector<double> step_sizes(n), bias_correction2_sqrts(n);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(steps[i].numel() == 1 && steps[i].device().is_cpu(), "each step count is a 1-element CPU tensor");
-    steps[i].add_(1);
-    const double t = steps[i].item<double>();
+    const at::Tensor& step = steps[i];
+    TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "each step count is a 1-element CPU tensor");
+    double t = 0;
+    if (step.scalar_type() == at::kFloat) {
+      t = static_cast<double>(++*step.data_ptr<float>());
+    } else {
+      TORCH_CHECK(step.scalar_type() == at::kDouble, "a step count is fp32 (as torch keeps it) or fp64");
+      t = ++*step.data_ptr<double>();
+    }
     step_sizes[i] = lr / (1.0 - std::pow(beta1, t));
     bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
   }

@@ -18,7 +18,7 @@ namespace cl_optim {
 // loader picks the best one the CPU runs (GCC function multiversioning: no -march=native in
 // anything built, yet 32-byte vectors where the machine has them).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CL_OPTIM_NO_CLONES)
-#define CLO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define CLO_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLO_CPU_CLONES
 #endif

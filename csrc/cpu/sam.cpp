@@ -26,6 +26,50 @@ static void check_sam_weights(c10::IntArrayRef weighted, at::TensorList grads, a
   }
 }
 
+namespace {
+
+// One chunk of the perturbation, the weight kind and the Fisher EMA as template parameters and
+// restrict-qualified pointers passed by value: a branch-free loop the compiler vectorises.
+template <int KIND, bool FISHER, typename scalar_t, typename opmath_t>
+CLO_CPU_CLONES void perturb_chunk(scalar_t* __restrict__ pp, const scalar_t* __restrict__ gp,
+                                  scalar_t* __restrict__ sp, float* __restrict__ fp, int64_t begin, int64_t end,
+                                  opmath_t scale, opmath_t eta, const GradTerms<opmath_t> gt) {
+  for (int64_t i = begin; i < end; ++i) {
+    const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
+    // The weight reads the running Fisher before this step's EMA update of it.
+    const opmath_t weight_sq = sam_weight_sq<KIND, opmath_t>(
+        pv, gv, KIND == kSamFisherRunning ? static_cast<opmath_t>(fp[i]) : opmath_t(0), eta);
+    sp[i] = static_cast<scalar_t>(pv);  // exact (pv holds pp[i]); a plain copy of a bf16 struct would not vectorise
+    if constexpr (FISHER) task_grad<true, false>(gv, pv, fp[i], opmath_t(0), opmath_t(0), opmath_t(0), gt);
+    pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, weight_sq, scale));
+  }
+}
+
+// One chunk's sum of (T g)^2 in double, with eight independent accumulators added in a fixed
+// order: the adds overlap instead of waiting on each other, and the result does not depend on
+// the thread count.
+template <int KIND, typename scalar_t, typename opmath_t>
+CLO_CPU_CLONES double norm_chunk(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ pp,
+                                 const float* __restrict__ fp, int64_t begin, int64_t end, opmath_t eta) {
+  auto term = [&](int64_t i) {
+    return sam_norm_term<KIND, double, opmath_t>(KIND == kSamAsam ? static_cast<opmath_t>(pp[i]) : opmath_t(0),
+                                                 static_cast<opmath_t>(gp[i]),
+                                                 KIND == kSamFisherRunning ? static_cast<opmath_t>(fp[i]) : opmath_t(0),
+                                                 eta);
+  };
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
+  for (; i < end; ++i) lanes[0] += term(i);
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+}  // namespace
+
 // sum_i ||T_i g_i||^2 with T_i of the SamWeight kind weighted[i] (empty: plain SAM); `fisher`
 // (fp32) is read by the running-Fisher kind only. One partial per chunk, summed in chunk order:
 // deterministic whatever the thread count. Accumulated in double; returned as a 0-dim fp32 tensor
@@ -57,22 +101,7 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
       const float* fp = f[c.tensor].defined() ? f[c.tensor].data_ptr<float>() : nullptr;
       const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[c.tensor]);
       with_sam_weight(kind, [&](auto KIND) {
-        auto term = [&](int64_t i) {
-          return sam_norm_term<KIND(), double, opmath_t>(pp ? static_cast<opmath_t>(pp[i]) : opmath_t(0),
-                                                         static_cast<opmath_t>(gp[i]),
-                                                         fp ? static_cast<opmath_t>(fp[i]) : opmath_t(0), eta_t);
-        };
-        // Eight independent accumulators, added in a fixed order: the adds overlap instead of
-        // waiting on each other, and the result is the same for every thread count.
-        constexpr int kLanes = 8;
-        double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = c.begin;
-        for (; i + kLanes <= c.end; i += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
-        for (; i < c.end; ++i) lanes[0] += term(i);
-        double sum = 0.0;
-        for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-        partial[index] = sum;
+        partial[index] = norm_chunk<KIND()>(gp, pp, fp, c.begin, c.end, eta_t);
       });
     });
   });
@@ -124,20 +153,8 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       float* __restrict__ fp = f.empty() ? nullptr : f[t].data_ptr<float>();
       const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[t]);
       with_sam_weight(kind, [&](auto KIND) {
-        with_flags(
-            [&](auto FISHER) {
-              for (int64_t i = c.begin; i < c.end; ++i) {
-                const opmath_t pv = static_cast<opmath_t>(pp[i]), gv = static_cast<opmath_t>(gp[i]);
-                // The weight reads the running Fisher before this step's EMA update of it.
-                const opmath_t weight_sq = sam_weight_sq<KIND(), opmath_t>(
-                    pv, gv, KIND() == kSamFisherRunning ? static_cast<opmath_t>(fp[i]) : opmath_t(0), eta_t);
-                sp[i] = pp[i];
-                if constexpr (FISHER)
-                  task_grad<true, false>(gv, pv, fp[i], opmath_t(0), opmath_t(0), opmath_t(0), gt);
-                pp[i] = static_cast<scalar_t>(pv + sam_perturbation<opmath_t>(gv, weight_sq, scale_t));
-              }
-            },
-            update_fisher && fp != nullptr);
+        with_flags([&](auto FISHER) { perturb_chunk<KIND(), FISHER()>(pp, gp, sp, fp, c.begin, c.end, scale_t, eta_t, gt); },
+                   update_fisher && fp != nullptr);
       });
     });
   });

@@ -170,7 +170,9 @@ CLO_HD A sam_norm_term(T p, T g, T fisher, T eta) {
 template <typename T>
 CLO_HD T sam_perturbation(T g, T weight_sq, T scale) {
   const T e = weight_sq * g * scale;
-  return (e == e && e - e == T(0)) ? e : T(0);
+  // Bitwise &, not &&: no short-circuit branch, so the CPU loops stay vectorisable.
+  const bool finite = (e == e) & (e - e == T(0));
+  return finite ? e : T(0);
 }
 
 // fisher_accumulate_: F += w * g^2.
