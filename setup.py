@@ -48,7 +48,15 @@ setup(
     packages=["cl_optim", "cl_optim.fisher", "cl_optim.kernels", "cl_optim._csrc"],
     package_dir={"cl_optim": "cl_optim", "cl_optim.kernels": "kernels", "cl_optim._csrc": "csrc"},
     package_data={
-        "cl_optim._csrc": ["*.cpp", "include/cl_optim/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]
+        "cl_optim._csrc": [
+            "*.cpp",
+            "include/cl_optim/*.h",
+            "cpu/*.cpp",
+            "cpu/*.h",
+            "cuda/*.cu",
+            "cuda/*.cuh",
+            "cuda/*.h",
+        ]
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
