@@ -6,7 +6,7 @@ Every op has one contract (the per-element math of DESIGN.md §3) and several im
 backend  what                                            state in this release
 ======== =============================================== ===============================
 cuda     csrc/cuda, multi-tensor-apply kernels            CUDA tensors; built on first use
-triton   kernels/, pointer-table Triton kernels           not built yet
+triton   kernels/, pointer-table Triton kernels           CUDA tensors (CPU ones under TRITON_INTERPRET=1)
 cpp      csrc/cpu, at::parallel_for loops                 CPU tensors; built on first use
 foreach  torch._foreach_* over each (device, dtype) group available everywhere
 forloop  one tensor at a time, the readable oracle       available everywhere
@@ -21,6 +21,7 @@ name that is unavailable raises the reason as an error.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -74,6 +75,39 @@ def _cuda_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return None if error is None else _build_failure(error)
 
 
+_triton_state: dict = {}
+
+
+def triton_ops():
+    """``torch.ops.cl_optim_triton`` once the Triton kernels import (raises the import error)."""
+    if "error" not in _triton_state:
+        try:
+            import cl_optim.kernels._ops  # noqa: F401  (registers the ops)
+
+            _triton_state["error"] = None
+        except Exception as error:  # noqa: BLE001 - no Triton, or a broken one: the backend is off
+            _triton_state["error"] = error
+    if _triton_state["error"] is not None:
+        raise _triton_state["error"]
+    return torch.ops.cl_optim_triton
+
+
+def _triton_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the Triton kernels take fp32, fp16 or bf16 tensors, not {dtype}"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "the Triton kernels run on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, for tests)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        return f"the Triton kernels run on CUDA tensors, not {device.type}"
+    try:
+        triton_ops()
+    except Exception as error:  # noqa: BLE001
+        return f"Triton is not usable: {type(error).__name__}: {error}"
+    return None
+
+
 def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if device.type != "cpu":
         return f"the C++ kernels run on CPU tensors, not {device.type}"
@@ -88,9 +122,7 @@ def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 _REGISTRY = {
     "cuda": _Backend("cuda", _cuda_reason, device_types=("cuda",)),
-    "triton": _Backend(
-        "triton", _not_shipped("the Triton kernels (kernels/) are not written yet"), shipped=False
-    ),
+    "triton": _Backend("triton", _triton_reason, device_types=("cuda",)),
     "cpp": _Backend("cpp", _cpp_reason, device_types=("cpu",)),
     "foreach": _Backend("foreach", _foreach_reason),
     "forloop": _Backend("forloop", _forloop_reason),
@@ -119,6 +151,9 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     if requested == "fused":
         reasons = {}
         for name in COMPILED:
+            types = _REGISTRY[name].device_types
+            if types and device.type not in types:
+                continue
             reasons[name] = _REGISTRY[name].unavailable_reason(device, dtype)
             if reasons[name] is None:
                 return name
@@ -172,6 +207,8 @@ def kernel_op(backend: str, op_name: str, like: torch.Tensor):
     on first use): a direct functional call gets the same clear error as an optimizer.
     """
     resolve(backend, like.device, like.dtype)
+    if backend == "triton":
+        return getattr(triton_ops(), op_name)
     return getattr(torch.ops.cl_optim, op_name)
 
 

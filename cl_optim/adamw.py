@@ -98,17 +98,16 @@ class AdamW(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend):
         amsgrad = group["amsgrad"]
-        step_device = params[0].device if backend == "cuda" else torch.device("cpu")
+        # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
+        # torch's fused AdamW; the other backends on the host, as torch's default.
+        step_device = params[0].device if backend in ("cuda", "triton") else torch.device("cpu")
         states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
         for p, state in zip(params, states):
             if "step" not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != step_device:
-                # The CUDA kernels count the step on the device (no host sync under AMP), as torch's
-                # fused AdamW does; the other backends on the host. Moved once, e.g. after loading
-                # a state dict saved by the other kind.
+            elif state["step"].device != step_device:  # e.g. a state dict saved by the other kind
                 state["step"] = state["step"].to(step_device)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -155,6 +154,7 @@ def adamw_step_(
         "foreach": _adamw_foreach,
         "cpp": partial(_adamw_kernel, "cpp"),
         "cuda": partial(_adamw_kernel, "cuda"),
+        "triton": partial(_adamw_kernel, "triton"),
     }[backend]
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,
          weight_decay, maximize)  # fmt: skip

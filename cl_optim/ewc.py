@@ -423,7 +423,7 @@ class EWC:
 def _backend_impl(backend: str, forloop, op_name: str, like: Tensor):
     if backend in ("forloop", "foreach"):  # one readable implementation serves both
         return forloop
-    if backend in ("cpp", "cuda"):
+    if backend in ("cpp", "cuda", "triton"):
         return kernel_op(backend, op_name, like)
     raise ValueError(f"{op_name} has no {backend!r} implementation")
 

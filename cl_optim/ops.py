@@ -51,30 +51,43 @@ SCHEMAS = {
     ),
 }
 
-_library = torch.library.Library(LIBRARY, "DEF")
-for _schema in SCHEMAS.values():
-    _library.define(_schema)
-
 
 def _no_output(*args, **kwargs):
     return None
 
 
-for _name in ("sgd_step_", "adamw_step_", "sam_perturb_", "fisher_accumulate_", "ewc_grad_add_"):
-    torch.library.register_fake(f"{LIBRARY}::{_name}", _no_output, lib=_library)
-
-
-@torch.library.register_fake(f"{LIBRARY}::grad_sq_norm", lib=_library)
 def _grad_sq_norm_fake(grads, params, fisher, weighted, eta):
     dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
     return grads[0].new_empty((), dtype=dtype)
 
 
-@torch.library.register_fake(f"{LIBRARY}::ewc_penalty", lib=_library)
 def _ewc_penalty_fake(params, precision, anchor, lam):
     return (params[0] if params else torch.empty(0)).new_empty((), dtype=torch.float64)
 
 
-@torch.library.register_fake(f"{LIBRARY}::ewc_consolidate_", lib=_library)
 def _ewc_consolidate_fake(precision, anchor, fisher, params, decay, weight, weighted_anchor):
     return (precision[0] if precision else torch.empty(0)).new_empty((len(precision),), dtype=torch.float64)
+
+
+_FAKES = {
+    "grad_sq_norm": _grad_sq_norm_fake,
+    "ewc_penalty": _ewc_penalty_fake,
+    "ewc_consolidate_": _ewc_consolidate_fake,
+}
+
+
+def define_library(name: str) -> torch.library.Library:
+    """Declare every op of ``SCHEMAS``, with its fake kernel, in the library ``name``.
+
+    ``cl_optim`` holds the ops of the C++/CUDA backends; the Triton backend declares the same
+    schemas as ``cl_optim_triton`` (its kernels serve CUDA tensors, and CPU tensors under
+    ``TRITON_INTERPRET=1``, so they cannot share a dispatch key with the C++ ones).
+    """
+    library = torch.library.Library(name, "DEF")
+    for op, schema in SCHEMAS.items():
+        library.define(schema)
+        torch.library.register_fake(f"{name}::{op}", _FAKES.get(op, _no_output), lib=library)
+    return library
+
+
+_library = define_library(LIBRARY)

@@ -515,7 +515,7 @@ def grad_sq_norm(
     tensor(1.4000)
     """
     _check_weights(weighted, fisher, len(grads))
-    if backend in ("cpp", "cuda"):
+    if backend in ("cpp", "cuda", "triton"):
         if not grads:
             return torch.zeros(())
         kinds = [int(w) for w in weighted] if weighted is not None else []
@@ -573,7 +573,7 @@ def sam_perturb_(
     tensor([0.2500, 0.1500])
     """
     _check_weights(weighted, fisher, len(params))
-    if backend in ("cpp", "cuda"):
+    if backend in ("cpp", "cuda", "triton"):
         if not params:
             return
         kernel_op(backend, "sam_perturb_", params[0])(

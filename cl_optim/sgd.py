@@ -143,6 +143,7 @@ def sgd_step_(
         "foreach": _sgd_foreach,
         "cpp": partial(_sgd_kernel, "cpp"),
         "cuda": partial(_sgd_kernel, "cuda"),
+        "triton": partial(_sgd_kernel, "triton"),
     }[backend]
     impl(params, grads, momentum_buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize)
 

@@ -19,14 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_zoo(dtype: torch.dtype, seed: int = 0) -> list[dict]:
-    """Two parameter groups covering every shape of the zoo, one non-contiguous and one grad-less."""
+def make_zoo(dtype: torch.dtype, seed: int = 0, sizes: tuple = ZOO_SIZES) -> list[dict]:
+    """Two parameter groups covering every shape of the zoo, one non-contiguous and one grad-less.
+
+    ``sizes``: the five 1-D sizes (empty, one, odd, mid, big); the Triton interpreter tests pass
+    smaller ones."""
     gen = torch.Generator().manual_seed(seed)
 
     def param(*shape):
         return torch.nn.Parameter(torch.randn(*shape, generator=gen).to(dtype))
 
-    empty, one, odd, mid, big = (param(n) for n in ZOO_SIZES)
+    empty, one, odd, mid, big = (param(n) for n in sizes)
     # A non-contiguous leaf: the transpose of a 31x33 matrix.
     strided = torch.nn.Parameter(torch.randn(31, 33, generator=gen).to(dtype).t())
     assert not strided.is_contiguous()

@@ -1,0 +1,127 @@
+"""``adamw_step_``: torch.optim.AdamW's update with the optional terms (RESTORE, AMP, FISHER_EMA,
+CLIP, maximize, EWC) fused into one pass over a multi-tensor group. The step counts are counted
+and turned into bias corrections by device ops (in fp64, as the C++ backend on the host), and a
+step that ``found_inf`` skips counts nothing and writes back what it read: no host read."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._elementwise import load_tensor, store_tensor, task_grad
+from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
+from ._step_terms import device_scalar, inv_scale, pick, split_by
+from ._types import triton_dtype
+
+
+@triton.jit
+def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, step_sizes, bias2_sqrts,
+                  inv_scale_ptr, found_inf_ptr, clip_ptr, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                  sign, beta, one_minus_beta, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
+                  EWC: tl.constexpr, AMSGRAD: tl.constexpr, AMP: tl.constexpr, SKIP: tl.constexpr,
+                  CLIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher,
+    # 7 EWC precision, 8 EWC anchor.
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor + chunk)
+    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(sizes + t)
+    if SAVE:
+        p = load_tensor(addresses, 5, n_tensors, t, offsets, mask, P_DTYPE)
+    else:
+        p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
+    g = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
+    m = load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE)
+    v = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
+    f = tl.zeros((BLOCK,), dtype=tl.float32)
+    a = tl.zeros((BLOCK,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK,), dtype=tl.float32)
+    lam = 0.0
+    if FISHER:
+        f = load_tensor(addresses, 6, n_tensors, t, offsets, mask, tl.float32)
+    if EWC:
+        a = load_tensor(addresses, 7, n_tensors, t, offsets, mask, tl.float32)
+        mu = load_tensor(addresses, 8, n_tensors, t, offsets, mask, tl.float32)
+        lam = tl.load(lams + t)
+    scale = 1.0
+    if AMP:
+        scale = tl.load(inv_scale_ptr)
+    clip = 1.0
+    if CLIP:
+        clip = tl.load(clip_ptr)
+    g, f_new = task_grad(g, p, f, a, mu, lam, scale, clip, sign, beta, one_minus_beta, FISHER, EWC)
+    p_new = p * decay
+    m_new = m + one_minus_beta1 * (g - m)
+    v_new = v * beta2 + one_minus_beta2 * g * g
+    second = v_new
+    if AMSGRAD:
+        vmax = load_tensor(addresses, 4, n_tensors, t, offsets, mask, P_DTYPE)
+        vmax_new = tl.maximum(vmax, v_new)
+        second = vmax_new
+    denom = tl.sqrt(second) / tl.load(bias2_sqrts + t) + eps
+    p_new = p_new - tl.load(step_sizes + t) * (m_new / denom)
+    if SKIP:
+        skip = tl.load(found_inf_ptr) != 0.0
+        p_new = tl.where(skip, p, p_new)  # p: the restored weight
+        m_new = tl.where(skip, m, m_new)
+        v_new = tl.where(skip, v, v_new)
+        f_new = tl.where(skip, f, f_new)
+        if AMSGRAD:
+            vmax_new = tl.where(skip, vmax, vmax_new)
+    store_tensor(addresses, 0, n_tensors, t, offsets, mask, p_new, P_DTYPE)
+    store_tensor(addresses, 2, n_tensors, t, offsets, mask, m_new, P_DTYPE)
+    store_tensor(addresses, 3, n_tensors, t, offsets, mask, v_new, P_DTYPE)
+    if AMSGRAD:
+        store_tensor(addresses, 4, n_tensors, t, offsets, mask, vmax_new, P_DTYPE)
+    if FISHER:
+        store_tensor(addresses, 6, n_tensors, t, offsets, mask, f_new, tl.float32)
+
+
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, restore_from, fisher, ewc_precision,
+                ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, fisher_beta, maximize, lr, beta1, beta2,
+                eps, weight_decay) -> None:  # fmt: skip
+    n = len(params)
+    if n == 0:
+        return
+    device = params[0].device
+    skip, _ = device_scalar(found_inf, device)
+    # Count the step on the steps' device; a skipped step (found_inf = 1) is not counted.
+    step_device = steps[0].device
+    if found_inf is not None:
+        torch._foreach_add_(steps, 1.0 - found_inf.reshape(()).to(step_device, torch.float32))
+    else:
+        torch._foreach_add_(steps, 1.0)
+    t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=torch.float64)
+    step_sizes = (lr / (1.0 - torch.pow(beta1, t))).float()
+    bias2_sqrts = torch.sqrt(1.0 - torch.pow(beta2, t)).float()
+    views = Contiguous()
+    params_c, grads_c = views(params, written=True), views(grads)
+    m, v = views(exp_avgs, written=True), views(exp_avg_sqs, written=True)
+    vmax = views(max_exp_avg_sqs, written=True) if max_exp_avg_sqs else None
+    saves = views(restore_from) if restore_from else None
+    fishers = views(fisher, written=True) if fisher else None
+    covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
+    precision = views([ewc_precision[i] if covered[i] else None for i in range(n)])
+    anchor = views([ewc_anchor[i] if covered[i] else None for i in range(n)])
+    scale, amp = inv_scale(grad_scale, device)
+    clip, clipped = device_scalar(clip_coef, device)
+    none = [None] * n
+    for is_covered, index in split_by(covered).items():
+        lists = [pick(params_c, index), pick(grads_c, index), pick(m, index), pick(v, index),
+                 pick(vmax or none, index), pick(saves or none, index), pick(fishers or none, index),
+                 pick(precision, index), pick(anchor, index)]  # fmt: skip
+        table = pointer_table(lists)
+        if not table.num_chunks:
+            continue
+        picked = torch.tensor(index, device=device)
+        lams = per_tensor([ewc_lam[i] if is_covered else 0.0 for i in index], device)
+        _adamw_kernel[(table.num_chunks,)](
+            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,
+            step_sizes[picked], bias2_sqrts[picked], scale, skip, clip, float(1.0 - lr * weight_decay),
+            float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), -1.0 if maximize else 1.0,
+            float(fisher_beta), float(1.0 - fisher_beta), P_DTYPE=triton_dtype(params[0].dtype), SAVE=saves is not None,
+            FISHER=fishers is not None, EWC=is_covered, AMSGRAD=vmax is not None, AMP=amp,
+            SKIP=found_inf is not None, CLIP=clipped, BLOCK=BLOCK,
+        )  # fmt: skip
+    views.finish()

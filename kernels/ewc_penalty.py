@@ -1,0 +1,45 @@
+"""``ewc_penalty``: sum_t lam_t / 2 * sum A (p - mu)**2, an fp64 scalar on the device.
+
+Two deterministic stages: each program writes its chunk's partial (fp32 sum of the chunk, times
+lam_t / 2, in fp64), then one fixed-order sum (``_reduce.total``). No host read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._elementwise import load_tensor
+from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
+from ._reduce import total
+from ._types import triton_dtype
+
+
+@triton.jit
+def _ewc_penalty_partials(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, partials,
+                          P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # Lists: 0 param, 1 precision, 2 anchor.
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor + chunk)
+    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(sizes + t)
+    p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
+    a = load_tensor(addresses, 1, n_tensors, t, offsets, mask, tl.float32)
+    mu = load_tensor(addresses, 2, n_tensors, t, offsets, mask, tl.float32)
+    d = p - mu
+    chunk_sum = tl.sum(a * d * d, axis=0).to(tl.float64)
+    tl.store(partials + chunk, 0.5 * tl.load(lams + t) * chunk_sum)
+
+
+def ewc_penalty(params, precision, anchor, lam):
+    device = params[0].device
+    views = Contiguous()
+    table = pointer_table([views(params), views(precision), views(anchor)])
+    partials = torch.zeros(max(table.num_chunks, 1), dtype=torch.float64, device=device)
+    if table.num_chunks:
+        _ewc_penalty_partials[(table.num_chunks,)](
+            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start,
+            per_tensor(lam, device, torch.float64), partials, P_DTYPE=triton_dtype(params[0].dtype), BLOCK=BLOCK,
+        )  # fmt: skip
+    return total(partials, table.num_chunks)

@@ -1,0 +1,114 @@
+"""``sgd_step_``: torch.optim.SGD's update with the optional terms (RESTORE, AMP, FISHER_EMA, CLIP,
+maximize, EWC) fused into one pass, over a multi-tensor group. The AMP skip is decided in the
+kernel from ``found_inf`` on the device: a skipped step restores the weights and changes nothing
+else (a buffer it was to start is left at zero, as in the C++ kernels)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._elementwise import load_tensor, store_tensor, task_grad
+from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
+from ._step_terms import device_scalar, inv_scale, pick, split_by
+from ._types import triton_dtype
+
+
+@triton.jit
+def _sgd_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, inv_scale_ptr, found_inf_ptr,
+                clip_ptr, lr, momentum, one_minus_dampening, weight_decay, sign, beta, one_minus_beta,
+                P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr, EWC: tl.constexpr,
+                MOMENTUM: tl.constexpr, READY: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr,
+                SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher, 5 EWC precision, 6 EWC anchor.
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor + chunk)
+    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(sizes + t)
+    if SAVE:
+        p = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
+    else:
+        p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
+    g = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
+    f = tl.zeros((BLOCK,), dtype=tl.float32)
+    a = tl.zeros((BLOCK,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK,), dtype=tl.float32)
+    lam = 0.0
+    if FISHER:
+        f = load_tensor(addresses, 4, n_tensors, t, offsets, mask, tl.float32)
+    if EWC:
+        a = load_tensor(addresses, 5, n_tensors, t, offsets, mask, tl.float32)
+        mu = load_tensor(addresses, 6, n_tensors, t, offsets, mask, tl.float32)
+        lam = tl.load(lams + t)
+    scale = 1.0
+    if AMP:
+        scale = tl.load(inv_scale_ptr)
+    clip = 1.0
+    if CLIP:
+        clip = tl.load(clip_ptr)
+    g, f_new = task_grad(g, p, f, a, mu, lam, scale, clip, sign, beta, one_minus_beta, FISHER, EWC)
+    g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # 0 * inf must not reach g
+    b = g
+    if MOMENTUM:
+        if READY:
+            b = (
+                load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE) * momentum
+                + one_minus_dampening * g
+            )
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    p_new = p - lr * g
+    if SKIP:
+        skip = tl.load(found_inf_ptr) != 0.0
+        p_new = tl.where(skip, p, p_new)  # p: the restored weight
+        f_new = tl.where(skip, f, f_new)
+        if MOMENTUM:
+            if READY:
+                b = tl.where(skip, load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE), b)
+            else:
+                b = tl.where(skip, 0.0, b)
+    store_tensor(addresses, 0, n_tensors, t, offsets, mask, p_new, P_DTYPE)
+    if MOMENTUM:
+        store_tensor(addresses, 2, n_tensors, t, offsets, mask, b, P_DTYPE)
+    if FISHER:
+        store_tensor(addresses, 4, n_tensors, t, offsets, mask, f_new, tl.float32)
+
+
+def sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from, fisher, ewc_precision, ewc_anchor,
+              ewc_lam, grad_scale, found_inf, clip_coef, fisher_beta, maximize, lr, momentum, dampening,
+              weight_decay, nesterov) -> None:  # fmt: skip
+    n = len(params)
+    if n == 0:
+        return
+    device = params[0].device
+    views = Contiguous()
+    params_c, grads_c = views(params, written=True), views(grads)
+    buffers = views(momentum_buffers, written=True) if momentum_buffers else None
+    saves = views(restore_from) if restore_from else None
+    fishers = views(fisher, written=True) if fisher else None
+    covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
+    precision = views([ewc_precision[i] if covered[i] else None for i in range(n)])
+    anchor = views([ewc_anchor[i] if covered[i] else None for i in range(n)])
+    scale, amp = inv_scale(grad_scale, device)
+    skip, _ = device_scalar(found_inf, device)
+    clip, clipped = device_scalar(clip_coef, device)
+    ready = [bool(buffers) and buffer_ready[i] != 0 for i in range(n)]
+    for (is_covered, is_ready), index in split_by(list(zip(covered, ready))).items():
+        lists = [pick(params_c, index), pick(grads_c, index), pick(buffers, index) or [None] * len(index),
+                 pick(saves, index) or [None] * len(index), pick(fishers, index) or [None] * len(index),
+                 pick(precision, index), pick(anchor, index)]  # fmt: skip
+        table = pointer_table(lists)
+        if not table.num_chunks:
+            continue
+        lams = per_tensor([ewc_lam[i] if is_covered else 0.0 for i in index], device)
+        _sgd_kernel[(table.num_chunks,)](
+            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams, scale,
+            skip, clip, float(lr), float(momentum), float(1.0 - dampening),
+            float(weight_decay), -1.0 if maximize else 1.0, float(fisher_beta), float(1.0 - fisher_beta),
+            P_DTYPE=triton_dtype(params[0].dtype), SAVE=saves is not None, FISHER=fishers is not None,
+            EWC=is_covered, MOMENTUM=buffers is not None, READY=is_ready, NESTEROV=bool(nesterov),
+            AMP=amp, SKIP=found_inf is not None, CLIP=clipped, BLOCK=BLOCK,
+        )  # fmt: skip
+    views.finish()

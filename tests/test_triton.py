@@ -1,0 +1,148 @@
+"""The Triton backend (kernels/) against the forloop oracle, on CPU tensors under the interpreter.
+
+``TRITON_INTERPRET=1`` is set before the kernels are imported (the interpreter runs each program
+in NumPy), and the zoo is smaller than the other backends' — empty, 1, 97, 1025, 2500 elements
+and the strided 31x33 — so that several programs per tensor and every edge still occur while the
+run stays short. The interpreter rounds fp32 to bf16 by truncation (the GPU rounds to nearest
+even); that is the only allowance made here, in ``_assert_lowp``: one bf16 ulp.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import DTYPES, assert_state_close, clone_groups, make_zoo, set_grads, zoo_grads, zoo_params  # noqa: E402
+from test_backends import LOWP_ATOL, _check_fisher_and_ewc_ops, _check_norm_and_perturb, _functional_run  # noqa: E402
+
+import cl_optim  # noqa: E402
+from cl_optim._backend import resolve  # noqa: E402
+
+triton = pytest.importorskip(
+    "triton", reason="the Triton backend needs the triton package (in the dev extra)"
+)
+if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):  # pragma: no cover
+    import numpy
+
+    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip(f"the interpreter of Triton {triton.__version__} cannot run loops with runtime bounds under "
+                    f"NumPy {numpy.__version__}; Triton 3.7+ can", allow_module_level=True)  # fmt: skip
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - set above unless overridden
+    pytest.skip("TRITON_INTERPRET=0 was set: the Triton tests run on CPU tensors only under the interpreter",
+                allow_module_level=True)  # fmt: skip
+
+SMALL_ZOO = (0, 1, 97, 1025, 2500)
+STEPS = 4
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at the magnitude of each element of ``x`` (bf16), as fp64."""
+    magnitude = x.abs()
+    return (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).double()
+
+
+def _assert_within_one_bf16_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The interpreter's fp32 -> bf16 conversion truncates where the GPU (and the oracle) round to
+    nearest even: from the same state, one written value differs by at most one ulp."""
+    if got.dtype != torch.bfloat16:  # fp32 state (the running Fisher): the fp32 defaults
+        torch.testing.assert_close(got, want)
+        return
+    assert torch.all((got.double() - want.double()).abs() <= _bf16_ulp(want)), "more than one bf16 ulp apart"
+
+
+def test_triton_backend_is_available_on_cpu_only_under_the_interpreter():
+    assert resolve("triton", torch.device("cpu"), torch.float32) == "triton"
+    # "auto" keeps the C++ / PyTorch backends on CPU tensors: the interpreter is for tests.
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = cl_optim.SGD([p], lr=0.1)
+    opt.step()
+    assert opt.backends_used["cpu/torch.float32"] != "triton"
+
+
+@pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_step_kernels_match_forloop(kind, dtype, with_terms):
+    """Every state tensor after 4 steps (one of them skipped by AMP in the all-terms run)."""
+    run = dict(zoo_sizes=SMALL_ZOO, n_steps=STEPS)
+    oracle = _functional_run(kind, "forloop", dtype, with_terms, **run)
+    got = _functional_run(kind, "triton", dtype, with_terms, **run)
+    reference = (
+        _functional_run(kind, "forloop", torch.float64, with_terms, **run) if dtype != torch.float32 else {}
+    )
+    assert got.keys() == oracle.keys()
+    for name in oracle:
+        assert_state_close(got[name], oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+
+
+@pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
+def test_bf16_step_kernels_are_within_one_ulp_of_forloop(kind, with_terms):
+    """bf16: one step from the same state, each written value within one ulp of the oracle's
+    (several steps would compound the interpreter's truncation bias, which the GPU does not have)."""
+    run = dict(zoo_sizes=SMALL_ZOO, n_steps=1)
+    oracle = _functional_run(kind, "forloop", torch.bfloat16, with_terms, **run)
+    got = _functional_run(kind, "triton", torch.bfloat16, with_terms, **run)
+    assert got.keys() == oracle.keys()
+    for name in oracle:
+        _assert_within_one_bf16_ulp(got[name], oracle[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_and_perturb_kernels_match_forloop(dtype):
+    compare = _assert_within_one_bf16_ulp if dtype == torch.bfloat16 else None
+    _check_norm_and_perturb("triton", dtype, SMALL_ZOO, compare)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fisher_and_ewc_kernels_match_forloop(dtype):
+    _check_fisher_and_ewc_ops("triton", dtype, "cpu", SMALL_ZOO)
+
+
+@pytest.mark.parametrize("adaptive", [False, True, "fisher_ema"])
+def test_sam_adamw_optimizer_on_triton_matches_forloop(adaptive):
+    def run(backend):
+        groups = clone_groups(make_zoo(torch.float32, sizes=SMALL_ZOO))
+        kwargs = dict(fisher_ema=0.9) if adaptive == "fisher_ema" else {}
+        opt = cl_optim.SAM(
+            groups, cl_optim.AdamW, rho=0.05, adaptive=adaptive, lr=1e-2, backend=backend, **kwargs
+        )
+        params = zoo_params(groups)
+        for step in range(STEPS):
+            set_grads(params, zoo_grads(params, step))
+            opt.first_step(zero_grad=True)
+            set_grads(params, zoo_grads(params, step + 100))
+            opt.second_step(zero_grad=True)
+        state = [v for p in params for v in opt.state[p].values()]
+        return [p.detach() for p in params] + state, opt
+
+    oracle, _ = run("forloop")
+    got, opt = run("triton")
+    assert set(opt.base_optimizer.backends_used.values()) == {"triton"}
+    assert set(opt.perturb_backends_used.values()) == {"triton"}
+    assert len(got) == len(oracle) > 7
+    for a, b in zip(got, oracle):
+        torch.testing.assert_close(a, b)
+
+
+def test_pointer_tables_are_reused_until_a_tensor_moves():
+    from cl_optim.kernels import _pointer_table
+
+    p = [torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(10))]
+    opt = cl_optim.SGD(p, lr=0.1, momentum=0.9, backend="triton")
+    for t in p:
+        t.grad = torch.ones_like(t)
+    opt.step()
+    opt.step()  # buffers exist now; the same tensors from here on
+    _pointer_table._cache.clear()
+    opt.step()
+    tables = len(_pointer_table._cache)
+    opt.step()
+    assert len(_pointer_table._cache) == tables  # reused
+    p[0].grad = torch.ones_like(p[0])  # a new gradient tensor: a new address, a new table
+    opt.step()
+    assert len(_pointer_table._cache) == tables + 1
