@@ -1,0 +1,218 @@
+"""Compile every Triton kernel specialisation ahead of time, without a GPU.
+
+    python -m cl_optim.kernels.compile_check --arch 80 90
+
+For each kernel of this package and each specialisation the optimizers can launch (listed once,
+in ``SPECIALISATIONS`` below: parameter dtypes times the flag combinations of the public API),
+``triton.compile`` builds PTX and a cubin for a ``GPUTarget`` of each architecture. It prints
+per kernel the number of specialisations, warps and shared memory (Triton's metadata) and, where
+``cuobjdump`` is found (Triton's wheel bundles one), registers and stack (spill) bytes read from
+the cubins. It
+exits non-zero on any failure. CI runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences Triton 3.9's notice
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from . import (  # noqa: E402
+    _reduce,
+    adamw_step,
+    ewc_consolidate,
+    ewc_grad_add,
+    ewc_penalty,
+    fisher_accumulate,
+    grad_norm,
+    sam_perturb,
+    sgd_step,
+)
+from ._pointer_table import BLOCK  # noqa: E402
+
+DTYPES = (tl.float32, tl.float16, tl.bfloat16)
+TABLE = {
+    "addresses": "*i64",
+    "n_tensors": "i32",
+    "sizes": "*i64",
+    "chunk_tensor": "*i32",
+    "chunk_start": "*i64",
+}
+
+
+# The option terms of a step, as the public API combines them: none, each alone, SAM's restore
+# with its skip flag, GradScaler's unscale with its skip flag, and all together.
+_TERMS = [
+    {},
+    {"SAVE": True, "SKIP": True},
+    {"AMP": True, "SKIP": True},
+    {"FISHER": True},
+    {"EWC": True},
+    {"CLIP": True},
+    {"SAVE": True, "SKIP": True, "AMP": True, "FISHER": True, "EWC": True, "CLIP": True},
+]
+_STEP_FLAGS = ("SAVE", "FISHER", "EWC", "AMP", "SKIP", "CLIP")
+
+
+def _terms(**base):
+    for terms in _TERMS:
+        yield {**dict.fromkeys(_STEP_FLAGS, False), **base, **terms}
+
+
+# kernel -> (argument types, constexpr dicts): every specialisation the launchers can produce
+# for the combinations above, in every parameter dtype. Enumerated here and nowhere else.
+SPECIALISATIONS = {
+    sgd_step._sgd_kernel: (
+        {
+            **TABLE,
+            "lams": "*fp32",
+            "inv_scale_ptr": "*fp32",
+            "found_inf_ptr": "*fp32",
+            "clip_ptr": "*fp32",
+            "lr": "fp32",
+            "momentum": "fp32",
+            "one_minus_dampening": "fp32",
+            "weight_decay": "fp32",
+            "sign": "fp32",
+            "beta": "fp32",
+            "one_minus_beta": "fp32",
+        },  # fmt: skip
+        [
+            dict(P_DTYPE=d, **t)
+            for d in DTYPES
+            for momentum, ready, nesterov in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 1))
+            for t in _terms(MOMENTUM=bool(momentum), READY=bool(ready), NESTEROV=bool(nesterov))
+        ],  # fmt: skip
+    ),
+    adamw_step._adamw_kernel: (
+        {
+            **TABLE,
+            "lams": "*fp32",
+            "step_sizes": "*fp32",
+            "bias2_sqrts": "*fp32",
+            "inv_scale_ptr": "*fp32",
+            "found_inf_ptr": "*fp32",
+            "clip_ptr": "*fp32",
+            "decay": "fp32",
+            "one_minus_beta1": "fp32",
+            "beta2": "fp32",
+            "one_minus_beta2": "fp32",
+            "eps": "fp32",
+            "sign": "fp32",
+            "beta": "fp32",
+            "one_minus_beta": "fp32",
+        },  # fmt: skip
+        [dict(P_DTYPE=d, **t) for d in DTYPES for amsgrad in (False, True) for t in _terms(AMSGRAD=amsgrad)],
+    ),
+    grad_norm._grad_sq_norm_partials: (
+        {**TABLE, "partials": "*fp32", "partial_offset": "i32", "eta": "fp32"},
+        [dict(G_DTYPE=d, KIND=k) for d in DTYPES for k in range(4)],
+    ),
+    sam_perturb._sam_perturb_kernel: (
+        {
+            **TABLE,
+            "scale_ptr": "*fp32",
+            "inv_scale_ptr": "*fp32",
+            "finite_ptr": "*fp32",
+            "eta": "fp32",
+            "beta": "fp32",
+            "one_minus_beta": "fp32",
+        },  # fmt: skip
+        [
+            dict(P_DTYPE=d, KIND=k, FISHER=fisher, AMP=amp, FINITE=True)
+            for d in DTYPES
+            for k in range(4)
+            for fisher, amp in ((False, False), (True, False), (True, True))
+        ],  # fmt: skip
+    ),
+    fisher_accumulate._fisher_accumulate_kernel: (
+        {**TABLE, "weight": "fp32"},
+        [dict(G_DTYPE=d) for d in DTYPES],
+    ),
+    ewc_grad_add._ewc_grad_add_kernel: ({**TABLE, "lams": "*fp32"}, [dict(P_DTYPE=d) for d in DTYPES]),
+    ewc_penalty._ewc_penalty_partials: (
+        {**TABLE, "lams": "*fp64", "partials": "*fp64"},
+        [dict(P_DTYPE=d) for d in DTYPES],
+    ),
+    ewc_consolidate._ewc_consolidate_kernel: (
+        {**TABLE, "partials": "*fp64", "decay": "fp32", "weight": "fp32"},
+        [dict(P_DTYPE=d, WEIGHTED_ANCHOR=w) for d in DTYPES for w in (False, True)],
+    ),
+    _reduce._segment_sum_kernel: (
+        {"partials": "*fp32", "begins": "*i64", "ends": "*i64", "out": "*fp32", "longest": "i32"},
+        [{}],
+    ),
+}
+
+
+def _cubin_resources(cubin: bytes, out: Path) -> tuple[int, int] | None:
+    """(registers, spill store bytes) of a cubin, from cuobjdump when a CUDA toolkit is present."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # Triton ships one
+    toolkit = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    tool = next((str(p) for p in (bundled, toolkit) if p.exists()), shutil.which("cuobjdump"))
+    if tool is None:
+        return None
+    path = out / "kernel.cubin"
+    path.write_bytes(cubin)
+    text = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", text)
+    spills = re.search(r"STACK:(\d+)", text)
+    return (int(registers.group(1)) if registers else 0, int(spills.group(1)) if spills else 0)
+
+
+def main(argv=None) -> int:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--arch", nargs="+", type=int, default=[80, 90], help="compute capabilities, e.g. 80 90"
+    )
+    args = parser.parse_args(argv)
+    failures, total = 0, 0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for kernel, (types, specialisations) in SPECIALISATIONS.items():
+            for arch in args.arch:
+                registers, stack, shared, warps, count = [], [], [], set(), 0
+                for constexprs in specialisations:
+                    constexprs = {**constexprs, "BLOCK": BLOCK}
+                    signature = {**types, **{name: "constexpr" for name in constexprs}}
+                    try:
+                        compiled = triton.compile(
+                            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32),
+                        )
+                    except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
+                        failures += 1
+                        print(f"FAILED {kernel.__name__} sm_{arch} {constexprs}: {error}", file=sys.stderr)
+                        continue
+                    count += 1
+                    shared.append(compiled.metadata.shared)
+                    warps.add(compiled.metadata.num_warps)
+                    resources = _cubin_resources(compiled.asm["cubin"], Path(tmp))
+                    if resources is not None:
+                        registers.append(resources[0])
+                        stack.append(resources[1])
+                total += count
+                detail = f"registers {min(registers)}-{max(registers)}, stack {max(stack)} B" if registers else (
+                    "registers: no cuobjdump")  # fmt: skip
+                print(f"{kernel.__name__:<28} sm_{arch}: {count}/{len(specialisations)} ok, warps {sorted(warps)}, "
+                      f"shared {max(shared, default=0)} B, {detail}")  # fmt: skip
+    print(f"{total} specialisations compiled in {time.perf_counter() - start:.0f} s, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
