@@ -84,7 +84,7 @@ def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: boo
     v = [torch.zeros_like(p) for p in params]
     vmax = [torch.zeros_like(p) for p in params]
     # the cuda backend counts AdamW steps on the device, the others on the host (as torch)
-    steps = [torch.tensor(0.0, device=device if backend == "cuda" else "cpu") for _ in params]
+    steps = [torch.tensor(0.0, device=device if backend in ("cuda", "triton") else "cpu") for _ in params]
     for step in range(n_steps):
         grads = [g.to(dtype).to(device) for g in zoo_grads(params, step, scale=8.0 if with_terms else 1.0)]
         terms = StepTerms()
@@ -258,6 +258,20 @@ def test_step_backends_on_cuda_match_the_cpu_oracle(kind, dtype, with_terms):
         assert got.keys() == oracle.keys()
         for name in oracle:
             assert_state_close(got[name].cpu(), oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sgd", "adamw_amsgrad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_and_cuda_backends_agree_on_cuda(kind, dtype):
+    """The two GPU backends side by side: same math, so within one rounding of each other."""
+    candidates = _cuda_candidates()
+    assert {"cuda", "triton"} <= set(candidates), f"both GPU backends must run here, got {candidates}"
+    cuda = _functional_run(kind, "cuda", dtype, True, device="cuda")
+    triton = _functional_run(kind, "triton", dtype, True, device="cuda")
+    reference = _functional_run(kind, "forloop", torch.float64, True) if dtype != torch.float32 else {}
+    for name in cuda:
+        assert_state_close(triton[name].cpu(), cuda[name].cpu(), reference.get(name), dtype, LOWP_ATOL[dtype])
 
 
 @pytest.mark.gpu

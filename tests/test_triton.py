@@ -146,3 +146,23 @@ def test_pointer_tables_are_reused_until_a_tensor_moves():
     p[0].grad = torch.ones_like(p[0])  # a new gradient tensor: a new address, a new table
     opt.step()
     assert len(_pointer_table._cache) == tables + 1
+
+
+def test_compiled_step_on_triton_traces_without_graph_breaks():
+    """The Triton ops are custom ops with fake kernels: a whole step compiles with fullgraph=True."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = cl_optim.AdamW(model.parameters(), lr=1e-2, fisher_ema=0.9, backend="triton")
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        for i in range(3):
+            model(x + i).square().sum().backward()
+            step()
+            opt.zero_grad()
+        results.append(
+            [p.detach() for p in model.parameters()] + [v for s in opt.state.values() for v in s.values()]
+        )
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
