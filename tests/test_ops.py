@@ -160,6 +160,7 @@ def _opt_state(opt, model):
 )
 def test_whole_optimizer_step_compiles_without_graph_breaks(make):
     """fullgraph=True fails on any graph break; the compiled steps give the eager numbers."""
+    torch._dynamo.reset()  # other tests' compilations of Optimizer.step count towards its recompile limit
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     results = []
     for compiled in (False, True):
@@ -183,6 +184,7 @@ def test_whole_optimizer_step_compiles_without_graph_breaks(make):
     ids=["adamw_fisher_sam", "sgd"],
 )
 def test_sam_steps_compile_without_graph_breaks(base, kwargs):
+    torch._dynamo.reset()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     results = []
     for compiled in (False, True):
