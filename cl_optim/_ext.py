@@ -110,23 +110,22 @@ def _build_cuda() -> None:
     )
 
 
+def _built_once(key: str, build) -> Optional[BaseException]:
+    """Run ``build`` the first time only; None if it succeeded, else the error it raised."""
+    if key not in _state:
+        try:
+            build()
+            _state[key] = None
+        except Exception as error:  # noqa: BLE001 - any failure disables the backend, with its reason
+            _state[key] = error
+    return _state[key]
+
+
 def cuda_extension_error() -> Optional[BaseException]:
     """None once the CUDA kernels are loaded; the build or load error otherwise (tried once)."""
-    if "cuda" not in _state:
-        try:
-            _build_cuda()
-            _state["cuda"] = None
-        except Exception as error:  # noqa: BLE001 - any failure disables the backend, with its reason
-            _state["cuda"] = error
-    return _state["cuda"]
+    return _built_once("cuda", _build_cuda)
 
 
 def cpu_extension_error() -> Optional[BaseException]:
     """None once the CPU kernels are loaded; the build or load error otherwise (tried once)."""
-    if "cpu" not in _state:
-        try:
-            _build_cpu()
-            _state["cpu"] = None
-        except Exception as error:  # noqa: BLE001 - any failure disables the backend, with its reason
-            _state["cpu"] = error
-    return _state["cpu"]
+    return _built_once("cpu", _build_cpu)

@@ -14,6 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
+def chunk_of(chunk_tensor, chunk_start, sizes, BLOCK: tl.constexpr):
+    """This program's chunk: ``(tensor, offsets, mask)``, offsets 64-bit."""
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensor + chunk)
+    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
+    return tensor, offsets, offsets < tl.load(sizes + tensor)
+
+
+@triton.jit
 def load_tensor(addresses, list_index, n_tensors, tensor, offsets, mask, DTYPE: tl.constexpr):
     """Elements ``offsets`` of tensor ``tensor`` of list ``list_index``, as fp32."""
     base = tl.load(addresses + list_index * n_tensors + tensor).to(tl.pointer_type(DTYPE))
@@ -39,6 +48,40 @@ def task_grad(g, p, fisher, precision, anchor, lam, inv_scale, clip_coef, sign, 
     if EWC:
         g = g + lam * precision * (p - anchor)
     return g, fisher
+
+
+@triton.jit
+def restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_ptr, clip_ptr, sign, beta,
+                       one_minus_beta, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
+                       EWC: tl.constexpr, AMP: tl.constexpr, CLIP: tl.constexpr, P_LIST: tl.constexpr,
+                       G_LIST: tl.constexpr, SAVE_LIST: tl.constexpr, FISHER_LIST: tl.constexpr,
+                       EWC_LIST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """The first half of every fused step, shared by the SGD and AdamW kernels: RESTORE (the weight
+    read from the save buffer), then the task gradient with its optional terms. The lists are
+    given by index; the EWC anchor follows the precision. Returns ``(p, g, fisher, new fisher)``."""
+    if SAVE:
+        p = load_tensor(addresses, SAVE_LIST, n_tensors, t, offsets, mask, P_DTYPE)
+    else:
+        p = load_tensor(addresses, P_LIST, n_tensors, t, offsets, mask, P_DTYPE)
+    g = load_tensor(addresses, G_LIST, n_tensors, t, offsets, mask, P_DTYPE)
+    f = tl.zeros((BLOCK,), dtype=tl.float32)
+    a = tl.zeros((BLOCK,), dtype=tl.float32)
+    mu = tl.zeros((BLOCK,), dtype=tl.float32)
+    lam = 0.0
+    if FISHER:
+        f = load_tensor(addresses, FISHER_LIST, n_tensors, t, offsets, mask, tl.float32)
+    if EWC:
+        a = load_tensor(addresses, EWC_LIST, n_tensors, t, offsets, mask, tl.float32)
+        mu = load_tensor(addresses, EWC_LIST + 1, n_tensors, t, offsets, mask, tl.float32)
+        lam = tl.load(lams + t)
+    scale = 1.0
+    if AMP:
+        scale = tl.load(inv_scale_ptr)
+    clip = 1.0
+    if CLIP:
+        clip = tl.load(clip_ptr)
+    g, f_new = task_grad(g, p, f, a, mu, lam, scale, clip, sign, beta, one_minus_beta, FISHER, EWC)
+    return p, g, f, f_new
 
 
 @triton.jit

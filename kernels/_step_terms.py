@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,3 +35,43 @@ def split_by(keys: list) -> dict:
 
 def pick(values: Optional[list], index: list[int]) -> Optional[list]:
     return None if values is None else [values[i] for i in index]
+
+
+@dataclass
+class StepInputs:
+    """The optional terms of one SGD/AdamW launch call, ready for the kernels: contiguous lists
+    (None entries where a term is absent), which tensors EWC covers, and the device scalars."""
+
+    saves: list
+    fishers: list
+    precision: list
+    anchor: list
+    covered: list
+    inv_scale: Tensor
+    amp: bool
+    found_inf: Tensor
+    skip: bool
+    clip: Tensor
+    clipped: bool
+
+
+def step_inputs(
+    views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf, clip_coef
+):
+    covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
+    scale, amp = inv_scale(grad_scale, device)
+    skip, has_skip = device_scalar(found_inf, device)
+    clip, clipped = device_scalar(clip_coef, device)
+    return StepInputs(
+        saves=views(restore_from) if restore_from else [None] * n,
+        fishers=views(fisher, written=True) if fisher else [None] * n,
+        precision=views([ewc_precision[i] if covered[i] else None for i in range(n)]),
+        anchor=views([ewc_anchor[i] if covered[i] else None for i in range(n)]),
+        covered=covered,
+        inv_scale=scale,
+        amp=amp,
+        found_inf=skip,
+        skip=has_skip,
+        clip=clip,
+        clipped=clipped,
+    )

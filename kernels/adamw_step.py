@@ -9,9 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, store_tensor, task_grad
+from ._elementwise import chunk_of, load_tensor, restored_task_grad, store_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
-from ._step_terms import device_scalar, inv_scale, pick, split_by
+from ._step_terms import pick, split_by, step_inputs
 from ._types import triton_dtype
 
 
@@ -23,34 +23,12 @@ def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, 
                   CLIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher,
     # 7 EWC precision, 8 EWC anchor.
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
-    if SAVE:
-        p = load_tensor(addresses, 5, n_tensors, t, offsets, mask, P_DTYPE)
-    else:
-        p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
-    g = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
+    p, g, f, f_new = restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_ptr, clip_ptr, sign,
+                                        beta, one_minus_beta, P_DTYPE, SAVE, FISHER, EWC, AMP, CLIP, 0, 1, 5, 6, 7,
+                                        BLOCK)  # fmt: skip
     m = load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE)
     v = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
-    f = tl.zeros((BLOCK,), dtype=tl.float32)
-    a = tl.zeros((BLOCK,), dtype=tl.float32)
-    mu = tl.zeros((BLOCK,), dtype=tl.float32)
-    lam = 0.0
-    if FISHER:
-        f = load_tensor(addresses, 6, n_tensors, t, offsets, mask, tl.float32)
-    if EWC:
-        a = load_tensor(addresses, 7, n_tensors, t, offsets, mask, tl.float32)
-        mu = load_tensor(addresses, 8, n_tensors, t, offsets, mask, tl.float32)
-        lam = tl.load(lams + t)
-    scale = 1.0
-    if AMP:
-        scale = tl.load(inv_scale_ptr)
-    clip = 1.0
-    if CLIP:
-        clip = tl.load(clip_ptr)
-    g, f_new = task_grad(g, p, f, a, mu, lam, scale, clip, sign, beta, one_minus_beta, FISHER, EWC)
     p_new = p * decay
     m_new = m + one_minus_beta1 * (g - m)
     v_new = v * beta2 + one_minus_beta2 * g * g
@@ -85,7 +63,6 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     if n == 0:
         return
     device = params[0].device
-    skip, _ = device_scalar(found_inf, device)
     # Count the step on the steps' device; a skipped step (found_inf = 1) is not counted.
     step_device = steps[0].device
     if found_inf is not None:
@@ -99,18 +76,13 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     params_c, grads_c = views(params, written=True), views(grads)
     m, v = views(exp_avgs, written=True), views(exp_avg_sqs, written=True)
     vmax = views(max_exp_avg_sqs, written=True) if max_exp_avg_sqs else None
-    saves = views(restore_from) if restore_from else None
-    fishers = views(fisher, written=True) if fisher else None
-    covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
-    precision = views([ewc_precision[i] if covered[i] else None for i in range(n)])
-    anchor = views([ewc_anchor[i] if covered[i] else None for i in range(n)])
-    scale, amp = inv_scale(grad_scale, device)
-    clip, clipped = device_scalar(clip_coef, device)
+    terms = step_inputs(views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf,
+                        clip_coef)  # fmt: skip
     none = [None] * n
-    for is_covered, index in split_by(covered).items():
+    for is_covered, index in split_by(terms.covered).items():
         lists = [pick(params_c, index), pick(grads_c, index), pick(m, index), pick(v, index),
-                 pick(vmax or none, index), pick(saves or none, index), pick(fishers or none, index),
-                 pick(precision, index), pick(anchor, index)]  # fmt: skip
+                 pick(vmax or none, index), pick(terms.saves, index), pick(terms.fishers, index),
+                 pick(terms.precision, index), pick(terms.anchor, index)]  # fmt: skip
         table = pointer_table(lists)
         if not table.num_chunks:
             continue
@@ -118,10 +90,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
         lams = per_tensor([ewc_lam[i] if is_covered else 0.0 for i in index], device)
         _adamw_kernel[(table.num_chunks,)](
             table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,
-            step_sizes[picked], bias2_sqrts[picked], scale, skip, clip, float(1.0 - lr * weight_decay),
+            step_sizes[picked], bias2_sqrts[picked], terms.inv_scale, terms.found_inf, terms.clip,
+            float(1.0 - lr * weight_decay),
             float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), -1.0 if maximize else 1.0,
-            float(fisher_beta), float(1.0 - fisher_beta), P_DTYPE=triton_dtype(params[0].dtype), SAVE=saves is not None,
-            FISHER=fishers is not None, EWC=is_covered, AMSGRAD=vmax is not None, AMP=amp,
-            SKIP=found_inf is not None, CLIP=clipped, BLOCK=BLOCK,
+            float(fisher_beta), float(1.0 - fisher_beta), P_DTYPE=triton_dtype(params[0].dtype), SAVE=bool(restore_from),
+            FISHER=bool(fisher), EWC=is_covered, AMSGRAD=vmax is not None, AMP=terms.amp, SKIP=terms.skip,
+            CLIP=terms.clipped, BLOCK=BLOCK,
         )  # fmt: skip
     views.finish()

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, store_tensor
+from ._elementwise import chunk_of, load_tensor, store_tensor
 from ._pointer_table import BLOCK, Contiguous, pointer_table
 from ._reduce import segment_sums
 from ._types import triton_dtype
@@ -19,10 +19,8 @@ from ._types import triton_dtype
 def _ewc_consolidate_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, partials, decay, weight,
                             P_DTYPE: tl.constexpr, WEIGHTED_ANCHOR: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 precision, 1 anchor, 2 fisher, 3 param.
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
     a = load_tensor(addresses, 0, n_tensors, t, offsets, mask, tl.float32)
     mu = load_tensor(addresses, 1, n_tensors, t, offsets, mask, tl.float32)
     f = load_tensor(addresses, 2, n_tensors, t, offsets, mask, tl.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, store_tensor
+from ._elementwise import chunk_of, load_tensor, store_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
 from ._types import triton_dtype
 
@@ -14,10 +14,7 @@ from ._types import triton_dtype
 def _ewc_grad_add_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams,
                          P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 grad (written), 1 param, 2 precision, 3 anchor.
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     g = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
     p = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
     a = load_tensor(addresses, 2, n_tensors, t, offsets, mask, tl.float32)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor
+from ._elementwise import chunk_of, load_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
 from ._reduce import total
 from ._types import triton_dtype
@@ -20,10 +20,8 @@ from ._types import triton_dtype
 def _ewc_penalty_partials(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, partials,
                           P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 precision, 2 anchor.
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
     p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
     a = load_tensor(addresses, 1, n_tensors, t, offsets, mask, tl.float32)
     mu = load_tensor(addresses, 2, n_tensors, t, offsets, mask, tl.float32)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, sam_norm_term
+from ._elementwise import chunk_of, load_tensor, sam_norm_term
 from ._pointer_table import BLOCK, Contiguous, pointer_table
 from ._reduce import total
 from ._step_terms import pick, split_by
@@ -20,10 +20,8 @@ from ._types import triton_dtype
 def _grad_sq_norm_partials(addresses, n_tensors, sizes, chunk_tensor, chunk_start, partials, partial_offset, eta,
                            G_DTYPE: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 grad, 1 param (ASAM), 2 running Fisher (kind 3).
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
     g = load_tensor(addresses, 0, n_tensors, t, offsets, mask, G_DTYPE)
     p = tl.zeros((BLOCK,), dtype=tl.float32)
     f = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, sam_perturbation, sam_weight_sq, store_tensor
+from ._elementwise import chunk_of, load_tensor, sam_perturbation, sam_weight_sq, store_tensor
 from ._pointer_table import BLOCK, Contiguous, pointer_table
 from ._step_terms import device_scalar, inv_scale, pick, split_by
 from ._types import triton_dtype
@@ -19,10 +19,7 @@ def _sam_perturb_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, 
                         FISHER: tl.constexpr, AMP: tl.constexpr, FINITE: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 grad, 2 save, 3 fisher (fp32).
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
     g = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
     f = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._elementwise import load_tensor, store_tensor, task_grad
+from ._elementwise import chunk_of, load_tensor, restored_task_grad, store_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
-from ._step_terms import device_scalar, inv_scale, pick, split_by
+from ._step_terms import pick, split_by, step_inputs
 from ._types import triton_dtype
 
 
@@ -21,32 +21,10 @@ def _sgd_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, in
                 MOMENTUM: tl.constexpr, READY: tl.constexpr, NESTEROV: tl.constexpr, AMP: tl.constexpr,
                 SKIP: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher, 5 EWC precision, 6 EWC anchor.
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_tensor + chunk)
-    offsets = tl.load(chunk_start + chunk) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(sizes + t)
-    if SAVE:
-        p = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
-    else:
-        p = load_tensor(addresses, 0, n_tensors, t, offsets, mask, P_DTYPE)
-    g = load_tensor(addresses, 1, n_tensors, t, offsets, mask, P_DTYPE)
-    f = tl.zeros((BLOCK,), dtype=tl.float32)
-    a = tl.zeros((BLOCK,), dtype=tl.float32)
-    mu = tl.zeros((BLOCK,), dtype=tl.float32)
-    lam = 0.0
-    if FISHER:
-        f = load_tensor(addresses, 4, n_tensors, t, offsets, mask, tl.float32)
-    if EWC:
-        a = load_tensor(addresses, 5, n_tensors, t, offsets, mask, tl.float32)
-        mu = load_tensor(addresses, 6, n_tensors, t, offsets, mask, tl.float32)
-        lam = tl.load(lams + t)
-    scale = 1.0
-    if AMP:
-        scale = tl.load(inv_scale_ptr)
-    clip = 1.0
-    if CLIP:
-        clip = tl.load(clip_ptr)
-    g, f_new = task_grad(g, p, f, a, mu, lam, scale, clip, sign, beta, one_minus_beta, FISHER, EWC)
+    t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
+    p, g, f, f_new = restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_ptr, clip_ptr, sign,
+                                        beta, one_minus_beta, P_DTYPE, SAVE, FISHER, EWC, AMP, CLIP, 0, 1, 3, 4, 5,
+                                        BLOCK)  # fmt: skip
     g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # 0 * inf must not reach g
     b = g
     if MOMENTUM:
@@ -86,29 +64,23 @@ def sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from, fishe
     views = Contiguous()
     params_c, grads_c = views(params, written=True), views(grads)
     buffers = views(momentum_buffers, written=True) if momentum_buffers else None
-    saves = views(restore_from) if restore_from else None
-    fishers = views(fisher, written=True) if fisher else None
-    covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
-    precision = views([ewc_precision[i] if covered[i] else None for i in range(n)])
-    anchor = views([ewc_anchor[i] if covered[i] else None for i in range(n)])
-    scale, amp = inv_scale(grad_scale, device)
-    skip, _ = device_scalar(found_inf, device)
-    clip, clipped = device_scalar(clip_coef, device)
+    terms = step_inputs(views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf,
+                        clip_coef)  # fmt: skip
     ready = [bool(buffers) and buffer_ready[i] != 0 for i in range(n)]
-    for (is_covered, is_ready), index in split_by(list(zip(covered, ready))).items():
+    for (is_covered, is_ready), index in split_by(list(zip(terms.covered, ready))).items():
         lists = [pick(params_c, index), pick(grads_c, index), pick(buffers, index) or [None] * len(index),
-                 pick(saves, index) or [None] * len(index), pick(fishers, index) or [None] * len(index),
-                 pick(precision, index), pick(anchor, index)]  # fmt: skip
+                 pick(terms.saves, index), pick(terms.fishers, index), pick(terms.precision, index),
+                 pick(terms.anchor, index)]  # fmt: skip
         table = pointer_table(lists)
         if not table.num_chunks:
             continue
         lams = per_tensor([ewc_lam[i] if is_covered else 0.0 for i in index], device)
         _sgd_kernel[(table.num_chunks,)](
-            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams, scale,
-            skip, clip, float(lr), float(momentum), float(1.0 - dampening),
+            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,
+            terms.inv_scale, terms.found_inf, terms.clip, float(lr), float(momentum), float(1.0 - dampening),
             float(weight_decay), -1.0 if maximize else 1.0, float(fisher_beta), float(1.0 - fisher_beta),
-            P_DTYPE=triton_dtype(params[0].dtype), SAVE=saves is not None, FISHER=fishers is not None,
+            P_DTYPE=triton_dtype(params[0].dtype), SAVE=bool(restore_from), FISHER=bool(fisher),
             EWC=is_covered, MOMENTUM=buffers is not None, READY=is_ready, NESTEROV=bool(nesterov),
-            AMP=amp, SKIP=found_inf is not None, CLIP=clipped, BLOCK=BLOCK,
+            AMP=terms.amp, SKIP=terms.skip, CLIP=terms.clipped, BLOCK=BLOCK,
         )  # fmt: skip
     views.finish()
