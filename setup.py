@@ -25,7 +25,7 @@ if os.environ.get("CL_OPTIM_BUILD_EXT") == "1":
             ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
             include_dirs=[os.path.abspath("csrc/include")],
             define_macros=[("CL_OPTIM_AOT", "1")],
-            extra_compile_args=["-O3", "-fno-math-errno", "-fopenmp"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )
     )

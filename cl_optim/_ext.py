@@ -77,9 +77,10 @@ def _build_cpu() -> None:
         name="cl_optim_cpu",
         sources=[str(root / "bindings.cpp"), *sorted(str(p) for p in (root / "cpu").glob("*.cpp"))],
         extra_include_paths=[str(root / "include")],
-        # -fno-math-errno lets sqrt vectorise without changing any result; no -march=native and
-        # no fast-math: the kernels must give the oracle's numbers on any x86-64 / arm64 CPU.
-        extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
+        # -fno-math-errno lets sqrt vectorise without changing any result; -ffp-contract=off keeps
+        # a*b + c two roundings in every clone (the AVX-512 one would otherwise fuse them), so a
+        # seeded run gives the same numbers on every CPU; no -march=native and no fast-math.
+        extra_cflags=["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),
         is_python_module=False,
