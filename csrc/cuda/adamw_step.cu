@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<10> meta
     float pv;
     const float gv =
         restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
-    float mv = static_cast<float>(m[i]), vv = static_cast<float>(v[i]), xv = AMSGRAD ? static_cast<float>(vmax[i]) : 0.f;
+    float mv = load_as<float>(m[i]), vv = load_as<float>(v[i]), xv = AMSGRAD ? load_as<float>(vmax[i]) : 0.f;
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
-    p[i] = static_cast<scalar_t>(pv);  // round to nearest even for bf16/fp16
-    m[i] = static_cast<scalar_t>(mv);
-    v[i] = static_cast<scalar_t>(vv);
-    if (AMSGRAD) vmax[i] = static_cast<scalar_t>(xv);
+    p[i] = store_as<scalar_t>(pv);  // round to nearest even for bf16/fp16
+    m[i] = store_as<scalar_t>(mv);
+    v[i] = store_as<scalar_t>(vv);
+    if (AMSGRAD) vmax[i] = store_as<scalar_t>(xv);
   }
 }
 

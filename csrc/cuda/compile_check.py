@@ -16,6 +16,7 @@ CI runs it; a compile error fails CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -25,6 +26,18 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The flags torch's extension builder gives nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS, read
+# from the installed torch where there is one): no implicit __half/__nv_bfloat16 conversions or
+# operators. Checked with the same, so that what compiles here compiles in the just-in-time build.
+TORCH_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+with contextlib.suppress(ImportError):  # the check also runs where torch is not installed
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as TORCH_NVCC_FLAGS  # noqa: F811
 
 
 def nvcc_path() -> str:
@@ -75,7 +88,7 @@ def main(argv=None) -> int:
         for source in sources:
             for arch in args.arch:
                 command = [
-                    nvcc, "-std=c++17", "-O3", f"-I{HERE.parent / 'include'}",
+                    nvcc, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, f"-I{HERE.parent / 'include'}",
                     "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
                     "-c", str(source), "-o", str(Path(out, f"{source.stem}_{arch}.o")),
                 ]  # fmt: skip

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kThreads) fisher_accumulate_kernel(TensorListM
   auto* f = static_cast<float*>(meta.addresses[0][t]);
   const auto* g = static_cast<const scalar_t*>(meta.addresses[1][t]);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-    f[i] = fisher_accumulate<float>(f[i], static_cast<float>(g[i]), weight);
+    f[i] = fisher_accumulate<float>(f[i], load_as<float>(g[i]), weight);
 }
 
 // g += lam_t * A * (p - mu). Lists: 0 grad, 1 param, 2 precision, 3 anchor; scalars[0][t] = lam_t.
@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(kThreads) ewc_grad_add_kernel(TensorListMeta<4
   const auto* mu = static_cast<const float*>(meta.addresses[3][t]);
   const float lam = meta.scalars[0][t];
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-    g[i] = static_cast<scalar_t>(
-        ewc_pull<float>(static_cast<float>(g[i]), static_cast<float>(p[i]), a[i], mu[i], lam));
+    g[i] = store_as<scalar_t>(
+        ewc_pull<float>(load_as<float>(g[i]), load_as<float>(p[i]), a[i], mu[i], lam));
 }
 
 // Stage 1 of the penalty: partials[offset + block] = lam_t / 2 * sum A (p - mu)^2 over the chunk,
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto* mu = static_cast<const float*>(meta.addresses[2][t]);
   double sum = 0.0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
-    sum += ewc_penalty_term<double>(static_cast<double>(static_cast<float>(p[i])), a[i], mu[i]);
+    sum += ewc_penalty_term<double>(static_cast<double>(load_as<float>(p[i])), a[i], mu[i]);
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[launch_offset + blockIdx.x] = 0.5 * static_cast<double>(meta.scalars[0][t]) * sum;
 }
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
   double gap = 0.0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
     gap += static_cast<double>(
-        ewc_consolidate<WEIGHTED_ANCHOR>(a[i], mu[i], f[i], static_cast<float>(p[i]), decay, weight));
+        ewc_consolidate<WEIGHTED_ANCHOR>(a[i], mu[i], f[i], load_as<float>(p[i]), decay, weight));
   gap = block_sum(gap);
   if (threadIdx.x == 0) partials[launch_offset + blockIdx.x] = gap;
 }

@@ -22,9 +22,9 @@ __global__ void __launch_bounds__(kThreads)
   const int kind = static_cast<int>(meta.scalars[0][t]);
   float sum = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float gv = static_cast<float>(g[i]);
+    const float gv = load_as<float>(g[i]);
     switch (kind) {  // uniform per block: no divergence
-      case kSamAsam: sum += sam_norm_term<kSamAsam, float>(static_cast<float>(p[i]), gv, 0.f, eta); break;
+      case kSamAsam: sum += sam_norm_term<kSamAsam, float>(load_as<float>(p[i]), gv, 0.f, eta); break;
       case kSamFisherBatch: sum += sam_norm_term<kSamFisherBatch, float>(0.f, gv, 0.f, eta); break;
       case kSamFisherRunning: sum += sam_norm_term<kSamFisherRunning, float>(0.f, gv, f[i], eta); break;
       default: sum += sam_norm_term<kSamPlain, float>(0.f, gv, 0.f, eta);
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto terms = make_grad_terms<float>(load_or(inv_scale, 1.f), 1.f, false, fisher_beta, 1.f - fisher_beta);
   const bool update_fisher = FISHER && (finite == nullptr || *finite);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float pv = static_cast<float>(p[i]), gv = static_cast<float>(g[i]);
+    const float pv = load_as<float>(p[i]), gv = load_as<float>(g[i]);
     float weight_sq;
     switch (kind) {
       case kSamAsam: weight_sq = sam_weight_sq<kSamAsam, float>(pv, gv, 0.f, eta); break;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     save[i] = p[i];
     if (update_fisher) task_grad<true, false>(gv, pv, fisher[i], 0.f, 0.f, 0.f, terms);
-    p[i] = static_cast<scalar_t>(pv + sam_perturbation<float>(gv, weight_sq, s));
+    p[i] = store_as<scalar_t>(pv + sam_perturbation<float>(gv, weight_sq, s));
   }
 }
 

@@ -29,16 +29,16 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     if (skip) {  // a skipped step still restores the weights, and starts no buffer (zeros, as on the CPU)
       if (SAVE) p[i] = save[i];
-      if (MOMENTUM && !READY) buf[i] = scalar_t(0.f);
+      if (MOMENTUM && !READY) buf[i] = store_as<scalar_t>(0.f);
       continue;
     }
     float pv;
     const float gv =
         restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
-    float bv = MOMENTUM ? static_cast<float>(buf[i]) : 0.f;
+    float bv = MOMENTUM ? load_as<float>(buf[i]) : 0.f;
     sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
-    if (MOMENTUM) buf[i] = static_cast<scalar_t>(bv);
-    p[i] = static_cast<scalar_t>(pv);
+    if (MOMENTUM) buf[i] = store_as<scalar_t>(bv);
+    p[i] = store_as<scalar_t>(pv);
   }
 }
 

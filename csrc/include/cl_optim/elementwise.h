@@ -11,6 +11,11 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CLO_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -31,6 +36,37 @@ CLO_HD T op_sqrt(T x) {
 #else
   return std::sqrt(x);
 #endif
+}
+
+// Element conversions between the storage type S and the op-math type T. Explicit, because torch
+// builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (no
+// implicit __half <-> float); stores round to nearest even. On the host, c10::Half/BFloat16 convert.
+template <typename T, typename S>
+struct Convert {
+  static CLO_HD T load(S x) { return static_cast<T>(x); }
+  static CLO_HD S store(T x) { return static_cast<S>(x); }
+};
+#if defined(__CUDACC__)
+template <>
+struct Convert<float, __half> {
+  static CLO_HD float load(__half x) { return __half2float(x); }
+  static CLO_HD __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Convert<float, __nv_bfloat16> {
+  static CLO_HD float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static CLO_HD __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+#endif
+
+template <typename T, typename S>
+CLO_HD T load_as(S x) {
+  return Convert<T, S>::load(x);
+}
+
+template <typename S, typename T>
+CLO_HD S store_as(T x) {
+  return Convert<T, S>::store(x);
 }
 
 // The optional terms applied to the task gradient before the base update. Complements such as
@@ -77,10 +113,10 @@ CLO_HD T task_grad(T g, T p, float& fisher, T precision, T anchor, T ewc_lam, co
 template <bool SAVE, bool FISHER, bool EWC, typename T, typename S>
 CLO_HD T restored_task_grad(const S* param, const S* save, const S* grad, float* fisher, const float* precision,
                             const float* anchor, int64_t i, T ewc_lam, const GradTerms<T>& terms, T& p) {
-  p = static_cast<T>(SAVE ? save[i] : param[i]);
+  p = load_as<T>(SAVE ? save[i] : param[i]);
   float unused = 0.f;
   float& f = FISHER ? fisher[i] : unused;
-  return task_grad<FISHER, EWC>(static_cast<T>(grad[i]), p, f, EWC ? static_cast<T>(precision[i]) : T(0),
+  return task_grad<FISHER, EWC>(load_as<T>(grad[i]), p, f, EWC ? static_cast<T>(precision[i]) : T(0),
                                 EWC ? static_cast<T>(anchor[i]) : T(0), ewc_lam, terms);
 }
 
