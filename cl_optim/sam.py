@@ -292,8 +292,10 @@ class SAM(torch.optim.Optimizer):
         self._run["pending"] = None
         self._run["steps"].add_(1)
         # What an LR scheduler's wrapper of step() records: first_step/second_step users get no
-        # "lr_scheduler.step() before optimizer.step()" warning.
-        self._opt_called = True
+        # "lr_scheduler.step() before optimizer.step()" warning. Not inside torch.compile, which
+        # cannot set an optimizer attribute (torch 2.6 breaks the graph on it).
+        if not torch.compiler.is_compiling():
+            self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
