@@ -171,6 +171,14 @@ def _cubin_resources(cubin: bytes, out: Path) -> tuple[int, int] | None:
     return (int(registers.group(1)) if registers else 0, int(spills.group(1)) if spills else 0)
 
 
+def _source(ast_source, kernel, signature, constexprs):
+    """``ASTSource`` across Triton versions: 3.3+ take ``constexprs=``, 3.2 (torch 2.6) ``constants=``."""
+    try:
+        return ast_source(fn=kernel, signature=signature, constexprs=constexprs)
+    except TypeError:
+        return ast_source(fn=kernel, signature=signature, constants=constexprs)
+
+
 def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -190,10 +198,8 @@ def main(argv=None) -> int:
                     constexprs = {**constexprs, "BLOCK": BLOCK}
                     signature = {**types, **{name: "constexpr" for name in constexprs}}
                     try:
-                        compiled = triton.compile(
-                            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32),
-                        )
+                        compiled = triton.compile(_source(ASTSource, kernel, signature, constexprs),
+                                                  target=GPUTarget("cuda", arch, 32))  # fmt: skip
                     except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
                         failures += 1
                         print(f"FAILED {kernel.__name__} sm_{arch} {constexprs}: {error}", file=sys.stderr)
