@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     DTYPES,
+    GPU_FP32,
     ZOO_SIZES,
     assert_state_close,
     clone_groups,
@@ -257,7 +258,9 @@ def test_step_backends_on_cuda_match_the_cpu_oracle(kind, dtype, with_terms):
         got = _functional_run(kind, backend, dtype, with_terms, device="cuda")
         assert got.keys() == oracle.keys()
         for name in oracle:
-            assert_state_close(got[name].cpu(), oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
+            assert_state_close(
+                got[name].cpu(), oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype], GPU_FP32
+            )
 
 
 @pytest.mark.gpu
@@ -271,7 +274,9 @@ def test_triton_and_cuda_backends_agree_on_cuda(kind, dtype):
     triton = _functional_run(kind, "triton", dtype, True, device="cuda")
     reference = _functional_run(kind, "forloop", torch.float64, True) if dtype != torch.float32 else {}
     for name in cuda:
-        assert_state_close(triton[name].cpu(), cuda[name].cpu(), reference.get(name), dtype, LOWP_ATOL[dtype])
+        assert_state_close(
+            triton[name].cpu(), cuda[name].cpu(), reference.get(name), dtype, LOWP_ATOL[dtype], GPU_FP32
+        )
 
 
 @pytest.mark.gpu
@@ -297,7 +302,7 @@ def test_sam_adamw_on_cuda_matches_the_cpu_oracle(dtype):
         got, opt = run("cuda", backend)
         assert set(opt.base_optimizer.backends_used.values()) == {backend}
         for a, b in zip(got, oracle):
-            tol = {} if dtype == torch.float32 else dict(rtol=0, atol=LOWP_ATOL[dtype] * 4)
+            tol = GPU_FP32 if dtype == torch.float32 else dict(rtol=0, atol=LOWP_ATOL[dtype] * 4)
             torch.testing.assert_close(a, b, **tol)
 
 
