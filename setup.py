@@ -50,6 +50,7 @@ setup(
     package_data={
         "cl_optim._csrc": [
             "*.cpp",
+            "*.h",
             "include/cl_optim/*.h",
             "cpu/*.cpp",
             "cpu/*.h",

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/launchers.h"
+#include "op_checks.h"
 
 namespace cl_optim {
 namespace {
@@ -90,16 +91,9 @@ struct StepInputs {
   StepInputs(int64_t n, at::TensorList restore_from, at::TensorList fisher_in, const OptionalTensors& precision,
              const OptionalTensors& anchor, c10::ArrayRef<double> ewc_lam)
       : save(!restore_from.empty()), fisher(!fisher_in.empty()), ewc(n, false), lam(n, 0.f) {
-    if (save) check_length(restore_from.size(), n, "restore_from");
-    if (fisher) check_length(fisher_in.size(), n, "fisher");
-    for (const auto& f : fisher_in) TORCH_CHECK(f.scalar_type() == at::kFloat, "the running Fisher must be fp32");
-    TORCH_CHECK(precision.size() == anchor.size(), "ewc_precision and ewc_anchor differ in length");
-    if (!precision.empty()) check_length(precision.size(), n, "ewc_precision");
+    check_step_terms(n, restore_from, fisher_in, precision, anchor);
     for (size_t i = 0; i < precision.size(); ++i) {
-      const OptionalTensor a = precision.get(i), mu = anchor.get(i);
-      TORCH_CHECK(a.has_value() == mu.has_value(), "EWC precision and anchor must be given together");
-      if (a.has_value()) {
-        TORCH_CHECK(a->scalar_type() == at::kFloat && mu->scalar_type() == at::kFloat, "EWC buffers must be fp32");
+      if (precision.get(i).has_value()) {
         ewc[i] = true;
         lam[i] = static_cast<float>(i < ewc_lam.size() ? ewc_lam[i] : 0.0);
       }
@@ -234,24 +228,12 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   ws.finish();
 }
 
-// The weight kind of each tensor (elementwise.h SamWeight), with the checks of the CPU op.
+// The weight kind of each tensor (elementwise.h SamWeight), checked as the CPU op checks them.
 std::vector<float> sam_kinds(c10::IntArrayRef weighted, int64_t n, at::TensorList params, at::TensorList fisher,
                              at::TensorList grads) {
+  check_sam_weights(weighted, grads, params, fisher, n);
   std::vector<float> kinds(n, 0.f);
-  if (weighted.empty()) return kinds;
-  check_length(weighted.size(), n, "weighted");
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(weighted[i] >= 0 && weighted[i] <= 3, "SAM weight kind ", weighted[i],
-                " is not 0 (plain), 1 (ASAM), 2 or 3 (Fisher-SAM)");
-    if (weighted[i] == 1)
-      TORCH_CHECK(static_cast<int64_t>(params.size()) == n && params[i].numel() == grads[i].numel(),
-                  "ASAM needs the parameters, one per gradient and of its size");
-    if (weighted[i] == 3)
-      TORCH_CHECK(static_cast<int64_t>(fisher.size()) == n && fisher[i].scalar_type() == at::kFloat &&
-                      fisher[i].numel() == grads[i].numel(),
-                  "Fisher-SAM with the running Fisher needs an fp32 `fisher` tensor per gradient");
-    kinds[i] = static_cast<float>(weighted[i]);
-  }
+  for (size_t i = 0; i < weighted.size(); ++i) kinds[i] = static_cast<float>(weighted[i]);
   return kinds;
 }
 

@@ -29,33 +29,27 @@ from cl_optim.sam import FISHER_BATCH, FISHER_RUNNING, grad_sq_norm, sam_perturb
 from cl_optim.sgd import sgd_step_
 
 
-def _candidates():
-    """Every non-oracle backend that can run on this machine's CPU (cpp builds on first use)."""
-    from cl_optim._backend import _REGISTRY, BACKENDS
-
-    return [
-        name
-        for name in BACKENDS
-        if name not in ("forloop", "triton")  # Triton on CPU: the interpreter, tests/test_triton.py
-        and _REGISTRY[name].shipped
-        and _REGISTRY[name].unavailable_reason(torch.device("cpu"), torch.float32) is None
-    ]
-
-
-CANDIDATES = _candidates()
-
-
-def _cuda_candidates():
-    """The non-oracle backends that run on this machine's GPU (called by GPU tests only)."""
+def _backends_on(device: str, skipped=()) -> list[str]:
+    """Every non-oracle backend that runs fp32 on ``device`` on this machine (cpp builds on first use)."""
     from cl_optim._backend import _REGISTRY, BACKENDS
 
     return [
         name
         for name in BACKENDS
         if name != "forloop"
+        and name not in skipped
         and _REGISTRY[name].shipped
-        and _REGISTRY[name].unavailable_reason(torch.device("cuda"), torch.float32) is None
+        and _REGISTRY[name].unavailable_reason(torch.device(device), torch.float32) is None
     ]
+
+
+# Triton on CPU tensors runs in the interpreter: tests/test_triton.py checks it on a small zoo.
+CANDIDATES = _backends_on("cpu", skipped=("triton",))
+
+
+def _cuda_candidates():
+    """The non-oracle backends that run on this machine's GPU (called by GPU tests only)."""
+    return _backends_on("cuda")
 
 
 def _on(t: torch.Tensor, device: str) -> torch.Tensor:

@@ -1,30 +1,10 @@
 // cl_optim::grad_sq_norm and cl_optim::sam_perturb_ on the CPU: SAM's first pass.
 #include <cl_optim/elementwise.h>
 
+#include "../op_checks.h"
 #include "step_terms.h"
 
 namespace cl_optim {
-
-// `weighted`: empty (plain SAM) or one SamWeight kind per tensor; the running-Fisher kind needs
-// an fp32 `fisher` tensor of the parameter's size.
-static void check_sam_weights(c10::IntArrayRef weighted, at::TensorList grads, at::TensorList params,
-                              at::TensorList fisher, int64_t n) {
-  if (weighted.empty()) return;
-  TORCH_CHECK(static_cast<int64_t>(weighted.size()) == n, "weighted needs one kind per tensor, got ",
-              weighted.size(), " for ", n);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(weighted[i] >= kSamPlain && weighted[i] <= kSamFisherRunning, "SAM weight kind ", weighted[i],
-                " is not 0 (plain), 1 (ASAM), 2 (Fisher-SAM, batch) or 3 (Fisher-SAM, running Fisher)");
-    if (weighted[i] == kSamAsam)
-      TORCH_CHECK(static_cast<int64_t>(params.size()) == n && params[i].numel() == grads[i].numel(),
-                  "ASAM needs the parameters, one per gradient and of its size");
-    if (weighted[i] == kSamFisherRunning) {
-      TORCH_CHECK(static_cast<int64_t>(fisher.size()) == n, "Fisher-SAM with the running Fisher needs `fisher`");
-      TORCH_CHECK(fisher[i].scalar_type() == at::kFloat && fisher[i].numel() == grads[i].numel(),
-                  "the running Fisher of tensor ", i, " must be fp32 with the parameter's size");
-    }
-  }
-}
 
 namespace {
 

@@ -4,6 +4,7 @@
 
 #include <cl_optim/elementwise.h>
 
+#include "../op_checks.h"
 #include "multi_tensor.h"
 
 namespace cl_optim {
@@ -39,20 +40,12 @@ struct StepTermInputs {
         clip_coef(scalar_or(clip_coef_in, 1.0)),
         fisher_beta(fisher_beta_in),
         maximize(maximize_in) {
-    TORCH_CHECK(restore_from.empty() || static_cast<int64_t>(restore_from.size()) == n, "restore_from: wrong length");
-    TORCH_CHECK(fisher_in.empty() || static_cast<int64_t>(fisher_in.size()) == n, "fisher: wrong length");
-    TORCH_CHECK(ewc_precision.size() == ewc_anchor.size(), "ewc_precision and ewc_anchor differ in length");
-    TORCH_CHECK(ewc_precision.empty() || static_cast<int64_t>(ewc_precision.size()) == n, "ewc: wrong length");
+    check_step_terms(n, restore_from, fisher_in, ewc_precision, ewc_anchor);
     for (const auto& t : restore_from) restore.push_back(ws.use(t, false));
-    for (const auto& t : fisher_in) {
-      TORCH_CHECK(t.scalar_type() == at::kFloat, "the running Fisher must be fp32");
-      fisher.push_back(ws.use(t, true));
-    }
+    for (const auto& t : fisher_in) fisher.push_back(ws.use(t, true));
     for (size_t i = 0; i < ewc_precision.size(); ++i) {
       std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
-      TORCH_CHECK(a.has_value() == mu.has_value(), "EWC precision and anchor must be given together");
       if (a.has_value()) {
-        TORCH_CHECK(a->scalar_type() == at::kFloat && mu->scalar_type() == at::kFloat, "EWC buffers must be fp32");
         precision.push_back(ws.use(*a, false));
         anchor.push_back(ws.use(*mu, false));
       } else {
