@@ -35,10 +35,23 @@ def check_fisher_ema(beta: Optional[float]) -> None:
 
 
 def fisher_buffer(state: dict, p: Tensor) -> Tensor:
-    """The running Fisher of ``p`` in its optimizer state, created as fp32 zeros."""
-    if FISHER_KEY not in state:
-        state[FISHER_KEY] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-    return state[FISHER_KEY]
+    """The running Fisher of ``p`` in its optimizer state, created as fp32 zeros; one of another
+    shape (a grown parameter, a state dict of another model) is an error, not a broadcast."""
+    fisher = state.get(FISHER_KEY)
+    if fisher is None:
+        fisher = state[FISHER_KEY] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    elif fisher.shape != p.shape:
+        raise state_shape_error(FISHER_KEY, fisher, p)
+    return fisher
+
+
+def state_shape_error(key: str, value: Tensor, p: Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"optimizer state {key!r} has shape {list(value.shape)} for a parameter of shape {list(p.shape)}: the "
+        "parameter changed shape after its state was created (a grown layer), or the state dict is another "
+        "model's; nothing was changed. Drop that parameter's state (optimizer.state.pop(param)) or load a "
+        "matching state dict."
+    )
 
 
 def keep_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -55,6 +68,32 @@ def keep_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
             optimizer.state[p][FISHER_KEY] = (
                 saved[FISHER_KEY].to(device=p.device, dtype=torch.float32).clone()
             )
+
+
+def check_state_dict_shapes(
+    optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple[str, ...]
+) -> None:
+    """Refuse a state dict whose per-element state does not fit the parameters, before loading it.
+
+    torch loads such a state silently (its step then fails, or broadcasts a larger state into a
+    smaller parameter without a word); here nothing is loaded and the error names the entry.
+    """
+    groups, saved_groups = optimizer.param_groups, state_dict.get("param_groups", [])
+    if len(groups) != len(saved_groups) or any(
+        len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
+    ):
+        return  # torch's own load_state_dict raises its error about the group sizes
+    saved_state = state_dict.get("state", {})
+    for index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+        for position, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
+            for key in keys:
+                value = saved_state.get(saved_id, {}).get(key)
+                if isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"load_state_dict: state {key!r} of parameter {position} of group {index} has shape "
+                        f"{list(value.shape)}, the parameter {list(p.shape)}: the state dict is of another "
+                        "model (or of this one before a layer grew); nothing was loaded"
+                    )
 
 
 def check_lr(lr) -> None:
@@ -86,6 +125,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # syncing itself: the update unscales, and skips itself when found_inf is set.
     _step_supports_amp_scaling = True
 
+    # The per-element state entries of the subclass (each of its parameter's shape).
+    STATE_KEYS: tuple[str, ...] = ()
+
     def __init__(self, params, defaults: dict, backend: str, ewc=None, fisher_ema: Optional[float] = None):
         from .ewc import EWC
 
@@ -111,6 +153,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        check_state_dict_shapes(self, state_dict, self.STATE_KEYS + (FISHER_KEY,))
         super().load_state_dict(state_dict)
         keep_fp32_state(self, state_dict)
 
@@ -161,10 +204,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 grad = p.grad
-                if grad.is_sparse or grad.shape != p.shape or p.is_complex():
+                if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype or p.is_complex():
                     _check_param(p)  # raises, naming the problem
             for (device, dtype), index in bucket_indices(params).items():
                 plan.append((group, [params[i] for i in index], resolve(self.backend, device, dtype)))
+        # Each op checks every tensor of its bucket before it writes anything; the state of the
+        # buckets after the first is checked here too, so that no bucket is stepped before a later
+        # one is found wrong.
+        for _, bucket, _ in plan[1:]:
+            self._check_state_shapes(bucket)
 
         restored = 0  # parameters of `restore` that the buckets restore
         for group, bucket, backend in plan:
@@ -194,6 +242,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_state_shapes(self, params: list[Tensor]) -> None:
+        keys = self.STATE_KEYS + (FISHER_KEY,)
+        for p in params:
+            state = self.state.get(p)
+            if not state:
+                continue
+            for key in keys:
+                value = state.get(key)
+                if value is not None and value.shape != p.shape:
+                    raise state_shape_error(key, value, p)
+
 
 def _check_param(p: Tensor) -> None:
     if p.grad.is_sparse:
@@ -210,6 +269,8 @@ def _check_param(p: Tensor) -> None:
         raise RuntimeError(
             f"gradient of shape {tuple(p.grad.shape)} for a parameter of shape {tuple(p.shape)}"
         )
+    if p.grad.dtype != p.dtype:
+        raise RuntimeError(f"gradient of dtype {p.grad.dtype} for a parameter of dtype {p.dtype}")
 
 
 def bucket_indices(params: list[Tensor]) -> dict:

@@ -63,7 +63,9 @@ class StepTerms:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("grad_scale", "found_inf", "clip_coef"):
             if moved[name] is not None:
-                moved[name] = moved[name].to(device, non_blocking=True)
+                # Non-blocking only towards an accelerator: a CPU kernel (or skip_update) reads the
+                # value on the host right away, before a non-blocking copy from the GPU has landed.
+                moved[name] = moved[name].to(device, non_blocking=device.type != "cpu")
         return StepTerms(**moved)
 
     def skip_update(self) -> bool:
@@ -81,6 +83,19 @@ class StepTerms:
 
     def lam(self, i: int) -> float:
         return self.ewc_lam[i] if isinstance(self.ewc_lam, list) else self.ewc_lam
+
+    def op_inputs(self) -> dict:
+        """The terms by the names of the step ops' schemas (cl_optim/ops.py), for the input checks."""
+        return dict(
+            restore_from=self.restore_from,
+            fisher=self.fisher,
+            ewc_precision=self.ewc_precision,
+            ewc_anchor=self.ewc_anchor,
+            ewc_lam=self.ewc_lam,
+            grad_scale=self.grad_scale,
+            found_inf=self.found_inf,
+            clip_coef=self.clip_coef,
+        )
 
 
 def kernel_terms(terms: StepTerms, n: int) -> dict:

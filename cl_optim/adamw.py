@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._backend import kernel_op
+from ._checks import check_adamw_step_
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
@@ -96,6 +97,8 @@ class AdamW(FusedOptimizer):
             fisher_ema=fisher_ema,
         )
 
+    STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def _update_bucket(self, group, params, grads, terms, backend):
         amsgrad = group["amsgrad"]
         # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
@@ -149,6 +152,8 @@ def adamw_step_(
 ) -> None:
     """The AdamW step of one (device, dtype) bucket, in place. ``max_exp_avg_sqs`` given = amsgrad."""
     terms = terms if terms is not None else StepTerms()
+    if backend in ("forloop", "foreach"):  # the compiled ops check their inputs themselves
+        check_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **terms.op_inputs())
     impl = {
         "forloop": _adamw_forloop,
         "foreach": _adamw_foreach,

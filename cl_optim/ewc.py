@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import kernel_op
+from ._checks import check_op
 
 __all__ = ["EWC"]
 
@@ -422,7 +423,12 @@ class EWC:
 
 def _backend_impl(backend: str, forloop, op_name: str, like: Tensor):
     if backend in ("forloop", "foreach"):  # one readable implementation serves both
-        return forloop
+
+        def checked(*args):  # the compiled ops check their inputs themselves
+            check_op(op_name, args)
+            return forloop(*args)
+
+        return checked
     if backend in ("cpp", "cuda", "triton"):
         return kernel_op(backend, op_name, like)
     raise ValueError(f"{op_name} has no {backend!r} implementation")

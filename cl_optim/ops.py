@@ -57,8 +57,7 @@ def _no_output(*args, **kwargs):
 
 
 def _grad_sq_norm_fake(grads, params, fisher, weighted, eta):
-    dtype = torch.float64 if grads and grads[0].dtype == torch.float64 else torch.float32
-    return grads[0].new_empty((), dtype=dtype)
+    return (grads[0] if grads else torch.empty(0)).new_empty((), dtype=torch.float64)
 
 
 def _ewc_penalty_fake(params, precision, anchor, lam):

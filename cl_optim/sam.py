@@ -27,6 +27,7 @@ norm is ``sqrt(sum g**2 / (1 + eta * F))``. Two sources of ``F``, per group:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, kernel_op, prepare, resolve
+from ._checks import check_grad_sq_norm, check_sam_perturb_
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -71,13 +73,20 @@ class SAM(torch.optim.Optimizer):
             (Fisher-SAM on the running Fisher of ``fisher_ema``, ``T**2 = 1/(1 + eta*F)``).
         eta: overrides the offset of the chosen convention (ASAM: 0 or 0.01; Fisher-SAM: 1).
         perturb_eps: ``eps`` of the scale ``rho / (||T g|| + eps)``; 1e-12 as davda54.
+        skip_nonfinite: skip the step when the second-pass gradient has an inf or a NaN, as when
+            the first-pass one has (default). Without a GradScaler (which checks it already) this
+            reads the second-pass gradient once more (4 bytes per fp32 parameter);
+            ``skip_nonfinite=False`` saves that read and lets a non-finite second pass reach the
+            update, as davda54/sam and torch's optimizers do.
         backend: backend of the perturbation (and of a cl_optim base optimizer).
         **base_kwargs: hyper-parameters of the base optimizer.
 
     A step is ``first_step`` (save ``w`` into a buffer allocated once, perturb), a second
     forward/backward at ``w + e``, then ``second_step`` (restore ``w`` in place, base update).
-    If the first-pass gradient is not finite, nothing is perturbed and the whole step is skipped
-    without a host synchronisation; ``last_step_skipped`` holds the flag on the device.
+    If the first-pass (or second-pass) gradient is not finite, nothing is perturbed (or the
+    weights are restored) and the whole step is skipped without a host synchronisation;
+    ``last_step_skipped`` holds the flag on the device. A large finite gradient (1e20) is not
+    skipped: the norm is accumulated in fp64.
 
     Example:
         >>> import torch, cl_optim
@@ -100,6 +109,7 @@ class SAM(torch.optim.Optimizer):
         *,
         eta: Optional[float] = None,
         perturb_eps: float = 1e-12,
+        skip_nonfinite: bool = True,
         backend: str = "auto",
         ewc=None,
         fisher_ema: Optional[float] = None,
@@ -111,11 +121,12 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}"
             )
-        if not perturb_eps >= 0.0:
-            raise ValueError(f"Invalid perturb_eps: {perturb_eps}")
+        if not 0.0 <= perturb_eps < math.inf:
+            raise ValueError(f"Invalid perturb_eps: {perturb_eps} (must be finite and >= 0)")
         check_fisher_ema(fisher_ema)
         self.backend = check_backend_name(backend)
         self.perturb_eps = perturb_eps
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.fisher_ema = fisher_ema
         self.ewc = ewc
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
@@ -147,6 +158,7 @@ class SAM(torch.optim.Optimizer):
         self._run: dict = {
             "pending": None,  # parameters perturbed by a pending first_step
             "pass1_nonfinite": None,  # device flag: the first-pass gradient was not finite
+            "grad_scaler": None,  # the GradScaler given to first_step, told about a pass-1 overflow
             "last_step_skipped": None,
             "steps": torch.zeros((), dtype=torch.int64),
         }
@@ -200,7 +212,8 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if p.grad.is_sparse:
+                grad = p.grad
+                if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
                     _check_sam_param(p)  # raises, naming the problem
             for (device, dtype), bucket in _buckets(params).items():
                 if dtype.is_complex:
@@ -209,7 +222,7 @@ class SAM(torch.optim.Optimizer):
         if not plan:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
 
-        # One global norm over every group and device, accumulated in fp32 (davda54's convention:
+        # One global norm over every group and device, accumulated in fp64 (davda54's convention:
         # the norm is global, rho is per group).
         home = plan[0][3][0].device
         grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
@@ -230,31 +243,41 @@ class SAM(torch.optim.Optimizer):
             )
             for (_, _, _, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers)
         ]
-        acc = torch.float64 if any(x.dtype == torch.float64 for x in sq_norms) else torch.float32
-        norm = torch.stack([x.to(acc) for x in sq_norms]).sum().sqrt()
+        # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
+        norm = torch.stack(sq_norms).sum().sqrt()
         finite = torch.isfinite(norm)
         self._run["pass1_nonfinite"] = ~finite
 
         perturbed = []
-        for (group, device, dtype, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers):
-            self.perturb_backends_used[f"{device}/{dtype}"] = backend
-            # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
-            scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
-            sam_perturb_(
-                bucket,
-                [p.grad for p in bucket],
-                self._save_buffers(bucket, device, dtype),
-                scale.to(device),
-                weighted,
-                eta,
-                backend=backend,
-                fisher=fisher,
-                fisher_beta=self.fisher_ema or 0.0,
-                grad_scale=None if grad_scale is None else grad_scale.to(device),
-                finite=finite.to(device),
-            )
-            perturbed.extend(bucket)
+        try:
+            for (group, device, dtype, bucket, backend), (weighted, eta), fisher in zip(
+                plan, weights, fishers
+            ):
+                self.perturb_backends_used[f"{device}/{dtype}"] = backend
+                # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
+                scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
+                sam_perturb_(
+                    bucket,
+                    [p.grad for p in bucket],
+                    self._save_buffers(bucket, device, dtype),
+                    scale.to(device),
+                    weighted,
+                    eta,
+                    backend=backend,
+                    fisher=fisher,
+                    fisher_beta=self.fisher_ema or 0.0,
+                    grad_scale=None if grad_scale is None else grad_scale.to(device),
+                    finite=finite.to(device),
+                )
+                perturbed.extend(bucket)
+        except BaseException:
+            # Each op checks its inputs before it writes: the buckets perturbed before the one that
+            # failed are put back, and the step is as if never begun.
+            for p in perturbed:
+                p.copy_(self._saved[id(p)])
+            raise
         self._run["pending"] = perturbed
+        self._run["grad_scaler"] = grad_scaler
         if zero_grad:
             self.zero_grad()
 
@@ -276,14 +299,25 @@ class SAM(torch.optim.Optimizer):
                 "second_step(); the weights were restored and no update was made"
             )
         skip = self._run["pass1_nonfinite"]
+        if found_inf is None and self.skip_nonfinite:
+            # No GradScaler checked the second pass: one more read of it, on the device.
+            skip = skip | self._nonfinite_gradient()
+        elif found_inf is not None and self._run["grad_scaler"] is not None:
+            _report_overflow(self._run["grad_scaler"], self, skip)
         if isinstance(self.base_optimizer, FusedOptimizer):
-            self.base_optimizer._fused_step(
-                restore=restore,
-                restore_params=self._run["pending"],
-                skip=skip,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            )
+            try:
+                self.base_optimizer._fused_step(
+                    restore=restore,
+                    restore_params=self._run["pending"],
+                    skip=skip,
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+            except BaseException:
+                # Refused before anything was written (every bucket is checked first): put the
+                # weights back, so that a failed step never leaves them perturbed.
+                self._abort()
+                raise
         else:
             self._restore()
             self._foreign_update(skip, grad_scale, found_inf)
@@ -386,6 +420,17 @@ class SAM(torch.optim.Optimizer):
             buffers.append(buf)
         return buffers
 
+    def _nonfinite_gradient(self) -> Tensor:
+        """Device flag: some gradient has an inf or a NaN (an fp64-accumulated norm, per bucket)."""
+        home = self._run["pending"][0].device if self._run["pending"] else torch.device("cpu")
+        sq_norms = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for (device, dtype), bucket in _buckets(params).items():
+                backend = resolve(self.backend, device, dtype)
+                sq_norms.append(grad_sq_norm([p.grad for p in bucket], backend=backend).to(home))
+        return ~torch.isfinite(torch.stack(sq_norms).sum())
+
     def _restore_map(self) -> dict:
         """``id(param) -> save buffer`` for the pending perturbation."""
         saved = self._saved
@@ -420,14 +465,25 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
+def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:
+    """Let ``grad_scaler.update()`` see an overflow of SAM's first pass, as it sees one of the
+    second: the flag is added, on the device, to the ``found_inf`` that ``GradScaler.step``
+    recorded for this optimizer (the per-optimizer state GradScaler has kept since torch 1.6)."""
+    state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    found = state.get("found_inf_per_device") if state else None
+    if found:
+        first = next(iter(found.values()))
+        first.add_(flag.to(device=first.device, dtype=first.dtype))
+
+
 def _check_sam_group(group: dict) -> None:
-    if not group["rho"] >= 0.0:
-        raise ValueError(f"Invalid rho: {group['rho']} (must be >= 0)")
+    if not 0.0 <= group["rho"] < math.inf:
+        raise ValueError(f"Invalid rho: {group['rho']} (must be finite and >= 0)")
     if group["adaptive"] not in _ADAPTIVE_MODES:
         raise ValueError(
             f"Invalid adaptive: {group['adaptive']!r}; expected False, True, 'official', 'fisher' or 'fisher_ema'"
         )
-    if group["eta"] is not None and not group["eta"] >= 0.0:
+    if group["eta"] is not None and not 0.0 <= group["eta"] < math.inf:
         raise ValueError(f"Invalid eta: {group['eta']} (must be >= 0)")
 
 
@@ -436,6 +492,12 @@ def _check_sam_param(p: Tensor) -> None:
         raise RuntimeError(f"SAM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
     if p.is_complex():
         raise RuntimeError(f"SAM supports real floating-point parameters only, got {p.dtype}")
+    if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+        raise RuntimeError(
+            f"SAM: a gradient of shape {list(p.grad.shape)} ({p.grad.dtype}) for a parameter of shape "
+            f"{list(p.shape)} ({p.dtype}): a layer changed after backward(), or a gradient was set by hand; "
+            "nothing was changed"
+        )
 
 
 def _buckets(params: list[Tensor]) -> dict:
@@ -455,35 +517,23 @@ def _sam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[int]]
     return [PLAIN if (mode == "official" and p.dim() <= 1) else ASAM for p in params], eta
 
 
-def _weights(params, grads, weighted, eta, fisher) -> list[tuple[int, Optional[Tensor]]]:
-    """Per tensor, its weight kind and the tensor the Python backends materialise (opmath):
-    ``T = |p| + eta`` for ASAM, ``T**2 = 1/(1 + eta*F)`` for Fisher-SAM, None for ``T = 1``."""
+def _weights(params, grads, weighted, eta, fisher, dtype=None) -> list[tuple[int, Optional[Tensor]]]:
+    """Per tensor, its weight kind and the tensor the Python backends materialise (in ``dtype``,
+    default opmath): ``T = |p| + eta`` for ASAM, ``T**2 = 1/(1 + eta*F)`` for Fisher-SAM, None for
+    ``T = 1``."""
     out = []
     for i, p in enumerate(params):
         kind = PLAIN if weighted is None else int(weighted[i])
-        dtype = opmath_dtype(grads[i].dtype)
+        dtype = dtype or opmath_dtype(grads[i].dtype)
         if kind == PLAIN:
             out.append((kind, None))
         elif kind == ASAM:
             out.append((kind, p.to(dtype).abs().add_(eta)))
         elif kind == FISHER_BATCH:
             out.append((kind, grads[i].to(dtype).square().mul_(eta).add_(1).reciprocal_()))
-        else:  # FISHER_RUNNING (kinds are checked by _check_weights)
+        else:  # FISHER_RUNNING (the kinds are checked before: cl_optim/_checks.py)
             out.append((kind, fisher[i].to(dtype).mul(eta).add_(1).reciprocal_()))
     return out
-
-
-def _check_weights(weighted, fisher, count: int) -> None:
-    if weighted is None:
-        return
-    if len(weighted) != count:
-        raise ValueError(f"weighted needs one weight kind per tensor: {len(weighted)} for {count} tensors")
-    if any(int(kind) not in (PLAIN, ASAM, FISHER_BATCH, FISHER_RUNNING) for kind in weighted):
-        raise ValueError(
-            f"SAM weight kinds are 0 (plain), 1 (ASAM), 2 and 3 (Fisher-SAM), got {list(weighted)}"
-        )
-    if FISHER_RUNNING in [int(kind) for kind in weighted] and (fisher is None or len(fisher) != count):
-        raise ValueError("the running-Fisher weight (kind 3) needs `fisher`, one fp32 tensor per parameter")
 
 
 def _weight_sq(kind: int, w: Optional[Tensor]) -> Optional[Tensor]:
@@ -502,24 +552,25 @@ def grad_sq_norm(
     fisher: Optional[list[Tensor]] = None,
     backend: str = "forloop",
 ) -> Tensor:
-    """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, a scalar on its device.
+    """``sum_i ||T_i * g_i||^2`` over a (device, dtype) bucket, an fp64 scalar on its device.
 
     ``weighted[i]`` is the weight kind of tensor ``i`` (``True``/``False`` also work):
     ``PLAIN`` (0, ``T = 1``), ``ASAM`` (1, ``T = |p| + eta``), ``FISHER_BATCH`` (2,
     ``T**2 = 1/(1 + eta*g**2)``) or ``FISHER_RUNNING`` (3, ``T**2 = 1/(1 + eta*fisher[i])``).
-    Accumulated in fp32 (fp64 for fp64 gradients; the ``cpp`` kernel accumulates in fp64 and
-    rounds once), whatever the gradient dtype. A non-finite gradient makes the result non-finite,
-    which is how callers detect it without a host read.
+    Computed and accumulated in fp64 on every backend, whatever the gradient dtype: a large finite
+    gradient (1e20, whose square overflows fp32) gives a finite norm, and only a non-finite gradient
+    makes the result non-finite, which is how callers detect it without a host read.
 
     >>> grad_sq_norm([torch.tensor([3.0, 4.0])])
-    tensor(25.)
+    tensor(25., dtype=torch.float64)
     >>> grad_sq_norm([torch.tensor([1.0, 3.0])], weighted=[FISHER_BATCH], eta=1.0)  # 1/2 + 9/10
-    tensor(1.4000)
+    tensor(1.4000, dtype=torch.float64)
     """
-    _check_weights(weighted, fisher, len(grads))
+    if backend in ("forloop", "foreach"):  # the compiled ops check their inputs themselves
+        check_grad_sq_norm(grads, params, fisher, weighted)
     if backend in ("cpp", "cuda", "triton"):
         if not grads:
-            return torch.zeros(())
+            return torch.zeros((), dtype=torch.float64)
         kinds = [int(w) for w in weighted] if weighted is not None else []
         return kernel_op(backend, "grad_sq_norm", grads[0])(
             grads, params if ASAM in kinds else [], fisher if FISHER_RUNNING in kinds else [], kinds, eta
@@ -527,9 +578,10 @@ def grad_sq_norm(
     if backend not in ("forloop", "foreach"):
         raise ValueError(f"grad_sq_norm has no {backend!r} implementation")
     if not grads:
-        return torch.zeros(())
-    acc = torch.promote_types(grads[0].dtype, torch.float32)
-    weights = _weights(params or [None] * len(grads), grads, weighted, eta, fisher) if weighted else None
+        return torch.zeros((), dtype=torch.float64)
+    # In fp64, as the kernels: the square of a large finite gradient (1e20) overflows fp32.
+    acc = torch.float64
+    weights = _weights(params or [None] * len(grads), grads, weighted, eta, fisher, acc) if weighted else None
     kinds = [PLAIN] * len(grads) if weights is None else [kind for kind, _ in weights]
     # SAM and ASAM: the norm of T*g; Fisher-SAM: the sum of g**2 * T**2 (no square root of T**2).
     normed = [i for i, kind in enumerate(kinds) if kind in (PLAIN, ASAM)]
@@ -574,7 +626,8 @@ def sam_perturb_(
     >>> sam_perturb_([p], [g], [save], torch.tensor(0.5), [FISHER_BATCH], 1.0); p
     tensor([0.2500, 0.1500])
     """
-    _check_weights(weighted, fisher, len(params))
+    if backend in ("forloop", "foreach"):  # the compiled ops check their inputs themselves
+        check_sam_perturb_(params, grads, saves, scale, weighted, fisher, grad_scale, finite)
     if backend in ("cpp", "cuda", "triton"):
         if not params:
             return

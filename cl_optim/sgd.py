@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._backend import kernel_op
+from ._checks import check_sgd_step_
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
 from ._terms import (
     StepTerms,
@@ -96,6 +97,8 @@ class SGD(FusedOptimizer):
             fisher_ema=fisher_ema,
         )
 
+    STATE_KEYS = ("momentum_buffer",)
+
     def _update_bucket(self, group, params, grads, terms, backend):
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
@@ -138,6 +141,8 @@ def sgd_step_(
     and written back into the list. ``None`` for the whole list means no momentum.
     """
     terms = terms if terms is not None else StepTerms()
+    if backend in ("forloop", "foreach"):  # the compiled ops check their inputs themselves
+        check_sgd_step_(params, grads, momentum_buffers, None, **terms.op_inputs())
     impl = {
         "forloop": _sgd_forloop,
         "foreach": _sgd_foreach,

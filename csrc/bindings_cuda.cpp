@@ -71,10 +71,6 @@ at::Tensor device_inv_scale(const OptionalTensor& grad_scale, at::Device device)
   return grad_scale->to(device, at::kDouble).reciprocal().to(at::kFloat).reshape({});
 }
 
-void check_length(size_t size, int64_t n, const char* what) {
-  TORCH_CHECK(static_cast<int64_t>(size) == n, "cl_optim CUDA op: ", what, " needs ", n, " entries, got ", size);
-}
-
 struct Launch {
   Lists lists;
   std::vector<int64_t> sizes;
@@ -88,14 +84,15 @@ struct StepInputs {
   std::vector<bool> ewc;
   std::vector<float> lam;
 
+  // The inputs are checked (check_sgd_step / check_adamw_step) before this is built.
   StepInputs(int64_t n, at::TensorList restore_from, at::TensorList fisher_in, const OptionalTensors& precision,
-             const OptionalTensors& anchor, c10::ArrayRef<double> ewc_lam)
+             c10::ArrayRef<double> ewc_lam)
       : save(!restore_from.empty()), fisher(!fisher_in.empty()), ewc(n, false), lam(n, 0.f) {
-    check_step_terms(n, restore_from, fisher_in, precision, anchor);
     for (size_t i = 0; i < precision.size(); ++i) {
-      if (precision.get(i).has_value()) {
+      const OptionalTensor a = precision.get(i);
+      if (a.has_value() && a->defined()) {
         ewc[i] = true;
-        lam[i] = static_cast<float>(i < ewc_lam.size() ? ewc_lam[i] : 0.0);
+        lam[i] = static_cast<float>(ewc_lam[i]);
       }
     }
   }
@@ -107,17 +104,14 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
                       c10::ArrayRef<double> ewc_lam, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                       const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double momentum,
                       double dampening, double weight_decay, bool nesterov) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  const OpInputs in = check_sgd_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, buffer_ready, restore_from,
+                                     fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+  const int64_t n = in.size();
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  check_length(grads.size(), n, "grads");
   const bool has_momentum = !momentum_buffers.empty();
-  if (has_momentum) {
-    check_length(momentum_buffers.size(), n, "momentum_buffers");
-    check_length(buffer_ready.size(), n, "buffer_ready");
-  }
-  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
   cuda::SgdDeviceArgs args{float_ptr(inv_scale),
@@ -136,7 +130,6 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
   // One launch group per (buffer started, EWC covered): both are kernel flags.
   std::map<std::pair<bool, bool>, Launch> launches;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
     const bool ready = has_momentum && buffer_ready[i] != 0;
     auto& launch = launches.try_emplace({ready, terms.ewc[i]}, 7).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
@@ -166,25 +159,22 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
                         const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                         const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double beta1,
                         double beta2, double eps, double weight_decay) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  const OpInputs in = check_adamw_step(c10::DeviceType::CUDA, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                       steps, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
+                                       found_inf, clip_coef);
+  const int64_t n = in.size();
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  check_length(grads.size(), n, "grads");
-  check_length(exp_avgs.size(), n, "exp_avgs");
-  check_length(exp_avg_sqs.size(), n, "exp_avg_sqs");
-  check_length(steps.size(), n, "steps");
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  if (amsgrad) check_length(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs");
-  for (const auto& s : steps)
-    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kFloat && s.numel() == 1,
-                "the cuda backend keeps each AdamW step count as a 1-element fp32 tensor on the parameter's device");
-  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam);
+  const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
-  // Count the step on the device; a skipped step (found_inf = 1) is not counted, as in torch.
+  // Count the step on the device; a skipped step (found_inf non-zero, or NaN) is not counted, as
+  // in torch. Counted as found_inf == 0, not 1 - found_inf: GradScaler hands over the sum of
+  // per-device flags, which may be 2.
   if (skip.defined())
-    at::_foreach_add_(steps, 1.0 - skip);
+    at::_foreach_add_(steps, skip.eq(0).to(at::kFloat));
   else
     at::_foreach_add_(steps, 1.0);
   cuda::AdamWDeviceArgs args{float_ptr(inv_scale),
@@ -203,7 +193,6 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   Workspace ws(device);
   std::map<bool, Launch> launches;  // by EWC coverage, a kernel flag
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
     auto& launch = launches.try_emplace(terms.ewc[i], 10).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
                          mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
@@ -228,10 +217,8 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   ws.finish();
 }
 
-// The weight kind of each tensor (elementwise.h SamWeight), checked as the CPU op checks them.
-std::vector<float> sam_kinds(c10::IntArrayRef weighted, int64_t n, at::TensorList params, at::TensorList fisher,
-                             at::TensorList grads) {
-  check_sam_weights(weighted, grads, params, fisher, n);
+// The weight kind of each tensor (elementwise.h SamWeight), as floats for the kernels (checked by the caller).
+std::vector<float> sam_kinds(c10::IntArrayRef weighted, int64_t n) {
   std::vector<float> kinds(n, 0.f);
   for (size_t i = 0; i < weighted.size(); ++i) kinds[i] = static_cast<float>(weighted[i]);
   return kinds;
@@ -239,11 +226,12 @@ std::vector<float> sam_kinds(c10::IntArrayRef weighted, int64_t n, at::TensorLis
 
 at::Tensor grad_sq_norm_cuda_op(at::TensorList grads, at::TensorList params, at::TensorList fisher,
                                 c10::IntArrayRef weighted, double eta) {
-  const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, "grad_sq_norm on CUDA needs at least one gradient");
-  const at::Device device = grads[0].device();
+  const OpInputs in = check_grad_sq_norm(c10::DeviceType::CUDA, grads, params, fisher, weighted);
+  const int64_t n = in.size();
+  if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto kinds = sam_kinds(weighted, n, params, fisher, grads);
+  const auto kinds = sam_kinds(weighted, n);
   Workspace ws(device);
   Launch launch(3);
   for (int64_t i = 0; i < n; ++i) {
@@ -252,11 +240,11 @@ at::Tensor grad_sq_norm_cuda_op(at::TensorList grads, at::TensorList params, at:
     launch.lists[2].push_back(kinds[i] == 3.f ? ws.use(fisher[i], false) : nullptr);
     launch.sizes.push_back(grads[i].numel());
   }
-  const auto options = grads[0].options().dtype(at::kFloat);
+  const auto options = grads[0].options().dtype(at::kDouble);
   at::Tensor partials = at::empty({std::max<int64_t>(cuda::chunk_count(launch.sizes), 1)}, options);
   at::Tensor out = at::empty({}, options);
   cuda::grad_sq_norm_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes, kinds,
-                          static_cast<float>(eta), partials.data_ptr<float>(), out.data_ptr<float>(),
+                          static_cast<float>(eta), partials.data_ptr<double>(), out.data_ptr<double>(),
                           c10::cuda::getCurrentCUDAStream(device.index()).stream());
   return out;
 }
@@ -264,14 +252,13 @@ at::Tensor grad_sq_norm_cuda_op(at::TensorList grads, at::TensorList params, at:
 void sam_perturb_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList saves, const at::Tensor& scale,
                          c10::IntArrayRef weighted, double eta, at::TensorList fisher, double fisher_beta,
                          const OptionalTensor& grad_scale, const OptionalTensor& finite) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  const OpInputs in =
+      check_sam_perturb(c10::DeviceType::CUDA, params, grads, saves, scale, weighted, fisher, grad_scale, finite);
+  const int64_t n = in.size();
   if (n == 0) return;
-  const at::Device device = params[0].device();
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  check_length(grads.size(), n, "grads");
-  check_length(saves.size(), n, "saves");
-  if (!fisher.empty()) check_length(fisher.size(), n, "fisher");
-  const auto kinds = sam_kinds(weighted, n, params, fisher, grads);
+  const auto kinds = sam_kinds(weighted, n);
   const at::Tensor scale_f = device_float(scale, device), inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor finite_b = finite.has_value() && finite->defined() ? finite->to(device, at::kBool).reshape({})
                                                                       : at::Tensor();
@@ -293,16 +280,14 @@ void sam_perturb_cuda_op(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 void fisher_accumulate_cuda_op(at::TensorList fisher, at::TensorList grads, double weight) {
-  const int64_t n = static_cast<int64_t>(fisher.size());
+  const OpInputs in = check_fisher_accumulate(c10::DeviceType::CUDA, fisher, grads);
+  const int64_t n = in.size();
   if (n == 0) return;
-  const at::Device device = fisher[0].device();
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  check_length(grads.size(), n, "grads");
   Workspace ws(device);
   Launch launch(2);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(fisher[i].scalar_type() == at::kFloat && fisher[i].sizes() == grads[i].sizes(),
-                "fisher_accumulate_: the Fisher is fp32 and of the gradient's shape");
     launch.lists[0].push_back(ws.use(fisher[i], true));
     launch.lists[1].push_back(ws.use(grads[i], false));
     launch.sizes.push_back(fisher[i].numel());
@@ -312,17 +297,13 @@ void fisher_accumulate_cuda_op(at::TensorList fisher, at::TensorList grads, doub
   ws.finish();
 }
 
-// Lists of the EWC ops: the parameter-dtype tensor first, then precision and anchor (fp32).
+// Lists of the EWC ops (checked by the caller): the parameter-dtype tensor first, then precision
+// and anchor (fp32).
 Launch ewc_launch(Workspace& ws, int n_lists, at::TensorList first, bool first_written, at::TensorList params,
                   at::TensorList precision, at::TensorList anchor, c10::ArrayRef<double> lam) {
   const int64_t n = static_cast<int64_t>(first.size());
-  check_length(precision.size(), n, "precision");
-  check_length(anchor.size(), n, "anchor");
-  check_length(lam.size(), n, "lam");
   Launch launch(n_lists);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(precision[i].scalar_type() == at::kFloat && anchor[i].scalar_type() == at::kFloat,
-                "the EWC precision and anchor must be fp32");
     int l = 0;
     launch.lists[l++].push_back(ws.use(first[i], first_written));
     if (n_lists == 4) launch.lists[l++].push_back(ws.use(params[i], false));
@@ -336,11 +317,10 @@ Launch ewc_launch(Workspace& ws, int n_lists, at::TensorList first, bool first_w
 
 void ewc_grad_add_cuda_op(at::TensorList grads, at::TensorList params, at::TensorList precision,
                           at::TensorList anchor, c10::ArrayRef<double> lam) {
-  const int64_t n = static_cast<int64_t>(grads.size());
-  if (n == 0) return;
-  const at::Device device = grads[0].device();
+  const OpInputs in = check_ewc_grad_add(c10::DeviceType::CUDA, grads, params, precision, anchor, lam);
+  if (in.size() == 0) return;
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  check_length(params.size(), n, "params");
   Workspace ws(device);
   const Launch launch = ewc_launch(ws, 4, grads, true, params, precision, anchor, lam);
   cuda::ewc_grad_add_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes, launch.scalars,
@@ -350,9 +330,9 @@ void ewc_grad_add_cuda_op(at::TensorList grads, at::TensorList params, at::Tenso
 
 at::Tensor ewc_penalty_cuda_op(at::TensorList params, at::TensorList precision, at::TensorList anchor,
                                c10::ArrayRef<double> lam) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(n > 0, "ewc_penalty on CUDA needs at least one parameter");
-  const at::Device device = params[0].device();
+  const OpInputs in = check_ewc_penalty(c10::DeviceType::CUDA, params, precision, anchor, lam);
+  if (in.size() == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
   Workspace ws(device);
   const Launch launch = ewc_launch(ws, 3, params, false, params, precision, anchor, lam);
@@ -367,21 +347,16 @@ at::Tensor ewc_penalty_cuda_op(at::TensorList params, at::TensorList precision, 
 
 at::Tensor ewc_consolidate_cuda_op(at::TensorList precision, at::TensorList anchor, at::TensorList fisher,
                                    at::TensorList params, double decay, double weight, bool weighted_anchor) {
-  const int64_t n = static_cast<int64_t>(precision.size());
-  check_length(anchor.size(), n, "anchor");
-  check_length(fisher.size(), n, "fisher");
-  check_length(params.size(), n, "params");
-  TORCH_CHECK(n > 0, "ewc_consolidate_ on CUDA needs at least one tensor");
-  const at::Device device = precision[0].device();
+  const OpInputs in = check_ewc_consolidate(c10::DeviceType::CUDA, precision, anchor, fisher, params);
+  const int64_t n = in.size();
+  if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
+  const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
   Workspace ws(device);
   Launch launch(4);
   std::vector<int64_t> tensor_ends;
   int64_t chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(precision[i].scalar_type() == at::kFloat && anchor[i].scalar_type() == at::kFloat &&
-                    fisher[i].scalar_type() == at::kFloat,
-                "ewc_consolidate_: the precision, anchor and Fisher must be fp32");
     launch.lists[0].push_back(ws.use(precision[i], true));
     launch.lists[1].push_back(ws.use(anchor[i], true));
     launch.lists[2].push_back(ws.use(fisher[i], false));

@@ -1,51 +1,265 @@
-// Input checks of the fused ops that the CPU kernels (csrc/cpu) and the CUDA glue
-// (bindings_cuda.cpp) share: one wording and one set of rules for both backends.
+// Input checks of the fused ops, shared by the CPU kernels (csrc/cpu) and the CUDA glue
+// (bindings_cuda.cpp): one wording and one set of rules for both backends, the same rules as
+// cl_optim/_checks.py applies for the Triton and Python backends.
+//
+// Every op checks every tensor it will touch before it reads or writes any memory: each list is
+// aligned with the op's lead list (the parameters, or the gradients for the ops without them),
+// one tensor per lead tensor, of its shape, on its device, with the lead's dtype (or fp32 for the
+// Fisher and EWC buffers), dense and strided. A mismatch is an error naming the op, the list, the
+// index and both shapes — never a read or write past a tensor's end, which is what sizing every
+// loop from the lead list would otherwise do. tests/test_op_checks.py calls each op with each
+// kind of mismatch.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <cl_optim/elementwise.h>
 
 #include <optional>
 
 namespace cl_optim {
 
+enum class Want { kLike, kFloat };  // the dtype of an aligned list: the lead's, or fp32
+
+class OpInputs {
+ public:
+  // `lead` (named `lead_name`): same dtype (a float type the backend runs), same device of
+  // `device_type`, strided; `written` lists must not have overlapping elements (an expanded view).
+  OpInputs(const char* op, const char* lead_name, at::TensorList lead, c10::DeviceType device_type, bool written)
+      : op_(op), lead_name_(lead_name), lead_(lead), n_(static_cast<int64_t>(lead.size())) {
+    if (n_ == 0) return;
+    const at::Tensor& first = lead[0];
+    TORCH_CHECK(first.defined(), op_, ": ", lead_name_, "[0] is undefined");
+    device_ = first.device();
+    dtype_ = first.scalar_type();
+    TORCH_CHECK(device_.type() == device_type, op_, ": ", lead_name_, "[0] is on ", device_, "; this kernel runs on ",
+                c10::DeviceTypeName(device_type), " tensors");
+    const bool supported = dtype_ == at::kFloat || dtype_ == at::kHalf || dtype_ == at::kBFloat16 ||
+                           (dtype_ == at::kDouble && device_type == c10::DeviceType::CPU);
+    TORCH_CHECK(supported, op_, ": ", lead_name_, " are ", dtype_, "; the ", c10::DeviceTypeName(device_type),
+                " kernels take ", device_type == c10::DeviceType::CPU ? "fp64, " : "", "fp32, fp16 or bf16 tensors");
+    for (int64_t i = 0; i < n_; ++i) {
+      const at::Tensor& t = lead[i];
+      TORCH_CHECK(t.defined(), op_, ": ", lead_name_, "[", i, "] is undefined");
+      TORCH_CHECK(t.scalar_type() == dtype_, op_, ": ", lead_name_, "[", i, "] is ", t.scalar_type(), ", ",
+                  lead_name_, "[0] ", dtype_, " (one launch takes one dtype)");
+      check_tensor(lead_name_, i, t, written);
+    }
+  }
+
+  int64_t size() const { return n_; }
+  at::Device device() const { return device_; }
+  at::ScalarType dtype() const { return dtype_; }
+
+  // A list aligned with the lead: one tensor per lead tensor, of its shape (`optional`: or empty,
+  // the term is off).
+  void aligned(const char* name, at::TensorList list, Want want, bool optional, bool written) const {
+    if (optional && list.empty()) return;
+    count(name, list.size(), false);
+    for (int64_t i = 0; i < n_; ++i) check_entry(name, i, list[i], want, written);
+  }
+
+  // The same for a list whose entries may be None (no term for that tensor).
+  void aligned(const char* name, const c10::List<std::optional<at::Tensor>>& list, Want want, bool written) const {
+    if (list.empty()) return;
+    count(name, list.size(), false);
+    for (int64_t i = 0; i < n_; ++i) {
+      const std::optional<at::Tensor> t = list.get(i);
+      if (t.has_value() && t->defined()) check_entry(name, i, *t, want, written);
+    }
+  }
+
+  // Per-tensor values (lambdas, flags, kinds): one per lead tensor (`optional`: or none).
+  void count(const char* name, size_t size, bool optional) const {
+    if (optional && size == 0) return;
+    TORCH_CHECK(static_cast<int64_t>(size) == n_, op_, ": ", name, " has ", size, " entries for ", n_, " ",
+                lead_name_);
+  }
+
+  // A per-step scalar (loss scale, found_inf, clip coefficient, SAM's scale): one element.
+  void scalar(const char* name, const std::optional<at::Tensor>& t) const {
+    if (!t.has_value() || !t->defined()) return;
+    TORCH_CHECK(t->numel() == 1, op_, ": ", name, " must have one element, got shape ", t->sizes());
+    TORCH_CHECK(t->layout() == at::kStrided, op_, ": ", name, " must be a dense tensor");
+  }
+
+ private:
+  void check_entry(const char* name, int64_t i, const at::Tensor& t, Want want, bool written) const {
+    TORCH_CHECK(t.defined(), op_, ": ", name, "[", i, "] is undefined");
+    const at::Tensor& lead = lead_[i];
+    TORCH_CHECK(t.sizes() == lead.sizes(), op_, ": ", name, "[", i, "] has shape ", t.sizes(), ", ", lead_name_, "[",
+                i, "] has shape ", lead.sizes(),
+                " (state of another model, or a parameter that changed shape after its state was created)");
+    const at::ScalarType expected = want == Want::kFloat ? at::kFloat : dtype_;
+    TORCH_CHECK(t.scalar_type() == expected, op_, ": ", name, "[", i, "] is ", t.scalar_type(), ", expected ",
+                expected, want == Want::kFloat ? " (the Fisher and EWC buffers are fp32)" : " (the dtype of its parameter)");
+    check_tensor(name, i, t, written);
+  }
+
+  void check_tensor(const char* name, int64_t i, const at::Tensor& t, bool written) const {
+    TORCH_CHECK(t.layout() == at::kStrided, op_, ": ", name, "[", i, "] has layout ", t.layout(),
+                "; the kernels take dense tensors");
+    TORCH_CHECK(t.device() == device_, op_, ": ", name, "[", i, "] is on ", t.device(), ", ", lead_name_,
+                "[0] on ", device_);
+    TORCH_CHECK(!written || at::has_internal_overlap(t) != at::MemOverlap::Yes, op_, ": ", name, "[", i,
+                "] is written but several of its elements share memory (an expanded view)");
+  }
+
+  const char* op_;
+  const char* lead_name_;
+  at::TensorList lead_;
+  int64_t n_;
+  at::Device device_{c10::DeviceType::CPU};
+  at::ScalarType dtype_{at::kFloat};
+};
+
 // The optional terms of an SGD/AdamW step: empty lists switch a term off; otherwise one entry per
-// parameter, the running Fisher and the EWC buffers fp32, precision and anchor given together.
-inline void check_step_terms(int64_t n, at::TensorList restore_from, at::TensorList fisher,
+// parameter, the running Fisher and the EWC buffers fp32, precision and anchor given together,
+// one lambda per parameter.
+inline void check_step_terms(const OpInputs& in, at::TensorList restore_from, at::TensorList fisher,
                              const c10::List<std::optional<at::Tensor>>& ewc_precision,
-                             const c10::List<std::optional<at::Tensor>>& ewc_anchor) {
-  TORCH_CHECK(restore_from.empty() || static_cast<int64_t>(restore_from.size()) == n, "restore_from: wrong length");
-  TORCH_CHECK(fisher.empty() || static_cast<int64_t>(fisher.size()) == n, "fisher: wrong length");
-  for (const auto& f : fisher) TORCH_CHECK(f.scalar_type() == at::kFloat, "the running Fisher must be fp32");
+                             const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             const std::optional<at::Tensor>& clip_coef) {
+  in.aligned("restore_from", restore_from, Want::kLike, true, false);
+  in.aligned("fisher", fisher, Want::kFloat, true, true);
+  in.aligned("ewc_precision", ewc_precision, Want::kFloat, false);
+  in.aligned("ewc_anchor", ewc_anchor, Want::kFloat, false);
   TORCH_CHECK(ewc_precision.size() == ewc_anchor.size(), "ewc_precision and ewc_anchor differ in length");
-  TORCH_CHECK(ewc_precision.empty() || static_cast<int64_t>(ewc_precision.size()) == n, "ewc: wrong length");
   for (size_t i = 0; i < ewc_precision.size(); ++i) {
     const std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
-    TORCH_CHECK(a.has_value() == mu.has_value(), "EWC precision and anchor must be given together");
-    if (a.has_value())
-      TORCH_CHECK(a->scalar_type() == at::kFloat && mu->scalar_type() == at::kFloat, "EWC buffers must be fp32");
+    TORCH_CHECK((a.has_value() && a->defined()) == (mu.has_value() && mu->defined()),
+                "EWC precision and anchor must be given together (tensor ", i, ")");
   }
+  in.count("ewc_lam", ewc_lam.size(), ewc_precision.empty());
+  in.scalar("grad_scale", grad_scale);
+  in.scalar("found_inf", found_inf);
+  in.scalar("clip_coef", clip_coef);
 }
 
 // SAM's weight kinds: `weighted` empty (plain SAM) or one SamWeight kind per tensor; ASAM needs the
-// parameters, the running-Fisher kind an fp32 `fisher` tensor of the gradient's size.
-inline void check_sam_weights(c10::IntArrayRef weighted, at::TensorList grads, at::TensorList params,
-                              at::TensorList fisher, int64_t n) {
-  if (weighted.empty()) return;
-  TORCH_CHECK(static_cast<int64_t>(weighted.size()) == n, "weighted needs one kind per tensor, got ",
-              weighted.size(), " for ", n);
-  for (int64_t i = 0; i < n; ++i) {
+// parameters, the running-Fisher kind `fisher`. The lists themselves are checked by the caller
+// (aligned with the gradients).
+inline void check_sam_weights(const OpInputs& in, c10::IntArrayRef weighted, at::TensorList params,
+                              at::TensorList fisher) {
+  in.count("weighted", weighted.size(), true);
+  for (size_t i = 0; i < weighted.size(); ++i) {
     TORCH_CHECK(weighted[i] >= kSamPlain && weighted[i] <= kSamFisherRunning, "SAM weight kind ", weighted[i],
                 " is not 0 (plain), 1 (ASAM), 2 (Fisher-SAM, batch) or 3 (Fisher-SAM, running Fisher)");
-    if (weighted[i] == kSamAsam)
-      TORCH_CHECK(static_cast<int64_t>(params.size()) == n && params[i].numel() == grads[i].numel(),
-                  "ASAM needs the parameters, one per gradient and of its size");
-    if (weighted[i] == kSamFisherRunning) {
-      TORCH_CHECK(static_cast<int64_t>(fisher.size()) == n, "Fisher-SAM with the running Fisher needs `fisher`");
-      TORCH_CHECK(fisher[i].scalar_type() == at::kFloat && fisher[i].numel() == grads[i].numel(),
-                  "the running Fisher of tensor ", i, " must be fp32 with the parameter's size");
+    TORCH_CHECK(weighted[i] != kSamAsam || !params.empty(), "ASAM needs the parameters, one per gradient");
+    TORCH_CHECK(weighted[i] != kSamFisherRunning || !fisher.empty(),
+                "Fisher-SAM with the running Fisher needs `fisher`, one fp32 tensor per gradient");
+  }
+}
+
+// ---------------------------------------------------------------------------------- per op
+
+inline OpInputs check_sgd_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                               at::TensorList momentum_buffers, c10::IntArrayRef buffer_ready,
+                               at::TensorList restore_from, at::TensorList fisher,
+                               const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                               const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf,
+                               const std::optional<at::Tensor>& clip_coef) {
+  OpInputs in("sgd_step_", "params", params, device_type, true);
+  in.aligned("grads", grads, Want::kLike, false, false);
+  in.aligned("momentum_buffers", momentum_buffers, Want::kLike, true, true);
+  if (!momentum_buffers.empty()) in.count("buffer_ready", buffer_ready.size(), false);
+  check_step_terms(in, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+  return in;
+}
+
+// `steps_on_device`: the CUDA kernels count on the device (fp32 there), the CPU ones on the host.
+inline OpInputs check_adamw_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                 at::TensorList steps, at::TensorList restore_from, at::TensorList fisher,
+                                 const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                                 const c10::List<std::optional<at::Tensor>>& ewc_anchor,
+                                 c10::ArrayRef<double> ewc_lam, const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf,
+                                 const std::optional<at::Tensor>& clip_coef) {
+  OpInputs in("adamw_step_", "params", params, device_type, true);
+  in.aligned("grads", grads, Want::kLike, false, false);
+  in.aligned("exp_avgs", exp_avgs, Want::kLike, false, true);
+  in.aligned("exp_avg_sqs", exp_avg_sqs, Want::kLike, false, true);
+  in.aligned("max_exp_avg_sqs", max_exp_avg_sqs, Want::kLike, true, true);
+  in.count("steps", steps.size(), false);
+  const bool on_device = device_type != c10::DeviceType::CPU;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1 && s.layout() == at::kStrided, "adamw_step_: steps[", i,
+                "] must be a one-element tensor (the step count)");
+    if (on_device) {
+      TORCH_CHECK(s.device() == in.device() && s.scalar_type() == at::kFloat, "adamw_step_: steps[", i, "] is ",
+                  s.scalar_type(), " on ", s.device(), "; the ", c10::DeviceTypeName(device_type),
+                  " kernels count steps in fp32 on the parameters' device (", in.device(), ")");
+    } else {
+      TORCH_CHECK(s.device().is_cpu() && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                  "adamw_step_: steps[", i, "] is ", s.scalar_type(), " on ", s.device(),
+                  "; the CPU kernels count steps in an fp32 (as torch keeps it) or fp64 CPU tensor");
     }
   }
+  check_step_terms(in, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+  return in;
+}
+
+inline OpInputs check_grad_sq_norm(c10::DeviceType device_type, at::TensorList grads, at::TensorList params,
+                                   at::TensorList fisher, c10::IntArrayRef weighted) {
+  OpInputs in("grad_sq_norm", "grads", grads, device_type, false);
+  in.aligned("params", params, Want::kLike, true, false);
+  in.aligned("fisher", fisher, Want::kFloat, true, false);
+  check_sam_weights(in, weighted, params, fisher);
+  return in;
+}
+
+inline OpInputs check_sam_perturb(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
+                                  at::TensorList saves, const at::Tensor& scale, c10::IntArrayRef weighted,
+                                  at::TensorList fisher, const std::optional<at::Tensor>& grad_scale,
+                                  const std::optional<at::Tensor>& finite) {
+  OpInputs in("sam_perturb_", "params", params, device_type, true);
+  in.aligned("grads", grads, Want::kLike, false, false);
+  in.aligned("saves", saves, Want::kLike, false, true);
+  in.aligned("fisher", fisher, Want::kFloat, true, true);
+  check_sam_weights(in, weighted, params, fisher);
+  in.scalar("scale", scale);
+  in.scalar("grad_scale", grad_scale);
+  in.scalar("finite", finite);
+  return in;
+}
+
+inline OpInputs check_fisher_accumulate(c10::DeviceType device_type, at::TensorList fisher, at::TensorList grads) {
+  OpInputs in("fisher_accumulate_", "grads", grads, device_type, false);
+  in.aligned("fisher", fisher, Want::kFloat, false, true);
+  return in;
+}
+
+inline OpInputs check_ewc_grad_add(c10::DeviceType device_type, at::TensorList grads, at::TensorList params,
+                                   at::TensorList precision, at::TensorList anchor, c10::ArrayRef<double> lam) {
+  OpInputs in("ewc_grad_add_", "params", params, device_type, false);
+  in.aligned("grads", grads, Want::kLike, false, true);
+  in.aligned("precision", precision, Want::kFloat, false, false);
+  in.aligned("anchor", anchor, Want::kFloat, false, false);
+  in.count("lam", lam.size(), false);
+  return in;
+}
+
+inline OpInputs check_ewc_penalty(c10::DeviceType device_type, at::TensorList params, at::TensorList precision,
+                                  at::TensorList anchor, c10::ArrayRef<double> lam) {
+  OpInputs in("ewc_penalty", "params", params, device_type, false);
+  in.aligned("precision", precision, Want::kFloat, false, false);
+  in.aligned("anchor", anchor, Want::kFloat, false, false);
+  in.count("lam", lam.size(), false);
+  return in;
+}
+
+inline OpInputs check_ewc_consolidate(c10::DeviceType device_type, at::TensorList precision, at::TensorList anchor,
+                                      at::TensorList fisher, at::TensorList params) {
+  OpInputs in("ewc_consolidate_", "params", params, device_type, false);
+  in.aligned("precision", precision, Want::kFloat, false, true);
+  in.aligned("anchor", anchor, Want::kFloat, false, true);
+  in.aligned("fisher", fisher, Want::kFloat, false, false);
+  return in;
 }
 
 }  // namespace cl_optim

@@ -100,14 +100,16 @@ def sam_weight_sq(p, g, fisher, eta, KIND: tl.constexpr):
 
 @triton.jit
 def sam_norm_term(p, g, fisher, eta, KIND: tl.constexpr):
-    """(T g)**2: SAM and ASAM square T*g, Fisher-SAM multiplies g**2 by T**2 (as the C++ header)."""
+    """(T g)**2 in fp64 (the square of a large finite gradient overflows fp32): SAM and ASAM
+    square T*g, Fisher-SAM multiplies g**2 by T**2 (as the C++ header)."""
+    g64 = g.to(tl.float64)
     if KIND == 1:
-        tg = (tl.abs(p) + eta) * g
+        tg = (tl.abs(p) + eta).to(tl.float64) * g64
         return tg * tg
     elif KIND == 0:
-        return g * g
+        return g64 * g64
     else:
-        return g * g * sam_weight_sq(p, g, fisher, eta, KIND)
+        return g64 * g64 * sam_weight_sq(p.to(tl.float64), g64, fisher.to(tl.float64), eta, KIND)
 
 
 @triton.jit

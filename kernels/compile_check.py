@@ -116,7 +116,7 @@ SPECIALISATIONS = {
         [dict(P_DTYPE=d, **t) for d in DTYPES for amsgrad in (False, True) for t in _terms(AMSGRAD=amsgrad)],
     ),
     grad_norm._grad_sq_norm_partials: (
-        {**TABLE, "partials": "*fp32", "partial_offset": "i32", "eta": "fp32"},
+        {**TABLE, "partials": "*fp64", "partial_offset": "i32", "eta": "fp32"},
         [dict(G_DTYPE=d, KIND=k) for d in DTYPES for k in range(4)],
     ),
     sam_perturb._sam_perturb_kernel: (
@@ -150,7 +150,7 @@ SPECIALISATIONS = {
         [dict(P_DTYPE=d, WEIGHTED_ANCHOR=w) for d in DTYPES for w in (False, True)],
     ),
     _reduce._segment_sum_kernel: (
-        {"partials": "*fp32", "begins": "*i64", "ends": "*i64", "out": "*fp32", "longest": "i32"},
+        {"partials": "*fp64", "begins": "*i64", "ends": "*i64", "out": "*fp64", "longest": "i32"},
         [{}],
     ),
 }

@@ -1,5 +1,5 @@
-"""``grad_sq_norm``: sum_i ||T_i g_i||^2 over a multi-tensor group, a 0-dim fp32 tensor on the
-device, with SAM's weight kinds (0 SAM, 1 ASAM, 2 Fisher-SAM on g**2, 3 on a running Fisher).
+"""``grad_sq_norm``: sum_i ||T_i g_i||^2 over a multi-tensor group, a 0-dim fp64 tensor on the
+device (accumulated in fp64: a large finite gradient has a finite norm), with SAM's weight kinds (0 SAM, 1 ASAM, 2 Fisher-SAM on g**2, 3 on a running Fisher).
 Two deterministic stages (chunk partials, then a fixed-order sum); a non-finite gradient gives a
 non-finite result, which is how SAM detects it without a host read."""
 
@@ -53,7 +53,7 @@ def grad_sq_norm(grads, params, fisher, weighted, eta):
         for kind, index in groups.items()
     }
     count = sum(table.num_chunks for table in tables.values())
-    partials = torch.zeros(max(count, 1), dtype=torch.float32, device=device)
+    partials = torch.zeros(max(count, 1), dtype=torch.float64, device=device)
     offset = 0
     for kind, table in tables.items():  # one launch per weight kind present, partials side by side
         if table.num_chunks:

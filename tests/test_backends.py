@@ -200,7 +200,7 @@ def _check_norm_and_perturb(backend, dtype, zoo_sizes=ZOO_SIZES, compare=None):
         got = grad_sq_norm(grads, params, weighted, 0.5, fisher=fisher, backend=backend)
         exact = grad_sq_norm([g.double() for g in grads], [p.double() for p in params], weighted, 0.5,
                              fisher=[f.double() for f in fisher])  # fmt: skip
-        assert got.dtype == torch.float32 and got.dim() == 0
+        assert got.dtype == torch.float64 and got.dim() == 0
         # within the oracle's own fp32 accumulation error of the fp64 sum (or 1e-6 relative)
         assert abs(got.double() - exact) <= 2 * abs(expected.double() - exact) + 1e-6 * exact
         outs = {}

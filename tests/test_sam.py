@@ -247,11 +247,11 @@ def test_fisher_sam_weight_kinds_are_checked():
     from cl_optim.sam import FISHER_RUNNING, grad_sq_norm, sam_perturb_
 
     g, p = [torch.ones(3)], [torch.zeros(3)]
-    with pytest.raises(ValueError, match="needs `fisher`"):
+    with pytest.raises(RuntimeError, match="needs `fisher`"):
         grad_sq_norm(g, p, [FISHER_RUNNING], 1.0)
-    with pytest.raises(ValueError, match="weight kinds are 0"):
+    with pytest.raises(RuntimeError, match="weight kind 7 is not 0"):
         sam_perturb_(p, g, [torch.empty(3)], torch.tensor(1.0), [7], 1.0)
-    with pytest.raises(ValueError, match="one weight kind per tensor"):
+    with pytest.raises(RuntimeError, match="weighted has 2 entries for 1 grads"):
         grad_sq_norm(g, p, [1, 1], 1.0)
     assert torch.equal(p[0], torch.zeros(3))
 

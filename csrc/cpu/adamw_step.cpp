@@ -37,36 +37,29 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& clip_coef, double fisher_beta, bool maximize, double lr,
                     double beta1, double beta2, double eps, double weight_decay) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  // Every tensor is checked against its parameter before anything is read or written (the step
+  // counts included: a rejected call counts nothing).
+  const int64_t n = check_adamw_step(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                     steps, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
+                                     found_inf, clip_coef)
+                        .size();
   if (n == 0 || skip_step(found_inf, params, restore_from)) return;
-  check_cpu_list(grads.vec(), "grads", n);
-  TORCH_CHECK(static_cast<int64_t>(exp_avgs.size()) == n && static_cast<int64_t>(exp_avg_sqs.size()) == n,
-              "exp_avgs and exp_avg_sqs need one tensor per parameter");
-  TORCH_CHECK(static_cast<int64_t>(steps.size()) == n, "steps needs one step count per parameter");
   // Count this step, then torch.optim.AdamW's bias corrections of it, in double on the host.
   // Through the data pointer, not add_() / item(): two ATen calls per tensor would cost more than
   // the update itself on thousands of small tensors.
   std::vector<double> step_sizes(n), bias_correction2_sqrts(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& step = steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "each step count is a 1-element CPU tensor");
-    double t = 0;
-    if (step.scalar_type() == at::kFloat) {
-      t = static_cast<double>(++*step.data_ptr<float>());
-    } else {
-      TORCH_CHECK(step.scalar_type() == at::kDouble, "a step count is fp32 (as torch keeps it) or fp64");
-      t = ++*step.data_ptr<double>();
-    }
+    const double t = step.scalar_type() == at::kFloat ? static_cast<double>(++*step.data_ptr<float>())
+                                                      : ++*step.data_ptr<double>();
     step_sizes[i] = lr / (1.0 - std::pow(beta1, t));
     bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
   }
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_exp_avg_sqs.size()) == n, "max_exp_avg_sqs: wrong length");
   Workspace ws;
   std::vector<at::Tensor> p, g, m, v, vmax;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
     p.push_back(ws.use(params[i], true));
     g.push_back(ws.use(grads[i], false));
     m.push_back(ws.use(exp_avgs[i], true));

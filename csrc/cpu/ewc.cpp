@@ -3,6 +3,7 @@
 // gradients any float type, computed in their op-math type.
 #include <cl_optim/elementwise.h>
 
+#include "../op_checks.h"
 #include "multi_tensor.h"
 
 namespace cl_optim {
@@ -14,22 +15,15 @@ std::vector<int64_t> numels(at::TensorList ts) {
   return sizes;
 }
 
-void check_fp32(at::TensorList ts, const char* what) {
-  for (const auto& t : ts) TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be fp32");
-}
-
 }  // namespace
 
 // F += weight * g^2
 void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double weight) {
-  const int64_t n = static_cast<int64_t>(fisher.size());
+  const int64_t n = check_fisher_accumulate(c10::DeviceType::CPU, fisher, grads).size();
   if (n == 0) return;
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "fisher_accumulate_: one gradient per Fisher tensor");
-  check_fp32(fisher, "the Fisher");
   Workspace ws;
   std::vector<at::Tensor> f, g;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].sizes() == fisher[i].sizes(), "fisher_accumulate_: shapes differ");
     f.push_back(ws.use(fisher[i], true));
     g.push_back(ws.use(grads[i], false));
   }
@@ -49,17 +43,11 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double w
 // g += lam_t * A * (p - mu)
 void ewc_grad_add_cpu(at::TensorList grads, at::TensorList params, at::TensorList precision, at::TensorList anchor,
                       c10::ArrayRef<double> lam) {
-  const int64_t n = static_cast<int64_t>(grads.size());
+  const int64_t n = check_ewc_grad_add(c10::DeviceType::CPU, grads, params, precision, anchor, lam).size();
   if (n == 0) return;
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == n && static_cast<int64_t>(precision.size()) == n &&
-                  static_cast<int64_t>(anchor.size()) == n && static_cast<int64_t>(lam.size()) == n,
-              "ewc_grad_add_: one param, precision, anchor and lambda per gradient");
-  check_fp32(precision, "the EWC precision");
-  check_fp32(anchor, "the EWC anchor");
   Workspace ws;
   std::vector<at::Tensor> g, p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
     g.push_back(ws.use(grads[i], true));
     p.push_back(ws.use(params[i], false));
     a.push_back(ws.use(precision[i], false));
@@ -86,11 +74,8 @@ void ewc_grad_add_cpu(at::TensorList grads, at::TensorList params, at::TensorLis
 // sum_t lam_t / 2 * sum A (p - mu)^2, in double with fixed-order chunk partials (fp64 scalar).
 at::Tensor ewc_penalty_cpu(at::TensorList params, at::TensorList precision, at::TensorList anchor,
                            c10::ArrayRef<double> lam) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  const int64_t n = check_ewc_penalty(c10::DeviceType::CPU, params, precision, anchor, lam).size();
   if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
-  TORCH_CHECK(static_cast<int64_t>(precision.size()) == n && static_cast<int64_t>(anchor.size()) == n &&
-                  static_cast<int64_t>(lam.size()) == n,
-              "ewc_penalty: one precision, anchor and lambda per parameter");
   Workspace ws;
   std::vector<at::Tensor> p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
@@ -124,14 +109,8 @@ at::Tensor ewc_penalty_cpu(at::TensorList params, at::TensorList precision, at::
 // increment of the separate-penalty constant; 0 when not weighted_anchor), as fp64.
 at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, at::TensorList fisher,
                                at::TensorList params, double decay, double weight, bool weighted_anchor) {
-  const int64_t n = static_cast<int64_t>(precision.size());
-  TORCH_CHECK(static_cast<int64_t>(anchor.size()) == n && static_cast<int64_t>(fisher.size()) == n &&
-                  static_cast<int64_t>(params.size()) == n,
-              "ewc_consolidate_: one anchor, Fisher and parameter per precision tensor");
+  const int64_t n = check_ewc_consolidate(c10::DeviceType::CPU, precision, anchor, fisher, params).size();
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));
-  check_fp32(precision, "the EWC precision");
-  check_fp32(anchor, "the EWC anchor");
-  check_fp32(fisher, "the Fisher");
   Workspace ws;
   std::vector<at::Tensor> a, mu, f, p;
   for (int64_t i = 0; i < n; ++i) {

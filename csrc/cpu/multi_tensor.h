@@ -61,11 +61,6 @@ class Workspace {
   std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
 };
 
-inline void check_cpu_list(const std::vector<at::Tensor>& ts, const char* what, int64_t n) {
-  TORCH_CHECK(static_cast<int64_t>(ts.size()) == n, what, ": expected ", n, " tensors, got ", ts.size());
-  for (const auto& t : ts) TORCH_CHECK(t.device().is_cpu(), what, ": expected CPU tensors");
-}
-
 // The value of an optional one-element tensor on the CPU, or `fallback`.
 inline double scalar_or(const std::optional<at::Tensor>& t, double fallback) {
   return t.has_value() && t->defined() ? t->to(at::kDouble).item<double>() : fallback;

@@ -1,7 +1,4 @@
 // cl_optim::grad_sq_norm and cl_optim::sam_perturb_ on the CPU: SAM's first pass.
-#include <cl_optim/elementwise.h>
-
-#include "../op_checks.h"
 #include "step_terms.h"
 
 namespace cl_optim {
@@ -52,14 +49,14 @@ CLO_CPU_CLONES double norm_chunk(const scalar_t* __restrict__ gp, const scalar_t
 
 // sum_i ||T_i g_i||^2 with T_i of the SamWeight kind weighted[i] (empty: plain SAM); `fisher`
 // (fp32) is read by the running-Fisher kind only. One partial per chunk, summed in chunk order:
-// deterministic whatever the thread count. Accumulated in double; returned as a 0-dim fp32 tensor
-// (fp64 for fp64 gradients). A non-finite gradient gives a non-finite result.
+// deterministic whatever the thread count. Accumulated and returned in fp64 (a 0-dim tensor), so
+// that large finite gradients give a finite norm; only a non-finite gradient gives a non-finite
+// result.
 at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::TensorList fisher,
                             c10::IntArrayRef weighted, double eta) {
-  const int64_t n = static_cast<int64_t>(grads.size());
-  const auto out_dtype = (n > 0 && grads[0].scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-  if (n == 0) return at::zeros({}, at::TensorOptions().dtype(out_dtype));
-  check_sam_weights(weighted, grads, params, fisher, n);
+  const int64_t n = check_grad_sq_norm(c10::DeviceType::CPU, grads, params, fisher, weighted).size();
+  const auto out_dtype = at::TensorOptions().dtype(at::kDouble);
+  if (n == 0) return at::zeros({}, out_dtype);
   Workspace ws;
   std::vector<at::Tensor> g, p, f;
   std::vector<int64_t> sizes;
@@ -87,7 +84,7 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
   });
   double total = 0.0;
   for (double x : partial) total += x;
-  return at::scalar_tensor(total, at::TensorOptions().dtype(out_dtype));
+  return at::scalar_tensor(total, out_dtype);
 }
 
 // save <- p; optionally F <- beta*F + (1-beta)*(g*inv_scale)^2 (when update_fisher and a
@@ -96,15 +93,12 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList saves, const at::Tensor& scale_t,
                      c10::IntArrayRef weighted, double eta, at::TensorList fisher, double fisher_beta,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& finite) {
+  const int64_t n =
+      check_sam_perturb(c10::DeviceType::CPU, params, grads, saves, scale_t, weighted, fisher, grad_scale, finite).size();
+  if (n == 0) return;
   const double scale = scale_t.to(at::kDouble).item<double>();
   const double inv_scale = inv_scale_of(grad_scale);
   const bool update_fisher = scalar_or(finite, 1.0) != 0.0;
-  const int64_t n = static_cast<int64_t>(params.size());
-  if (n == 0) return;
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(saves.size()) == n,
-              "grads and saves need one tensor per parameter");
-  TORCH_CHECK(fisher.empty() || static_cast<int64_t>(fisher.size()) == n, "fisher: wrong length");
-  check_sam_weights(weighted, grads, params, fisher, n);
   Workspace ws;
   std::vector<at::Tensor> p, g, s, f;
   std::vector<int64_t> sizes;
@@ -112,10 +106,7 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     p.push_back(ws.use(params[i], true));
     g.push_back(ws.use(grads[i], false));
     s.push_back(ws.use(saves[i], true));
-    if (!fisher.empty()) {
-      TORCH_CHECK(fisher[i].scalar_type() == at::kFloat, "the running Fisher must be fp32");
-      f.push_back(ws.use(fisher[i], true));
-    }
+    if (!fisher.empty()) f.push_back(ws.use(fisher[i], true));
     sizes.push_back(params[i].numel());
   }
   const auto chunks = make_chunks(sizes);

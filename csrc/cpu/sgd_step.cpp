@@ -32,13 +32,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                   const std::optional<at::Tensor>& clip_coef, double fisher_beta, bool maximize, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov) {
-  const int64_t n = static_cast<int64_t>(params.size());
+  // Every tensor is checked against its parameter before anything is read or written.
+  const int64_t n = check_sgd_step(c10::DeviceType::CPU, params, grads, momentum_buffers, buffer_ready, restore_from,
+                                   fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef)
+                        .size();
   if (n == 0) return;
-  check_cpu_list(grads.vec(), "grads", n);
   const bool has_momentum = !momentum_buffers.empty();
-  TORCH_CHECK(!has_momentum || (static_cast<int64_t>(momentum_buffers.size()) == n &&
-                                static_cast<int64_t>(buffer_ready.size()) == n),
-              "momentum_buffers and buffer_ready must have one entry per parameter");
   if (skip_step(found_inf, params, restore_from)) {
     // A skipped first step leaves zeros, not uninitialised memory, in the buffers it was to
     // start; the next step then forms momentum * 0 + (1 - dampening) * g (= g: dampening 0).
@@ -50,7 +49,6 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   std::vector<at::Tensor> p, g, buf;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "grad dtype differs from its parameter's");
     p.push_back(ws.use(params[i], true));
     g.push_back(ws.use(grads[i], false));
     if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true));

@@ -17,10 +17,11 @@ inline double inv_scale_of(const std::optional<at::Tensor>& grad_scale) {
              : 1.0;
 }
 
-// AMP's skip decision: found_inf non-zero. The step then only restores the weights (RESTORE), so
-// a skipped SAM step leaves no perturbed weight behind. Read here, on the host: free for CPU tensors.
+// AMP's skip decision: found_inf non-zero (or NaN). The step then only restores the weights
+// (RESTORE), so a skipped SAM step leaves no perturbed weight behind. Read here, on the host: free
+// for CPU tensors. Called after the inputs are checked: it writes the parameters.
 inline bool skip_step(const std::optional<at::Tensor>& found_inf, at::TensorList params, at::TensorList restore_from) {
-  if (scalar_or(found_inf, 0.0) == 0.0) return false;
+  if (scalar_or(found_inf, 0.0) == 0.0) return false;  // NaN != 0: skipped
   for (size_t i = 0; i < restore_from.size() && i < params.size(); ++i) params[i].copy_(restore_from[i]);
   return true;
 }
@@ -40,7 +41,6 @@ struct StepTermInputs {
         clip_coef(scalar_or(clip_coef_in, 1.0)),
         fisher_beta(fisher_beta_in),
         maximize(maximize_in) {
-    check_step_terms(n, restore_from, fisher_in, ewc_precision, ewc_anchor);
     for (const auto& t : restore_from) restore.push_back(ws.use(t, false));
     for (const auto& t : fisher_in) fisher.push_back(ws.use(t, true));
     for (size_t i = 0; i < ewc_precision.size(); ++i) {
@@ -52,7 +52,7 @@ struct StepTermInputs {
         precision.emplace_back();
         anchor.emplace_back();
       }
-      lam.push_back(i < ewc_lam.size() ? ewc_lam[i] : 0.0);
+      lam.push_back(ewc_lam[i]);
     }
   }
 

@@ -58,9 +58,9 @@ void adamw_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& 
                      bool amsgrad, cudaStream_t stream);
 
 // Lists: 0 grad, 1 param (ASAM), 2 running Fisher. `kinds[t]`: SamWeight of tensor t.
-// `partials`: chunk_count(sizes) floats of scratch; the sum lands in *out.
+// `partials`: chunk_count(sizes) doubles of scratch; the sum (fp64) lands in *out.
 void grad_sq_norm_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
-                       const std::vector<float>& kinds, float eta, float* partials, float* out, cudaStream_t stream);
+                       const std::vector<float>& kinds, float eta, double* partials, double* out, cudaStream_t stream);
 
 // Lists: 0 param, 1 grad, 2 save, 3 fisher.
 void sam_perturb_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,

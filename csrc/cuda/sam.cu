@@ -7,12 +7,15 @@
 
 namespace cl_optim::cuda {
 
-// Stage 1: each block writes the sum of (T g)^2 over its chunk to partials[launch_offset + block].
+// Stage 1: each block writes the sum of (T g)^2 over its chunk to partials[launch_offset + block],
+// in fp64: the square of a large finite gradient (1e20) overflows fp32, and SAM must not take a
+// finite gradient for a non-finite one. A reduction reads 2-4 bytes per element; fp64 adds cost
+// only on GPUs with little fp64 throughput.
 // Lists: 0 grad, 1 param (ASAM), 2 running Fisher (fp32, Fisher-SAM). scalars[0][t]: the
 // SamWeight kind of tensor t.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    grad_sq_norm_partials(TensorListMeta<3> meta, float eta, float* partials, int launch_offset) {
+    grad_sq_norm_partials(TensorListMeta<3> meta, float eta, double* partials, int launch_offset) {
   int t;
   int64_t begin, end;
   chunk_range(meta, t, begin, end);
@@ -20,14 +23,14 @@ __global__ void __launch_bounds__(kThreads)
   const auto* p = static_cast<const scalar_t*>(meta.addresses[1][t]);
   const auto* f = static_cast<const float*>(meta.addresses[2][t]);
   const int kind = static_cast<int>(meta.scalars[0][t]);
-  float sum = 0.f;
+  double sum = 0.0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float gv = load_as<float>(g[i]);
     switch (kind) {  // uniform per block: no divergence
-      case kSamAsam: sum += sam_norm_term<kSamAsam, float>(load_as<float>(p[i]), gv, 0.f, eta); break;
-      case kSamFisherBatch: sum += sam_norm_term<kSamFisherBatch, float>(0.f, gv, 0.f, eta); break;
-      case kSamFisherRunning: sum += sam_norm_term<kSamFisherRunning, float>(0.f, gv, f[i], eta); break;
-      default: sum += sam_norm_term<kSamPlain, float>(0.f, gv, 0.f, eta);
+      case kSamAsam: sum += sam_norm_term<kSamAsam, double>(load_as<float>(p[i]), gv, 0.f, eta); break;
+      case kSamFisherBatch: sum += sam_norm_term<kSamFisherBatch, double>(0.f, gv, 0.f, eta); break;
+      case kSamFisherRunning: sum += sam_norm_term<kSamFisherRunning, double>(0.f, gv, f[i], eta); break;
+      default: sum += sam_norm_term<kSamPlain, double>(0.f, gv, 0.f, eta);
     }
   }
   sum = block_sum(sum);
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void grad_sq_norm_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
-                       const std::vector<float>& kinds, float eta, float* partials, float* out, cudaStream_t stream) {
+                       const std::vector<float>& kinds, float eta, double* partials, double* out, cudaStream_t stream) {
   int offset = 0;
   by_dtype(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -78,7 +81,7 @@ void grad_sq_norm_cuda(int dtype, const Lists& lists, const std::vector<int64_t>
       offset += blocks;
     });
   });
-  sum_partials<float><<<1, kThreads, 0, stream>>>(partials, offset, nullptr, out);
+  sum_partials<double><<<1, kThreads, 0, stream>>>(partials, offset, nullptr, out);
   check(cudaGetLastError(), "sum_partials launch");
 }
 

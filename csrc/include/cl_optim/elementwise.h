@@ -188,16 +188,18 @@ CLO_HD T sam_weight_sq(T p, T g, T fisher, T eta) {
   }
 }
 
-// (T g)^2 of one element in the accumulation type A. SAM and ASAM square T*g, as the oracle
-// (and davda54) do; Fisher-SAM multiplies g^2 by T^2 (no square root of 1 / (1 + eta F)).
+// (T g)^2 of one element, computed in the accumulation type A (double: the square of any finite
+// fp32 gradient, and the sum of many, is a finite double — a gradient of 1e20 has a finite
+// norm, which an fp32 square would turn into inf). SAM and ASAM square T*g, as the oracle (and
+// davda54) do; Fisher-SAM multiplies g^2 by T^2 (no square root of 1 / (1 + eta F)).
 template <int KIND, typename A, typename T>
 CLO_HD A sam_norm_term(T p, T g, T fisher, T eta) {
   if constexpr (KIND == kSamPlain || KIND == kSamAsam) {
-    const A tg = static_cast<A>(asam_weight<T>(p, KIND == kSamAsam, eta) * g);
+    const A tg = static_cast<A>(asam_weight<T>(p, KIND == kSamAsam, eta)) * static_cast<A>(g);
     return tg * tg;
   } else {
     const A ga = static_cast<A>(g);
-    return ga * ga * static_cast<A>(sam_weight_sq<KIND, T>(p, g, fisher, eta));
+    return ga * ga * sam_weight_sq<KIND, A>(static_cast<A>(p), ga, static_cast<A>(fisher), static_cast<A>(eta));
   }
 }
 

@@ -1,0 +1,297 @@
+"""Input checks of the fused ops on the Python side: the Triton launchers and the ``forloop`` /
+``foreach`` backends. The same rules and wording as ``csrc/op_checks.h`` (the C++ and CUDA
+kernels), mirrored function for function.
+
+Every op checks every tensor it will touch before it reads or writes any memory: each list is
+aligned with the op's lead list (the parameters, or the gradients for the ops without them), one
+tensor per lead tensor, of its shape, on its device, with the lead's dtype (or fp32 for the
+Fisher and EWC buffers), dense and strided. A mismatch raises a ``RuntimeError`` naming the op,
+the list, the index and both shapes, and nothing has been changed: a kernel sized from the lead
+list would otherwise read and write past the end of a shorter tensor, and a Python loop would
+raise half-way through an update. ``tests/test_op_checks.py`` calls every op of every backend
+with every kind of mismatch.
+
+``None`` entries are absent tensors (a Python backend's not-yet-created momentum buffer, an
+uncovered EWC entry) and are not checked; ``None`` or an empty list switches a term off.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LIKE, FP32 = "like", "fp32"  # the dtype of an aligned list: the lead's, or fp32
+
+# The dtypes each kind of backend runs (the CPU C++ kernels and the Python backends also fp64).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+_SHAPE_HINT = " (state of another model, or a parameter that changed shape after its state was created)"
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _has_internal_overlap(t: Tensor) -> bool:
+    # What ATen's has_internal_overlap says "Yes" to: a zero stride over a dimension longer than one.
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
+
+
+class OpInputs:
+    """The checks of one op call (see ``csrc/op_checks.h``, class ``OpInputs``)."""
+
+    def __init__(
+        self,
+        op: str,
+        lead_name: str,
+        lead: Sequence[Tensor],
+        *,
+        written: bool,
+        dtypes: tuple = ALL_DTYPES,
+        device_types: Optional[tuple[str, ...]] = None,
+    ):
+        self.op, self.lead_name, self.lead = op, lead_name, list(lead)
+        self.n = len(self.lead)
+        if self.n == 0:
+            return
+        first = self.lead[0]
+        if first is None:
+            raise RuntimeError(f"{op}: {lead_name}[0] is undefined")
+        self.device, self.dtype = first.device, first.dtype
+        if device_types is not None and self.device.type not in device_types:
+            raise RuntimeError(
+                f"{op}: {lead_name}[0] is on {self.device}; this kernel runs on {' or '.join(device_types)} tensors"
+            )
+        if self.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise RuntimeError(f"{op}: {lead_name} are {self.dtype}; the kernels take {names} tensors")
+        for i, t in enumerate(self.lead):
+            if t is None:
+                raise RuntimeError(f"{op}: {lead_name}[{i}] is undefined")
+            if t.dtype != self.dtype:
+                raise RuntimeError(
+                    f"{op}: {lead_name}[{i}] is {t.dtype}, {lead_name}[0] {self.dtype} (one launch takes one dtype)"
+                )
+            self._check_tensor(lead_name, i, t, written)
+
+    def aligned(self, name: str, tensors, want: str, *, optional: bool, written: bool) -> None:
+        """One tensor per lead tensor, of its shape (``optional``: or none, the term is off);
+        ``None`` entries are absent tensors."""
+        if optional and not tensors:
+            return
+        tensors = [] if tensors is None else tensors
+        self.count(name, len(tensors), optional=False)
+        for i, t in enumerate(tensors):
+            if t is not None:
+                self._check_entry(name, i, t, want, written)
+
+    def count(self, name: str, size: int, *, optional: bool) -> None:
+        if optional and size == 0:
+            return
+        if size != self.n:
+            raise RuntimeError(f"{self.op}: {name} has {size} entries for {self.n} {self.lead_name}")
+
+    def scalar(self, name: str, t: Optional[Tensor]) -> None:
+        if t is None or not isinstance(t, Tensor):
+            return
+        if t.numel() != 1:
+            raise RuntimeError(f"{self.op}: {name} must have one element, got shape {_shape(t)}")
+        if t.layout != torch.strided:
+            raise RuntimeError(f"{self.op}: {name} must be a dense tensor")
+
+    def _check_entry(self, name: str, i: int, t: Tensor, want: str, written: bool) -> None:
+        lead = self.lead[i]
+        if t.shape != lead.shape:
+            raise RuntimeError(
+                f"{self.op}: {name}[{i}] has shape {_shape(t)}, {self.lead_name}[{i}] has shape "
+                f"{_shape(lead)}{_SHAPE_HINT}"
+            )
+        expected = torch.float32 if want == FP32 else self.dtype
+        # An all-fp64 call (fp64 Fisher next to fp64 parameters) is the oracle's own fp64
+        # reference; the kernels, which never see fp64 buffers, take fp32 only.
+        if t.dtype != expected and not (want == FP32 and t.dtype == self.dtype == torch.float64):
+            why = (
+                " (the Fisher and EWC buffers are fp32)" if want == FP32 else " (the dtype of its parameter)"
+            )
+            raise RuntimeError(f"{self.op}: {name}[{i}] is {t.dtype}, expected {expected}{why}")
+        self._check_tensor(name, i, t, written)
+
+    def _check_tensor(self, name: str, i: int, t: Tensor, written: bool) -> None:
+        if t.layout != torch.strided:
+            raise RuntimeError(
+                f"{self.op}: {name}[{i}] has layout {t.layout}; the kernels take dense tensors"
+            )
+        if t.device != self.device:
+            raise RuntimeError(
+                f"{self.op}: {name}[{i}] is on {t.device}, {self.lead_name}[0] on {self.device}"
+            )
+        if written and _has_internal_overlap(t):
+            raise RuntimeError(
+                f"{self.op}: {name}[{i}] is written but several of its elements share memory (an expanded view)"
+            )
+
+
+def check_step_terms(in_: OpInputs, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
+                     found_inf, clip_coef) -> None:  # fmt: skip
+    in_.aligned("restore_from", restore_from, LIKE, optional=True, written=False)
+    in_.aligned("fisher", fisher, FP32, optional=True, written=True)
+    in_.aligned("ewc_precision", ewc_precision, FP32, optional=True, written=False)
+    in_.aligned("ewc_anchor", ewc_anchor, FP32, optional=True, written=False)
+    precision, anchor = ewc_precision or [], ewc_anchor or []
+    if len(precision) != len(anchor):
+        raise RuntimeError("ewc_precision and ewc_anchor differ in length")
+    for i, (a, mu) in enumerate(zip(precision, anchor)):
+        if (a is None) != (mu is None):
+            raise RuntimeError(f"EWC precision and anchor must be given together (tensor {i})")
+    if isinstance(ewc_lam, (list, tuple)):
+        in_.count("ewc_lam", len(ewc_lam), optional=not precision)
+    in_.scalar("grad_scale", grad_scale)
+    in_.scalar("found_inf", found_inf)
+    in_.scalar("clip_coef", clip_coef)
+
+
+def check_sam_weights(in_: OpInputs, weighted, params, fisher) -> None:
+    weighted = list(weighted) if weighted is not None else []
+    in_.count("weighted", len(weighted), optional=True)
+    for kind in weighted:
+        if int(kind) not in (0, 1, 2, 3):
+            raise RuntimeError(
+                f"SAM weight kind {int(kind)} is not 0 (plain), 1 (ASAM), 2 (Fisher-SAM, batch) or "
+                "3 (Fisher-SAM, running Fisher)"
+            )
+        if int(kind) == 1 and not params:
+            raise RuntimeError("ASAM needs the parameters, one per gradient")
+        if int(kind) == 3 and not fisher:
+            raise RuntimeError(
+                "Fisher-SAM with the running Fisher needs `fisher`, one fp32 tensor per gradient"
+            )
+
+
+# ---------------------------------------------------------------------------------- per op
+# Each takes the op's arguments by their schema names (cl_optim/ops.py) and the backend's limits.
+
+
+def check_sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from, fisher, ewc_precision,
+                    ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, **limits) -> OpInputs:  # fmt: skip
+    in_ = OpInputs("sgd_step_", "params", params, written=True, **limits)
+    in_.aligned("grads", grads, LIKE, optional=False, written=False)
+    in_.aligned("momentum_buffers", momentum_buffers, LIKE, optional=True, written=True)
+    if momentum_buffers and buffer_ready is not None:
+        in_.count("buffer_ready", len(buffer_ready), optional=False)
+    check_step_terms(
+        in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef
+    )
+    return in_
+
+
+def check_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, restore_from, fisher,
+                      ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef,
+                      steps_on_lead_device: bool = False, **limits) -> OpInputs:  # fmt: skip
+    in_ = OpInputs("adamw_step_", "params", params, written=True, **limits)
+    in_.aligned("grads", grads, LIKE, optional=False, written=False)
+    in_.aligned("exp_avgs", exp_avgs, LIKE, optional=False, written=True)
+    in_.aligned("exp_avg_sqs", exp_avg_sqs, LIKE, optional=False, written=True)
+    in_.aligned("max_exp_avg_sqs", max_exp_avg_sqs, LIKE, optional=True, written=True)
+    in_.count("steps", len(steps), optional=False)
+    for i, s in enumerate(steps):
+        if not isinstance(s, Tensor) or s.numel() != 1 or s.layout != torch.strided:
+            raise RuntimeError(f"adamw_step_: steps[{i}] must be a one-element tensor (the step count)")
+        if not s.dtype.is_floating_point:
+            raise RuntimeError(
+                f"adamw_step_: steps[{i}] is {s.dtype}; step counts are floating-point tensors"
+            )
+        if steps_on_lead_device and (s.device != in_.device or s.dtype != torch.float32):
+            raise RuntimeError(
+                f"adamw_step_: steps[{i}] is {s.dtype} on {s.device}; the kernels count steps in fp32 on the "
+                f"parameters' device ({in_.device})"
+            )
+    check_step_terms(
+        in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef
+    )
+    return in_
+
+
+def check_grad_sq_norm(grads, params, fisher, weighted, **limits) -> OpInputs:
+    in_ = OpInputs("grad_sq_norm", "grads", grads, written=False, **limits)
+    in_.aligned("params", params, LIKE, optional=True, written=False)
+    in_.aligned("fisher", fisher, FP32, optional=True, written=False)
+    check_sam_weights(in_, weighted, params, fisher)
+    return in_
+
+
+def check_sam_perturb_(
+    params, grads, saves, scale, weighted, fisher, grad_scale, finite, **limits
+) -> OpInputs:
+    in_ = OpInputs("sam_perturb_", "params", params, written=True, **limits)
+    in_.aligned("grads", grads, LIKE, optional=False, written=False)
+    in_.aligned("saves", saves, LIKE, optional=False, written=True)
+    in_.aligned("fisher", fisher, FP32, optional=True, written=True)
+    check_sam_weights(in_, weighted, params, fisher)
+    in_.scalar("scale", scale)
+    in_.scalar("grad_scale", grad_scale)
+    in_.scalar("finite", finite)
+    return in_
+
+
+def check_fisher_accumulate_(fisher, grads, **limits) -> OpInputs:
+    in_ = OpInputs("fisher_accumulate_", "grads", grads, written=False, **limits)
+    in_.aligned("fisher", fisher, FP32, optional=False, written=True)
+    return in_
+
+
+def check_ewc_grad_add_(grads, params, precision, anchor, lam, **limits) -> OpInputs:
+    in_ = OpInputs("ewc_grad_add_", "params", params, written=False, **limits)
+    in_.aligned("grads", grads, LIKE, optional=False, written=True)
+    in_.aligned("precision", precision, FP32, optional=False, written=False)
+    in_.aligned("anchor", anchor, FP32, optional=False, written=False)
+    in_.count("lam", len(lam), optional=False)
+    return in_
+
+
+def check_ewc_penalty(params, precision, anchor, lam, **limits) -> OpInputs:
+    in_ = OpInputs("ewc_penalty", "params", params, written=False, **limits)
+    in_.aligned("precision", precision, FP32, optional=False, written=False)
+    in_.aligned("anchor", anchor, FP32, optional=False, written=False)
+    in_.count("lam", len(lam), optional=False)
+    return in_
+
+
+def check_ewc_consolidate_(precision, anchor, fisher, params, **limits) -> OpInputs:
+    in_ = OpInputs("ewc_consolidate_", "params", params, written=False, **limits)
+    in_.aligned("precision", precision, FP32, optional=False, written=True)
+    in_.aligned("anchor", anchor, FP32, optional=False, written=True)
+    in_.aligned("fisher", fisher, FP32, optional=False, written=False)
+    return in_
+
+
+CHECKS = {
+    "sgd_step_": check_sgd_step_,
+    "adamw_step_": check_adamw_step_,
+    "grad_sq_norm": check_grad_sq_norm,
+    "sam_perturb_": check_sam_perturb_,
+    "fisher_accumulate_": check_fisher_accumulate_,
+    "ewc_grad_add_": check_ewc_grad_add_,
+    "ewc_penalty": check_ewc_penalty,
+    "ewc_consolidate_": check_ewc_consolidate_,
+}
+
+
+@functools.cache
+def _checked_arguments(op: str) -> tuple[list[str], frozenset]:
+    from .ops import SCHEMAS
+
+    names = [argument.name for argument in torch._C.parse_schema(SCHEMAS[op]).arguments]
+    return names, frozenset(inspect.signature(CHECKS[op]).parameters)
+
+
+def check_op(op: str, args: Sequence, kwargs: Optional[dict] = None, **limits) -> OpInputs:
+    """Check a call of ``op`` made with the arguments of its schema (``cl_optim/ops.py``)."""
+    names, wanted = _checked_arguments(op)
+    inputs = {**dict(zip(names, args)), **(kwargs or {})}
+    return CHECKS[op](**{key: value for key, value in inputs.items() if key in wanted}, **limits)
