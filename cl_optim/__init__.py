@@ -7,6 +7,7 @@ which backends run on this machine. Nothing here touches CUDA, Triton or a compi
 
 from . import fisher
 from ._backend import report
+from ._optimizer import pad_state_
 from .adamw import AdamW
 from .ewc import EWC
 from .integration import preserve_bn_stats, skip_grad_sync
@@ -22,6 +23,7 @@ __all__ = [
     "EWC",
     "fisher",
     "report",
+    "pad_state_",
     "preserve_bn_stats",
     "skip_grad_sync",
     "__version__",

@@ -96,6 +96,52 @@ def check_state_dict_shapes(
                     )
 
 
+@torch.no_grad()
+def pad_state_(optimizer: torch.optim.Optimizer, param: Tensor, new_param: Optional[Tensor] = None) -> None:
+    """Carry the optimizer state of a parameter that grew (new classes of a head) over to its new shape.
+
+    Each per-element state tensor (momentum, Adam moments, the running Fisher) keeps its old values
+    in the leading block and gets zeros in the new entries, as a parameter that joins the run
+    fresh would; counters (``step``) are kept. ``param`` is the parameter as the optimizer holds
+    it; when the layer was replaced by a new ``nn.Parameter``, pass it as ``new_param``: it takes
+    ``param``'s place in its group. Works on any ``torch.optim`` optimizer and on ``cl_optim.SAM``.
+    The EWC side of the same growth is ``EWC.pad_``.
+
+    >>> import torch, cl_optim
+    >>> head = torch.nn.Linear(4, 3)
+    >>> opt = cl_optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    >>> head(torch.randn(2, 4)).sum().backward(); opt.step()
+    >>> head.weight.data = torch.cat([head.weight.data, torch.zeros(1, 4)])  # a fourth class
+    >>> head.bias.data = torch.cat([head.bias.data, torch.zeros(1)])
+    >>> opt.pad_state_(head.weight); opt.pad_state_(head.bias)
+    >>> opt.state[head.weight]["momentum_buffer"].shape
+    torch.Size([4, 4])
+    """
+    target = param if new_param is None else new_param
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None:
+        raise ValueError("pad_state_: the parameter is not in this optimizer's param_groups")
+    state = optimizer.state.get(param, {})
+    padded = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            padded[key] = value  # a counter such as `step`
+            continue
+        if value.dim() != target.dim() or any(new < old for new, old in zip(target.shape, value.shape)):
+            raise ValueError(
+                f"pad_state_: state {key!r} of shape {list(value.shape)} cannot grow to {list(target.shape)} "
+                "(every dimension must stay or grow); nothing was changed"
+            )
+        grown = value.new_zeros(target.shape)
+        grown[tuple(slice(0, n) for n in value.shape)] = value
+        padded[key] = grown
+    if new_param is not None:
+        group["params"][[i for i, p in enumerate(group["params"]) if p is param][0]] = new_param
+        optimizer.state.pop(param, None)
+    if padded:
+        optimizer.state[target] = padded
+
+
 def check_lr(lr) -> None:
     """torch.optim's checks of ``lr``: a float or a 1-element tensor, not negative."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -160,6 +206,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def running_fisher(self) -> dict:
         """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
         return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
+
+    def pad_state_(self, param: Tensor, new_param: Optional[Tensor] = None) -> None:
+        """Carry a grown parameter's state over; see :func:`pad_state_`."""
+        pad_state_(self, param, new_param)
 
     def __repr__(self) -> str:
         return super().__repr__().rstrip(")") + f"backend: {self.backend}\n)"

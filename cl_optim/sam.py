@@ -44,6 +44,7 @@ from ._optimizer import (
     check_fisher_ema,
     fisher_buffer,
     keep_fp32_state,
+    pad_state_,
 )
 from ._terms import opmath_dtype
 
@@ -388,6 +389,12 @@ class SAM(torch.optim.Optimizer):
     def running_fisher(self) -> dict:
         """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
         return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
+
+    def pad_state_(self, param: Tensor, new_param: Optional[Tensor] = None) -> None:
+        """Carry a grown parameter's state over (``cl_optim.pad_state_``); not while perturbed."""
+        if self._run["pending"] is not None:
+            raise RuntimeError("pad_state_() between first_step() and second_step()")
+        pad_state_(self, param, new_param)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a SAM state dict, or a plain one of the base optimizer class."""

@@ -63,10 +63,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     if n == 0:
         return
     device = params[0].device
-    # Count the step on the steps' device; a skipped step (found_inf = 1) is not counted.
+    # Count the step on the steps' device; a skipped step (found_inf non-zero, or NaN) is not
+    # counted: found_inf == 0, not 1 - found_inf (GradScaler hands over a sum of per-device flags).
     step_device = steps[0].device
     if found_inf is not None:
-        torch._foreach_add_(steps, 1.0 - found_inf.reshape(()).to(step_device, torch.float32))
+        torch._foreach_add_(steps, (found_inf.reshape(()).to(step_device) == 0).to(torch.float32))
     else:
         torch._foreach_add_(steps, 1.0)
     t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=torch.float64)
