@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Optional
 
@@ -142,11 +143,18 @@ def pad_state_(optimizer: torch.optim.Optimizer, param: Tensor, new_param: Optio
         optimizer.state[target] = padded
 
 
-def check_lr(lr) -> None:
-    """torch.optim's checks of ``lr``: a float or a 1-element tensor, not negative."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not lr >= 0.0:
+def check_lr(lr, on_device_too: bool = True) -> None:
+    """torch.optim's checks of ``lr`` (a float or a 1-element tensor, not negative), and finite.
+
+    ``on_device_too=False`` (the checks at each step) leaves a tensor's value unread: reading it
+    would be a host synchronisation per step, and a graph break under torch.compile.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not on_device_too:
+            return
+    if not 0.0 <= lr < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
@@ -188,8 +196,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        # The group's own values are checked as the constructor checks the defaults, before it joins.
+        self.check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group(param_group)
         prepare(self.backend, self.param_groups[-1]["params"])
+
+    @staticmethod
+    def check_hyperparameters(group: dict, on_device_too: bool = True) -> None:  # pragma: no cover
+        raise NotImplementedError
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -250,7 +264,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
         plan = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            try:  # values may have been changed in param_groups since they were checked
+                self.check_hyperparameters(group, on_device_too=False)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 grad = p.grad

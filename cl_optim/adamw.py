@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Optional, Union
 
@@ -75,20 +76,10 @@ class AdamW(FusedOptimizer):
         ewc=None,
         fisher_ema: Optional[float] = None,
     ):
-        check_lr(lr)
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if any(isinstance(b, Tensor) for b in betas):
-            raise TypeError("cl_optim.AdamW takes betas as Python floats (tensor betas are not supported)")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
         )
+        self.check_hyperparameters(defaults)
         super().__init__(
             params,
             defaults,
@@ -98,6 +89,22 @@ class AdamW(FusedOptimizer):
         )
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    @staticmethod
+    def check_hyperparameters(group: dict, on_device_too: bool = True) -> None:
+        """torch.optim.AdamW's checks, and finite values (also run on every group at each step)."""
+        check_lr(group["lr"], on_device_too)
+        eps, betas, weight_decay = group["eps"], group["betas"], group["weight_decay"]
+        if not 0.0 <= eps < math.inf:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if any(isinstance(b, Tensor) for b in betas):
+            raise TypeError("cl_optim.AdamW takes betas as Python floats (tensor betas are not supported)")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
     def _update_bucket(self, group, params, grads, terms, backend):
         amsgrad = group["amsgrad"]

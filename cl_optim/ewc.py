@@ -45,7 +45,9 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -109,8 +111,8 @@ class EWC:
         self.backend = check_backend_name(backend)
         if mode not in ("separate", "online"):
             raise ValueError(f"Invalid mode {mode!r}: expected 'separate' or 'online'")
-        if not lam >= 0.0:
-            raise ValueError(f"Invalid lam: {lam} (must be >= 0)")
+        if not 0.0 <= lam < math.inf:
+            raise ValueError(f"Invalid lam: {lam} (must be finite and >= 0)")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"Invalid gamma: {gamma} (must be in (0, 1])")
         if mode == "separate" and gamma != 1.0:
@@ -122,23 +124,30 @@ class EWC:
         self.gamma = float(gamma)
         self.tasks = 0
         self.history: list[dict] = []  # metadata of each consolidation (estimator, samples, ...)
-        self._include = list(include) if include is not None else None
-        self._exclude = list(exclude) if exclude is not None else []
+        self._include = _selectors(include, "include") if include is not None else None
+        self._exclude = _selectors(exclude, "exclude") if exclude is not None else []
         self._lam_overrides = dict(lam_overrides or {})
+        for selector, value in self._lam_overrides.items():
+            if not 0.0 <= value < math.inf:
+                raise ValueError(
+                    f"Invalid lam override {value} for {_describe(selector)} (must be finite and >= 0)"
+                )
         self._modules = model_or_named_params if isinstance(model_or_named_params, nn.Module) else None
         self._entries: dict[str, _Entry] = {}
         self._by_param: dict[int, _Entry] = {}
-        self.track(model_or_named_params)
+        # id(param) -> weakref of a parameter an optimizer steps that EWC does not cover (excluded,
+        # or added after tracking), so that step_terms looks each one up in the model only once.
+        self._uncovered: dict[int, weakref.ref] = {}
+        named = _named_parameters(model_or_named_params)
+        self._check_selectors_match(named)
+        self.track(named)
 
     # ------------------------------------------------------------------------------- coverage
 
     def track(self, model_or_named_params) -> list[str]:
         """Cover parameters not seen before (they start with ``A = 0``); returns their names."""
-        named = (
-            model_or_named_params.named_parameters()
-            if isinstance(model_or_named_params, nn.Module)
-            else model_or_named_params
-        )
+        named = _named_parameters(model_or_named_params)
+        self._uncovered.clear()
         added = []
         for name, param in named:
             if name in self._entries or not self._selected(name, param):
@@ -162,6 +171,31 @@ class EWC:
             return param is selector
         raise TypeError(f"a selector must be a name pattern, a module or a parameter, got {type(selector)}")
 
+    def _check_selectors_match(self, named: list) -> None:
+        """A pattern, module or parameter of include/exclude/lam_overrides that matches nothing is
+        a typo that would silently cover (or leave out) the wrong parameters: refused."""
+        for what, selectors in (("include", self._include or []), ("exclude", self._exclude),
+                                ("lam_overrides", list(self._lam_overrides))):  # fmt: skip
+            unmatched = [s for s in selectors if not any(self._matches(s, n, p) for n, p in named)]
+            if unmatched:
+                names = [n for n, _ in named]
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(
+                    f"EWC {what}: {[_describe(s) for s in unmatched]} matches no parameter of the model "
+                    f"(its parameters: {shown})"
+                )
+
+    def _check_bound(self) -> None:
+        """Every tracked parameter is still the model's parameter of that name: a module replaced
+        after tracking (``model.head = nn.Linear(...)``) would otherwise leave EWC pulling on, and
+        measuring, a parameter that is no longer trained."""
+        if self._modules is None:
+            return
+        current = dict(self._modules.named_parameters())
+        for name, entry in self._entries.items():
+            if current.get(name) is not entry.param:
+                raise _replaced_error(name, name in current)
+
     def _selected(self, name: str, param: Tensor) -> bool:
         if self._include is not None and not any(self._matches(s, name, param) for s in self._include):
             return False
@@ -170,8 +204,6 @@ class EWC:
     def _lam_for(self, name: str, param: Tensor) -> float:
         for selector, lam in self._lam_overrides.items():
             if self._matches(selector, name, param):
-                if not lam >= 0.0:
-                    raise ValueError(f"Invalid lam override {lam} for {selector!r}")
                 return float(lam)
         return self.lam
 
@@ -197,8 +229,9 @@ class EWC:
         unless every tensor is valid.
         """
         decay = (1.0 if self.mode == "separate" else self.gamma) if decay is None else float(decay)
-        if not decay >= 0.0 or not weight >= 0.0:
-            raise ValueError(f"decay and weight must be >= 0, got {decay} and {weight}")
+        if not (0.0 <= decay < math.inf and 0.0 <= weight < math.inf):
+            raise ValueError(f"decay and weight must be finite and >= 0, got {decay} and {weight}")
+        self._check_bound()
         by_name = self._fisher_by_name(fisher)
         missing = [name for name in self._entries if name not in by_name]
         if missing:
@@ -238,14 +271,39 @@ class EWC:
         self.history.append({"decay": decay, "weight": weight, **getattr(fisher, "meta", {})})
 
     def _fisher_by_name(self, fisher: Mapping) -> dict[str, Tensor]:
-        out = {}
+        """The Fisher by tracked name. Keys of parameters EWC leaves out are passed over; keys that
+        are no parameter of the model (another model's, a DDP ``module.`` prefix) and a Fisher for
+        none of the tracked parameters are errors, before anything is written."""
+        if not isinstance(fisher, Mapping):
+            raise TypeError(
+                f"consolidate takes a mapping of names (or parameters) to tensors, got {type(fisher)}"
+            )
+        model_names = {n for n, _ in self._modules.named_parameters()} if self._modules is not None else None
+        model_ids = {id(p) for p in self._modules.parameters()} if self._modules is not None else None
+        out, foreign = {}, []
         for key, value in fisher.items():
             if isinstance(key, Tensor):
                 entry = self._by_param.get(id(key))
                 if entry is not None:
                     out[entry.name] = value
+                elif model_ids is not None and id(key) not in model_ids:
+                    foreign.append(f"a tensor of shape {list(key.shape)}")
             elif key in self._entries:
                 out[key] = value
+            elif model_names is not None and key not in model_names:
+                foreign.append(key)
+        if foreign:
+            hint = ""
+            if any(isinstance(k, str) and k.startswith("module.") for k in foreign):
+                hint = " (a DDP/DataParallel 'module.' prefix? estimate the Fisher on the inner model)"
+            raise ValueError(
+                f"EWC.consolidate: {foreign[:5]} are no parameters of the model{hint}; nothing was changed"
+            )
+        if self._entries and not out:
+            raise ValueError(
+                "EWC.consolidate: the Fisher has no entry for any parameter EWC covers "
+                f"({len(fisher)} keys given); nothing was changed and the task count stays {self.tasks}"
+            )
         return out
 
     def _buckets(self, entries: list) -> list:
@@ -268,6 +326,7 @@ class EWC:
 
         The constant makes the value equal to the explicit sum of per-task penalties.
         """
+        self._check_bound()
         total = None
         for entry in self._entries.values():
             self._checked(entry)
@@ -289,6 +348,7 @@ class EWC:
         A parameter without ``.grad`` gets one, as back-propagating ``penalty()`` would give it;
         frozen parameters (``requires_grad=False``) are left alone.
         """
+        self._check_bound()
         entries = []
         for entry in self._entries.values():
             self._checked(entry)
@@ -306,6 +366,7 @@ class EWC:
     def penalty_value(self) -> Tensor:
         """The value of :meth:`penalty` without an autograd graph, from the fused ``ewc_penalty`` op
         (fp64 accumulation), for logging."""
+        self._check_bound()
         entries = []
         for entry in self._entries.values():
             self._checked(entry)
@@ -331,6 +392,8 @@ class EWC:
             entry = self._by_param.get(id(p))
             if entry is not None:
                 self._checked(entry)
+            else:
+                self._check_uncovered(p)
             if entry is None or entry.precision is None:
                 precisions.append(None)
                 anchors.append(None)
@@ -340,6 +403,21 @@ class EWC:
                 anchors.append(entry.anchor)
                 lams.append(entry.lam * self._scale())
         return precisions, anchors, lams
+
+    def _check_uncovered(self, param: Tensor) -> None:
+        """A parameter an optimizer steps that EWC has no entry for: fine when it is left out or
+        new (A = 0), an error when it took the place of a tracked one (a replaced module). Looked up
+        in the model once per parameter."""
+        ref = self._uncovered.get(id(param))
+        if ref is not None and ref() is param:
+            return
+        if self._modules is not None:
+            for name, p in self._modules.named_parameters():
+                if p is param:
+                    if name in self._entries:
+                        raise _replaced_error(name, True)
+                    break
+        self._uncovered[id(param)] = weakref.ref(param)
 
     # -------------------------------------------------------------------------- model changes
 
@@ -360,6 +438,7 @@ class EWC:
         del self._by_param[id(entry.param)]
         entry.param = param
         self._by_param[id(param)] = entry
+        self._uncovered.pop(id(param), None)
         if entry.precision is None:
             return
         block = tuple(slice(0, n) for n in old_shape)
@@ -419,6 +498,51 @@ class EWC:
 
 
 # --------------------------------------------------------------------------------- fused ops
+
+
+def _named_parameters(model_or_named_params) -> list[tuple[str, Tensor]]:
+    if isinstance(model_or_named_params, nn.Module):
+        return list(model_or_named_params.named_parameters())
+    named = list(model_or_named_params)
+    if any(isinstance(item, Tensor) for item in named):
+        raise TypeError(
+            "EWC takes a model (nn.Module) or (name, parameter) pairs, got parameters without names: "
+            "pass the model itself, EWC(model), or model.named_parameters()"
+        )
+    return named
+
+
+def _selectors(value, what: str) -> list:
+    """include=/exclude= as a list: one pattern, module or parameter is a list of one (a bare
+    string is one pattern, not a list of one-letter patterns)."""
+    if isinstance(value, (str, nn.Module, Tensor)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(
+            f"EWC {what}= takes name patterns, modules or parameters, got {type(value)}"
+        ) from None
+
+
+def _describe(selector) -> str:
+    if isinstance(selector, str):
+        return selector
+    if isinstance(selector, nn.Module):
+        return f"a {type(selector).__name__} module"
+    return f"a parameter of shape {list(selector.shape)}"
+
+
+def _replaced_error(name: str, still_named: bool) -> RuntimeError:
+    if still_named:
+        return RuntimeError(
+            f"EWC: the model's parameter {name!r} is not the one EWC tracks (was its module replaced?); "
+            f"call ewc.pad_({name!r}, model.get_parameter({name!r})) to re-bind it (its importance is "
+            "kept), or build a new EWC"
+        )
+    return RuntimeError(
+        f"EWC: the model has no parameter {name!r} any more (was its module removed or renamed?)"
+    )
 
 
 def _backend_impl(backend: str, forloop, op_name: str, like: Tensor):

@@ -210,7 +210,13 @@ class SAM(torch.optim.Optimizer):
                 "call second_step() (or step()) first"
             )
         plan = []  # (group, weighted-mode, eta, bucket params)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            try:  # values may have been changed in param_groups since they were checked
+                _check_sam_group(group)
+                if isinstance(self.base_optimizer, FusedOptimizer):  # fail before perturbing
+                    self.base_optimizer.check_hyperparameters(group, on_device_too=False)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 grad = p.grad

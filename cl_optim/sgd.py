@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Optional, Union
 
@@ -74,13 +75,6 @@ class SGD(FusedOptimizer):
         ewc=None,
         fisher_ema: Optional[float] = None,
     ):
-        check_lr(lr)
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -89,6 +83,7 @@ class SGD(FusedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
         )
+        self.check_hyperparameters(defaults)
         super().__init__(
             params,
             defaults,
@@ -98,6 +93,20 @@ class SGD(FusedOptimizer):
         )
 
     STATE_KEYS = ("momentum_buffer",)
+
+    @staticmethod
+    def check_hyperparameters(group: dict, on_device_too: bool = True) -> None:
+        """torch.optim.SGD's checks, and finite values (also run on every group at each step)."""
+        check_lr(group["lr"], on_device_too)
+        momentum, dampening, weight_decay = group["momentum"], group["dampening"], group["weight_decay"]
+        if not 0.0 <= momentum < math.inf:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not -math.inf < dampening < math.inf:
+            raise ValueError(f"Invalid dampening value: {dampening}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _update_bucket(self, group, params, grads, terms, backend):
         momentum = group["momentum"]

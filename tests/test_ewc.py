@@ -281,12 +281,11 @@ def test_a_grown_parameter_must_be_padded_explicitly():
     ewc.consolidate({n: torch.ones_like(p) for n, p in model.named_parameters()})
     old_anchor = ewc._entries["2.weight"].anchor.clone()
     # New output classes: the head grows from 3 to 5 rows.
-    grown = torch.nn.Parameter(torch.cat([model[2].weight.detach(), torch.randn(2, 7)]))
-    ewc._entries["2.weight"].param = grown  # what a careless rebinding would do
+    model[2].weight.data = torch.cat([model[2].weight.detach(), torch.randn(2, 7)])  # grown in place
+    grown = model[2].weight
     with pytest.raises(RuntimeError, match="changed shape.*pad_"):
         ewc.penalty()
-    ewc._entries["2.weight"].param = model[2].weight
-    ewc.pad_("2.weight", grown)
+    ewc.pad_("2.weight")
     entry = ewc._entries["2.weight"]
     assert entry.precision.shape == (5, 7)
     assert torch.equal(entry.precision[:3], torch.ones(3, 7)) and torch.equal(

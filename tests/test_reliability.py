@@ -250,3 +250,120 @@ def test_a_bad_later_group_stops_the_step_before_any_group_moves(backend):
     with pytest.raises(RuntimeError, match="momentum_buffer"):
         opt.step()
     assert torch.equal(a.detach(), before[0]) and torch.equal(opt.state[a]["momentum_buffer"], before[1])
+
+
+# ------------------------------------------------------------- accepted silently, now refused
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: cl_optim.SAM(ps, cl_optim.SGD, rho=float("inf"), lr=0.1),
+        lambda ps: cl_optim.SGD(ps, lr=float("inf")),
+        lambda ps: cl_optim.SGD(ps, lr=0.1, momentum=float("nan")),
+        lambda ps: cl_optim.AdamW(ps, lr=0.1, eps=float("inf")),
+        lambda ps: cl_optim.AdamW([{"params": ps, "lr": -1.0}]),
+        lambda ps: cl_optim.SGD([{"params": ps, "weight_decay": -0.1}], lr=0.1),
+    ],
+    ids=[
+        "sam_rho_inf",
+        "sgd_lr_inf",
+        "sgd_momentum_nan",
+        "adamw_eps_inf",
+        "adamw_group_lr",
+        "sgd_group_decay",
+    ],
+)
+def test_bad_hyperparameters_are_refused_at_construction(make):
+    with pytest.raises(ValueError, match="Invalid"):
+        make([torch.nn.Parameter(torch.ones(2))])
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize(
+    "kind,key,value",
+    [("sgd", "lr", -0.1), ("sgd", "momentum", -1.0), ("adamw", "betas", (0.9, 1.5)), ("adamw", "eps", float("nan")),
+     ("sam", "rho", -0.05), ("sam", "lr", float("inf"))],
+)  # fmt: skip
+def test_hyperparameters_changed_after_construction_are_checked_at_step(backend, kind, key, value):
+    w = torch.nn.Parameter(torch.ones(3))
+    if kind == "sam":
+        opt = cl_optim.SAM([w], cl_optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend=backend)
+    else:
+        opt = (cl_optim.SGD if kind == "sgd" else cl_optim.AdamW)([w], lr=0.1, backend=backend)
+    opt.param_groups[0][key] = value
+    w.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid"):
+        opt.first_step() if kind == "sam" else opt.step()
+    assert torch.equal(w.detach(), torch.ones(3)) and not opt.state.get(w)
+
+
+def _model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+def test_ewc_exclude_takes_one_pattern_as_a_string():
+    ewc = cl_optim.EWC(_model(), exclude="2")  # one pattern, not the patterns "2" letter by letter
+    assert ewc.names == ["0.weight", "0.bias"]
+    ewc = cl_optim.EWC(_model(), include="0.weight")
+    assert ewc.names == ["0.weight"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(exclude=["head"]), dict(include=["encoder.*"]),
+                                    dict(lam_overrides={"decoder": 5.0})])  # fmt: skip
+def test_ewc_patterns_that_match_nothing_are_refused(kwargs):
+    with pytest.raises(ValueError, match="matches no parameter"):
+        cl_optim.EWC(_model(), **kwargs)
+
+
+def test_ewc_refuses_bare_parameters_and_infinite_lambdas():
+    with pytest.raises(TypeError, match=r"pass the model itself"):
+        cl_optim.EWC(_model().parameters())
+    with pytest.raises(ValueError, match="Invalid lam"):
+        cl_optim.EWC(_model(), lam=float("inf"))
+    with pytest.raises(ValueError, match="Invalid lam override"):
+        cl_optim.EWC(_model(), lam_overrides={"0": float("inf")})
+
+
+def test_ewc_notices_a_replaced_module():
+    model = _model()
+    ewc = cl_optim.EWC(model, lam=1.0)
+    opt = cl_optim.SGD(model.parameters(), lr=0.1, ewc=ewc)
+    ewc.consolidate({n: torch.ones_like(p) for n, p in model.named_parameters()})
+    model[2] = torch.nn.Linear(5, 3)  # a new head: new parameter objects
+    for call in (ewc.penalty, ewc.penalty_value, ewc.add_grad_,
+                 lambda: ewc.consolidate({n: torch.ones_like(p) for n, p in model.named_parameters()})):  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"'2.weight' is not the one EWC tracks.*pad_"):
+            call()
+    # an optimizer stepping the new parameters finds them too
+    opt.add_param_group({"params": model[2].parameters()})
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="not the one EWC tracks"):
+        opt.step()
+    ewc.pad_("2.weight", model[2].weight)
+    ewc.pad_("2.bias", model[2].bias)
+    assert ewc.tasks == 1 and float(ewc.penalty_value()) >= 0
+
+
+def test_ewc_consolidate_refuses_a_fisher_of_no_use_and_keeps_the_task_count():
+    model = _model()
+    ewc = cl_optim.EWC(model, lam=1.0, exclude="2")
+    fisher = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="no entry for any parameter"):
+        ewc.consolidate({})
+    with pytest.raises(ValueError, match="'module.' prefix"):
+        ewc.consolidate({f"module.{n}": f for n, f in fisher.items()})
+    with pytest.raises(ValueError, match="no parameters of the model"):
+        ewc.consolidate({**fisher, "other.weight": torch.ones(2)})
+    assert ewc.tasks == 0
+    ewc.consolidate(fisher)  # the excluded head's entries are passed over
+    assert ewc.tasks == 1
+
+
+def test_fisher_of_a_single_output_under_the_categorical_likelihood_is_refused():
+    model = torch.nn.Linear(3, 1)
+    data = [(torch.randn(4, 3), torch.randn(4, 1))]
+    with pytest.raises(ValueError, match="likelihood='gaussian'"):
+        cl_optim.fisher.estimate(model, data)
+    fisher = cl_optim.fisher.estimate(model, data, likelihood="gaussian")
+    assert float(fisher["weight"].sum()) > 0

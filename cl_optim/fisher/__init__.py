@@ -141,6 +141,13 @@ def estimate(
                 raise ValueError(
                     "the model's output contains inf or nan: no Fisher can be estimated at these weights"
                 )
+            if likelihood == "categorical" and (output.dim() < 2 or output.shape[-1] < 2):
+                # One logit: the softmax is 1 whatever the weights, and the Fisher all zero.
+                raise ValueError(
+                    f"the model's output has shape {list(output.shape)}: a categorical likelihood needs "
+                    "logits over at least two classes, (B, C) with C >= 2 (one output gives an all-zero "
+                    "Fisher); for a regression output pass likelihood='gaussian' (with sigma)"
+                )
             whole_model = whole_model or capture.reused()
             if not whole_model and batches == 0 and estimator != "batched":
                 whole_model = not _layers_cover_all_uses(capture, output, named)
