@@ -157,7 +157,10 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
             reasons[name] = _REGISTRY[name].unavailable_reason(device, dtype)
             if reasons[name] is None:
                 return name
-        detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+        detail = "; ".join(f"{name}: {reason}" for name, reason in reasons.items()) or (
+            f"none is written for {device.type} tensors (cpp runs CPU tensors, cuda and triton CUDA ones); "
+            "backend='foreach' runs on any device"
+        )
         raise RuntimeError(
             f"fused=True asks for a compiled backend and none can run on {device} / {dtype}: {detail}"
         )

@@ -30,6 +30,14 @@ def backend_from_torch_flags(backend: str, foreach: Optional[bool], fused: Optio
 FISHER_KEY = "fisher_ema"  # optimizer-state key of the running Fisher, always fp32
 
 
+def refuse_differentiable(differentiable: bool, name: str) -> None:
+    if differentiable:
+        raise ValueError(
+            f"cl_optim.{name} does not take differentiable=True (a step that autograd differentiates "
+            f"through, for meta-learning); use torch.optim.{name}(differentiable=True) there"
+        )
+
+
 def check_fisher_ema(beta: Optional[float]) -> None:
     if beta is not None and not 0.0 <= beta < 1.0:
         raise ValueError(f"Invalid fisher_ema: {beta} (the EMA factor beta must be in [0, 1))")
@@ -204,6 +212,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def check_hyperparameters(group: dict, on_device_too: bool = True) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    # What a copy or a pickle of the optimizer keeps besides torch's defaults, state and groups.
+    _PICKLED = ("backend", "ewc", "fisher_ema", "backends_used")
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer keeps defaults, state and param_groups only: a copy.deepcopy or
+        # torch.save of a cl_optim optimizer lost its backend and failed at the next step.
+        return {**super().__getstate__(), **{key: self.__dict__[key] for key in self._PICKLED}}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

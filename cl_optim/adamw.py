@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._backend import kernel_op
 from ._checks import check_adamw_step_
-from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
+from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
     kernel_terms,
@@ -45,8 +45,10 @@ class AdamW(FusedOptimizer):
         params: parameters or parameter groups.
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be a
             tensor.
-        backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"``, ``"foreach"`` or ``"forloop"``
+            (see ``cl_optim.report()``).
         foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+        capturable, differentiable: accepted as ``False`` (torch's defaults).
         ewc: a ``cl_optim.EWC``; its gradient ``lam*A*(p - mu)`` is added inside the update.
         fisher_ema: ``beta``: a running fp32 Fisher ``F <- beta*F + (1-beta)*g**2`` of the task
             gradient (before the EWC term), in the state as ``fisher_ema``; see
@@ -73,13 +75,29 @@ class AdamW(FusedOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         ewc=None,
         fisher_ema: Optional[float] = None,
     ):
+        refuse_differentiable(differentiable, "AdamW")
+        if capturable:
+            raise ValueError(
+                "cl_optim.AdamW does not take capturable=True yet: its CUDA and Triton steps keep the step "
+                "count on the device and read nothing on the host, but capture in a CUDA graph has not been "
+                "tested; use torch.optim.AdamW(capturable=True) for graph capture"
+            )
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            capturable=False,
+            differentiable=False,
         )
-        self.check_hyperparameters(defaults)
+        self.check_hyperparameters({**defaults, "foreach": foreach})
         super().__init__(
             params,
             defaults,
@@ -90,6 +108,15 @@ class AdamW(FusedOptimizer):
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Checkpoints of old torch versions keep `step` as a Python number: a tensor, as torch
+        # itself converts it (torch.optim.Adam.__setstate__).
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not isinstance(step, Tensor):
+                param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
     @staticmethod
     def check_hyperparameters(group: dict, on_device_too: bool = True) -> None:
         """torch.optim.AdamW's checks, and finite values (also run on every group at each step)."""
@@ -97,8 +124,18 @@ class AdamW(FusedOptimizer):
         eps, betas, weight_decay = group["eps"], group["betas"], group["weight_decay"]
         if not 0.0 <= eps < math.inf:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if any(isinstance(b, Tensor) for b in betas):
-            raise TypeError("cl_optim.AdamW takes betas as Python floats (tensor betas are not supported)")
+        tensors = [isinstance(b, Tensor) for b in betas]
+        if any(tensors):
+            if not all(tensors):
+                raise ValueError("betas must be either both floats or both Tensors")
+            if group.get("foreach"):  # torch's own refusal, in torch's words
+                raise ValueError(
+                    "betas[0] as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            raise ValueError(
+                "cl_optim.AdamW takes betas as Python floats (tensor betas, for torch's capturable "
+                "CUDA-graph steps, are not supported)"
+            )
         if not 0.0 <= betas[0] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
         if not 0.0 <= betas[1] < 1.0:

@@ -158,6 +158,16 @@ class EWC:
             added.append(name)
         return added
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_uncovered"] = {}  # a cache of weak references: rebuilt on use
+        del state["_by_param"]  # keyed by id(): rebuilt for the copied parameters
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._by_param = {id(entry.param): entry for entry in self._entries.values()}
+
     @property
     def names(self) -> list[str]:
         return list(self._entries)

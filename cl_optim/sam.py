@@ -165,6 +165,20 @@ class SAM(torch.optim.Optimizer):
         }
         self.perturb_backends_used: dict[str, str] = {}
 
+    def __getstate__(self) -> dict:
+        """A copy or pickle keeps the base optimizer, the options and the counters (torch's
+        Optimizer keeps only defaults, state and groups); the restore buffers are transient."""
+        if self._run["pending"] is not None:
+            raise RuntimeError(
+                "cannot copy or pickle SAM between first_step() and second_step(): the weights are perturbed"
+            )
+        state = dict(self.__dict__)
+        for hooks in [key for key in state if key.startswith("_optimizer_") and key.endswith("_hooks")]:
+            del state[hooks]  # as torch.optim.Optimizer: hooks are not part of a copy
+        state["_saved"] = {}
+        state["_run"] = {**self._run, "grad_scaler": None}
+        return state
+
     @property
     def steps(self) -> int:
         """Completed SAM steps (skipped ones included), saved in ``state_dict``."""

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._backend import kernel_op
 from ._checks import check_sgd_step_
-from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr
+from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
     kernel_terms,
@@ -44,8 +44,11 @@ class SGD(FusedOptimizer):
         params: parameters or parameter groups.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``;
             ``lr`` may be a tensor.
-        backend: ``"auto"``, ``"foreach"`` or ``"forloop"`` (see ``cl_optim.report()``).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"``, ``"foreach"`` or ``"forloop"``
+            (see ``cl_optim.report()``).
         foreach, fused: torch's spellings of ``backend``, accepted for drop-in use.
+        differentiable: accepted as ``False`` (torch's default); a step that autograd
+            differentiates through is not supported.
         ewc: a ``cl_optim.EWC``; its gradient ``lam*A*(p - mu)`` is added inside the update.
         fisher_ema: ``beta``: a running fp32 Fisher ``F <- beta*F + (1-beta)*g**2`` of the task
             gradient (before the EWC term), in the state as ``fisher_ema``; see
@@ -72,9 +75,11 @@ class SGD(FusedOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        differentiable: bool = False,
         ewc=None,
         fisher_ema: Optional[float] = None,
     ):
+        refuse_differentiable(differentiable, "SGD")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -82,6 +87,7 @@ class SGD(FusedOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            differentiable=False,
         )
         self.check_hyperparameters(defaults)
         super().__init__(

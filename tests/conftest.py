@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The Triton kernels run on CPU tensors under the interpreter in these tests. Triton decides
+# between interpreting and compiling when it is first imported (torch's test utilities import it),
+# so the switch is set here, before any test module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Sizes of DESIGN.md §4: empty, one element, odd sizes, and one past 2**18.
 ZOO_SIZES = (0, 1, 97, 1025, 278011)

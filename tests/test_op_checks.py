@@ -238,11 +238,13 @@ def test_a_lead_of_mixed_dtypes_is_refused(backend, op):
     _assert_unchanged(snapshot)
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
-@pytest.mark.parametrize("op,name", [(op, name) for op, names in COUNTS.items() for name in names])
+# buffer_ready is the compiled ops' (the Python backends take None for a buffer not started).
+@pytest.mark.parametrize(
+    "backend,op,name",
+    [(backend, op, name) for backend in AVAILABLE for op, names in COUNTS.items() for name in names
+     if not (name == "buffer_ready" and backend in ("forloop", "foreach"))],
+)  # fmt: skip
 def test_a_short_per_tensor_list_is_refused(backend, op, name):
-    if name == "buffer_ready" and backend in ("forloop", "foreach"):
-        pytest.skip("the Python backends take None entries for buffers not started, not buffer_ready")
     args = _valid(op)
     args[name] = list(args[name])[:-1]
     snapshot = _snapshot(args)
