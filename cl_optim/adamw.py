@@ -265,18 +265,29 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     torch._foreach_lerp_(exp_avg, g, 1 - beta1)
     torch._foreach_mul_(exp_avg_sq, beta2)
     torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
-    step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
-    step_sizes = [-_to_float(lr / (1 - beta1**t)) for t in step_values]
-    bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_values]
     if max_exp_avg_sqs is not None:
         max_sq = up(max_exp_avg_sqs)
         torch._foreach_maximum_(max_sq, exp_avg_sq)
         denom = torch._foreach_sqrt(max_sq)
     else:
         denom = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denom, bias_correction2_sqrts)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p, exp_avg, denom, step_sizes)
+    if torch.compiler.is_compiling():
+        # The bias corrections as tensor ops (as torch's capturable Adam): reading the step counts
+        # on the host would break the graph.
+        t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+        step_sizes = (-lr / (1 - torch.pow(beta1, t))).to(denom[0].dtype)
+        bias_correction2_sqrts = torch.sqrt(1 - torch.pow(beta2, t)).to(denom[0].dtype)
+        torch._foreach_div_(denom, list(bias_correction2_sqrts.unbind()))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, list(step_sizes.unbind()))
+        torch._foreach_addcdiv_(p, exp_avg, denom)
+    else:
+        step_values = torch.stack(steps).tolist() if steps else []  # one host read, not one per tensor
+        step_sizes = [-_to_float(lr / (1 - beta1**t)) for t in step_values]
+        bias_correction2_sqrts = [(1 - beta2**t) ** 0.5 for t in step_values]
+        torch._foreach_div_(denom, bias_correction2_sqrts)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, exp_avg, denom, step_sizes)
     if low_precision:
         written = [exp_avgs, exp_avg_sqs, params] + ([max_exp_avg_sqs] if max_exp_avg_sqs is not None else [])
         values = [exp_avg, exp_avg_sq, p] + ([max_sq] if max_exp_avg_sqs is not None else [])

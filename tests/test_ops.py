@@ -177,6 +177,26 @@ def test_whole_optimizer_step_compiles_without_graph_breaks(make):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_foreach_adamw_step_compiles_without_graph_breaks(amsgrad):
+    """The foreach backend read the step counts on the host (``.tolist()``), a graph break; under
+    torch.compile it forms the bias corrections as tensor ops (one rounding apart from eager)."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        model = _small_model()
+        opt = cl_optim.AdamW(model.parameters(), lr=1e-2, amsgrad=amsgrad, backend="foreach")
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        for i in range(4):
+            model(x + i).square().sum().backward()
+            step()
+            opt.zero_grad()
+        results.append(_opt_state(opt, model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 @needs_cpp
 @pytest.mark.parametrize(
     "base,kwargs",
