@@ -154,6 +154,20 @@ def accuracy(model, task, device):
     return float((pred == y).float().mean())
 
 
+class Diverged(Exception):
+    """Training a method made its weights, loss or outputs non-finite."""
+
+
+def backends_of(opt) -> dict:
+    """The backends that actually ran each (device, dtype) bucket: the update, and SAM's perturbation."""
+    if isinstance(opt, cl_optim.SAM):
+        return {
+            "update": dict(opt.base_optimizer.backends_used),
+            "perturbation": dict(opt.perturb_backends_used),
+        }
+    return {"update": dict(opt.backends_used)}
+
+
 def run_method(method, tasks, args, device, progress):
     torch.manual_seed(args.seed)
     heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
@@ -163,36 +177,15 @@ def run_method(method, tasks, args, device, progress):
     loss_fn = nn.CrossEntropyLoss()
     matrix, step_seconds, steps = [], 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
-    for task in tasks:
-        model.active = task["head"]
-        x, y = (t.to(device) for t in task["train"])
-        for _ in range(args.epochs):
-            order = torch.randperm(len(x), generator=gen).to(device)
-            for start in range(0, len(x), args.batch_size):
-                batch = order[start : start + args.batch_size]
-                opt.zero_grad()
-                loss_fn(model(x[batch]), y[batch]).backward()
-                tic = time.perf_counter()
-                if is_sam:
-                    opt.first_step(zero_grad=True)
-                    step_seconds += time.perf_counter() - tic
-                    loss_fn(model(x[batch]), y[batch]).backward()
-                    tic = time.perf_counter()
-                    opt.second_step(zero_grad=True)
-                else:
-                    opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_seconds += time.perf_counter() - tic
-                steps += 1
-                progress.update(1)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise FloatingPointError(f"the weights diverged during task {task['name']}: lower --lr or --lam")
-        if ewc is not None:
-            n = min(args.fisher_samples, len(x))
-            data = [(x[s : s + 250], y[s : s + 250]) for s in range(0, n, 250)]
-            ewc.consolidate(cl_optim.fisher.estimate(model, data, estimator="exact"))
-        matrix.append([accuracy(model, t, device) for t in tasks])
+    try:
+        for task in tasks:
+            step_seconds, steps = train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress,
+                                             is_sam, step_seconds, steps)  # fmt: skip
+            matrix.append([accuracy(model, t, device) for t in tasks])
+    except Diverged as error:
+        # The tasks learnt before the divergence stay in the record (and the plot).
+        return {"diverged": str(error), "diverged_at_task": len(matrix), "accuracy_matrix": matrix,
+                "steps": steps, "backends": backends_of(opt)}  # fmt: skip
     final = matrix[-1]
     forgetting = [
         max(matrix[i][j] for i in range(j, len(tasks) - 1)) - final[j] for j in range(len(tasks) - 1)
@@ -203,7 +196,52 @@ def run_method(method, tasks, args, device, progress):
         "average_forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
         "optimizer_ms_per_step": 1e3 * step_seconds / max(1, steps),
         "steps": steps,
+        "backends": backends_of(opt),
     }
+
+
+def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_sam, step_seconds, steps):
+    """One task's epochs, then (EWC) its Fisher; returns the running step time and count."""
+    model.active = task["head"]
+    x, y = (t.to(device) for t in task["train"])
+    nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)  # read once, at the end
+    for _ in range(args.epochs):
+        order = torch.randperm(len(x), generator=gen).to(device)
+        for start in range(0, len(x), args.batch_size):
+            batch = order[start : start + args.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(x[batch]), y[batch])
+            nonfinite_loss |= ~torch.isfinite(loss.detach())
+            loss.backward()
+            tic = time.perf_counter()
+            if is_sam:
+                opt.first_step(zero_grad=True)
+                step_seconds += time.perf_counter() - tic
+                loss_fn(model(x[batch]), y[batch]).backward()
+                tic = time.perf_counter()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_seconds += time.perf_counter() - tic
+            steps += 1
+            progress.update(1)
+    with torch.no_grad():
+        outputs_finite = bool(torch.isfinite(model(x[: args.batch_size])).all())
+    if (
+        bool(nonfinite_loss)
+        or not outputs_finite
+        or not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    ):
+        raise Diverged(
+            f"the loss, weights or outputs became non-finite during task {task['name']}: lower --lr or --lam"
+        )
+    if ewc is not None:
+        n = min(args.fisher_samples, len(x))
+        data = [(x[s : s + 250], y[s : s + 250]) for s in range(0, n, 250)]
+        ewc.consolidate(cl_optim.fisher.estimate(model, data, estimator="exact"))
+    return step_seconds, steps
 
 
 # --------------------------------------------------------------------------------- reports
@@ -219,13 +257,15 @@ def format_matrix(name, result, tasks):
 
 
 def plot(results, tasks_by_bench, path):
+    """Accuracy on each task over the sequence, one panel per (scenario, method). A diverged method
+    keeps its panel: the tasks learnt before the divergence, and a red mark where it happened."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     benches = list(results)
-    methods = list(next(iter(results.values())))
+    methods = list(dict.fromkeys(m for bench in benches for m in results[bench]))
     fig, axes = plt.subplots(
         len(benches), len(methods), figsize=(3.2 * len(methods), 2.8 * len(benches)), squeeze=False
     )
@@ -233,21 +273,30 @@ def plot(results, tasks_by_bench, path):
         tasks = tasks_by_bench[bench]
         for c, method in enumerate(methods):
             ax = axes[r][c]
-            if "diverged" in results[bench][method]:
-                ax.set_title(f"{bench}: {method} (diverged)", fontsize=9)
-                continue
-            matrix = np.array(results[bench][method]["accuracy_matrix"])
-            for j, task in enumerate(tasks):
-                ax.plot(range(j, len(tasks)), matrix[j:, j], marker="o", label=task["name"])
+            result = results[bench].get(method)
+            title = f"{bench}: {method}"
+            if result is not None:
+                matrix = result["accuracy_matrix"]
+                for j, task in enumerate(tasks[: len(matrix)]):
+                    ax.plot(
+                        range(j, len(matrix)), [row[j] for row in matrix[j:]], marker="o", label=task["name"]
+                    )
+                if "diverged" in result:
+                    at = result["diverged_at_task"]
+                    ax.axvline(at, color="red", linestyle="--")
+                    ax.text(at, 0.5, " diverged", color="red", fontsize=8)
+                    title += " (diverged)"
             ax.set_ylim(0, 1.02)
+            ax.set_xlim(-0.3, len(tasks) - 0.7)
             ax.set_xticks(range(len(tasks)))
-            ax.set_title(f"{bench}: {method}", fontsize=9)
+            ax.set_title(title, fontsize=9)
             if c == 0:
                 ax.set_ylabel("test accuracy")
             if r == len(benches) - 1:
                 ax.set_xlabel("after training task")
     for row in axes:
-        row[-1].legend(fontsize=6, loc="lower left")
+        if row[-1].get_legend_handles_labels()[0]:
+            row[-1].legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -287,17 +336,83 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-train", type=int, default=None, help="cap on training samples (before splitting)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "continual.json")
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "continual.json"),
+        help="the JSON file to write (a directory: continual.json in it); the plot goes next to it",
+    )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="3 tasks, 3 epochs: a smoke run of a few seconds"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.epochs, args.fisher_samples = 3, 3, 250
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args) -> None:
+    """Every argument checked before any training: a bad one is an error now, not after the
+    methods before it have run (or, for --epochs 0, results that overwrite a real run)."""
+    import math
+
+    def need(ok, message):
+        if not ok:
+            parser.error(message)
+
+    for name in ("tasks", "epochs", "batch_size", "fisher_samples"):
+        value = getattr(args, name)
+        need(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    need(
+        args.max_train is None or args.max_train >= 1, f"--max-train must be at least 1, got {args.max_train}"
+    )
+    need(0 < args.lr < math.inf, f"--lr must be finite and > 0, got {args.lr}")
+    need(0 <= args.lam < math.inf, f"--lam must be finite and >= 0, got {args.lam}")
+    need(0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}")
+    need(0 <= args.rho < math.inf, f"--rho must be finite and >= 0, got {args.rho}")
+    if "split" in args.benchmarks and args.tasks > 5:
+        print(
+            f"note: split has 5 tasks (digit pairs); --tasks {args.tasks} applies to permuted only",
+            file=sys.stderr,
+        )
+    need(args.data_dir is None or args.data_dir.is_dir(), f"--data-dir {args.data_dir} is not a directory")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda":
+        need(
+            torch.cuda.is_available(),
+            f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device",
+        )
+        need(device.index is None or device.index < torch.cuda.device_count(),
+             f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")  # fmt: skip
+    from cl_optim._backend import resolve
+
+    try:  # builds or loads a compiled backend now: its one-time cost is not counted as step time
+        resolve(args.backend, device, torch.float32)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--backend {args.backend}: {error}")
+    out = Path(args.out)
+    args.out = out / "continual.json" if out.is_dir() or args.out.endswith(("/", os.sep)) else out
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out.with_suffix(".json.tmp"), "w"):
+            pass
+        os.remove(args.out.with_suffix(".json.tmp"))
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot write there ({error})")
+
+
+def write_record(args, record) -> None:
+    """The JSON, written through a temporary file: a run stopped half-way leaves a readable file
+    with the methods finished so far."""
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, args.out)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.quick:
-        args.tasks, args.epochs, args.fisher_samples = 3, 3, 250
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if args.data_dir is not None:
@@ -314,40 +429,8 @@ def main(argv=None):
     )
     from tqdm import tqdm
 
-    # Build or load a compiled backend now, so its one-time cost is not counted as step time.
-    from cl_optim._backend import resolve
-
-    resolve(args.backend, device, torch.float32)
-
     results = {}
     start = time.time()
-    with tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=None) as progress:
-        for kind, tasks in tasks_by_bench.items():
-            results[kind] = {}
-            for method in args.methods:
-                progress.set_postfix_str(f"{kind}/{method}")
-                try:
-                    results[kind][method] = run_method(method, tasks, args, device, progress)
-                except FloatingPointError as error:
-                    results[kind][method] = {"diverged": str(error)}
-
-    print(f"\ndata: {source}; MLP {x.shape[1]}-256-256; SGD lr {args.lr} momentum 0.9; "
-          f"{args.epochs} epochs/task; lam {args.lam}; rho {args.rho}; seed {args.seed}")  # fmt: skip
-    for kind, tasks in tasks_by_bench.items():
-        print(f"\n== {kind} ({len(tasks)} tasks) ==")
-        for method, result in results[kind].items():
-            if "diverged" not in result:
-                print(format_matrix(method, result, tasks))
-        print(f"\n  {'method':<11} {'avg acc':>8} {'forgetting':>11} {'opt ms/step':>12}")
-        for method, result in results[kind].items():
-            if "diverged" in result:
-                print(f"  {method:<11} diverged: {result['diverged']}")
-                continue
-            print(
-                f"  {method:<11} {result['average_accuracy']:8.3f} {result['average_forgetting']:11.3f} "
-                f"{result['optimizer_ms_per_step']:12.3f}"
-            )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "results": results,
         "tasks": {kind: [t["name"] for t in tasks] for kind, tasks in tasks_by_bench.items()},
@@ -360,10 +443,47 @@ def main(argv=None):
             "python": platform.python_version(),
         },
         "git_sha": git_sha(),
-        "seconds": time.time() - start,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": False,
     }
-    args.out.write_text(json.dumps(record, indent=1))
+    # A progress bar on a terminal; otherwise (a log file, CI) one line per method.
+    lines = not sys.stderr.isatty()
+    with tqdm(total=total, desc="training", unit="step", file=sys.stderr, disable=None) as progress:
+        for kind, tasks in tasks_by_bench.items():
+            results[kind] = {}
+            for method in args.methods:
+                progress.set_postfix_str(f"{kind}/{method}")
+                tic = time.time()
+                results[kind][method] = result = run_method(method, tasks, args, device, progress)
+                record.update(seconds=time.time() - start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                write_record(args, record)
+                if lines:
+                    summary = (f"diverged at task {result['diverged_at_task']}" if "diverged" in result else
+                               f"avg acc {result['average_accuracy']:.3f}, forgetting {result['average_forgetting']:.3f}")  # fmt: skip
+                    print(
+                        f"[{kind}/{method}] {summary} ({time.time() - tic:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    print(f"\ndata: {source}; MLP {x.shape[1]}-256-256; SGD lr {args.lr} momentum 0.9; "
+          f"{args.epochs} epochs/task; lam {args.lam}; rho {args.rho}; seed {args.seed}")  # fmt: skip
+    for kind, tasks in tasks_by_bench.items():
+        print(f"\n== {kind} ({len(tasks)} tasks) ==")
+        for method, result in results[kind].items():
+            if "diverged" not in result:
+                print(format_matrix(method, result, tasks))
+        print(f"\n  {'method':<11} {'avg acc':>8} {'forgetting':>11} {'opt ms/step':>12}  backend")
+        for method, result in results[kind].items():
+            if "diverged" in result:
+                print(f"  {method:<11} diverged: {result['diverged']}")
+                continue
+            used = sorted({b for part in result["backends"].values() for b in part.values()})
+            print(
+                f"  {method:<11} {result['average_accuracy']:8.3f} {result['average_forgetting']:11.3f} "
+                f"{result['optimizer_ms_per_step']:12.3f}  {', '.join(used)}"
+            )
+    record.update(complete=True, seconds=time.time() - start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_record(args, record)
     png = args.out.with_suffix(".png")
     plot(results, tasks_by_bench, png)
     print(f"\nwrote {os.path.relpath(args.out)} and {os.path.relpath(png)} ({record['seconds']:.0f} s)")

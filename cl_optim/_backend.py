@@ -60,8 +60,12 @@ def _forloop_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 
 def _build_failure(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"the extension could not be built or loaded: {type(error).__name__}: {text[-1] if text else ''}"
+    """The reason a build failed, with the compiler's own error lines (ninja's last line alone,
+    "ninja: build stopped: subcommand failed", says nothing)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    compiler = [line for line in lines if "error:" in line or "fatal error" in line]
+    detail = "; ".join(dict.fromkeys(compiler[:3])) if compiler else (lines[-1] if lines else "")
+    return f"the extension could not be built or loaded: {type(error).__name__}: {detail}"
 
 
 def _cuda_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:

@@ -73,6 +73,7 @@ def _build_cpu() -> None:
     root = csrc_dir()
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
+    _announce(build / "cl_optim_cpu.so", "the C++ CPU kernels", "about 30 s on 2 cores")
     cpp_extension.load(
         name="cl_optim_cpu",
         sources=[str(root / "bindings.cpp"), *sorted(str(p) for p in (root / "cpu").glob("*.cpp"))],
@@ -97,6 +98,7 @@ def _build_cuda() -> None:
     root = csrc_dir()
     build = cache_dir() / "cuda"
     build.mkdir(parents=True, exist_ok=True)
+    _announce(build / "cl_optim_cuda.so", "the CUDA kernels", "a few minutes")
     # One compile per kernel file; TORCH_CUDA_ARCH_LIST, when set, picks the architectures
     # (default: those of the visible GPUs).
     cpp_extension.load(
@@ -109,6 +111,14 @@ def _build_cuda() -> None:
         is_python_module=False,
         verbose=os.environ.get("CL_OPTIM_VERBOSE_BUILD") == "1",
     )
+
+
+def _announce(library: Path, what: str, how_long: str) -> None:
+    """Say so before a first build: it blocks the first optimizer for a while, with no other sign
+    (CL_OPTIM_QUIET_BUILD=1 silences it)."""
+    if not library.exists() and os.environ.get("CL_OPTIM_QUIET_BUILD") != "1":
+        print(f"cl_optim: compiling {what} (once per environment, {how_long}) into {library.parent}",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _built_once(key: str, build) -> Optional[BaseException]:

@@ -264,8 +264,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         skip: Optional[Tensor] = None,
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
-    ) -> None:
-        """One step with the RESTORE term, AMP and a skip flag.
+        skip_nonfinite: bool = False,
+    ) -> Optional[Tensor]:
+        """One step with the RESTORE term, AMP and a skip flag; returns the skip flag it used.
 
         ``restore`` maps ``id(param)`` to its save buffer (ids: hashing tensors is a Python call
         per lookup, which adds up over thousands of small tensors).
@@ -274,10 +275,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         SAM's non-finite first pass) skips the update like ``found_inf``. Parameters in
         ``restore`` that have no gradient are restored by a plain copy, so no perturbed weight
         is ever left behind, skipped or not; a parameter with a gradient but no save buffer (it
-        was not perturbed) is updated from its own value.
+        was not perturbed) is updated from its own value. ``skip_nonfinite``: skip too when a
+        gradient has an inf or a NaN (SAM's second pass without a GradScaler): one fp64-accumulated
+        norm per bucket, on the device, with the buckets planned here anyway.
         """
-        found_inf = _merge_found_inf(found_inf, skip)
-
         # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
         plan = []
         for index, group in enumerate(self.param_groups):
@@ -297,6 +298,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         # one is found wrong.
         for _, bucket, _ in plan[1:]:
             self._check_state_shapes(bucket)
+        if skip_nonfinite and plan:
+            from .sam import grad_sq_norm
+
+            home = plan[0][1][0].device
+            sq_norms = [grad_sq_norm([p.grad for p in b], backend=backend).to(home) for _, b, backend in plan]
+            nonfinite = ~torch.isfinite(sq_norms[0] if len(sq_norms) == 1 else torch.stack(sq_norms).sum())
+            skip = nonfinite if skip is None else skip | nonfinite
+        found_inf = _merge_found_inf(found_inf, skip)
 
         restored = 0  # parameters of `restore` that the buckets restore
         for group, bucket, backend in plan:
@@ -322,6 +331,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for param in restore_params:
                 if id(param) not in stepped:
                     param.copy_(restore[id(param)])
+        return found_inf
 
     def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract
         raise NotImplementedError

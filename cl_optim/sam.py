@@ -320,19 +320,19 @@ class SAM(torch.optim.Optimizer):
                 "second_step(); the weights were restored and no update was made"
             )
         skip = self._run["pass1_nonfinite"]
-        if found_inf is None and self.skip_nonfinite:
-            # No GradScaler checked the second pass: one more read of it, on the device.
-            skip = skip | self._nonfinite_gradient()
-        elif found_inf is not None and self._run["grad_scaler"] is not None:
+        # No GradScaler checked the second pass: one more read of it, on the device.
+        check_second_pass = found_inf is None and self.skip_nonfinite
+        if found_inf is not None and self._run["grad_scaler"] is not None:
             _report_overflow(self._run["grad_scaler"], self, skip)
         if isinstance(self.base_optimizer, FusedOptimizer):
             try:
-                self.base_optimizer._fused_step(
+                flag = self.base_optimizer._fused_step(
                     restore=restore,
                     restore_params=self._run["pending"],
                     skip=skip,
                     grad_scale=grad_scale,
                     found_inf=found_inf,
+                    skip_nonfinite=check_second_pass,
                 )
             except BaseException:
                 # Refused before anything was written (every bucket is checked first): put the
@@ -340,9 +340,11 @@ class SAM(torch.optim.Optimizer):
                 self._abort()
                 raise
         else:
+            if check_second_pass:
+                skip = skip | self._nonfinite_gradient()
             self._restore()
             self._foreign_update(skip, grad_scale, found_inf)
-        flag = _merge_found_inf(found_inf, skip)
+            flag = _merge_found_inf(found_inf, skip)
         self._run["last_step_skipped"] = flag != 0
         self._run["pending"] = None
         self._run["steps"].add_(1)

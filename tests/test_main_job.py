@@ -76,3 +76,68 @@ def test_local_idx_files(tmp_path):
     record = _quick(tmp_path, "--data-dir", str(tmp_path), "--methods", "finetune", "ewc")
     assert record["data"].startswith("IDX files")
     assert len(record["results"]["split"]["ewc"]["accuracy_matrix"][0]) == 3
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tasks", "0"], "--tasks must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--fisher-samples", "0"], "--fisher-samples must be at least 1"),
+        (["--lam", "nan"], "--lam must be finite"),
+        (["--rho", "-1"], "--rho must be finite and >= 0"),
+        (["--lr", "inf"], "--lr must be finite"),
+        (["--backend", "nope"], "--backend nope: unknown backend"),
+        (["--data-dir", "/nonexistent/mnist"], "is not a directory"),
+    ],
+)
+def test_bad_arguments_fail_before_any_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "run.json"
+    with pytest.raises(SystemExit) as exit_info:
+        continual.main([*argv, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_up_front(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        continual.main(["--device", "cuda", "--out", str(tmp_path / "run.json")])
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_out_may_be_a_directory_and_progress_is_a_line_per_method(tmp_path, capsys):
+    record = continual.main(
+        ["--quick", "--methods", "finetune", "sam", "--benchmarks", "split", "--out", f"{tmp_path}/"]
+    )
+    assert (tmp_path / "continual.json").exists() and (tmp_path / "continual.png").exists()
+    saved = json.loads((tmp_path / "continual.json").read_text())
+    assert saved["complete"] is True and saved["results"] == record["results"]
+    err = capsys.readouterr().err  # not a terminal here: one line per method instead of a bar
+    assert "[split/finetune] avg acc" in err and "[split/sam] avg acc" in err
+    # the backend that actually ran each bucket is recorded (update and SAM's perturbation)
+    assert record["results"]["split"]["sam"]["backends"]["perturbation"]
+    assert set(record["results"]["split"]["finetune"]["backends"]["update"].values()) <= {
+        "cpp",
+        "foreach",
+        "forloop",
+    }
+
+
+def test_a_diverged_method_keeps_its_learnt_tasks_and_its_panel(tmp_path):
+    """An EWC lambda so large that the pull blows up on the second task (the first has no
+    penalty): the method is marked diverged at task 1 with the accuracies of task 0, and the next
+    method runs on."""
+    record = continual.main(["--quick", "--methods", "ewc", "finetune", "--benchmarks", "permuted", "--lam", "1e6",
+                             "--out", str(tmp_path / "run.json")])  # fmt: skip
+    result = record["results"]["permuted"]["ewc"]
+    assert "diverged" in result and "non-finite" in result["diverged"] and result["diverged_at_task"] == 1
+    assert len(result["accuracy_matrix"]) == 1 and result["accuracy_matrix"][0][0] > 0.4
+    assert "average_accuracy" in record["results"]["permuted"]["finetune"]
+    assert (tmp_path / "run.png").stat().st_size > 10_000
