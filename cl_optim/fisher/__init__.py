@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Callable, Optional
 
 import torch
@@ -79,8 +79,11 @@ def estimate(
 
     Args:
         model: outputs logits ``(B, C)`` (categorical) or predictions ``(B, D)``/``(B,)`` (gaussian).
-        data: batches ``(inputs, targets)`` (``inputs`` a tensor or a tuple of tensors for
-            ``model(*inputs)``); ``exact`` and ``mc`` ignore the targets.
+        data: batches ``(inputs, targets)`` (``inputs`` a tensor, a tuple or list of tensors for
+            ``model(*inputs)``, or a dict for ``model(**inputs)``), or dicts as Hugging Face
+            collators make them (targets from ``labels``, every other entry a keyword argument).
+            The model's output may be a tensor or have ``.logits``. ``exact`` and ``mc`` ignore
+            the targets.
         estimator: ``"exact"``, ``"mc"``, ``"empirical"`` or ``"batched"`` (module docstring).
         n_samples: use at most this many samples (the first ones of ``data``).
         loss_fn: per-batch NLL for ``empirical``/``batched``, mean or sum reduction (detected);
@@ -127,16 +130,18 @@ def estimate(
         rule_names = {name: rule_for(m)[1] for name, m in model.named_modules() if m in layers}
         seen, batches = 0, 0
         for batch in data:
-            inputs, targets = _split(batch)
+            batch = _Batch.of(batch)
             if n_samples is not None:
                 remaining = n_samples - seen
                 if remaining <= 0:
                     break
-                inputs, targets = _take(inputs, remaining), _take(targets, remaining)
-            size = inputs[0].shape[0]
-            capture = _Capture(layers)
+                batch = batch.take(remaining)
+            inputs, targets, size = batch, batch.targets, batch.size
+            capture = _Capture(layers, size)
             with torch.enable_grad(), capture:
-                output = model(*inputs)
+                output = _logits(model(*batch.args, **batch.kwargs))
+            if batches == 0 and capture.expanded:
+                _check_expansion_is_transparent(model, batch, output, capture)
             if not bool(torch.isfinite(output).all()):
                 raise ValueError(
                     "the model's output contains inf or nan: no Fisher can be estimated at these weights"
@@ -193,19 +198,72 @@ def _default_nll(likelihood: str, sigma: float) -> Callable:
     return lambda output, target: 0.5 * ((output.float() - target.float()) ** 2).sum() / sigma**2
 
 
-def _split(batch):
-    if isinstance(batch, Tensor):
-        return (batch,), None
-    inputs, targets = batch[0], (batch[1] if len(batch) > 1 else None)
-    return (inputs if isinstance(inputs, (tuple, list)) else (inputs,)), targets
+class _Batch:
+    """One batch as the model takes it: positional and keyword inputs, targets, sample count."""
+
+    def __init__(self, args: tuple, kwargs: dict, targets):
+        self.args, self.kwargs, self.targets = args, kwargs, targets
+        leading = [
+            t.shape[0] for t in (targets, *args, *kwargs.values()) if isinstance(t, Tensor) and t.dim()
+        ]
+        if not leading:
+            raise ValueError("a batch needs at least one tensor with a batch dimension")
+        # The sample count: the targets' length, else the longest leading dimension of the inputs
+        # (a (1, T) position_ids next to (B, T) input_ids is shared, not a batch of one).
+        self.size = targets.shape[0] if isinstance(targets, Tensor) and targets.dim() else max(leading)
+
+    @classmethod
+    def of(cls, batch) -> _Batch:
+        if isinstance(batch, Tensor):
+            return cls((batch,), {}, None)
+        if isinstance(batch, Mapping):  # a Hugging Face batch: labels are the targets
+            return cls((), {k: v for k, v in batch.items() if k != "labels"}, batch.get("labels"))
+        inputs, targets = batch[0], (batch[1] if len(batch) > 1 else None)
+        if isinstance(inputs, Mapping):
+            return cls((), dict(inputs), targets)
+        return cls(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}, targets)
+
+    def _cut(self, value, n):
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == self.size:
+            return value[:n]
+        return value  # shared across the batch (position ids, masks of shape (1, T)) or not a tensor
+
+    def take(self, n: int) -> _Batch:
+        """The first ``n`` samples: every tensor whose leading dimension is the batch is cut."""
+        if n >= self.size:
+            return self
+        return _Batch(tuple(self._cut(a, n) for a in self.args),
+                      {k: self._cut(v, n) for k, v in self.kwargs.items()}, self._cut(self.targets, n))  # fmt: skip
 
 
-def _take(value, n):
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(v[:n] for v in value)
-    return value[:n]
+def _logits(output):
+    """The prediction tensor of a model's output: itself, ``.logits`` (Hugging Face), or the first
+    element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the model returned {type(output).__name__}; fisher.estimate needs a tensor or .logits")
+
+
+def _check_expansion_is_transparent(model, batch: _Batch, output: Tensor, capture: _Capture) -> None:
+    """Layers that ran once for the whole batch (a position table looked up with ``(1, T)`` ids)
+    are given their output expanded to the batch, so that each sample's gradient reaches them
+    apart; broadcasting makes that invisible to the rest of the model. Checked on the first
+    batch: the model's output must be the same without the expansion."""
+    with torch.no_grad():
+        plain = _logits(model(*batch.args, **batch.kwargs))
+    if plain.shape != output.shape or not torch.allclose(
+        plain.float(), output.detach().float(), rtol=1e-4, atol=1e-5
+    ):
+        names = [type(m).__name__ for m in capture.expanded]
+        raise ValueError(
+            f"{names} ran once for the whole batch and the model does not broadcast their output over "
+            "the samples: their per-sample Fisher cannot be separated (run them per sample)"
+        )
 
 
 def _layers(model: nn.Module, named: list) -> tuple[dict, bool]:
@@ -230,12 +288,20 @@ def _layers(model: nn.Module, named: list) -> tuple[dict, bool]:
 
 
 class _Capture:
-    """Forward hooks that keep each layer's inputs and output, and count calls."""
+    """Forward hooks that keep each layer's inputs and output, and count calls.
 
-    def __init__(self, layers: dict):
+    A layer called once for the whole batch (its output's leading dimension 1 while the batch has
+    ``size`` samples, e.g. a position table looked up with ``(1, T)`` ids) hands the rest of the
+    model its output expanded to ``size``: broadcasting gives the same result, and the gradient
+    that comes back is per sample (a ``(1, ...)`` output would get the batch sum of them).
+    """
+
+    def __init__(self, layers: dict, size: int):
         self.layers = layers
+        self.size = size
         self.records: dict = {}
         self.calls: dict = {}
+        self.expanded: set = set()
         self.handles = []
 
     def __enter__(self):
@@ -255,12 +321,23 @@ class _Capture:
             )
         saved = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         versions = tuple(a._version if isinstance(a, Tensor) else None for a in args)
+        if self.size > 1 and output.dim() and output.shape[0] == 1:
+            self.expanded.add(module)
+            output = output.expand(self.size, *output.shape[1:])
+            saved = tuple(_expand_leading(a, self.size) for a in saved)
+            kwargs = {k: _expand_leading(v, self.size) for k, v in kwargs.items()}
         self.records[module] = (saved, versions, kwargs, output)
         # Later in-place ops (ReLU(inplace=True)) must not change the tensor we differentiate at.
         return output.clone()
 
     def reused(self) -> bool:
         return any(count > 1 for count in self.calls.values())
+
+
+def _expand_leading(value, size: int):
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == 1:
+        return value.expand(size, *value.shape[1:])
+    return value
 
 
 def _seeds(estimator, likelihood, sigma, output, targets, loss_fn, mc_samples, generator) -> list[Tensor]:
@@ -368,24 +445,41 @@ def _add_by_layer(capture: _Capture, output: Tensor, seeds: list[Tensor], cap: i
             add_sq_grads_(module, saved, kwargs, delta, capture.layers[module], cap)
 
 
-def _add_whole_model(model, named, totals, inputs, seeds, cap) -> None:
-    """Tied weights: per-sample gradients of the whole model with torch.func, in chunks."""
+def _add_whole_model(model, named, totals, batch: _Batch, seeds, cap) -> None:
+    """Tied weights: per-sample gradients of the whole model with torch.func, in chunks. Inputs
+    whose leading dimension is the batch are mapped over; the others (shared position ids, masks
+    of shape (1, T)) are passed whole to every sample."""
     from torch.func import functional_call, grad, vmap
 
     params = {name: p.detach() for name, p in named}
+    args = list(batch.args)
+    kwargs = dict(batch.kwargs)
+    mapped_args = [
+        i for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() and a.shape[0] == batch.size
+    ]
+    mapped_kwargs = [
+        k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch.size
+    ]
 
-    def contracted(p, sample_inputs, seed_n):
-        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in sample_inputs))
+    def contracted(p, sample_args, sample_kwargs, seed_n):
+        call_args, call_kwargs = list(args), dict(kwargs)
+        for i, a in zip(mapped_args, sample_args):
+            call_args[i] = a.unsqueeze(0)
+        for k, v in zip(mapped_kwargs, sample_kwargs):
+            call_kwargs[k] = v.unsqueeze(0)
+        out = _logits(functional_call(model, p, tuple(call_args), call_kwargs))
         return (out.squeeze(0).to(torch.float32) * seed_n).sum()
 
     per_sample = sum(t.numel() for t in totals.values()) * 4
-    batch = inputs[0].shape[0]
     step = max(1, cap // max(1, per_sample))
     for seed in seeds:
-        for start in range(0, batch, step):
+        for start in range(0, batch.size, step):
             part = slice(start, start + step)
-            grads = vmap(grad(contracted), in_dims=(None, 0, 0))(
-                params, tuple(x[part] for x in inputs), seed[part].to(torch.float32)
+            grads = vmap(grad(contracted), in_dims=(None, 0, 0, 0))(
+                params,
+                tuple(args[i][part] for i in mapped_args),
+                tuple(kwargs[k][part] for k in mapped_kwargs),
+                seed[part].to(torch.float32),
             )
             for name, g in grads.items():
                 totals[name].add_(g.to(torch.float32).square().sum(0))

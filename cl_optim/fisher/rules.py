@@ -145,20 +145,28 @@ def _generic(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, 
     own = dict(module.named_parameters(recurse=False))
     params = {name: own[name].detach() for name in names}
     batch = delta.shape[0]
+    # Tensors whose leading dimension is the batch are split per sample, positional or keyword.
     tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.shape[:1] == (batch,)]
+    tensor_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.shape[:1] == (batch,)]
 
-    def contracted(p, sample_args, d_n):
-        full = list(args)
+    def contracted(p, sample_args, sample_kwargs, d_n):
+        full, full_kwargs = list(args), dict(kwargs)
         for i, a in zip(tensor_positions, sample_args):
             full[i] = a.unsqueeze(0)
-        out = functional_call(module, p, tuple(full), kwargs)
+        for k, v in zip(tensor_keys, sample_kwargs):
+            full_kwargs[k] = v.unsqueeze(0)
+        out = functional_call(module, p, tuple(full), full_kwargs)
         return (out.squeeze(0).to(torch.float32) * d_n).sum()
 
     sample_args = tuple(args[i].detach() for i in tensor_positions)
+    sample_kwargs = tuple(kwargs[k].detach() for k in tensor_keys)
     per_sample = sum(acc[n].numel() for n in names) * 4
     for part in _chunks(batch, per_sample, cap):
-        grads = vmap(grad(contracted), in_dims=(None, 0, 0))(
-            params, tuple(a[part] for a in sample_args), delta[part].to(torch.float32)
+        grads = vmap(grad(contracted), in_dims=(None, 0, 0, 0))(
+            params,
+            tuple(a[part] for a in sample_args),
+            tuple(v[part] for v in sample_kwargs),
+            delta[part].to(torch.float32),
         )
         for name in names:
             acc[name].add_(grads[name].to(torch.float32).square().sum(0))
