@@ -10,7 +10,7 @@ from ._backend import report
 from ._optimizer import pad_state_
 from .adamw import AdamW
 from .ewc import EWC
-from .integration import preserve_bn_stats, skip_grad_sync
+from .integrations import preserve_bn_stats, skip_grad_sync
 from .sam import SAM
 from .sgd import SGD
 
