@@ -361,25 +361,26 @@ class SAM(torch.optim.Optimizer):
         """``first_step``, ``closure()`` at the perturbed weights, ``second_step``; returns its loss.
 
         The gradient at the current weights must exist (run the first forward/backward before),
-        and the closure must run the forward and ``backward()``, as in davda54/sam. Without a
-        closure, ``step()`` completes a pending ``first_step`` (that is how ``GradScaler.step``
-        reaches ``second_step``).
+        and the closure must run the forward and ``backward()``, as in davda54/sam. After a
+        ``first_step`` of your own, ``step(closure)`` runs the closure and completes the step
+        (``second_step``), and ``step()`` completes it with the second-pass gradient already there:
+        that is how ``GradScaler.step`` and Lightning's optimizer wrappers reach ``second_step``.
         """
-        if closure is None:
-            if self._run["pending"] is not None:
-                self.second_step()
-                return None
-            raise RuntimeError(
-                "SAM.step() needs a closure that re-evaluates the loss and calls backward(), "
-                "or use first_step() / second_step()"
-            )
-        self.first_step(zero_grad=True)
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self._abort()
-            raise
+        if self._run["pending"] is None:
+            if closure is None:
+                raise RuntimeError(
+                    "SAM.step() needs a closure that re-evaluates the loss and calls backward(), "
+                    "or use first_step() / second_step()"
+                )
+            self.first_step(zero_grad=True)
+        loss = None
+        if closure is not None:
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self._abort()
+                raise
         if not any(p.grad is not None for p in self._run["pending"]):
             self._abort()
             raise RuntimeError(

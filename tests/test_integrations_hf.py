@@ -141,7 +141,9 @@ def _trainer(model, opt, tmp_path, ewc=None, **args):
         report_to=[], use_cpu=True, logging_strategy="no", **{"save_strategy": "no", **args},
     )  # fmt: skip
     constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    trainer = InOrder(model=model, args=arguments, train_dataset=_dataset(), optimizers=(opt, constant), ewc=ewc)
+    trainer = InOrder(
+        model=model, args=arguments, train_dataset=_dataset(), optimizers=(opt, constant), ewc=ewc
+    )
     # BERT takes loss keyword arguments but averages each micro-batch by itself, so the Trainer
     # would sum the micro-batch means; told otherwise, it divides by the accumulation steps (the
     # mean over the window, which the reference loop computes).
