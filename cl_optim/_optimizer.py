@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
+from ._distributed import all_reduce_over_shards_, any_dtensor, is_dtensor, layout_key, local_list
 from ._terms import StepTerms
 
 
@@ -44,11 +45,14 @@ def check_fisher_ema(beta: Optional[float]) -> None:
 
 
 def fisher_buffer(state: dict, p: Tensor) -> Tensor:
-    """The running Fisher of ``p`` in its optimizer state, created as fp32 zeros; one of another
-    shape (a grown parameter, a state dict of another model) is an error, not a broadcast."""
+    """The running Fisher of ``p`` in its optimizer state, created as fp32 zeros (a DTensor laid
+    out like ``p`` when it is one); one of another shape (a grown parameter, a state dict of another
+    model) is an error, not a broadcast."""
     fisher = state.get(FISHER_KEY)
     if fisher is None:
-        fisher = state[FISHER_KEY] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        fisher = state[FISHER_KEY] = torch.zeros_like(
+            p, dtype=torch.float32, memory_format=torch.contiguous_format
+        )
     elif fisher.shape != p.shape:
         raise state_shape_error(FISHER_KEY, fisher, p)
     return fisher
@@ -291,7 +295,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype or p.is_complex():
                     _check_param(p)  # raises, naming the problem
-            for (device, dtype), index in bucket_indices(params).items():
+            for (device, dtype, _), index in bucket_indices(params).items():
                 plan.append((group, [params[i] for i in index], resolve(self.backend, device, dtype)))
         # Each op checks every tensor of its bucket before it writes anything; the state of the
         # buckets after the first is checked here too, so that no bucket is stepped before a later
@@ -302,7 +306,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             from .sam import grad_sq_norm
 
             home = plan[0][1][0].device
-            sq_norms = [grad_sq_norm([p.grad for p in b], backend=backend).to(home) for _, b, backend in plan]
+            sq_norms = [
+                all_reduce_over_shards_(
+                    grad_sq_norm(local_list([p.grad for p in b]), backend=backend), b[0]
+                ).to(home)
+                for _, b, backend in plan
+            ]
             nonfinite = ~torch.isfinite(sq_norms[0] if len(sq_norms) == 1 else torch.stack(sq_norms).sum())
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)
@@ -324,7 +333,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 terms.fisher_beta = self.fisher_ema
             if self.ewc is not None:
                 terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
-            self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
+            grads = [p.grad for p in bucket]
+            if is_dtensor(bucket[0]):  # the same element-wise step on each rank's local shards
+                self._update_bucket(group, bucket, local_list(grads), terms.local(), backend, sharded=True)
+            else:
+                self._update_bucket(group, bucket, grads, terms, backend)
 
         if restore is not None and restored != len(restore):
             stepped = {id(p) for _, bucket, _ in plan for p in bucket}
@@ -333,7 +346,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     param.copy_(restore[id(param)])
         return found_inf
 
-    def _update_bucket(self, group, params, grads, terms, backend):  # pragma: no cover - abstract
+    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):  # pragma: no cover
+        """Step one bucket; ``sharded``: ``params`` are DTensors, ``grads`` and ``terms`` their local
+        shards already, and the state lists go down as local shards too."""
         raise NotImplementedError
 
     def _check_state_shapes(self, params: list[Tensor]) -> None:
@@ -368,10 +383,17 @@ def _check_param(p: Tensor) -> None:
 
 
 def bucket_indices(params: list[Tensor]) -> dict:
-    """``(device, dtype) -> indices`` of ``params``. One (device, dtype), the usual case, is found
-    without building a torch.device per tensor (``is_cpu`` and ``get_device()`` are plain values)."""
+    """``(device, dtype, layout) -> indices`` of ``params``; ``layout`` is None for plain tensors
+    and the mesh and placements of DTensors (one bucket's shards are reduced over one set of
+    ranks). One (device, dtype), the usual case, is found without building a torch.device per
+    tensor (``is_cpu`` and ``get_device()`` are plain values)."""
     if not params:
         return {}
+    if any_dtensor(params):
+        sharded: dict = defaultdict(list)
+        for i, p in enumerate(params):
+            sharded[(p.device, p.dtype, layout_key(p))].append(i)
+        return sharded
     first = params[0]
     dtype = first.dtype
     if first.is_cpu:
@@ -380,8 +402,8 @@ def bucket_indices(params: list[Tensor]) -> dict:
         index = first.get_device()
         same_device = all(p.get_device() == index and not p.is_cpu for p in params)
     if same_device and all(p.dtype is dtype for p in params):
-        return {(first.device, dtype): list(range(len(params)))}
+        return {(first.device, dtype, None): list(range(len(params)))}
     buckets: dict = defaultdict(list)
     for i, p in enumerate(params):
-        buckets[(p.device, p.dtype)].append(i)
+        buckets[(p.device, p.dtype, None)].append(i)
     return buckets

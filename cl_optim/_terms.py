@@ -58,6 +58,15 @@ class StepTerms:
             picked["ewc_lam"] = [self.ewc_lam[i] for i in index]
         return StepTerms(**picked)
 
+    def local(self) -> StepTerms:
+        """The terms with every tensor list replaced by its DTensors' local shards."""
+        from ._distributed import local_list
+
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._LISTS:
+            picked[name] = local_list(picked[name])
+        return StepTerms(**picked)
+
     def to(self, device: torch.device) -> StepTerms:
         """Move the device scalars next to the parameters they act on."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._backend import kernel_op
 from ._checks import check_adamw_step_
+from ._distributed import local_list
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
@@ -143,7 +144,7 @@ class AdamW(FusedOptimizer):
         if not 0.0 <= weight_decay < math.inf:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
-    def _update_bucket(self, group, params, grads, terms, backend):
+    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):
         amsgrad = group["amsgrad"]
         # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
         # torch's fused AdamW; the other backends on the host, as torch's default.
@@ -159,12 +160,13 @@ class AdamW(FusedOptimizer):
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
+        shards = local_list if sharded else (lambda tensors: tensors)
         adamw_step_(
-            params,
+            shards(params),
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+            shards([s["exp_avg"] for s in states]),
+            shards([s["exp_avg_sq"] for s in states]),
+            shards([s["max_exp_avg_sq"] for s in states]) if amsgrad else None,
             [s["step"] for s in states],
             terms,
             lr=group["lr"],

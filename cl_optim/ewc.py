@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from ._backend import kernel_op
 from ._checks import check_op
+from ._distributed import is_dtensor
 
 __all__ = ["EWC"]
 
@@ -152,6 +153,11 @@ class EWC:
         for name, param in named:
             if name in self._entries or not self._selected(name, param):
                 continue
+            if is_dtensor(param):
+                raise NotImplementedError(
+                    f"EWC on sharded (DTensor, FSDP2) parameters is not supported yet ({name!r}); exclude "
+                    "them or keep the model unsharded for EWC"
+                )
             entry = _Entry(name=name, param=param, lam=self._lam_for(name, param))
             self._entries[name] = entry
             self._by_param[id(param)] = entry

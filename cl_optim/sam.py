@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, kernel_op, prepare, resolve
 from ._checks import check_grad_sq_norm, check_sam_perturb_
+from ._distributed import all_reduce_over_shards_, local_list
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -236,7 +237,7 @@ class SAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
                     _check_sam_param(p)  # raises, naming the problem
-            for (device, dtype), bucket in _buckets(params).items():
+            for (device, dtype, _), bucket in _buckets(params).items():
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
                 plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype)))
@@ -258,12 +259,15 @@ class SAM(torch.optim.Optimizer):
             [fisher_buffer(self.state[p], p) for p in bucket] if self.fisher_ema is not None else None
             for _, _, _, bucket, _ in plan
         ]
+        # Each rank's local shards of DTensor parameters (FSDP2), summed across the ranks.
         sq_norms = [
-            grad_sq_norm([p.grad for p in bucket], bucket, weighted, eta, fisher=fisher, backend=backend).to(
-                home
-            )
+            all_reduce_over_shards_(
+                grad_sq_norm(local_list([p.grad for p in bucket]), local_list(bucket), weighted, eta,
+                             fisher=local_list(fisher), backend=backend),
+                bucket[0],
+            ).to(home)
             for (_, _, _, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers)
-        ]
+        ]  # fmt: skip
         # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
         norm = torch.stack(sq_norms).sum().sqrt()
         finite = torch.isfinite(norm)
@@ -278,14 +282,14 @@ class SAM(torch.optim.Optimizer):
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
                 scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 sam_perturb_(
-                    bucket,
-                    [p.grad for p in bucket],
-                    self._save_buffers(bucket, device, dtype),
+                    local_list(bucket),
+                    local_list([p.grad for p in bucket]),
+                    local_list(self._save_buffers(bucket, device, dtype)),
                     scale.to(device),
                     weighted,
                     eta,
                     backend=backend,
-                    fisher=fisher,
+                    fisher=local_list(fisher),
                     fisher_beta=self.fisher_ema or 0.0,
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
                     finite=finite.to(device),
@@ -456,9 +460,10 @@ class SAM(torch.optim.Optimizer):
         sq_norms = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for (device, dtype), bucket in _buckets(params).items():
+            for (device, dtype, _), bucket in _buckets(params).items():
                 backend = resolve(self.backend, device, dtype)
-                sq_norms.append(grad_sq_norm([p.grad for p in bucket], backend=backend).to(home))
+                sq = grad_sq_norm(local_list([p.grad for p in bucket]), backend=backend)
+                sq_norms.append(all_reduce_over_shards_(sq, bucket[0]).to(home))
         return ~torch.isfinite(torch.stack(sq_norms).sum())
 
     def _restore_map(self) -> dict:

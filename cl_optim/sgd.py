@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._backend import kernel_op
 from ._checks import check_sgd_step_
+from ._distributed import like_param, local_list
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
@@ -114,11 +115,13 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _update_bucket(self, group, params, grads, terms, backend):
+    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
+        if sharded and buffers is not None:
+            buffers = local_list(buffers)  # the step writes first-step buffers into this list
         sgd_step_(
-            params,
+            local_list(params) if sharded else params,
             grads,
             buffers,
             terms,
@@ -132,8 +135,8 @@ class SGD(FusedOptimizer):
         )
         if buffers is not None:
             for p, buf in zip(params, buffers):
-                if buf is not None:
-                    self.state[p]["momentum_buffer"] = buf
+                if buf is not None and "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = like_param(buf, p) if sharded else buf
 
 
 def sgd_step_(

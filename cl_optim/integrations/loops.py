@@ -12,12 +12,15 @@ Both are context managers around the pass that must not leave a trace:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["preserve_bn_stats", "skip_grad_sync"]
+
+_warned_fsdp: list = []
 
 
 @contextlib.contextmanager
@@ -57,8 +60,12 @@ def skip_grad_sync(model: nn.Module) -> Iterator[None]:
 
     For ``DistributedDataParallel`` this is ``model.no_sync()``; the forward must be inside it,
     because DDP decides in the forward whether the backward will all-reduce (davda54/sam#78).
-    For FSDP2 modules (``set_requires_gradient_sync``) sync is switched off and back on. For any
-    other module it does nothing, so the same training loop runs on one process.
+    For any other module it does nothing, so the same training loop runs on one process.
+
+    FSDP2 (``fully_shard``) is left synchronised, with a warning: its parameters are sharded, so
+    each rank needs the reduce-scattered gradient of its shard anyway, and FSDP2 keeps an unsynced
+    gradient to add it into the *next* backward — SAM's second pass would then see the sum of
+    both passes.
 
     Example:
         >>> import torch, cl_optim
@@ -69,11 +76,13 @@ def skip_grad_sync(model: nn.Module) -> Iterator[None]:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
+        if hasattr(model, "set_requires_gradient_sync") and not _warned_fsdp:
+            _warned_fsdp.append(True)
+            warnings.warn(
+                "cl_optim.skip_grad_sync: an FSDP2 module keeps gradient sync on (its unsynced gradient "
+                "would be added into SAM's second pass); pass 1 is reduce-scattered as usual",
+                UserWarning,
+                stacklevel=3,
+            )
         yield
