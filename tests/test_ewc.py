@@ -376,3 +376,45 @@ def test_penalty_value_equals_penalty_on_every_backend():
             ewc.consolidate(fisher)
         _set_params(model, _random_like(model, torch.Generator().manual_seed(12)))
         torch.testing.assert_close(ewc.penalty_value().float(), ewc.penalty().detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_clipping_the_task_gradient_or_the_total_gradient():
+    """The two orders of EWC and gradient clipping, both documented: with ``ewc=`` on the
+    optimizer the pull is added inside the step, after ``clip_grad_norm_`` clipped the task
+    gradient (the pull keeps its strength lam); ``ewc.add_grad_()`` before clipping, with an
+    optimizer without ``ewc=``, clips the total gradient."""
+    max_norm, lam = 0.5, 50.0
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        ewc = cl_optim.EWC(model, lam=lam)
+        ewc.consolidate({n: torch.ones_like(p) for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3)  # away from the anchor: a pull to clip or not
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+        return model, ewc
+
+    # task gradient clipped, pull unclipped (fused)
+    model, ewc = setup()
+    task = [p.grad.clone() for p in model.parameters()]
+    expected = []
+    scale = min(1.0, max_norm / (torch.stack([g.norm() for g in task]).norm().item() + 1e-6))
+    for p, g in zip(model.parameters(), task):
+        expected.append(p.detach() - 0.1 * (g * scale + lam * 0.3))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    cl_optim.SGD(model.parameters(), lr=0.1, ewc=ewc).step()
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), want)
+
+    # total gradient clipped
+    model, ewc = setup()
+    total = [p.grad + lam * 0.3 for p in model.parameters()]
+    scale = min(1.0, max_norm / (torch.stack([g.norm() for g in total]).norm().item() + 1e-6))
+    expected = [p.detach() - 0.1 * g * scale for p, g in zip(model.parameters(), total)]
+    ewc.add_grad_()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    cl_optim.SGD(model.parameters(), lr=0.1).step()
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), want)

@@ -225,3 +225,37 @@ def test_sam_steps_compile_without_graph_breaks(base, kwargs):
         assert opt.steps == 4
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cpp
+def test_a_whole_sam_training_step_compiles_with_trace_autograd_ops():
+    """The README's recipe: forward, backward, first_step, forward, backward, second_step in one
+    fullgraph-compiled function (dynamo traces backward with trace_autograd_ops=True; gradients
+    are dropped with ``p.grad = None``, as Optimizer.zero_grad is not traced), equal to eager."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _small_model()
+        params = list(model.parameters())
+        opt = cl_optim.SAM(params, cl_optim.AdamW, rho=0.05, lr=1e-2, backend="cpp")
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+        def step(x):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.first_step()
+            for p in params:
+                p.grad = None
+            model(x).square().mean().backward()
+            opt.second_step()
+            for p in params:
+                p.grad = None
+            return loss.detach()
+
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            run = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+            for i in range(3):
+                run(x + i)
+        results.append(_opt_state(opt, model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
