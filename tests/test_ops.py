@@ -240,7 +240,7 @@ def test_a_whole_sam_training_step_compiles_with_trace_autograd_ops():
         opt = cl_optim.SAM(params, cl_optim.AdamW, rho=0.05, lr=1e-2, backend="cpp")
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
-        def step(x):
+        def step(x, model=model, opt=opt, params=params):
             loss = model(x).square().mean()
             loss.backward()
             opt.first_step()
