@@ -151,6 +151,21 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     >>> resolve("forloop", torch.device("cpu"), torch.float32)
     'forloop'
     """
+    # A backend that ran once keeps running (the extension is built or loaded once, and the
+    # interpreter switch is read when Triton is first imported): every step asks several times.
+    key = (requested, device, dtype)
+    found = _resolved.get(key)
+    if found is not None:
+        return found
+    found = _resolve(requested, device, dtype)
+    _resolved[key] = found
+    return found
+
+
+_resolved: dict = {}
+
+
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     check_backend_name(requested)
     if requested == "fused":
         reasons = {}

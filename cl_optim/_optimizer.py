@@ -306,12 +306,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             from .sam import grad_sq_norm
 
             home = plan[0][1][0].device
-            sq_norms = [
-                all_reduce_over_shards_(
-                    grad_sq_norm(local_list([p.grad for p in b]), backend=backend), b[0]
-                ).to(home)
-                for _, b, backend in plan
-            ]
+            sq_norms = []
+            for _, b, backend in plan:
+                grads = [p.grad for p in b]
+                if is_dtensor(b[0]):  # each rank's local shards, the sums added across the ranks
+                    sq = all_reduce_over_shards_(grad_sq_norm(local_list(grads), backend=backend), b[0])
+                    sq_norms.append(sq.to(home))
+                else:
+                    sq_norms.append(grad_sq_norm(grads, backend=backend).to(home))
             nonfinite = ~torch.isfinite(sq_norms[0] if len(sq_norms) == 1 else torch.stack(sq_norms).sum())
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)

@@ -237,10 +237,10 @@ class SAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
                     _check_sam_param(p)  # raises, naming the problem
-            for (device, dtype, _), bucket in _buckets(params).items():
+            for (device, dtype, layout), bucket in _buckets(params).items():
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
-                plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype)))
+                plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype), layout))
         if not plan:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
 
@@ -248,7 +248,7 @@ class SAM(torch.optim.Optimizer):
         # the norm is global, rho is per group).
         home = plan[0][3][0].device
         grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
-        weights = [_sam_weights(group, bucket) for group, _, _, bucket, _ in plan]
+        weights = [_sam_weights(group, bucket) for group, _, _, bucket, _, _ in plan]
         if grad_scale is not None and any(w is not None and FISHER_BATCH in w for w, _ in weights):
             # 1/(1 + eta*(g/S)**2) = 1/(1 + (eta/S**2)*g**2): the batch Fisher of the unscaled gradient.
             inv_scale_sq = float(grad_scale.double().reciprocal().square())
@@ -257,16 +257,17 @@ class SAM(torch.optim.Optimizer):
             ]
         fishers = [
             [fisher_buffer(self.state[p], p) for p in bucket] if self.fisher_ema is not None else None
-            for _, _, _, bucket, _ in plan
+            for _, _, _, bucket, _, _ in plan
         ]
-        # Each rank's local shards of DTensor parameters (FSDP2), summed across the ranks.
+        # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
+        shards = [local_list if layout is not None else _same for *_, layout in plan]
         sq_norms = [
             all_reduce_over_shards_(
-                grad_sq_norm(local_list([p.grad for p in bucket]), local_list(bucket), weighted, eta,
-                             fisher=local_list(fisher), backend=backend),
+                grad_sq_norm(on([p.grad for p in bucket]), on(bucket), weighted, eta, fisher=on(fisher),
+                             backend=backend),
                 bucket[0],
             ).to(home)
-            for (_, _, _, bucket, backend), (weighted, eta), fisher in zip(plan, weights, fishers)
+            for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
         ]  # fmt: skip
         # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
         norm = torch.stack(sq_norms).sum().sqrt()
@@ -275,21 +276,21 @@ class SAM(torch.optim.Optimizer):
 
         perturbed = []
         try:
-            for (group, device, dtype, bucket, backend), (weighted, eta), fisher in zip(
-                plan, weights, fishers
+            for (group, device, dtype, bucket, backend, _), (weighted, eta), fisher, on in zip(
+                plan, weights, fishers, shards
             ):
                 self.perturb_backends_used[f"{device}/{dtype}"] = backend
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
                 scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 sam_perturb_(
-                    local_list(bucket),
-                    local_list([p.grad for p in bucket]),
-                    local_list(self._save_buffers(bucket, device, dtype)),
+                    on(bucket),
+                    on([p.grad for p in bucket]),
+                    on(self._save_buffers(bucket, device, dtype)),
                     scale.to(device),
                     weighted,
                     eta,
                     backend=backend,
-                    fisher=local_list(fisher),
+                    fisher=on(fisher),
                     fisher_beta=self.fisher_ema or 0.0,
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
                     finite=finite.to(device),
@@ -498,6 +499,10 @@ class SAM(torch.optim.Optimizer):
         if self.ewc is not None:
             self.ewc.add_grad_()  # at the restored weights, after the unscale
         self.base_optimizer.step()
+
+
+def _same(tensors):
+    return tensors
 
 
 def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:
