@@ -629,7 +629,10 @@ def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_
             total = old + fresh
             if weighted_anchor:
                 safe = torch.where(total > 0, total, torch.ones_like(total))
-                gaps.append(float((old * fresh / safe * (mu - theta) ** 2).double().sum()))
+                # Only where the new precision is positive, as the kernels: with decay = weight = 0
+                # a non-finite anchor would otherwise give 0 * inf = nan.
+                gap = torch.where(total > 0, old * fresh / safe * (mu - theta) ** 2, torch.zeros_like(total))
+                gaps.append(float(gap.double().sum()))
                 mu.copy_(torch.where(total > 0, (old * mu + fresh * theta) / safe, theta))
             else:
                 gaps.append(0.0)

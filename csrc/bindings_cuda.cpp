@@ -32,16 +32,21 @@ int dtype_code(at::ScalarType type) {
   return -1;
 }
 
-// Contiguous views of the tensors an op touches; non-contiguous ones are worked on in a copy
-// that finish() writes back (only those the op writes). Every tensor must be on `device`.
+// The tensors of an op as the kernels walk them (see Workspace in cpu/multi_tensor.h): each
+// entry i in the layout of its lead tensor when that is dense, else contiguous; a tensor in another
+// layout is worked on in a copy of that layout, which finish() writes back when the op writes it.
+// Every tensor is on `device` (checked by op_checks.h before).
 class Workspace {
  public:
-  explicit Workspace(at::Device device) : device_(device) {}
-  void* use(const at::Tensor& t, bool written) {
+  Workspace(at::Device device, at::TensorList lead) : device_(device), lead_(lead) {}
+  void* use(const at::Tensor& t, bool written, int64_t i) {
     if (!t.defined()) return nullptr;
     TORCH_CHECK(t.device() == device_, "cl_optim CUDA op: a tensor is on ", t.device(), ", expected ", device_);
-    if (t.is_contiguous()) return t.data_ptr();
-    at::Tensor copy = t.contiguous();
+    const at::Tensor& like = lead_[i];
+    if (walks_as(t, like)) return t.data_ptr();
+    at::Tensor copy = like.is_non_overlapping_and_dense() ? at::empty_like(like, t.options())
+                                                          : at::empty(t.sizes(), t.options());
+    copy.copy_(t);
     keep_.push_back(copy);
     if (written) writes_.emplace_back(t, copy);
     return copy.data_ptr();
@@ -52,6 +57,7 @@ class Workspace {
 
  private:
   at::Device device_;
+  at::TensorList lead_;
   std::vector<at::Tensor> keep_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
 };
@@ -117,16 +123,14 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
   cuda::SgdDeviceArgs args{float_ptr(inv_scale),
                            float_ptr(skip),
                            float_ptr(clip),
-                           nullptr,
                            static_cast<float>(lr),
                            maximize ? -1.f : 1.f,
                            static_cast<float>(fisher_beta),
-                           0.f,
                            static_cast<float>(momentum),
                            static_cast<float>(1.0 - dampening),
                            static_cast<float>(weight_decay),
                            nesterov};
-  Workspace ws(device);
+  Workspace ws(device, params);
   // One launch group per (buffer started, EWC covered): both are kernel flags.
   std::map<std::pair<bool, bool>, Launch> launches;
   for (int64_t i = 0; i < n; ++i) {
@@ -134,13 +138,13 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
     auto& launch = launches.try_emplace({ready, terms.ewc[i]}, 7).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
                          mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
-    void* addresses[7] = {ws.use(params[i], true),
-                          ws.use(grads[i], false),
-                          has_momentum ? ws.use(momentum_buffers[i], true) : nullptr,
-                          terms.save ? ws.use(restore_from[i], false) : nullptr,
-                          terms.fisher ? ws.use(fisher[i], true) : nullptr,
-                          a.has_value() ? ws.use(*a, false) : nullptr,
-                          mu.has_value() ? ws.use(*mu, false) : nullptr};
+    void* addresses[7] = {ws.use(params[i], true, i),
+                          ws.use(grads[i], false, i),
+                          has_momentum ? ws.use(momentum_buffers[i], true, i) : nullptr,
+                          terms.save ? ws.use(restore_from[i], false, i) : nullptr,
+                          terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
+                          a.has_value() ? ws.use(*a, false, i) : nullptr,
+                          mu.has_value() ? ws.use(*mu, false, i) : nullptr};
     for (int l = 0; l < 7; ++l) launch.lists[l].push_back(addresses[l]);
     launch.sizes.push_back(params[i].numel());
     launch.scalars.push_back(terms.lam[i]);
@@ -190,21 +194,21 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
                              lr,
                              beta1,
                              beta2};
-  Workspace ws(device);
+  Workspace ws(device, params);
   std::map<bool, Launch> launches;  // by EWC coverage, a kernel flag
   for (int64_t i = 0; i < n; ++i) {
     auto& launch = launches.try_emplace(terms.ewc[i], 10).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
                          mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
-    void* addresses[10] = {ws.use(params[i], true),
-                           ws.use(grads[i], false),
-                           ws.use(exp_avgs[i], true),
-                           ws.use(exp_avg_sqs[i], true),
-                           amsgrad ? ws.use(max_exp_avg_sqs[i], true) : nullptr,
-                           terms.save ? ws.use(restore_from[i], false) : nullptr,
-                           terms.fisher ? ws.use(fisher[i], true) : nullptr,
-                           a.has_value() ? ws.use(*a, false) : nullptr,
-                           mu.has_value() ? ws.use(*mu, false) : nullptr,
+    void* addresses[10] = {ws.use(params[i], true, i),
+                           ws.use(grads[i], false, i),
+                           ws.use(exp_avgs[i], true, i),
+                           ws.use(exp_avg_sqs[i], true, i),
+                           amsgrad ? ws.use(max_exp_avg_sqs[i], true, i) : nullptr,
+                           terms.save ? ws.use(restore_from[i], false, i) : nullptr,
+                           terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
+                           a.has_value() ? ws.use(*a, false, i) : nullptr,
+                           mu.has_value() ? ws.use(*mu, false, i) : nullptr,
                            steps[i].data_ptr()};
     for (int l = 0; l < 10; ++l) launch.lists[l].push_back(addresses[l]);
     launch.sizes.push_back(params[i].numel());
@@ -232,12 +236,12 @@ at::Tensor grad_sq_norm_cuda_op(at::TensorList grads, at::TensorList params, at:
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
   const auto kinds = sam_kinds(weighted, n);
-  Workspace ws(device);
+  Workspace ws(device, grads);
   Launch launch(3);
   for (int64_t i = 0; i < n; ++i) {
-    launch.lists[0].push_back(ws.use(grads[i], false));
-    launch.lists[1].push_back(kinds[i] == 1.f ? ws.use(params[i], false) : nullptr);
-    launch.lists[2].push_back(kinds[i] == 3.f ? ws.use(fisher[i], false) : nullptr);
+    launch.lists[0].push_back(ws.use(grads[i], false, i));
+    launch.lists[1].push_back(kinds[i] == 1.f ? ws.use(params[i], false, i) : nullptr);
+    launch.lists[2].push_back(kinds[i] == 3.f ? ws.use(fisher[i], false, i) : nullptr);
     launch.sizes.push_back(grads[i].numel());
   }
   const auto options = grads[0].options().dtype(at::kDouble);
@@ -262,13 +266,13 @@ void sam_perturb_cuda_op(at::TensorList params, at::TensorList grads, at::Tensor
   const at::Tensor scale_f = device_float(scale, device), inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor finite_b = finite.has_value() && finite->defined() ? finite->to(device, at::kBool).reshape({})
                                                                       : at::Tensor();
-  Workspace ws(device);
+  Workspace ws(device, params);
   Launch launch(4);
   for (int64_t i = 0; i < n; ++i) {
-    launch.lists[0].push_back(ws.use(params[i], true));
-    launch.lists[1].push_back(ws.use(grads[i], false));
-    launch.lists[2].push_back(ws.use(saves[i], true));
-    launch.lists[3].push_back(fisher.empty() ? nullptr : ws.use(fisher[i], true));
+    launch.lists[0].push_back(ws.use(params[i], true, i));
+    launch.lists[1].push_back(ws.use(grads[i], false, i));
+    launch.lists[2].push_back(ws.use(saves[i], true, i));
+    launch.lists[3].push_back(fisher.empty() ? nullptr : ws.use(fisher[i], true, i));
     launch.sizes.push_back(params[i].numel());
   }
   cuda::sam_perturb_cuda(dtype_code(params[0].scalar_type()), launch.lists, launch.sizes, kinds,
@@ -285,11 +289,11 @@ void fisher_accumulate_cuda_op(at::TensorList fisher, at::TensorList grads, doub
   if (n == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  Workspace ws(device);
+  Workspace ws(device, grads);
   Launch launch(2);
   for (int64_t i = 0; i < n; ++i) {
-    launch.lists[0].push_back(ws.use(fisher[i], true));
-    launch.lists[1].push_back(ws.use(grads[i], false));
+    launch.lists[0].push_back(ws.use(fisher[i], true, i));
+    launch.lists[1].push_back(ws.use(grads[i], false, i));
     launch.sizes.push_back(fisher[i].numel());
   }
   cuda::fisher_accumulate_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes,
@@ -305,10 +309,10 @@ Launch ewc_launch(Workspace& ws, int n_lists, at::TensorList first, bool first_w
   Launch launch(n_lists);
   for (int64_t i = 0; i < n; ++i) {
     int l = 0;
-    launch.lists[l++].push_back(ws.use(first[i], first_written));
-    if (n_lists == 4) launch.lists[l++].push_back(ws.use(params[i], false));
-    launch.lists[l++].push_back(ws.use(precision[i], false));
-    launch.lists[l++].push_back(ws.use(anchor[i], false));
+    launch.lists[l++].push_back(ws.use(first[i], first_written, i));
+    if (n_lists == 4) launch.lists[l++].push_back(ws.use(params[i], false, i));
+    launch.lists[l++].push_back(ws.use(precision[i], false, i));
+    launch.lists[l++].push_back(ws.use(anchor[i], false, i));
     launch.sizes.push_back(first[i].numel());
     launch.scalars.push_back(static_cast<float>(lam[i]));
   }
@@ -321,7 +325,7 @@ void ewc_grad_add_cuda_op(at::TensorList grads, at::TensorList params, at::Tenso
   if (in.size() == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  Workspace ws(device);
+  Workspace ws(device, params);
   const Launch launch = ewc_launch(ws, 4, grads, true, params, precision, anchor, lam);
   cuda::ewc_grad_add_cuda(dtype_code(grads[0].scalar_type()), launch.lists, launch.sizes, launch.scalars,
                           c10::cuda::getCurrentCUDAStream(device.index()).stream());
@@ -334,7 +338,7 @@ at::Tensor ewc_penalty_cuda_op(at::TensorList params, at::TensorList precision, 
   if (in.size() == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  Workspace ws(device);
+  Workspace ws(device, params);
   const Launch launch = ewc_launch(ws, 3, params, false, params, precision, anchor, lam);
   const auto options = params[0].options().dtype(at::kDouble);
   at::Tensor partials = at::empty({std::max<int64_t>(cuda::chunk_count(launch.sizes), 1)}, options);
@@ -352,15 +356,15 @@ at::Tensor ewc_consolidate_cuda_op(at::TensorList precision, at::TensorList anch
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  Workspace ws(device);
+  Workspace ws(device, params);
   Launch launch(4);
   std::vector<int64_t> tensor_ends;
   int64_t chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
-    launch.lists[0].push_back(ws.use(precision[i], true));
-    launch.lists[1].push_back(ws.use(anchor[i], true));
-    launch.lists[2].push_back(ws.use(fisher[i], false));
-    launch.lists[3].push_back(ws.use(params[i], false));
+    launch.lists[0].push_back(ws.use(precision[i], true, i));
+    launch.lists[1].push_back(ws.use(anchor[i], true, i));
+    launch.lists[2].push_back(ws.use(fisher[i], false, i));
+    launch.lists[3].push_back(ws.use(params[i], false, i));
     launch.sizes.push_back(precision[i].numel());
     chunks += cuda::chunk_count({precision[i].numel()});
     tensor_ends.push_back(chunks);

@@ -19,6 +19,14 @@
 
 namespace cl_optim {
 
+// Whether `t` can be walked as `like` is: element k of both at the same offset from their data
+// pointer. True for equal strides over a dense layout (contiguous, channels_last, any permutation
+// without gaps); a layout with gaps or repeats (a slice, an expanded view) is walked contiguously.
+inline bool walks_as(const at::Tensor& t, const at::Tensor& like) {
+  if (like.is_non_overlapping_and_dense()) return t.strides() == like.strides();
+  return t.is_contiguous();
+}
+
 enum class Want { kLike, kFloat };  // the dtype of an aligned list: the lead's, or fp32
 
 class OpInputs {

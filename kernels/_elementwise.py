@@ -85,15 +85,27 @@ def restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_p
 
 
 @triton.jit
+def div_rn(x, y):
+    """x / y rounded to nearest, as the C++/CUDA kernels and torch divide: Triton's fp32 ``/`` is
+    an approximate division on NVIDIA GPUs (fp64 division is exact already)."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
 def sam_weight_sq(p, g, fisher, eta, KIND: tl.constexpr):
     """T**2 of SAM (0), ASAM (1: (|p| + eta)**2), Fisher-SAM batch (2) and running (3) weights."""
     if KIND == 1:
         w = tl.abs(p) + eta
         return w * w
     elif KIND == 2:
-        return 1.0 / (1.0 + eta * g * g)
+        denominator = 1.0 + eta * g * g
+        return div_rn(tl.full(g.shape, 1.0, denominator.dtype), denominator)
     elif KIND == 3:
-        return 1.0 / (1.0 + eta * fisher)
+        denominator = 1.0 + eta * fisher
+        return div_rn(tl.full(g.shape, 1.0, denominator.dtype), denominator)
     else:
         return tl.full(g.shape, 1.0, tl.float32)
 

@@ -8,12 +8,14 @@ describe, so a step whose tensors did not move (the usual case) reuses them; re-
 parameters, gradients or state (``load_state_dict``, ``add_param_group``, a new ``.grad``) give
 new addresses and hence new tables.
 
-Tensors must be contiguous for the kernels; :class:`Contiguous` hands out contiguous views and
-writes the results of copied (non-contiguous) ones back.
+The kernels walk each tensor from its data pointer; :class:`Contiguous` hands out the tensors in
+the layout of their entry's lead tensor (dense layouts in place, others copied) and writes the
+results of copied ones back.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -24,6 +26,7 @@ from torch import Tensor
 BLOCK = 1024  # elements per program
 _CACHE_SIZE = 64
 _cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()  # steps of optimizers in several threads share the cache
 
 
 class PointerTable:
@@ -56,32 +59,58 @@ def pointer_table(lists: Sequence[Sequence[Optional[Tensor]]], block: int = BLOC
         tuple(tuple(0 if t is None else t.data_ptr() for t in tensors) for tensors in lists),
         tuple(t.numel() for t in lists[0]),
     )
-    table = _cache.get(key)
-    if table is None:
-        table = _cache[key] = PointerTable(lists, device, block)
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
+    with _cache_lock:
+        table = _cache.get(key)
+        if table is None:
+            table = _cache[key] = PointerTable(lists, device, block)
+            if len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+        else:
+            _cache.move_to_end(key)
     return table
 
 
-class Contiguous:
-    """Contiguous views of an op's tensors; ``finish()`` copies back the written, copied ones."""
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill a block of memory without gaps (contiguous,
+    channels_last, any permutation), so the kernels can walk it from its data pointer."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    def __init__(self):
+
+class Contiguous:
+    """The tensors of a launch as the kernels walk them (as ``Workspace`` in csrc/cpu/multi_tensor.h):
+    entry ``i`` of every list in the layout of ``lead[i]`` when that is dense, else contiguous. A
+    tensor already in that layout is used in place (channels_last state next to a channels_last
+    weight costs no copy); any other is worked on in a copy of that layout, which ``finish()``
+    writes back when the launch writes it."""
+
+    def __init__(self, lead: Sequence[Tensor]):
+        self._lead = list(lead)
+        self._dense = [is_dense(t) for t in self._lead]
         self._writes: list[tuple[Tensor, Tensor]] = []
         self._copies: list[Tensor] = []  # alive until the kernels that read them have run
+
+    def _walks_as_lead(self, t: Tensor, i: int) -> bool:
+        return t.stride() == self._lead[i].stride() if self._dense[i] else t.is_contiguous()
 
     def __call__(self, tensors: Optional[Sequence[Optional[Tensor]]], written: bool = False):
         if tensors is None:
             return None
         out = []
-        for t in tensors:
-            if t is None or t.is_contiguous():
+        for i, t in enumerate(tensors):
+            if t is None or self._walks_as_lead(t, i):
                 out.append(t)
                 continue
-            copy = t.contiguous()
+            if self._dense[i]:
+                copy = torch.empty_like(self._lead[i], dtype=t.dtype).copy_(t)
+            else:
+                copy = t.contiguous()
             self._copies.append(copy)
             if written:
                 self._writes.append((t, copy))

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import chunk_of, load_tensor, restored_task_grad, store_tensor
+from ._elementwise import chunk_of, div_rn, load_tensor, restored_task_grad, store_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
 from ._step_terms import pick, split_by, step_inputs
 from ._types import triton_dtype
@@ -30,15 +30,20 @@ def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, 
     m = load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE)
     v = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
     p_new = p * decay
-    m_new = m + one_minus_beta1 * (g - m)
+    # torch's lerp(m, g, 1 - beta1): the second form for a weight >= 0.5 (exactly g when beta1 = 0)
+    diff = g - m
+    small = (one_minus_beta1 < 0.5) & (one_minus_beta1 > -0.5)
+    m_new = tl.where(small, m + one_minus_beta1 * diff, g - diff * (1.0 - one_minus_beta1))
     v_new = v * beta2 + one_minus_beta2 * g * g
     second = v_new
     if AMSGRAD:
         vmax = load_tensor(addresses, 4, n_tensors, t, offsets, mask, P_DTYPE)
-        vmax_new = tl.maximum(vmax, v_new)
+        vmax_new = tl.maximum(vmax, v_new, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         second = vmax_new
-    denom = tl.sqrt(second) / tl.load(bias2_sqrts + t) + eps
-    p_new = p_new - tl.load(step_sizes + t) * (m_new / denom)
+    # sqrt and division rounded to nearest (Triton's defaults on NVIDIA GPUs are approximate and
+    # flush denormals to zero: eps = 0 with tiny gradients would give inf), as torch and CUDA.
+    denom = div_rn(tl.sqrt_rn(second), tl.load(bias2_sqrts + t)) + eps
+    p_new = p_new - tl.load(step_sizes + t) * div_rn(m_new, denom)
     if SKIP:
         skip = tl.load(found_inf_ptr) != 0.0
         p_new = tl.where(skip, p, p_new)  # p: the restored weight
@@ -73,7 +78,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     t = torch.stack([s.reshape(()) for s in steps]).to(device=device, dtype=torch.float64)
     step_sizes = (lr / (1.0 - torch.pow(beta1, t))).float()
     bias2_sqrts = torch.sqrt(1.0 - torch.pow(beta2, t)).float()
-    views = Contiguous()
+    views = Contiguous(params)
     params_c, grads_c = views(params, written=True), views(grads)
     m, v = views(exp_avgs, written=True), views(exp_avg_sqs, written=True)
     vmax = views(max_exp_avg_sqs, written=True) if max_exp_avg_sqs else None

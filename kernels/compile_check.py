@@ -171,6 +171,11 @@ def _cubin_resources(cubin: bytes, out: Path) -> tuple[int, int] | None:
     return (int(registers.group(1)) if registers else 0, int(spills.group(1)) if spills else 0)
 
 
+# PTX instructions of approximate arithmetic (Triton's fp32 defaults for sqrt and division on
+# NVIDIA GPUs): the kernels must round as torch and the C++/CUDA kernels do (sqrt.rn, div.rn).
+_APPROXIMATE = re.compile(r"\b(?:sqrt|div|rcp|rsqrt|ex2|lg2)\.approx\.[a-z0-9.]+|\bdiv\.full\.[a-z0-9.]+")
+
+
 def _source(ast_source, kernel, signature, constexprs):
     """``ASTSource`` across Triton versions: 3.3+ take ``constexprs=``, 3.2 (torch 2.6) ``constants=``."""
     try:
@@ -203,6 +208,12 @@ def main(argv=None) -> int:
                     except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
                         failures += 1
                         print(f"FAILED {kernel.__name__} sm_{arch} {constexprs}: {error}", file=sys.stderr)
+                        continue
+                    approximate = _APPROXIMATE.findall(compiled.asm["ptx"])
+                    if approximate:  # the kernels give the oracle's (torch's) rounding: no fast math
+                        failures += 1
+                        print(f"FAILED {kernel.__name__} sm_{arch} {constexprs}: approximate math in the PTX: "
+                              f"{sorted(set(approximate))}", file=sys.stderr)  # fmt: skip
                         continue
                     count += 1
                     shared.append(compiled.metadata.shared)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import chunk_of, load_tensor, store_tensor
+from ._elementwise import chunk_of, div_rn, load_tensor, store_tensor
 from ._pointer_table import BLOCK, Contiguous, pointer_table
 from ._reduce import segment_sums
 from ._types import triton_dtype
@@ -32,19 +32,19 @@ def _ewc_consolidate_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_sta
         diff = mu - theta
         positive = total > 0.0
         safe = tl.where(positive, total, 1.0)
-        gap = tl.where(positive & mask, old * fresh / safe * diff * diff, 0.0)
-        new_anchor = tl.where(positive, (old * mu + fresh * theta) / safe, theta)
+        gap = tl.where(positive & mask, div_rn(old * fresh, safe) * diff * diff, 0.0)
+        new_anchor = tl.where(positive, div_rn(old * mu + fresh * theta, safe), theta)
     else:
         gap = tl.zeros((BLOCK,), dtype=tl.float32)
         new_anchor = theta
     store_tensor(addresses, 0, n_tensors, t, offsets, mask, total, tl.float32)
     store_tensor(addresses, 1, n_tensors, t, offsets, mask, new_anchor, tl.float32)
-    tl.store(partials + chunk, tl.sum(gap, axis=0).to(tl.float64))
+    tl.store(partials + chunk, tl.sum(gap.to(tl.float64), axis=0))  # summed in fp64, as the C++ loops
 
 
 def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_anchor):
     device = precision[0].device
-    views = Contiguous()
+    views = Contiguous(params)
     table = pointer_table(
         [views(precision, written=True), views(anchor, written=True), views(fisher), views(params)]
     )

@@ -26,7 +26,7 @@ def _ewc_grad_add_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start,
 def ewc_grad_add_(grads, params, precision, anchor, lam) -> None:
     if not grads:
         return
-    views = Contiguous()
+    views = Contiguous(params)
     table = pointer_table([views(grads, written=True), views(params), views(precision), views(anchor)])
     if table.num_chunks:
         _ewc_grad_add_kernel[(table.num_chunks,)](

@@ -23,7 +23,7 @@ def _fisher_accumulate_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_s
 def fisher_accumulate_(fisher, grads, weight: float) -> None:
     if not fisher:
         return
-    views = Contiguous()
+    views = Contiguous(grads)
     f, g = views(fisher, written=True), views(grads)
     table = pointer_table([f, g])
     if table.num_chunks:

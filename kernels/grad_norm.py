@@ -37,7 +37,7 @@ def grad_sq_norm(grads, params, fisher, weighted, eta):
     n = len(grads)
     device = grads[0].device
     kinds = [int(k) for k in weighted] if weighted else [0] * n
-    views = Contiguous()
+    views = Contiguous(grads)
     g = views(grads)
     p = views(params) if params else [None] * n
     f = views(fisher) if fisher else [None] * n

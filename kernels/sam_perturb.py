@@ -45,7 +45,7 @@ def sam_perturb_(params, grads, saves, scale, weighted, eta, fisher, fisher_beta
         return
     device = params[0].device
     kinds = [int(k) for k in weighted] if weighted else [0] * n
-    views = Contiguous()
+    views = Contiguous(params)
     p, g, s = views(params, written=True), views(grads), views(saves, written=True)
     f = views(fisher, written=True) if fisher else [None] * n
     scale_t, _ = device_scalar(scale, device)

@@ -61,7 +61,7 @@ def sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from, fishe
     if n == 0:
         return
     device = params[0].device
-    views = Contiguous()
+    views = Contiguous(params)
     params_c, grads_c = views(params, written=True), views(grads)
     buffers = views(momentum_buffers, written=True) if momentum_buffers else None
     terms = step_inputs(views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf,

@@ -56,15 +56,15 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
   }
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> p, g, m, v, vmax;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true));
-    g.push_back(ws.use(grads[i], false));
-    m.push_back(ws.use(exp_avgs[i], true));
-    v.push_back(ws.use(exp_avg_sqs[i], true));
-    if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true));
+    p.push_back(ws.use(params[i], true, i));
+    g.push_back(ws.use(grads[i], false, i));
+    m.push_back(ws.use(exp_avgs[i], true, i));
+    v.push_back(ws.use(exp_avg_sqs[i], true, i));
+    if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true, i));
     sizes.push_back(params[i].numel());
   }
   StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,

@@ -21,11 +21,11 @@ std::vector<int64_t> numels(at::TensorList ts) {
 void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double weight) {
   const int64_t n = check_fisher_accumulate(c10::DeviceType::CPU, fisher, grads).size();
   if (n == 0) return;
-  Workspace ws;
+  Workspace ws(grads);
   std::vector<at::Tensor> f, g;
   for (int64_t i = 0; i < n; ++i) {
-    f.push_back(ws.use(fisher[i], true));
-    g.push_back(ws.use(grads[i], false));
+    f.push_back(ws.use(fisher[i], true, i));
+    g.push_back(ws.use(grads[i], false, i));
   }
   const auto chunks = make_chunks(numels(fisher));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fisher_accumulate_", [&] {
@@ -45,13 +45,13 @@ void ewc_grad_add_cpu(at::TensorList grads, at::TensorList params, at::TensorLis
                       c10::ArrayRef<double> lam) {
   const int64_t n = check_ewc_grad_add(c10::DeviceType::CPU, grads, params, precision, anchor, lam).size();
   if (n == 0) return;
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> g, p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
-    g.push_back(ws.use(grads[i], true));
-    p.push_back(ws.use(params[i], false));
-    a.push_back(ws.use(precision[i], false));
-    mu.push_back(ws.use(anchor[i], false));
+    g.push_back(ws.use(grads[i], true, i));
+    p.push_back(ws.use(params[i], false, i));
+    a.push_back(ws.use(precision[i], false, i));
+    mu.push_back(ws.use(anchor[i], false, i));
   }
   const auto chunks = make_chunks(numels(grads));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "ewc_grad_add_", [&] {
@@ -76,12 +76,12 @@ at::Tensor ewc_penalty_cpu(at::TensorList params, at::TensorList precision, at::
                            c10::ArrayRef<double> lam) {
   const int64_t n = check_ewc_penalty(c10::DeviceType::CPU, params, precision, anchor, lam).size();
   if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], false));
-    a.push_back(ws.use(precision[i], false));
-    mu.push_back(ws.use(anchor[i], false));
+    p.push_back(ws.use(params[i], false, i));
+    a.push_back(ws.use(precision[i], false, i));
+    mu.push_back(ws.use(anchor[i], false, i));
   }
   const auto chunks = make_chunks(numels(params));
   std::vector<double> partial(chunks.size(), 0.0);
@@ -111,13 +111,13 @@ at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, 
                                at::TensorList params, double decay, double weight, bool weighted_anchor) {
   const int64_t n = check_ewc_consolidate(c10::DeviceType::CPU, precision, anchor, fisher, params).size();
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> a, mu, f, p;
   for (int64_t i = 0; i < n; ++i) {
-    a.push_back(ws.use(precision[i], true));
-    mu.push_back(ws.use(anchor[i], true));
-    f.push_back(ws.use(fisher[i], false));
-    p.push_back(ws.use(params[i], false));
+    a.push_back(ws.use(precision[i], true, i));
+    mu.push_back(ws.use(anchor[i], true, i));
+    f.push_back(ws.use(fisher[i], false, i));
+    p.push_back(ws.use(params[i], false, i));
   }
   const auto chunks = make_chunks(numels(precision));
   std::vector<double> partial(chunks.size(), 0.0);

@@ -10,6 +10,8 @@
 
 #include <cl_optim/flags.h>
 
+#include "../op_checks.h"
+
 #include <vector>
 
 namespace cl_optim {
@@ -43,13 +45,21 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
-// Contiguous views of the tensors an op touches; non-contiguous ones are worked on in a copy
-// that finish() writes back (only for the tensors the op writes).
+// The tensors of an op as the kernels walk them: each entry i in the layout of its lead tensor
+// (its parameter) when that is dense, else contiguous. A tensor already in that layout is used in
+// place (a channels_last weight with channels_last state costs no copy); any other is worked on in
+// a copy of that layout, which finish() writes back when the op writes it.
 class Workspace {
  public:
-  at::Tensor use(const at::Tensor& t, bool written) {
-    if (!t.defined() || t.is_contiguous()) return t;
-    at::Tensor copy = t.contiguous();
+  explicit Workspace(at::TensorList lead) : lead_(lead) {}
+
+  at::Tensor use(const at::Tensor& t, bool written, int64_t i) {
+    if (!t.defined()) return t;
+    const at::Tensor& like = lead_[i];
+    if (walks_as(t, like)) return t;
+    at::Tensor copy = like.is_non_overlapping_and_dense() ? at::empty_like(like, t.options())
+                                                          : at::empty(t.sizes(), t.options());
+    copy.copy_(t);
     if (written) writes_.emplace_back(t, copy);
     return copy;
   }
@@ -58,6 +68,7 @@ class Workspace {
   }
 
  private:
+  at::TensorList lead_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
 };
 

@@ -57,14 +57,14 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
   const int64_t n = check_grad_sq_norm(c10::DeviceType::CPU, grads, params, fisher, weighted).size();
   const auto out_dtype = at::TensorOptions().dtype(at::kDouble);
   if (n == 0) return at::zeros({}, out_dtype);
-  Workspace ws;
+  Workspace ws(grads);
   std::vector<at::Tensor> g, p, f;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
     const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[i]);
-    g.push_back(ws.use(grads[i], false));
-    p.push_back(kind == kSamAsam ? ws.use(params[i], false) : at::Tensor());
-    f.push_back(kind == kSamFisherRunning ? ws.use(fisher[i], false) : at::Tensor());
+    g.push_back(ws.use(grads[i], false, i));
+    p.push_back(kind == kSamAsam ? ws.use(params[i], false, i) : at::Tensor());
+    f.push_back(kind == kSamFisherRunning ? ws.use(fisher[i], false, i) : at::Tensor());
     sizes.push_back(grads[i].numel());
   }
   const auto chunks = make_chunks(sizes);
@@ -99,14 +99,14 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const double scale = scale_t.to(at::kDouble).item<double>();
   const double inv_scale = inv_scale_of(grad_scale);
   const bool update_fisher = scalar_or(finite, 1.0) != 0.0;
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> p, g, s, f;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true));
-    g.push_back(ws.use(grads[i], false));
-    s.push_back(ws.use(saves[i], true));
-    if (!fisher.empty()) f.push_back(ws.use(fisher[i], true));
+    p.push_back(ws.use(params[i], true, i));
+    g.push_back(ws.use(grads[i], false, i));
+    s.push_back(ws.use(saves[i], true, i));
+    if (!fisher.empty()) f.push_back(ws.use(fisher[i], true, i));
     sizes.push_back(params[i].numel());
   }
   const auto chunks = make_chunks(sizes);

@@ -45,13 +45,13 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       if (buffer_ready[i] == 0) momentum_buffers[i].zero_();
     return;
   }
-  Workspace ws;
+  Workspace ws(params);
   std::vector<at::Tensor> p, g, buf;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true));
-    g.push_back(ws.use(grads[i], false));
-    if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true));
+    p.push_back(ws.use(params[i], true, i));
+    g.push_back(ws.use(grads[i], false, i));
+    if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true, i));
     sizes.push_back(params[i].numel());
   }
   StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,

@@ -41,13 +41,13 @@ struct StepTermInputs {
         clip_coef(scalar_or(clip_coef_in, 1.0)),
         fisher_beta(fisher_beta_in),
         maximize(maximize_in) {
-    for (const auto& t : restore_from) restore.push_back(ws.use(t, false));
-    for (const auto& t : fisher_in) fisher.push_back(ws.use(t, true));
+    for (size_t i = 0; i < restore_from.size(); ++i) restore.push_back(ws.use(restore_from[i], false, i));
+    for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.use(fisher_in[i], true, i));
     for (size_t i = 0; i < ewc_precision.size(); ++i) {
       std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
       if (a.has_value()) {
-        precision.push_back(ws.use(*a, false));
-        anchor.push_back(ws.use(*mu, false));
+        precision.push_back(ws.use(*a, false, i));
+        anchor.push_back(ws.use(*mu, false, i));
       } else {
         precision.emplace_back();
         anchor.emplace_back();

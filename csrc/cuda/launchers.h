@@ -29,8 +29,7 @@ struct SgdDeviceArgs {
   const float* inv_scale;  // AMP: 1/grad_scale, or null
   const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
   const float* clip_coef;  // CLIP, or null
-  const float* lr;         // a tensor learning rate on the device, or null for `lr_value`
-  float lr_value, sign, fisher_beta, ewc_lam;
+  float lr, sign, fisher_beta;
   float momentum, one_minus_dampening, weight_decay;
   bool nesterov;
 };

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
   const float ewc_lam = meta.scalars[0][t];
   const auto terms = make_grad_terms<float>(load_or(args.inv_scale, 1.f), load_or(args.clip_coef, 1.f),
                                             args.sign < 0.f, args.fisher_beta, 1.f - args.fisher_beta);
-  const SgdParams<float> s{load_or(args.lr, args.lr_value), args.momentum, args.one_minus_dampening,
+  const SgdParams<float> s{args.lr, args.momentum, args.one_minus_dampening,
                            args.weight_decay, args.nesterov};
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     if (skip) {  // a skipped step still restores the weights, and starts no buffer (zeros, as on the CPU)

@@ -150,11 +150,18 @@ struct AdamWParams {
 template <bool AMSGRAD, typename T>
 CLO_HD void adamw_update(T& p, T g, T& m, T& v, T& vmax, const AdamWParams<T>& a) {
   p = p * a.decay;
-  m = m + a.one_minus_beta1 * (g - m);
+  // torch's lerp(m, g, w), w = 1 - beta1: m + w (g - m) for |w| < 0.5, else g - (g - m) (1 - w), so
+  // that w = 1 (beta1 = 0) gives exactly g however large m is (the first form cancels to 0 for
+  // m = 1e8, g = 1). The condition is the same for every element: no divergence, and the CPU
+  // loops compute both and select.
+  const T w = a.one_minus_beta1, diff = g - m;
+  m = (w < T(0.5) && w > T(-0.5)) ? m + w * diff : g - diff * (T(1) - w);
   v = v * a.beta2 + a.one_minus_beta2 * g * g;
   T second = v;
   if constexpr (AMSGRAD) {
-    vmax = vmax > v ? vmax : v;
+    // torch.maximum: a NaN on either side wins (vmax > v ? vmax : v drops a NaN in vmax). Bitwise
+    // |, not ||: no short-circuit branch in the vectorised loops.
+    vmax = ((v > vmax) | (v != v)) ? v : vmax;
     second = vmax;
   }
   const T denom = op_sqrt(second) / a.bias_correction2_sqrt + a.eps;
