@@ -31,6 +31,15 @@ struct TensorListMeta {
   int block_to_chunk[kMaxBlocks];
 };
 
+// The whole meta is one kernel argument. Above 4 KB (the AdamW kernel's 10 lists make ~5.1 KB)
+// that needs CUDA 12.1+ (large kernel parameters, up to 32764 bytes; driver r530+): refused at
+// build time with an older toolkit instead of failing to launch.
+static_assert(sizeof(TensorListMeta<10>) <= 32764, "the multi-tensor meta exceeds CUDA's kernel-parameter limit");
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12010
+static_assert(sizeof(TensorListMeta<10>) <= 4096,
+              "the AdamW kernel's argument block exceeds 4 KB: build with CUDA 12.1 or newer (large kernel parameters)");
+#endif
+
 inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
