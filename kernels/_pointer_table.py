@@ -3,10 +3,14 @@
 A launch covers a whole (device, dtype) group: ``addresses[l, t]`` is the address of tensor ``t``
 of list ``l`` (0 where a list has no tensor there), ``sizes[t]`` its element count, and each
 program ``c`` of the grid works on ``BLOCK`` elements of tensor ``chunk_tensor[c]`` starting at
-``chunk_start[c]`` (64-bit). The tables are built once and cached by the addresses and sizes they
-describe, so a step whose tensors did not move (the usual case) reuses them; re-allocated
-parameters, gradients or state (``load_state_dict``, ``add_param_group``, a new ``.grad``) give
-new addresses and hence new tables.
+``chunk_start[c]`` (64-bit).
+
+Two caches, each bounded in bytes: the chunk map depends on the sizes only, so it is built once
+per list of sizes — with tensor ops on the device, not a Python loop per chunk (a 7e9-element
+group has 6.8 million chunks) — and survives any re-allocation; the address table (8 bytes per
+tensor and list) is keyed by the addresses, so re-allocated parameters, gradients or state
+(``load_state_dict``, ``add_param_group``, a new ``.grad`` after ``zero_grad(set_to_none=True)``)
+cost one small table, copied from pinned memory without blocking the host.
 
 The kernels walk each tensor from its data pointer; :class:`Contiguous` hands out the tensors in
 the layout of their entry's lead tensor (dense layouts in place, others copied) and writes the
@@ -24,50 +28,96 @@ import torch
 from torch import Tensor
 
 BLOCK = 1024  # elements per program
-_CACHE_SIZE = 64
-_cache: OrderedDict = OrderedDict()
-_cache_lock = threading.Lock()  # steps of optimizers in several threads share the cache
+CHUNK_MAP_BYTES = 256 * 2**20  # bound of the chunk-map cache
+ADDRESS_TABLE_BYTES = 64 * 2**20  # bound of the address-table cache
+_lock = threading.Lock()  # steps of optimizers in several threads share the caches
+
+
+class _BoundedCache:
+    """An LRU dict whose values have ``nbytes``, evicting the oldest above ``limit`` bytes (the
+    newest entry is always kept, however large)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.entries = limit, 0, OrderedDict()
+
+    def get(self, key, build):
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+            return value
+        value = self.entries[key] = build()
+        self.total += value.nbytes
+        while self.total > self.limit and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.total -= old.nbytes
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class ChunkMap:
+    """Program -> (tensor, first element) for a list of sizes, built on the device."""
+
+    def __init__(self, sizes: tuple[int, ...], device: torch.device, block: int):
+        counts = [(size + block - 1) // block for size in sizes]
+        self.num_tensors = len(sizes)
+        self.num_chunks = sum(counts)
+        self.sizes = torch.tensor(sizes, dtype=torch.int64).to(device)
+        per_tensor = torch.tensor(counts, dtype=torch.int64).to(device)
+        self.chunk_tensor = torch.repeat_interleave(
+            torch.arange(self.num_tensors, dtype=torch.int32, device=device),
+            per_tensor,
+            output_size=self.num_chunks,
+        )
+        first_chunk = torch.cumsum(per_tensor, 0) - per_tensor
+        index = torch.arange(self.num_chunks, dtype=torch.int64, device=device)
+        self.chunk_start = (index - first_chunk[self.chunk_tensor.long()]) * block
+        self.nbytes = self.num_chunks * 12 + self.num_tensors * 16
+
+
+class AddressTable:
+    """``addresses[l, t]`` on the device, copied from pinned host memory without blocking."""
+
+    def __init__(self, rows: tuple[tuple[int, ...], ...], device: torch.device):
+        host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(rows[0]) if rows else 0)
+        if device.type == "cuda":
+            self._host = host.pin_memory()  # alive until the asynchronous copy has landed
+            self.addresses = self._host.to(device, non_blocking=True)
+        else:
+            self.addresses = host.to(device)
+        self.nbytes = host.numel() * 8
+
+
+_chunk_maps = _BoundedCache(CHUNK_MAP_BYTES)
+_address_tables = _BoundedCache(ADDRESS_TABLE_BYTES)
 
 
 class PointerTable:
-    """The device tables of one launch (see the module docstring)."""
+    """The tables of one launch: the addresses and the chunk map (see the module docstring)."""
 
-    def __init__(self, lists: Sequence[Sequence[Optional[Tensor]]], device: torch.device, block: int):
-        n = len(lists[0]) if lists else 0
-        self.num_tensors = n
-        address_rows = [[0 if t is None else t.data_ptr() for t in tensors] for tensors in lists]
-        sizes = [t.numel() for t in lists[0]]
-        chunk_tensor, chunk_start = [], []
-        for index, size in enumerate(sizes):
-            for start in range(0, size, block):
-                chunk_tensor.append(index)
-                chunk_start.append(start)
-        self.num_chunks = len(chunk_tensor)
-        # Built on the host, moved once: the step itself reads nothing back.
-        self.addresses = torch.tensor(address_rows, dtype=torch.int64).reshape(len(lists), n).to(device)
-        self.sizes = torch.tensor(sizes, dtype=torch.int64).to(device)
-        self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32).to(device)
-        self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64).to(device)
+    def __init__(self, addresses: AddressTable, chunks: ChunkMap):
+        self.addresses = addresses.addresses
+        self.num_tensors = chunks.num_tensors
+        self.num_chunks = chunks.num_chunks
+        self.sizes = chunks.sizes
+        self.chunk_tensor = chunks.chunk_tensor
+        self.chunk_start = chunks.chunk_start
 
 
 def pointer_table(lists: Sequence[Sequence[Optional[Tensor]]], block: int = BLOCK) -> PointerTable:
-    """The (cached) table of ``lists``; every list is aligned with the first, None = absent."""
+    """The (cached) tables of ``lists``; every list is aligned with the first, None = absent."""
     device = lists[0][0].device
-    key = (
-        device,
-        block,
-        tuple(tuple(0 if t is None else t.data_ptr() for t in tensors) for tensors in lists),
-        tuple(t.numel() for t in lists[0]),
-    )
-    with _cache_lock:
-        table = _cache.get(key)
-        if table is None:
-            table = _cache[key] = PointerTable(lists, device, block)
-            if len(_cache) > _CACHE_SIZE:
-                _cache.popitem(last=False)
-        else:
-            _cache.move_to_end(key)
-    return table
+    sizes = tuple(t.numel() for t in lists[0])
+    rows = tuple(tuple(0 if t is None else t.data_ptr() for t in tensors) for tensors in lists)
+    with _lock:
+        chunks = _chunk_maps.get((device, block, sizes), lambda: ChunkMap(sizes, device, block))
+        addresses = _address_tables.get((device, rows), lambda: AddressTable(rows, device))
+    return PointerTable(addresses, chunks)
 
 
 def is_dense(t: Tensor) -> bool:
@@ -122,6 +172,19 @@ class Contiguous:
             dst.copy_(src)
 
 
-def per_tensor(values: Sequence[float], device: torch.device, dtype=torch.float32) -> Tensor:
-    """Per-tensor scalars (e.g. the EWC lambdas) as a device vector the kernels index by tensor."""
-    return torch.tensor(list(values) if values else [0.0], dtype=dtype).to(device)
+class _Vector:
+    def __init__(self, values: tuple, dtype: torch.dtype, device: torch.device):
+        self.tensor = torch.tensor(values if values else (0,), dtype=dtype).to(device)
+        self.nbytes = self.tensor.numel() * self.tensor.element_size()
+
+
+_vectors = _BoundedCache(16 * 2**20)
+
+
+def per_tensor(values: Sequence, device: torch.device, dtype=torch.float32) -> Tensor:
+    """Per-tensor values (the EWC lambdas, a launch's tensor indices) as a device vector the
+    kernels index by tensor; cached by value, so a step whose values did not change uploads
+    nothing."""
+    key = (device, dtype, tuple(values))
+    with _lock:
+        return _vectors.get(key, lambda: _Vector(key[2], dtype, device)).tensor

@@ -92,7 +92,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
         table = pointer_table(lists)
         if not table.num_chunks:
             continue
-        picked = torch.tensor(index, device=device)
+        picked = per_tensor(index, device, torch.int64)
         lams = per_tensor([ewc_lam[i] if is_covered else 0.0 for i in index], device)
         _adamw_kernel[(table.num_chunks,)](
             table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,

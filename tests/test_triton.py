@@ -130,6 +130,7 @@ def test_sam_adamw_optimizer_on_triton_matches_forloop(adaptive):
 
 
 def test_pointer_tables_are_reused_until_a_tensor_moves():
+    """A new gradient tensor costs a new address table, not a new chunk map (same sizes)."""
     from cl_optim.kernels import _pointer_table
 
     p = [torch.nn.Parameter(torch.randn(3000)), torch.nn.Parameter(torch.randn(10))]
@@ -138,14 +139,53 @@ def test_pointer_tables_are_reused_until_a_tensor_moves():
         t.grad = torch.ones_like(t)
     opt.step()
     opt.step()  # buffers exist now; the same tensors from here on
-    _pointer_table._cache.clear()
+    _pointer_table._address_tables.clear()
+    _pointer_table._chunk_maps.clear()
     opt.step()
-    tables = len(_pointer_table._cache)
+    tables, maps = len(_pointer_table._address_tables), len(_pointer_table._chunk_maps)
     opt.step()
-    assert len(_pointer_table._cache) == tables  # reused
-    p[0].grad = torch.ones_like(p[0])  # a new gradient tensor: a new address, a new table
+    assert (len(_pointer_table._address_tables), len(_pointer_table._chunk_maps)) == (tables, maps)  # reused
+    p[0].grad = torch.ones_like(p[0])  # a new gradient tensor: a new address table, the same chunk map
     opt.step()
-    assert len(_pointer_table._cache) == tables + 1
+    assert (len(_pointer_table._address_tables), len(_pointer_table._chunk_maps)) == (tables + 1, maps)
+
+
+def test_the_chunk_map_covers_every_element_once():
+    """The device-built chunk map against the plain enumeration, over random lists of sizes
+    (empty tensors, one element, exact multiples of the block, odd sizes)."""
+    from cl_optim.kernels._pointer_table import ChunkMap
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(1, 40, (), generator=gen))
+        block = int(torch.tensor([4, 16, 1024])[torch.randint(0, 3, (), generator=gen)])
+        sizes = tuple(int(x) for x in torch.randint(0, 5 * block, (n,), generator=gen))
+        if trial % 7 == 0:
+            sizes = sizes[:-1] + (block * 3,)
+        chunks = ChunkMap(sizes, torch.device("cpu"), block)
+        expected = [(t, start) for t, size in enumerate(sizes) for start in range(0, size, block)]
+        assert chunks.num_chunks == len(expected)
+        assert chunks.chunk_tensor.tolist() == [t for t, _ in expected]
+        assert chunks.chunk_start.tolist() == [start for _, start in expected]
+        assert chunks.sizes.tolist() == list(sizes)
+
+
+def test_the_table_caches_are_bounded_in_bytes():
+    from cl_optim.kernels._pointer_table import _BoundedCache
+
+    class Entry:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    cache = _BoundedCache(100)
+    for key in range(10):
+        cache.get(key, lambda: Entry(30))
+    assert len(cache) == 3 and cache.total == 90 and list(cache.entries) == [7, 8, 9]
+    cache.get(7, lambda: Entry(30))  # a hit moves it to the newest end
+    cache.get(10, lambda: Entry(30))
+    assert list(cache.entries) == [9, 7, 10]
+    cache.get(11, lambda: Entry(500))  # larger than the bound: kept alone
+    assert list(cache.entries) == [11] and cache.total == 500
 
 
 def test_compiled_step_on_triton_traces_without_graph_breaks():
