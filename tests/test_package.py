@@ -55,3 +55,29 @@ def test_readme_commands_are_the_ones_ci_runs():
 
 def test_public_api():
     assert set(cl_optim.__all__) >= {"SGD", "AdamW", "SAM", "report", "preserve_bn_stats", "skip_grad_sync"}
+
+
+def test_a_failed_build_reports_the_compilers_error_lines():
+    """ninja's last line ("build stopped: subcommand failed") says nothing; the reason a backend
+    gives names the compiler's error."""
+    from cl_optim._backend import _build_failure
+
+    error = RuntimeError(
+        "Error building extension 'cl_optim_cpu': [1/5] c++ -MMD -c sam.cpp -o sam.o\n"
+        "FAILED: sam.o\n/src/op_checks.h:197:5: error: 'else' without a previous 'if'\n  197 |     else\n"
+        "ninja: build stopped: subcommand failed.\n"
+    )
+    reason = _build_failure(error)
+    assert "op_checks.h:197:5: error: 'else' without a previous 'if'" in reason
+    assert "ninja: build stopped" not in reason
+
+
+def test_the_first_build_is_announced(tmp_path, capsys, monkeypatch):
+    from cl_optim._ext import _announce
+
+    monkeypatch.delenv("CL_OPTIM_QUIET_BUILD", raising=False)
+    _announce(tmp_path / "cl_optim_cpu.so", "the C++ CPU kernels", "about 30 s")
+    assert "cl_optim: compiling the C++ CPU kernels" in capsys.readouterr().err
+    (tmp_path / "cl_optim_cpu.so").write_bytes(b"")
+    _announce(tmp_path / "cl_optim_cpu.so", "the C++ CPU kernels", "about 30 s")  # built: silent
+    assert capsys.readouterr().err == ""
