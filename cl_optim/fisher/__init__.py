@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rules import add_sq_grads_, rule_for
+from .rules import add_sq_grads_, add_vmapped_squares_, rule_for
 
 __all__ = ["estimate", "FisherResult", "ESTIMATORS"]
 
@@ -449,40 +449,9 @@ def _add_whole_model(model, named, totals, batch: _Batch, seeds, cap) -> None:
     """Tied weights: per-sample gradients of the whole model with torch.func, in chunks. Inputs
     whose leading dimension is the batch are mapped over; the others (shared position ids, masks
     of shape (1, T)) are passed whole to every sample."""
-    from torch.func import functional_call, grad, vmap
-
     params = {name: p.detach() for name, p in named}
-    args = list(batch.args)
-    kwargs = dict(batch.kwargs)
-    mapped_args = [
-        i for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() and a.shape[0] == batch.size
-    ]
-    mapped_kwargs = [
-        k for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch.size
-    ]
-
-    def contracted(p, sample_args, sample_kwargs, seed_n):
-        call_args, call_kwargs = list(args), dict(kwargs)
-        for i, a in zip(mapped_args, sample_args):
-            call_args[i] = a.unsqueeze(0)
-        for k, v in zip(mapped_kwargs, sample_kwargs):
-            call_kwargs[k] = v.unsqueeze(0)
-        out = _logits(functional_call(model, p, tuple(call_args), call_kwargs))
-        return (out.squeeze(0).to(torch.float32) * seed_n).sum()
-
-    per_sample = sum(t.numel() for t in totals.values()) * 4
-    step = max(1, cap // max(1, per_sample))
     for seed in seeds:
-        for start in range(0, batch.size, step):
-            part = slice(start, start + step)
-            grads = vmap(grad(contracted), in_dims=(None, 0, 0, 0))(
-                params,
-                tuple(args[i][part] for i in mapped_args),
-                tuple(kwargs[k][part] for k in mapped_kwargs),
-                seed[part].to(torch.float32),
-            )
-            for name, g in grads.items():
-                totals[name].add_(g.to(torch.float32).square().sum(0))
+        add_vmapped_squares_(model, params, batch.args, batch.kwargs, seed, totals, cap, output=_logits)
 
 
 def _add_batched(model, named, totals, output, targets, loss_fn) -> None:

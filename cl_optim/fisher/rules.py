@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["add_sq_grads_", "rule_for"]
+__all__ = ["add_sq_grads_", "add_vmapped_squares_", "rule_for"]
 
 # Accumulators: parameter name within the module ("weight", "bias", ...) -> fp32 tensor.
 Accumulators = dict[str, Tensor]
@@ -137,39 +137,47 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, args, kwargs, delta, ac
     _affine_sums(x_hat, delta.to(torch.float32).reshape(batch, channels, -1), (2,), acc)
 
 
-def _generic(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    """torch.func fallback: per-sample vector-Jacobian products of the module's own parameters."""
+def add_vmapped_squares_(module: nn.Module, params: dict, args, kwargs, seed: Tensor, acc: Accumulators, cap: int,
+                         output: Callable = lambda out: out) -> None:  # fmt: skip
+    """``acc[name] += sum_n (d <seed_n, output(module(inputs_n))> / d params[name])**2`` with
+    torch.func (``vmap`` over ``grad``), in chunks under the memory cap ``cap``.
+
+    Inputs whose leading dimension is the batch (``seed``'s), positional or keyword, are mapped
+    over one sample at a time; the others (position ids of shape (1, T), flags) are passed whole.
+    """
     from torch.func import functional_call, grad, vmap
 
-    names = list(acc)
-    own = dict(module.named_parameters(recurse=False))
-    params = {name: own[name].detach() for name in names}
-    batch = delta.shape[0]
-    # Tensors whose leading dimension is the batch are split per sample, positional or keyword.
-    tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.shape[:1] == (batch,)]
-    tensor_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.shape[:1] == (batch,)]
+    batch = seed.shape[0]
+    mapped_args = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.shape[:1] == (batch,)]
+    mapped_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.shape[:1] == (batch,)]
 
-    def contracted(p, sample_args, sample_kwargs, d_n):
-        full, full_kwargs = list(args), dict(kwargs)
-        for i, a in zip(tensor_positions, sample_args):
-            full[i] = a.unsqueeze(0)
-        for k, v in zip(tensor_keys, sample_kwargs):
-            full_kwargs[k] = v.unsqueeze(0)
-        out = functional_call(module, p, tuple(full), full_kwargs)
-        return (out.squeeze(0).to(torch.float32) * d_n).sum()
+    def contracted(p, sample_args, sample_kwargs, seed_n):
+        call_args, call_kwargs = list(args), dict(kwargs)
+        for i, a in zip(mapped_args, sample_args):
+            call_args[i] = a.unsqueeze(0)
+        for k, v in zip(mapped_keys, sample_kwargs):
+            call_kwargs[k] = v.unsqueeze(0)
+        out = output(functional_call(module, p, tuple(call_args), call_kwargs))
+        return (out.squeeze(0).to(torch.float32) * seed_n).sum()
 
-    sample_args = tuple(args[i].detach() for i in tensor_positions)
-    sample_kwargs = tuple(kwargs[k].detach() for k in tensor_keys)
-    per_sample = sum(acc[n].numel() for n in names) * 4
+    sample_args = tuple(args[i].detach() for i in mapped_args)
+    sample_kwargs = tuple(kwargs[k].detach() for k in mapped_keys)
+    per_sample = sum(acc[name].numel() for name in params) * 4
     for part in _chunks(batch, per_sample, cap):
         grads = vmap(grad(contracted), in_dims=(None, 0, 0, 0))(
             params,
             tuple(a[part] for a in sample_args),
             tuple(v[part] for v in sample_kwargs),
-            delta[part].to(torch.float32),
+            seed[part].to(torch.float32),
         )
-        for name in names:
+        for name in params:
             acc[name].add_(grads[name].to(torch.float32).square().sum(0))
+
+
+def _generic(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
+    """torch.func fallback: per-sample vector-Jacobian products of the module's own parameters."""
+    own = dict(module.named_parameters(recurse=False))
+    add_vmapped_squares_(module, {name: own[name].detach() for name in acc}, args, kwargs, delta, acc, cap)
 
 
 Rule = Callable[..., None]
