@@ -62,8 +62,8 @@ def state_shape_error(key: str, value: Tensor, p: Tensor) -> RuntimeError:
     return RuntimeError(
         f"optimizer state {key!r} has shape {list(value.shape)} for a parameter of shape {list(p.shape)}: the "
         "parameter changed shape after its state was created (a grown layer), or the state dict is another "
-        "model's; nothing was changed. Drop that parameter's state (optimizer.state.pop(param)) or load a "
-        "matching state dict."
+        "model's; nothing was changed. Keep the state of a grown layer with optimizer.pad_state_(param), "
+        "drop it with optimizer.state.pop(param), or load a matching state dict."
     )
 
 
