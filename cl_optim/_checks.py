@@ -11,8 +11,11 @@ list would otherwise read and write past the end of a shorter tensor, and a Pyth
 raise half-way through an update. ``tests/test_op_checks.py`` calls every op of every backend
 with every kind of mismatch.
 
-``None`` entries are absent tensors (a Python backend's not-yet-created momentum buffer, an
-uncovered EWC entry) and are not checked; ``None`` or an empty list switches a term off.
+``None`` entries are absent tensors only where an op allows them (a Python backend's momentum
+buffer not started yet, an uncovered EWC entry); ``None`` or an empty list switches a term off.
+One difference from the C++ rules, on purpose: the Python backends also take an all-fp64 call
+(fp64 Fisher and EWC buffers next to fp64 parameters), the oracle's own fp64 reference; the
+kernels take fp32 buffers only.
 """
 
 from __future__ import annotations
@@ -80,16 +83,22 @@ class OpInputs:
                 )
             self._check_tensor(lead_name, i, t, written)
 
-    def aligned(self, name: str, tensors, want: str, *, optional: bool, written: bool) -> None:
+    def aligned(
+        self, name: str, tensors, want: str, *, optional: bool, written: bool, absent_ok: bool = False
+    ) -> None:
         """One tensor per lead tensor, of its shape (``optional``: or none, the term is off);
-        ``None`` entries are absent tensors."""
+        ``absent_ok``: ``None`` entries are absent tensors (a momentum buffer not started, an EWC
+        entry not covered), as the C++ ops take ``Tensor?[]`` for the EWC lists."""
         if optional and not tensors:
             return
         tensors = [] if tensors is None else tensors
         self.count(name, len(tensors), optional=False)
         for i, t in enumerate(tensors):
-            if t is not None:
-                self._check_entry(name, i, t, want, written)
+            if t is None:
+                if not absent_ok:
+                    raise RuntimeError(f"{self.op}: {name}[{i}] is undefined")
+                continue
+            self._check_entry(name, i, t, want, written)
 
     def count(self, name: str, size: int, *, optional: bool) -> None:
         if optional and size == 0:
@@ -141,8 +150,8 @@ def check_step_terms(in_: OpInputs, restore_from, fisher, ewc_precision, ewc_anc
                      found_inf, clip_coef) -> None:  # fmt: skip
     in_.aligned("restore_from", restore_from, LIKE, optional=True, written=False)
     in_.aligned("fisher", fisher, FP32, optional=True, written=True)
-    in_.aligned("ewc_precision", ewc_precision, FP32, optional=True, written=False)
-    in_.aligned("ewc_anchor", ewc_anchor, FP32, optional=True, written=False)
+    in_.aligned("ewc_precision", ewc_precision, FP32, optional=True, written=False, absent_ok=True)
+    in_.aligned("ewc_anchor", ewc_anchor, FP32, optional=True, written=False, absent_ok=True)
     precision, anchor = ewc_precision or [], ewc_anchor or []
     if len(precision) != len(anchor):
         raise RuntimeError("ewc_precision and ewc_anchor differ in length")
@@ -181,7 +190,8 @@ def check_sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from,
                     ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, **limits) -> OpInputs:  # fmt: skip
     in_ = OpInputs("sgd_step_", "params", params, written=True, **limits)
     in_.aligned("grads", grads, LIKE, optional=False, written=False)
-    in_.aligned("momentum_buffers", momentum_buffers, LIKE, optional=True, written=True)
+    # None: a buffer the Python backends start from the gradient (the C++ ops take buffer_ready).
+    in_.aligned("momentum_buffers", momentum_buffers, LIKE, optional=True, written=True, absent_ok=True)
     if momentum_buffers and buffer_ready is not None:
         in_.count("buffer_ready", len(buffer_ready), optional=False)
     check_step_terms(

@@ -52,6 +52,20 @@ def local_list(tensors):
     return None if tensors is None else [local(t) for t in tensors]
 
 
+def local_grads(params) -> list:
+    """The local shards of the parameters' gradients, laid out as their parameters: a gradient
+    with other placements (tensor parallelism leaves a replicated parameter a Partial gradient,
+    a per-rank partial sum) is redistributed first, so that each rank steps its shard with the
+    whole gradient of it and replicas stay equal."""
+    out = []
+    for p in params:
+        g = p.grad
+        if is_dtensor(g) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements)):
+            g = g.redistribute(p.device_mesh, p.placements)
+        out.append(local(g))
+    return out
+
+
 def like_param(value: Tensor, param) -> Tensor:
     """``value``, a local tensor of ``param``'s local shape, as a DTensor laid out like ``param``."""
     if not is_dtensor(param) or is_dtensor(value):
@@ -68,21 +82,18 @@ def layout_key(t) -> Optional[tuple]:
 
 
 def all_reduce_over_shards_(value: Tensor, like) -> Tensor:
-    """Sum ``value`` (a per-rank partial sum over the local shards of ``like``'s layout) across the
-    mesh dimensions on which ``like`` is sharded; a no-op for plain tensors."""
+    """Sum ``value`` (a per-rank partial sum over the local shards of ``like``'s layout, the
+    gradients laid out as their parameters by :func:`local_grads`) across the mesh dimensions on
+    which ``like`` is sharded; a no-op for plain tensors."""
     if not is_dtensor(like):
         return value
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
 
     for dim, placement in enumerate(like.placements):
         if isinstance(placement, Shard):
             torch.distributed.all_reduce(
                 value, op=torch.distributed.ReduceOp.SUM, group=like.device_mesh.get_group(dim)
             )
-        elif isinstance(placement, Partial):
-            raise RuntimeError(
-                "cl_optim: a gradient with a Partial placement (not yet reduced across ranks) cannot be stepped"
-            )
-        elif not isinstance(placement, Replicate):  # pragma: no cover - a placement torch adds later
-            raise RuntimeError(f"cl_optim: DTensor placement {placement} is not supported")
+        elif not isinstance(placement, Replicate):  # a parameter is Shard or Replicate; anything else is news
+            raise RuntimeError(f"cl_optim: a parameter with DTensor placement {placement} is not supported")
     return value

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
-from ._distributed import all_reduce_over_shards_, any_dtensor, is_dtensor, layout_key, local_list
+from ._distributed import all_reduce_over_shards_, any_dtensor, is_dtensor, layout_key, local_grads
 from ._terms import StepTerms
 
 
@@ -310,7 +310,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for _, b, backend in plan:
                 grads = [p.grad for p in b]
                 if is_dtensor(b[0]):  # each rank's local shards, the sums added across the ranks
-                    sq = all_reduce_over_shards_(grad_sq_norm(local_list(grads), backend=backend), b[0])
+                    sq = all_reduce_over_shards_(grad_sq_norm(local_grads(b), backend=backend), b[0])
                     sq_norms.append(sq.to(home))
                 else:
                     sq_norms.append(grad_sq_norm(grads, backend=backend).to(home))
@@ -318,10 +318,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)
 
+        # Every bucket's terms before the first is stepped: the EWC buffers (which refuse a grown or
+        # replaced parameter) and the running Fisher (which refuses one of another shape).
         restored = 0  # parameters of `restore` that the buckets restore
+        prepared = []
         for group, bucket, backend in plan:
-            device, dtype = bucket[0].device, bucket[0].dtype
-            self.backends_used[f"{device}/{dtype}"] = backend
+            device = bucket[0].device
             saves = None
             if restore is not None:
                 saves = [restore.get(id(p)) for p in bucket]
@@ -335,11 +337,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 terms.fisher_beta = self.fisher_ema
             if self.ewc is not None:
                 terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
-            grads = [p.grad for p in bucket]
+            prepared.append((group, bucket, backend, terms))
+        for group, bucket, backend, terms in prepared:
+            self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
             if is_dtensor(bucket[0]):  # the same element-wise step on each rank's local shards
-                self._update_bucket(group, bucket, local_list(grads), terms.local(), backend, sharded=True)
+                self._update_bucket(group, bucket, local_grads(bucket), terms.local(), backend, sharded=True)
             else:
-                self._update_bucket(group, bucket, grads, terms, backend)
+                self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
 
         if restore is not None and restored != len(restore):
             stepped = {id(p) for _, bucket, _ in plan for p in bucket}

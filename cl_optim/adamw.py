@@ -276,7 +276,9 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     if torch.compiler.is_compiling():
         # The bias corrections as tensor ops (as torch's capturable Adam): reading the step counts
         # on the host would break the graph.
-        t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+        # On the parameters' device: the step counts stay on the CPU, a tensor lr may not.
+        t = torch.stack([s.reshape(()) for s in steps]).to(device=denom[0].device, dtype=torch.float64)
+        lr = lr.to(denom[0].device) if isinstance(lr, Tensor) else lr
         step_sizes = (-lr / (1 - torch.pow(beta1, t))).to(denom[0].dtype)
         bias_correction2_sqrts = torch.sqrt(1 - torch.pow(beta2, t)).to(denom[0].dtype)
         torch._foreach_div_(denom, list(bias_correction2_sqrts.unbind()))

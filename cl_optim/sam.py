@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, kernel_op, prepare, resolve
 from ._checks import check_grad_sq_norm, check_sam_perturb_
-from ._distributed import all_reduce_over_shards_, local_list
+from ._distributed import all_reduce_over_shards_, is_dtensor, local_grads, local_list
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -263,8 +263,7 @@ class SAM(torch.optim.Optimizer):
         shards = [local_list if layout is not None else _same for *_, layout in plan]
         sq_norms = [
             all_reduce_over_shards_(
-                grad_sq_norm(on([p.grad for p in bucket]), on(bucket), weighted, eta, fisher=on(fisher),
-                             backend=backend),
+                grad_sq_norm(_grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
                 bucket[0],
             ).to(home)
             for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
@@ -284,7 +283,7 @@ class SAM(torch.optim.Optimizer):
                 scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 sam_perturb_(
                     on(bucket),
-                    on([p.grad for p in bucket]),
+                    _grads_of(bucket),
                     on(self._save_buffers(bucket, device, dtype)),
                     scale.to(device),
                     weighted,
@@ -297,8 +296,10 @@ class SAM(torch.optim.Optimizer):
                 )
                 perturbed.extend(bucket)
         except BaseException:
-            # Each op checks its inputs before it writes: the buckets perturbed before the one that
-            # failed are put back, and the step is as if never begun.
+            # Each op checks its inputs before it writes, and the inputs of every bucket were
+            # checked above: a failure here is unexpected. The weights of the buckets perturbed
+            # before it are put back (their running Fisher, with fisher_ema, has taken this step's
+            # update).
             for p in perturbed:
                 p.copy_(self._saved[id(p)])
             raise
@@ -463,7 +464,7 @@ class SAM(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for (device, dtype, _), bucket in _buckets(params).items():
                 backend = resolve(self.backend, device, dtype)
-                sq = grad_sq_norm(local_list([p.grad for p in bucket]), backend=backend)
+                sq = grad_sq_norm(_grads_of(bucket), backend=backend)
                 sq_norms.append(all_reduce_over_shards_(sq, bucket[0]).to(home))
         return ~torch.isfinite(torch.stack(sq_norms).sum())
 
@@ -503,6 +504,14 @@ class SAM(torch.optim.Optimizer):
 
 def _same(tensors):
     return tensors
+
+
+def _grads_of(bucket: list) -> list:
+    """The gradients a kernel takes: as they are, or, for DTensor parameters, their local shards
+    laid out as the parameters (redistributed where the gradient's placements differ)."""
+    if is_dtensor(bucket[0]):
+        return local_grads(bucket)
+    return [p.grad for p in bucket]
 
 
 def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:

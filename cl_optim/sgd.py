@@ -135,7 +135,7 @@ class SGD(FusedOptimizer):
         )
         if buffers is not None:
             for p, buf in zip(params, buffers):
-                if buf is not None and "momentum_buffer" not in self.state[p]:
+                if buf is not None and self.state[p].get("momentum_buffer") is None:
                     self.state[p]["momentum_buffer"] = like_param(buf, p) if sharded else buf
 
 

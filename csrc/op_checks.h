@@ -2,6 +2,9 @@
 // (bindings_cuda.cpp): one wording and one set of rules for both backends, the same rules as
 // cl_optim/_checks.py applies for the Triton and Python backends.
 //
+// (cl_optim/_checks.py also takes an all-fp64 call — fp64 Fisher/EWC buffers next to fp64
+// parameters — for the Python backends' fp64 reference; the kernels take fp32 buffers only.)
+//
 // Every op checks every tensor it will touch before it reads or writes any memory: each list is
 // aligned with the op's lead list (the parameters, or the gradients for the ops without them),
 // one tensor per lead tensor, of its shape, on its device, with the lead's dtype (or fp32 for the

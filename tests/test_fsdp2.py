@@ -111,3 +111,54 @@ def test_fsdp2_matches_the_unsharded_run(setup, backend):
         torch.testing.assert_close(
             sharded[name], want, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def _partial_worker(rank, init_file, out_file, method):
+    """Tensor parallelism leaves a replicated parameter a Partial gradient (each rank holds a part
+    of the sum). The step must use the whole gradient, the same on every rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Replicate()]))
+    if method == "sgd":
+        opt = cl_optim.SGD([weight], lr=0.1, momentum=0.9)
+    else:
+        opt = cl_optim.SAM([weight], cl_optim.SGD, rho=0.5, lr=0.1)
+    for step in range(2):
+        part = torch.full((2, 3), float(rank + 1 + step))  # the whole gradient: the sum over ranks
+        weight.grad = DTensor.from_local(part, mesh, [Partial()], run_check=False)
+        if method == "sgd":
+            opt.step()
+        else:
+            opt.first_step()
+            weight.grad = DTensor.from_local(part * 2, mesh, [Partial()], run_check=False)
+            opt.second_step()
+    torch.save(weight.to_local().clone(), f"{out_file}.{rank}")
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_a_partial_gradient_of_a_replicated_parameter_is_summed_first(method):
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out")
+        mp.spawn(_partial_worker, args=(init_file, out_file, method), nprocs=WORLD, join=True)
+        results = [torch.load(f"{out_file}.{rank}", weights_only=True) for rank in range(WORLD)]
+    assert torch.equal(results[0], results[1])  # the replicas stay equal
+    weight = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    if method == "sgd":
+        opt = cl_optim.SGD([weight], lr=0.1, momentum=0.9)
+    else:
+        opt = cl_optim.SAM([weight], cl_optim.SGD, rho=0.5, lr=0.1)
+    for step in range(2):
+        whole = sum(torch.full((2, 3), float(rank + 1 + step)) for rank in range(WORLD))
+        weight.grad = whole
+        if method == "sgd":
+            opt.step()
+        else:
+            opt.first_step()
+            weight.grad = whole * 2
+            opt.second_step()
+    torch.testing.assert_close(results[0], weight.detach())

@@ -305,3 +305,15 @@ def test_the_python_validator_refuses_another_device():
         _checks.check_op(
             "ewc_grad_add_", [args[k] for k in ("grads", "params", "precision", "anchor", "lam")]
         )
+
+
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE if b in ("forloop", "foreach")])
+def test_a_missing_gradient_is_refused_by_the_python_backends(backend):
+    """None stands for an absent tensor only where an op allows it (a momentum buffer not started,
+    an uncovered EWC entry); a None gradient is refused before anything is written."""
+    args = _valid("adamw_step_")
+    args["grads"] = [args["grads"][0], None, args["grads"][2]]
+    snapshot = _snapshot(args)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is undefined"):
+        BACKENDS[backend]("adamw_step_", args)
+    _assert_unchanged(snapshot)

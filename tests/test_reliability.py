@@ -367,3 +367,72 @@ def test_fisher_of_a_single_output_under_the_categorical_likelihood_is_refused()
         cl_optim.fisher.estimate(model, data)
     fisher = cl_optim.fisher.estimate(model, data, likelihood="gaussian")
     assert float(fisher["weight"].sum()) > 0
+
+
+def test_a_replaced_module_in_a_later_group_stops_the_step_before_the_first_group_moves():
+    """EWC's check of a replaced head runs for every group before any group is stepped."""
+    model = _model()
+    ewc = cl_optim.EWC(model, lam=1.0)
+    ewc.consolidate({n: torch.ones_like(p) for n, p in model.named_parameters()})
+    model[2] = torch.nn.Linear(5, 3)  # replaced after tracking
+    opt = cl_optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1,
+                       momentum=0.9, ewc=ewc, fisher_ema=0.9)  # fmt: skip
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model[0].parameters()]
+    with pytest.raises(RuntimeError, match="not the one EWC tracks"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model[0].parameters(), before))
+    assert all("momentum_buffer" not in opt.state[p] for p in model[0].parameters())
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_a_momentum_buffer_saved_as_none_is_started(backend):
+    """A state dict of an SGD without momentum may hold momentum_buffer = None: with momentum the
+    buffer is started at the first step, as torch.optim.SGD does."""
+    w = torch.nn.Parameter(torch.ones(3))
+    reference = torch.nn.Parameter(torch.ones(3))
+    opt = cl_optim.SGD([w], lr=0.1, momentum=0.9, backend=backend)
+    torch_opt = torch.optim.SGD([reference], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = None
+    for step in range(3):
+        w.grad = torch.full((3,), float(step + 1))
+        reference.grad = w.grad.clone()
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(w.detach(), reference.detach())
+    torch.testing.assert_close(opt.state[w]["momentum_buffer"], torch_opt.state[reference]["momentum_buffer"])
+
+
+def test_a_layer_first_expanded_in_a_later_batch_is_checked_too():
+    """Batch 0 of one sample expands nothing; a later batch of three does. A model that reduces the
+    shared layer's output over the batch cannot have it expanded: refused, not a wrong Fisher."""
+
+    class Reduces(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(2, 2)
+            self.linear = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            shared = self.table(torch.zeros(1, dtype=torch.long))  # (1, 2), one lookup for the batch
+            return self.linear(x) + shared.sum(0)  # summed over its leading dimension
+
+    data = [(torch.randn(1, 3), torch.tensor([0])), (torch.randn(3, 3), torch.tensor([0, 1, 1]))]
+    with pytest.raises(ValueError, match="does not broadcast their output"):
+        cl_optim.fisher.estimate(Reduces(), data, estimator="empirical")
+
+
+def test_a_forward_that_breaks_under_the_expansion_is_refused_clearly():
+    class Reshapes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(2, 3)
+            self.linear = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            shared = self.table(torch.zeros(1, dtype=torch.long)).view(3)  # needs exactly one row
+            return self.linear(x + shared)
+
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
+    with pytest.raises(ValueError, match="does not broadcast their output"):
+        cl_optim.fisher.estimate(Reshapes(), data, estimator="empirical")

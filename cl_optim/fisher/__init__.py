@@ -129,6 +129,7 @@ def estimate(
         layers = {m: {k: totals[full] for k, full in own.items()} for m, own in layer_names.items()}
         rule_names = {name: rule_for(m)[1] for name, m in model.named_modules() if m in layers}
         seen, batches = 0, 0
+        expansions_checked: set = set()
         for batch in data:
             batch = _Batch.of(batch)
             if n_samples is not None:
@@ -139,9 +140,15 @@ def estimate(
             inputs, targets, size = batch, batch.targets, batch.size
             capture = _Capture(layers, size)
             with torch.enable_grad(), capture:
-                output = _logits(model(*batch.args, **batch.kwargs))
-            if batches == 0 and capture.expanded:
+                try:
+                    output = _logits(model(*batch.args, **batch.kwargs))
+                except Exception as error:
+                    if not capture.expanded:
+                        raise
+                    raise ValueError(_not_broadcast(capture)) from error
+            if not capture.expanded <= expansions_checked:  # a layer expanded for the first time
                 _check_expansion_is_transparent(model, batch, output, capture)
+                expansions_checked |= capture.expanded
             if not bool(torch.isfinite(output).all()):
                 raise ValueError(
                     "the model's output contains inf or nan: no Fisher can be estimated at these weights"
@@ -252,18 +259,22 @@ def _logits(output):
 def _check_expansion_is_transparent(model, batch: _Batch, output: Tensor, capture: _Capture) -> None:
     """Layers that ran once for the whole batch (a position table looked up with ``(1, T)`` ids)
     are given their output expanded to the batch, so that each sample's gradient reaches them
-    apart; broadcasting makes that invisible to the rest of the model. Checked on the first
-    batch: the model's output must be the same without the expansion."""
+    apart; broadcasting makes that invisible to the rest of the model. Checked on the first batch
+    in which a layer is expanded: the model's output must be the same without the expansion."""
     with torch.no_grad():
         plain = _logits(model(*batch.args, **batch.kwargs))
     if plain.shape != output.shape or not torch.allclose(
         plain.float(), output.detach().float(), rtol=1e-4, atol=1e-5
     ):
-        names = [type(m).__name__ for m in capture.expanded]
-        raise ValueError(
-            f"{names} ran once for the whole batch and the model does not broadcast their output over "
-            "the samples: their per-sample Fisher cannot be separated (run them per sample)"
-        )
+        raise ValueError(_not_broadcast(capture))
+
+
+def _not_broadcast(capture: _Capture) -> str:
+    names = [type(m).__name__ for m in capture.expanded]
+    return (
+        f"{names} ran once for the whole batch and the model does not broadcast their output over the "
+        "samples: their per-sample Fisher cannot be separated (run them per sample)"
+    )
 
 
 def _layers(model: nn.Module, named: list) -> tuple[dict, bool]:

@@ -104,16 +104,16 @@ class ContinualTrainerMixin:
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint(self, model, trial, *args, **kwargs):  # transformers 4.46 passes metrics=
+        super()._save_checkpoint(model, trial, *args, **kwargs)
         ewc = self.ewc
         if ewc is None or not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         torch.save(ewc.state_dict(), os.path.join(folder, EWC_CHECKPOINT))
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+    def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
+        super()._load_optimizer_and_scheduler(checkpoint, *args, **kwargs)
         ewc = self.ewc
         if checkpoint is None or ewc is None:
             return
