@@ -66,6 +66,14 @@ def local_grads(params) -> list:
     return out
 
 
+def kernel_grads(params) -> list:
+    """The gradients a kernel takes for one bucket: as they are, or, for DTensor parameters, their
+    local shards laid out as the parameters (:func:`local_grads`)."""
+    if params and is_dtensor(params[0]):
+        return local_grads(params)
+    return [p.grad for p in params]
+
+
 def like_param(value: Tensor, param) -> Tensor:
     """``value``, a local tensor of ``param``'s local shape, as a DTensor laid out like ``param``."""
     if not is_dtensor(param) or is_dtensor(value):

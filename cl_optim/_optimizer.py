@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
-from ._distributed import all_reduce_over_shards_, any_dtensor, is_dtensor, layout_key, local_grads
+from ._distributed import any_dtensor, is_dtensor, kernel_grads, layout_key
 from ._terms import StepTerms
 
 
@@ -303,18 +303,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for _, bucket, _ in plan[1:]:
             self._check_state_shapes(bucket)
         if skip_nonfinite and plan:
-            from .sam import grad_sq_norm
+            from .sam import nonfinite_gradient
 
-            home = plan[0][1][0].device
-            sq_norms = []
-            for _, b, backend in plan:
-                grads = [p.grad for p in b]
-                if is_dtensor(b[0]):  # each rank's local shards, the sums added across the ranks
-                    sq = all_reduce_over_shards_(grad_sq_norm(local_grads(b), backend=backend), b[0])
-                    sq_norms.append(sq.to(home))
-                else:
-                    sq_norms.append(grad_sq_norm(grads, backend=backend).to(home))
-            nonfinite = ~torch.isfinite(sq_norms[0] if len(sq_norms) == 1 else torch.stack(sq_norms).sum())
+            nonfinite = nonfinite_gradient([(b, backend) for _, b, backend in plan], plan[0][1][0].device)
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)
 
@@ -340,10 +331,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             prepared.append((group, bucket, backend, terms))
         for group, bucket, backend, terms in prepared:
             self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
-            if is_dtensor(bucket[0]):  # the same element-wise step on each rank's local shards
-                self._update_bucket(group, bucket, local_grads(bucket), terms.local(), backend, sharded=True)
-            else:
-                self._update_bucket(group, bucket, [p.grad for p in bucket], terms, backend)
+            sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
+            terms = terms.local() if sharded else terms
+            self._update_bucket(group, bucket, kernel_grads(bucket), terms, backend, sharded=sharded)
 
         if restore is not None and restored != len(restore):
             stepped = {id(p) for _, bucket, _ in plan for p in bucket}

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, kernel_op, prepare, resolve
 from ._checks import check_grad_sq_norm, check_sam_perturb_
-from ._distributed import all_reduce_over_shards_, is_dtensor, local_grads, local_list
+from ._distributed import all_reduce_over_shards_, kernel_grads, local_list
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -263,7 +263,7 @@ class SAM(torch.optim.Optimizer):
         shards = [local_list if layout is not None else _same for *_, layout in plan]
         sq_norms = [
             all_reduce_over_shards_(
-                grad_sq_norm(_grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
+                grad_sq_norm(kernel_grads(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
                 bucket[0],
             ).to(home)
             for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
@@ -283,7 +283,7 @@ class SAM(torch.optim.Optimizer):
                 scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 sam_perturb_(
                     on(bucket),
-                    _grads_of(bucket),
+                    kernel_grads(bucket),
                     on(self._save_buffers(bucket, device, dtype)),
                     scale.to(device),
                     weighted,
@@ -457,16 +457,14 @@ class SAM(torch.optim.Optimizer):
         return buffers
 
     def _nonfinite_gradient(self) -> Tensor:
-        """Device flag: some gradient has an inf or a NaN (an fp64-accumulated norm, per bucket)."""
+        """Device flag: some gradient has an inf or a NaN (a foreign base optimizer's second pass)."""
         home = self._run["pending"][0].device if self._run["pending"] else torch.device("cpu")
-        sq_norms = []
+        buckets = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for (device, dtype, _), bucket in _buckets(params).items():
-                backend = resolve(self.backend, device, dtype)
-                sq = grad_sq_norm(_grads_of(bucket), backend=backend)
-                sq_norms.append(all_reduce_over_shards_(sq, bucket[0]).to(home))
-        return ~torch.isfinite(torch.stack(sq_norms).sum())
+                buckets.append((bucket, resolve(self.backend, device, dtype)))
+        return nonfinite_gradient(buckets, home)
 
     def _restore_map(self) -> dict:
         """``id(param) -> save buffer`` for the pending perturbation."""
@@ -506,12 +504,14 @@ def _same(tensors):
     return tensors
 
 
-def _grads_of(bucket: list) -> list:
-    """The gradients a kernel takes: as they are, or, for DTensor parameters, their local shards
-    laid out as the parameters (redistributed where the gradient's placements differ)."""
-    if is_dtensor(bucket[0]):
-        return local_grads(bucket)
-    return [p.grad for p in bucket]
+def nonfinite_gradient(buckets: list, home: torch.device) -> Tensor:
+    """Device flag: some gradient of ``buckets`` (``(parameters, backend)`` pairs) has an inf or a
+    NaN — one fp64-accumulated norm per bucket (summed across ranks for DTensor shards), no host read."""
+    sq_norms = [
+        all_reduce_over_shards_(grad_sq_norm(kernel_grads(bucket), backend=backend), bucket[0]).to(home)
+        for bucket, backend in buckets
+    ]
+    return ~torch.isfinite(torch.stack(sq_norms).sum())
 
 
 def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:
