@@ -157,7 +157,7 @@ def test_estimators_match_batch_size_one_loops(kind, estimator):
     _assert_relative(got, _reference(model, data, estimator, labels))
     rules = got.meta["per_sample"]
     if kind == "mlp":
-        assert rules == {"0": "linear", "1": "torch.func", "3": "linear", "5": "linear"}
+        assert rules == {"0": "linear", "1": "torch.func (layer)", "3": "linear", "5": "linear"}
     elif kind == "cnn":
         assert set(rules.values()) == {"conv", "groupnorm", "batchnorm-eval", "linear"}
     elif kind == "seq":
@@ -168,8 +168,9 @@ def test_estimators_match_batch_size_one_loops(kind, estimator):
             "norm": "layernorm",
             "head": "linear",
         }
-    else:
-        assert rules == "torch.func (whole model)"
+    else:  # the tied matrix goes through the whole model; the inner Linear keeps its rule
+        assert rules["inner"] == "linear" and rules["embed"].startswith("torch.func (model)")
+    assert got.meta["verify"]["samples"] == 4
     assert got.meta["samples"] == 12 and got.meta["estimator"] == estimator
 
 

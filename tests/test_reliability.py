@@ -403,9 +403,24 @@ def test_a_momentum_buffer_saved_as_none_is_started(backend):
     torch.testing.assert_close(opt.state[w]["momentum_buffer"], torch_opt.state[reference]["momentum_buffer"])
 
 
-def test_a_layer_first_expanded_in_a_later_batch_is_checked_too():
-    """Batch 0 of one sample expands nothing; a later batch of three does. A model that reduces the
-    shared layer's output over the batch cannot have it expanded: refused, not a wrong Fisher."""
+def _empirical_fisher_one_sample_at_a_time(model, data):
+    params = dict(model.named_parameters())
+    totals = {n: torch.zeros_like(p) for n, p in params.items()}
+    seen = 0
+    for x, y in data:
+        for n in range(len(y)):
+            loss = torch.nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1])
+            for name, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+                totals[name] += g.square()
+            seen += 1
+    return {n: t / seen for n, t in totals.items()}
+
+
+def test_a_shared_layer_the_model_reduces_over_the_batch_goes_through_the_whole_model():
+    """Batch 0 of one sample; a later batch of three. The table is looked up once for the whole
+    batch and its output summed over the leading dimension: expanding it to the batch would change
+    the output, so it is not expanded and goes through torch.func on the whole model: the right
+    number, not a refusal or a wrong one."""
 
     class Reduces(torch.nn.Module):
         def __init__(self):
@@ -417,12 +432,17 @@ def test_a_layer_first_expanded_in_a_later_batch_is_checked_too():
             shared = self.table(torch.zeros(1, dtype=torch.long))  # (1, 2), one lookup for the batch
             return self.linear(x) + shared.sum(0)  # summed over its leading dimension
 
+    torch.manual_seed(0)
+    model = Reduces()
     data = [(torch.randn(1, 3), torch.tensor([0])), (torch.randn(3, 3), torch.tensor([0, 1, 1]))]
-    with pytest.raises(ValueError, match="does not broadcast their output"):
-        cl_optim.fisher.estimate(Reduces(), data, estimator="empirical")
+    got = cl_optim.fisher.estimate(model, data, estimator="empirical")
+    want = _empirical_fisher_one_sample_at_a_time(model, data)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8)
+    assert got.meta["per_sample"]["table"].startswith("torch.func (model)")
 
 
-def test_a_forward_that_breaks_under_the_expansion_is_refused_clearly():
+def test_a_forward_that_breaks_under_the_expansion_goes_through_the_whole_model():
     class Reshapes(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -433,6 +453,11 @@ def test_a_forward_that_breaks_under_the_expansion_is_refused_clearly():
             shared = self.table(torch.zeros(1, dtype=torch.long)).view(3)  # needs exactly one row
             return self.linear(x + shared)
 
+    torch.manual_seed(0)
+    model = Reshapes()
     data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
-    with pytest.raises(ValueError, match="does not broadcast their output"):
-        cl_optim.fisher.estimate(Reshapes(), data, estimator="empirical")
+    got = cl_optim.fisher.estimate(model, data, estimator="empirical")
+    want = _empirical_fisher_one_sample_at_a_time(model, data)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8)
+    assert got.meta["per_sample"]["table"].startswith("torch.func (model)")

@@ -1,65 +1,171 @@
-r"""Per-layer rules for the sum over samples of squared per-sample gradients.
+r"""Fast per-layer rules for the sum over samples of squared per-sample gradients.
 
-Each rule receives what a layer saw in one forward — its inputs ``x`` and the gradient ``delta``
-of a chosen scalar per sample with respect to its output — and adds, for each of the layer's own
-parameters ``w``, ``sum_n (d ell_n / d w)**2`` into an fp32 accumulator. Samples must not
-interact inside the network (no BatchNorm in train mode); the layer must run once per forward.
+A rule receives one call of a layer (its inputs), the gradients ``delta`` of a chosen scalar per
+sample with respect to the call's outputs, and the :class:`~cl_optim.fisher.capture.Layout` that
+says which rows belong to which sample (proved by a probe, never assumed). It adds, for each of
+the layer's parameters ``w``, ``sum_n (d ell_n / d w)**2`` into an fp32 accumulator.
 
-* ``Linear`` on ``(B, in)``: ``sum_n (delta_n x_n^T)**2 = (delta**2)^T (x**2)``, one GEMM and no
-  ``B x out x in`` memory (Goodfellow, arXiv 1510.01799).
-* ``Linear`` on ``(B, T..., in)``, ``Conv1d``/``Conv2d``: the per-sample gradient
-  ``G_n = sum_t delta_{n,t} x_{n,t}^T`` (im2col patches for convolutions) is formed for a chunk of
-  samples at a time, under a memory cap, then squared.
-* ``Embedding``: rows of ``delta`` are summed per (sample, token) *before* squaring, since a token
-  repeated in a sample contributes one per-sample gradient row.
-* ``LayerNorm``/``GroupNorm``/eval-mode ``BatchNorm`` affine: ``sum_t delta * x_hat`` per sample.
-* anything else: ``torch.func`` (``vmap`` over ``grad``) on the module alone, in chunks.
+* ``Linear`` with one row per sample: ``sum_n (delta_n x_n^T)**2 = (delta**2)^T (x**2)``, one GEMM
+  and no ``B x out x in`` memory (Goodfellow, arXiv 1510.01799). With several rows per sample
+  (``(B, T, D)``, ``(T, B, D)``, tokens flattened to ``(B*T, D)``): ``G_n = sum_t delta_{n,t}
+  x_{n,t}^T`` for a chunk of samples at a time under a memory cap, then squared.
+* ``MultiheadAttention``: the projections are recomputed as leaves, the attention core runs
+  through ``F.multi_head_attention_forward`` with identity projections (exact in floating point),
+  one backward gives the gradients at the packed ``q``/``k``/``v`` projections, and each projection
+  and the output projection go through the ``Linear`` rule.
+* ``Conv1d``/``Conv2d``: the same with im2col patches.
+* ``Embedding``: rows of ``delta`` are summed per (sample, token) *before* squaring (a token
+  repeated in a sample contributes one row of that sample's gradient); with
+  ``scale_grad_by_freq`` the sum becomes the mean, the frequency a batch of one sample sees. A
+  table looked up once for the whole batch (positions ``arange(T)``) is expanded to the batch by
+  the capture, so its per-sample gradient is the sample's sum over positions.
+* ``LayerNorm``/``RMSNorm`` (any number of leading dimensions), ``GroupNorm``, eval-mode
+  ``BatchNorm``: ``sum_t delta * x_hat`` per sample.
+
+Layers without a rule go through :mod:`cl_optim.fisher.fallback`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["add_sq_grads_", "add_vmapped_squares_", "rule_for"]
+from .capture import BATCH_MAJOR, Call, Layout
 
-# Accumulators: parameter name within the module ("weight", "bias", ...) -> fp32 tensor.
+__all__ = ["Rule", "rule_for", "absorbed_children", "chunks"]
+
+# Accumulators: parameter name within the layer ("weight", "out_proj.bias", ...) -> fp32 tensor.
 Accumulators = dict[str, Tensor]
 
 
-def _chunks(batch: int, bytes_per_sample: int, cap: int):
+class Rule(NamedTuple):
+    name: str
+    apply: Callable  # (module, call, deltas, acc, cap, layout, batch) -> None
+    accepts: Callable  # (module, call, layouts of its outputs) -> whether the rule is exact there
+
+
+def _one_output(module, call: Call, layouts) -> bool:
+    """Row-wise layers (Linear, Embedding, LayerNorm, RMSNorm): any layout of the rows."""
+    return len(layouts) == 1 and layouts[0] is not None
+
+
+def _batch_major(module, call: Call, layouts) -> bool:
+    """Layers that mix the dimensions after the first (convolutions, channel norms)."""
+    return len(layouts) == 1 and layouts[0] == BATCH_MAJOR
+
+
+def _attention_layout(module, call: Call, layouts) -> bool:
+    """Batched attention whose output holds the samples where ``batch_first`` says."""
+    query = call.args[0] if call.args else call.kwargs.get("query")
+    if (
+        not isinstance(query, Tensor)
+        or query.dim() != 3
+        or layouts[0] != Layout("axis", 0 if module.batch_first else 1)
+    ):
+        return False
+    return all(layout == BATCH_MAJOR for layout in layouts[1:])
+
+
+def chunks(batch: int, bytes_per_sample: int, cap: int):
     step = max(1, cap // max(1, bytes_per_sample))
     for start in range(0, batch, step):
         yield slice(start, min(batch, start + step))
 
 
-def _linear(module: nn.Linear, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    x = args[0].to(torch.float32)
-    d = delta.to(torch.float32)
-    if x.dim() == 2:
-        if "weight" in acc:
-            acc["weight"].addmm_(d.square().t(), x.square())
-        if "bias" in acc:
-            acc["bias"].add_(d.square().sum(0))
+def _rows(t: Tensor, layout: Layout, batch: int) -> Tensor:
+    """``(B, rows, last)`` fp32: sample-major with every middle dimension as rows."""
+    t = layout.sample_major(t, batch).to(torch.float32)
+    return t.reshape(batch, -1, t.shape[-1])
+
+
+def add_linear_squares_(
+    x: Tensor, d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], cap: int
+) -> None:
+    """``weight += sum_n (d_n^T x_n)**2``, ``bias += sum_n (sum_t d_{n,t})**2`` for sample-major
+    ``x (B, R, in)`` and ``d (B, R, out)``; either accumulator may be None."""
+    if x.shape[1] == 1:  # one row per sample: the GEMM identity
+        if weight is not None:
+            weight.addmm_(d[:, 0].square().t(), x[:, 0].square())
+        if bias is not None:
+            bias.add_(d[:, 0].square().sum(0))
         return
-    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-    d = d.reshape(d.shape[0], -1, d.shape[-1])  # (B, T, out)
-    if "weight" in acc:
-        per_sample = module.out_features * module.in_features * 4
-        for part in _chunks(x.shape[0], per_sample, cap):
+    if weight is not None:
+        per_sample = d.shape[2] * x.shape[2] * 4
+        for part in chunks(x.shape[0], per_sample, cap):
             grads = torch.bmm(d[part].transpose(1, 2), x[part])  # (b, out, in)
-            acc["weight"].add_(grads.square().sum(0))
-    if "bias" in acc:
-        acc["bias"].add_(d.sum(1).square().sum(0))
+            weight.add_(grads.square().sum(0))
+    if bias is not None:
+        bias.add_(d.sum(1).square().sum(0))
 
 
-def _conv(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    x = args[0].to(torch.float32)
-    d = delta.to(torch.float32)
+def _linear(module: nn.Linear, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
+    x, d = _rows(call.args[0], layout, batch), _rows(deltas[0], layout, batch)
+    add_linear_squares_(x, d, acc.get("weight"), acc.get("bias"), cap)
+
+
+def _mha(
+    module: nn.MultiheadAttention, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
+):
+    """Packed (or separate) q/k/v projections and the output projection of one attention call."""
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    inputs = [a["query"], a["key"], a["value"]]
+    if module.batch_first:
+        inputs = [t.transpose(0, 1) for t in inputs]
+    e = module.embed_dim
+    if module._qkv_same_embed_dim:
+        weights = [(module.in_proj_weight, "in_proj_weight", slice(i * e, (i + 1) * e)) for i in range(3)]
+    else:
+        weights = [(getattr(module, f"{n}_proj_weight"), f"{n}_proj_weight", slice(None)) for n in "qkv"]
+    bias = module.in_proj_bias
+    projections = []
+    with torch.no_grad():
+        for i, (x, (w, _, rows)) in enumerate(zip(inputs, weights)):
+            b = None if bias is None else bias.detach()[i * e : (i + 1) * e]
+            projections.append(F.linear(x, w.detach()[rows], b).requires_grad_())
+    eye = torch.eye(e, dtype=projections[0].dtype, device=projections[0].device)
+    detached = [None if t is None else t.detach() for t in (module.bias_k, module.bias_v)]
+    with torch.enable_grad():
+        context, attention = F.multi_head_attention_forward(
+            *projections, e, module.num_heads, None, None, *detached, module.add_zero_attn, 0.0, eye, None,
+            training=False, key_padding_mask=a["key_padding_mask"], need_weights=a["need_weights"],
+            attn_mask=a["attn_mask"], use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
+            v_proj_weight=eye, average_attn_weights=a["average_attn_weights"], is_causal=a["is_causal"],
+        )  # fmt: skip
+    out_delta = deltas[0] if deltas[0] is not None else torch.zeros_like(call.outputs[0])
+    if module.batch_first:
+        out_delta = out_delta.transpose(0, 1)  # (L, N, E), as the context
+    sequence_first = Layout("axis", 1)
+    add_linear_squares_(
+        _rows(context.detach(), sequence_first, batch), _rows(out_delta, sequence_first, batch),
+        acc.get("out_proj.weight"), acc.get("out_proj.bias"), cap,
+    )  # fmt: skip
+    outputs, grads = [context], [out_delta.to(context.dtype) @ module.out_proj.weight.detach()]
+    if len(deltas) > 1 and deltas[1] is not None and attention is not None:
+        outputs.append(attention)
+        grads.append(deltas[1].to(attention.dtype))
+    projection_deltas = torch.autograd.grad(outputs, projections, grads, allow_unused=True)
+    for i, (x, d, (_, name, rows)) in enumerate(zip(inputs, projection_deltas, weights)):
+        if d is None:
+            continue
+        weight_acc = acc.get(name)
+        bias_acc = acc.get("in_proj_bias")
+        add_linear_squares_(
+            _rows(x, sequence_first, batch), _rows(d, sequence_first, batch),
+            None if weight_acc is None else weight_acc[rows],
+            None if bias_acc is None else bias_acc[i * e : (i + 1) * e], cap,
+        )  # fmt: skip
+
+
+def _conv(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
+    x = call.args[0].to(torch.float32)
+    d = deltas[0].to(torch.float32)
     two_d = isinstance(module, nn.Conv2d)
     if not two_d:  # Conv1d as a 1 x k Conv2d
         x, d = x.unsqueeze(2), d.unsqueeze(2)
@@ -67,11 +173,10 @@ def _conv(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap
     dilation = module.dilation if two_d else (1, module.dilation[0])
     padding = module.padding if two_d else (0, module.padding[0])
     stride = module.stride if two_d else (1, module.stride[0])
-    batch = x.shape[0]
     d = d.reshape(batch, module.out_channels, -1)  # (B, Cout, L)
     if "weight" in acc:
         per_sample = module.out_channels * x.shape[1] * math.prod(kernel) * 4
-        for part in _chunks(batch, per_sample, cap):
+        for part in chunks(batch, per_sample, cap):
             patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
             grads = torch.bmm(d[part], patches.transpose(1, 2))  # (b, Cout, Cin * k)
             acc["weight"].add_(grads.square().sum(0).view_as(acc["weight"]))
@@ -79,19 +184,21 @@ def _conv(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap
         acc["bias"].add_(d.sum(2).square().sum(0))
 
 
-def _embedding(module: nn.Embedding, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
+def _embedding(
+    module: nn.Embedding, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
+):
     if "weight" not in acc:
         return
-    index = args[0]
-    batch = index.shape[0]
-    tokens = index.reshape(batch, -1)
-    rows = delta.to(torch.float32).reshape(batch, tokens.shape[1], -1)
+    tokens = layout.sample_major(call.args[0], batch).reshape(batch, -1)
+    rows = layout.sample_major(deltas[0], batch).to(torch.float32).reshape(batch, tokens.shape[1], -1)
     vocab = module.num_embeddings
-    sample = torch.arange(batch, device=index.device).unsqueeze(1).expand_as(tokens)
+    sample = torch.arange(batch, device=tokens.device).unsqueeze(1).expand_as(tokens)
     keys = (sample * vocab + tokens).reshape(-1)
-    unique, inverse = torch.unique(keys, return_inverse=True)
+    unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     per_sample_rows = torch.zeros(unique.numel(), rows.shape[-1], device=rows.device)
     per_sample_rows.index_add_(0, inverse, rows.reshape(-1, rows.shape[-1]))  # sum repeats first
+    if module.scale_grad_by_freq:  # torch divides by the token's count in the call: one sample's
+        per_sample_rows /= counts.unsqueeze(1).to(per_sample_rows.dtype)
     token_of_row = unique % vocab
     squares = per_sample_rows.square()
     if module.padding_idx is not None:  # torch gives the padding row no gradient
@@ -99,92 +206,74 @@ def _embedding(module: nn.Embedding, args, kwargs, delta: Tensor, acc: Accumulat
     acc["weight"].index_add_(0, token_of_row, squares)
 
 
-def _affine_sums(x_hat: Tensor, d: Tensor, reduce_dims: tuple, acc: Accumulators) -> None:
+def _affine_sums(x_hat: Tensor, d: Tensor, acc: Accumulators) -> None:
+    """``x_hat``, ``d``: ``(B, rows, features...)``; sums over rows per sample, then squares."""
     if "weight" in acc:
-        acc["weight"].add_((d * x_hat).sum(reduce_dims).square().sum(0).view_as(acc["weight"]))
+        acc["weight"].add_((d * x_hat).sum(1).square().sum(0).view_as(acc["weight"]))
     if "bias" in acc:
-        acc["bias"].add_(d.sum(reduce_dims).square().sum(0).view_as(acc["bias"]))
+        acc["bias"].add_(d.sum(1).square().sum(0).view_as(acc["bias"]))
 
 
-def _layer_norm(module: nn.LayerNorm, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    x = args[0].to(torch.float32)
-    dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+def _normalised_rows(call: Call, deltas, layout: Layout, batch: int, features: int):
+    """Sample-major ``(B, rows, *features)`` fp32 input and delta of a norm over the last dims."""
+    x = layout.sample_major(call.args[0], batch).to(torch.float32)
+    d = layout.sample_major(deltas[0], batch).to(torch.float32)
+    shape = (batch, -1, *x.shape[x.dim() - features :])
+    return x.reshape(shape), d.reshape(shape)
+
+
+def _layer_norm(
+    module: nn.LayerNorm, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
+):
+    features = len(module.normalized_shape)
+    x, d = _normalised_rows(call, deltas, layout, batch, features)
+    dims = tuple(range(2, x.dim()))
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, unbiased=False, keepdim=True)
-    x_hat = (x - mean) / torch.sqrt(var + module.eps)
-    middle = tuple(range(1, x.dim() - len(module.normalized_shape)))
-    _affine_sums(x_hat, delta.to(torch.float32), middle, acc)
+    _affine_sums((x - mean) / torch.sqrt(var + module.eps), d, acc)
 
 
-def _group_norm(module: nn.GroupNorm, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    x = args[0].to(torch.float32)
-    batch, channels = x.shape[:2]
+def _rms_norm(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
+    features = len(module.normalized_shape)
+    eps = module.eps if module.eps is not None else torch.finfo(call.args[0].dtype).eps
+    x, d = _normalised_rows(call, deltas, layout, batch, features)
+    dims = tuple(range(2, x.dim()))
+    _affine_sums(x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps), d, acc)
+
+
+def _group_norm(
+    module: nn.GroupNorm, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
+):
+    x = call.args[0].to(torch.float32)
+    channels = x.shape[1]
     grouped = x.reshape(batch, module.num_groups, -1)
     mean = grouped.mean(2, keepdim=True)
     var = grouped.var(2, unbiased=False, keepdim=True)
     x_hat = ((grouped - mean) / torch.sqrt(var + module.eps)).reshape(batch, channels, -1)
-    _affine_sums(x_hat, delta.to(torch.float32).reshape(batch, channels, -1), (2,), acc)
+    d = deltas[0].to(torch.float32).reshape(batch, channels, -1)
+    _affine_sums(x_hat.transpose(1, 2), d.transpose(1, 2), acc)
 
 
-def _batch_norm(module: nn.modules.batchnorm._BatchNorm, args, kwargs, delta, acc, cap) -> None:
-    x = args[0].to(torch.float32)
-    batch, channels = x.shape[:2]
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, call: Call, deltas, acc, cap, layout, batch):
+    x = call.args[0].to(torch.float32)
+    channels = x.shape[1]
     shape = (1, channels, 1)
     x = x.reshape(batch, channels, -1)
     mean = module.running_mean.to(torch.float32).view(shape)
     var = module.running_var.to(torch.float32).view(shape)
     x_hat = (x - mean) / torch.sqrt(var + module.eps)
-    _affine_sums(x_hat, delta.to(torch.float32).reshape(batch, channels, -1), (2,), acc)
+    d = deltas[0].to(torch.float32).reshape(batch, channels, -1)
+    _affine_sums(x_hat.transpose(1, 2), d.transpose(1, 2), acc)
 
 
-def add_vmapped_squares_(module: nn.Module, params: dict, args, kwargs, seed: Tensor, acc: Accumulators, cap: int,
-                         output: Callable = lambda out: out) -> None:  # fmt: skip
-    """``acc[name] += sum_n (d <seed_n, output(module(inputs_n))> / d params[name])**2`` with
-    torch.func (``vmap`` over ``grad``), in chunks under the memory cap ``cap``.
-
-    Inputs whose leading dimension is the batch (``seed``'s), positional or keyword, are mapped
-    over one sample at a time; the others (position ids of shape (1, T), flags) are passed whole.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    batch = seed.shape[0]
-    mapped_args = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.shape[:1] == (batch,)]
-    mapped_keys = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.shape[:1] == (batch,)]
-
-    def contracted(p, sample_args, sample_kwargs, seed_n):
-        call_args, call_kwargs = list(args), dict(kwargs)
-        for i, a in zip(mapped_args, sample_args):
-            call_args[i] = a.unsqueeze(0)
-        for k, v in zip(mapped_keys, sample_kwargs):
-            call_kwargs[k] = v.unsqueeze(0)
-        out = output(functional_call(module, p, tuple(call_args), call_kwargs))
-        return (out.squeeze(0).to(torch.float32) * seed_n).sum()
-
-    sample_args = tuple(args[i].detach() for i in mapped_args)
-    sample_kwargs = tuple(kwargs[k].detach() for k in mapped_keys)
-    per_sample = sum(acc[name].numel() for name in params) * 4
-    for part in _chunks(batch, per_sample, cap):
-        grads = vmap(grad(contracted), in_dims=(None, 0, 0, 0))(
-            params,
-            tuple(a[part] for a in sample_args),
-            tuple(v[part] for v in sample_kwargs),
-            seed[part].to(torch.float32),
-        )
-        for name in params:
-            acc[name].add_(grads[name].to(torch.float32).square().sum(0))
+def absorbed_children(module: nn.Module) -> list[str]:
+    """Children whose parameters ``module`` uses directly, without calling them (attention's
+    ``out_proj``): they belong to the parent's layer."""
+    return ["out_proj"] if isinstance(module, nn.MultiheadAttention) else []
 
 
-def _generic(module: nn.Module, args, kwargs, delta: Tensor, acc: Accumulators, cap: int) -> None:
-    """torch.func fallback: per-sample vector-Jacobian products of the module's own parameters."""
-    own = dict(module.named_parameters(recurse=False))
-    add_vmapped_squares_(module, {name: own[name].detach() for name in acc}, args, kwargs, delta, acc, cap)
-
-
-Rule = Callable[..., None]
-
-
-def rule_for(module: nn.Module) -> tuple[Rule, str]:
-    """The rule for a module and its name, refusing modules whose samples interact."""
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The fast rule for a module, or None; refuses modules whose samples interact."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.training or not module.track_running_stats:
             raise RuntimeError(
@@ -192,26 +281,21 @@ def rule_for(module: nn.Module) -> tuple[Rule, str]:
                 "statistics) is undefined: its output mixes the samples of a batch. Estimate in eval "
                 "mode (the default) or replace it with GroupNorm"
             )
-        return _batch_norm, "batchnorm-eval"
-    if type(module) is nn.Linear:
-        return _linear, "linear"
-    plain_conv = type(module) in (nn.Conv1d, nn.Conv2d)
-    if (
-        plain_conv
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    ):
-        return _conv, "conv"
-    if type(module) is nn.Embedding and module.max_norm is None:
-        return _embedding, "embedding"
-    if type(module) is nn.LayerNorm:
-        return _layer_norm, "layernorm"
-    if type(module) is nn.GroupNorm:
-        return _group_norm, "groupnorm"
-    return _generic, "torch.func"
-
-
-def add_sq_grads_(module, args, kwargs, delta, acc, cap) -> None:
-    rule, _ = rule_for(module)
-    rule(module, args, kwargs, delta, acc, cap)
+        return Rule("batchnorm-eval", _batch_norm, _batch_major)
+    kind = type(module)
+    if kind is nn.Linear:
+        return Rule("linear", _linear, _one_output)
+    if kind is nn.MultiheadAttention and not module.training and module.bias_k is None:
+        return Rule("attention", _mha, _attention_layout)
+    plain_conv = kind in (nn.Conv1d, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+    if plain_conv and not isinstance(module.padding, str):
+        return Rule("conv", _conv, _batch_major)
+    if kind is nn.Embedding and module.max_norm is None:
+        return Rule("embedding", _embedding, _one_output)
+    if kind is nn.LayerNorm:
+        return Rule("layernorm", _layer_norm, _one_output)
+    if kind is getattr(nn, "RMSNorm", None):
+        return Rule("rmsnorm", _rms_norm, _one_output)
+    if kind is nn.GroupNorm:
+        return Rule("groupnorm", _group_norm, _batch_major)
+    return None

@@ -1,0 +1,209 @@
+"""What each layer saw in one forward, and where its samples lie.
+
+:class:`Capture` puts forward hooks on the layers that own parameters and keeps, per call, the
+inputs and every tensor of the output (tuples such as LSTM's ``(output, (h, c))`` included). The
+rest of the model is handed clones, so later in-place ops (``ReLU(inplace=True)``) cannot change
+the tensors the rules differentiate at.
+
+:class:`Layout` says which rows of a tensor belong to which sample: ``axis d`` (sample ``n`` is
+index ``n`` of dimension ``d``: ``(B, T, D)`` on ``d = 0``, sequence-first ``(T, B, D)`` on
+``d = 1``), ``blocks`` (dimension 0 holds ``B`` consecutive blocks of rows: tokens flattened to
+``(B*T, D)``) or ``interleaved`` (``(T*B, D)``). It is found by a probe, never assumed from the
+shapes: :func:`probe_layouts` back-propagates a random output cotangent ``v`` and ``c_n v_n``
+with distinct ``c_n`` per sample; a row that only sample ``n`` depends on receives exactly
+``c_n`` times its first gradient, and a row that several samples share receives a mixture that
+matches no layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["Call", "Capture", "Layout", "probe_layouts"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "axis", "blocks" or "interleaved"
+    dim: int = 0
+
+    def fits(self, shape, batch: int) -> bool:
+        if self.kind == "axis":
+            return len(shape) > self.dim and shape[self.dim] == batch
+        return len(shape) > 0 and shape[0] % batch == 0
+
+    def sample_major(self, t: Tensor, batch: int) -> Tensor:
+        """``t`` with sample ``n``'s rows at index ``n`` of dimension 0."""
+        if self.kind == "axis":
+            return t.movedim(self.dim, 0)
+        if self.kind == "blocks":
+            return t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
+        return t.reshape(t.shape[0] // batch, batch, *t.shape[1:]).transpose(0, 1)
+
+    def per_row(self, values: Tensor, shape) -> Tensor:
+        """Per-sample ``values`` (B,) broadcast to a tensor of ``shape`` laid out this way."""
+        batch = values.shape[0]
+        if self.kind == "axis":
+            view = [1] * len(shape)
+            view[self.dim] = batch
+            return values.view(view)
+        rows = (
+            values.repeat_interleave(shape[0] // batch)
+            if self.kind == "blocks"
+            else values.repeat(shape[0] // batch)
+        )
+        return rows.view(-1, *([1] * (len(shape) - 1)))
+
+    def __str__(self) -> str:
+        if self.kind == "axis":
+            return "samples on dim 0" if self.dim == 0 else f"samples on dim {self.dim}"
+        return f"samples as {self.kind} rows of dim 0"
+
+
+BATCH_MAJOR = Layout("axis", 0)
+
+
+@dataclass
+class Call:
+    """One call of a layer: its (detached) inputs, their versions, and its output tensors."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    versions: list
+    outputs: list  # the output's tensor leaves that require grad, in tree order
+    output_index: list  # their positions among the output's leaves
+    expanded: bool = False
+
+    def pick_outputs(self, output) -> list:
+        """The leaves of another call's output at the positions of :attr:`outputs`."""
+        leaves, _ = tree_flatten(output)
+        return [leaves[i] for i in self.output_index]
+
+    def check_unchanged(self, name: str) -> None:
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        for t, v in zip(leaves, self.versions):
+            if isinstance(t, Tensor) and t._version != v:
+                raise RuntimeError(f"the input of {name} was modified in place after the layer ran")
+
+
+class Capture:
+    """Forward hooks on ``layers`` that record every :class:`Call`.
+
+    ``expand`` holds layers that run once for the whole batch (a position table looked up with
+    ``arange(T)`` or ids of shape ``(1, T)``): their output and inputs are expanded to the batch
+    (``(1, ...)`` to ``(B, ...)``, or ``(...)`` to ``(B, ...)``), which broadcasting makes
+    invisible to the rest of the model, so that each sample's gradient reaches them apart.
+    """
+
+    def __init__(self, layers, size: int, expand: Optional[dict] = None):
+        self.layers = list(layers)
+        self.size = size
+        self.expand = expand or {}
+        self.calls: dict = {}
+        self.handles = []
+
+    def __enter__(self):
+        for module in self.layers:
+            self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, module, args, kwargs, output):
+        leaves, spec = tree_flatten(output)
+        args, kwargs = tree_map(_detach, (args, kwargs))
+        how = self.expand.get(module)
+        if how is not None:
+            grow = _expander(how, self.size)
+            leaves = [grow(t) if isinstance(t, Tensor) else t for t in leaves]
+            args, kwargs = tree_map(
+                lambda t: grow(t) if isinstance(t, Tensor) and t.dim() else t, (args, kwargs)
+            )
+        versions = [t._version if isinstance(t, Tensor) else None for t in tree_flatten((args, kwargs))[0]]
+        index = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
+        call = Call(module, args, kwargs, versions, [leaves[i] for i in index], index, how is not None)
+        self.calls.setdefault(module, []).append(call)
+        handed = [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
+        return tree_unflatten(handed, spec)
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _expander(how: str, size: int):
+    if how == "lead":  # (1, ...) -> (B, ...)
+        return lambda t: t.expand(size, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
+    return lambda t: t.unsqueeze(0).expand(size, *t.shape)  # (...) -> (B, ...)
+
+
+def expansion_for(call: Call, size: int) -> Optional[str]:
+    """How a layer call that no sample owns can be expanded to the batch, or None: every tensor
+    it saw and made has leading dimension 1 ("lead"), or none has the batch size anywhere ("new")."""
+    leaves = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor) and t.dim()]
+    leaves += call.outputs
+    if not call.outputs:
+        return None
+    if all(t.shape[0] == 1 for t in leaves):
+        return "lead"
+    if all(size not in t.shape for t in leaves):
+        return "new"
+    return None
+
+
+def _tolerance(t: Tensor) -> float:
+    return 1e-3 if t.dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def probe_layouts(output: Tensor, calls: list, generator: torch.Generator) -> tuple[list, Tensor, list]:
+    """The :class:`Layout` of every output tensor of every call (None where samples mix).
+
+    Returns ``(layouts per call, v, deltas per call for v)``; the deltas of the random seed ``v``
+    serve the coverage check too.
+    """
+    batch = output.shape[0]
+    v = torch.randn(output.shape, generator=generator).to(output)
+    c = 1 + 3 * torch.randperm(batch, generator=generator).to(torch.float32) / batch
+    scaled = (c.to(output.device).view(-1, *([1] * (output.dim() - 1))) * v.float()).to(output.dtype)
+    tensors = [t for call in calls for t in call.outputs]
+    first = torch.autograd.grad(output, tensors, v, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(output, tensors, scaled, retain_graph=True, allow_unused=True)
+    layouts, deltas, at = [], [], 0
+    for call in calls:
+        found = []
+        for t in call.outputs:
+            found.append(_layout_of(t.shape, first[at], second[at], c.to(t.device), batch))
+            at += 1
+        layouts.append(found)
+        deltas.append(list(first[at - len(call.outputs) : at]))
+    return layouts, v, deltas
+
+
+def _candidates(shape, batch: int):
+    out = [Layout("axis", d) for d in range(len(shape)) if shape[d] == batch]
+    if len(shape) and shape[0] != batch and shape[0] % batch == 0:
+        out += [Layout("blocks"), Layout("interleaved")]
+    return out
+
+
+def _layout_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int):
+    candidates = _candidates(shape, batch)
+    if first is None or second is None or not bool(first.any()):
+        return candidates[0] if candidates else None  # no gradient reaches it: nothing to separate
+    a, b = first.float(), second.float()
+    tol = _tolerance(first)
+    atol = tol * 1e-2 * float(a.abs().max())
+    for layout in candidates:
+        expected = layout.per_row(c, shape) * a
+        if bool(((b - expected).abs() <= tol * expected.abs() + atol).all()):
+            return layout
+    return None

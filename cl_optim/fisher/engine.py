@@ -1,0 +1,390 @@
+"""Which way each layer's per-sample squares are computed, decided once and checked.
+
+On the first batch of two or more samples the engine
+
+1. probes where each layer call keeps its samples (:func:`~cl_optim.fisher.capture.probe_layouts`);
+   a layer run once for the whole batch (a position table) is expanded to the batch and the
+   forward run again, kept only if the model's output does not change;
+2. routes every layer to the fastest way that is exact for it: its rule
+   (:mod:`~cl_optim.fisher.rules`), else ``torch.func`` on the layer, a loop over samples of the
+   layer, ``torch.func`` on the whole model, a loop over samples of the model
+   (:mod:`~cl_optim.fisher.fallback`). Layers called twice, parameters shared by layers and
+   parameters with gradient from outside their layer's calls (the coverage check) go to the
+   model level;
+3. with ``verify``, compares the routed computation on the first few samples with the model run
+   one sample at a time, and moves a layer that differs one step down, with a warning.
+
+A way that raises (``vmap`` cannot trace GRU) moves its layer one step down too.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batch import Batch, logits
+from .capture import BATCH_MAJOR, Capture, Layout, expansion_for, probe_layouts
+from .fallback import (
+    layer_looped_squares_,
+    layer_vmapped_squares_,
+    model_looped_squares_,
+    model_vmapped_squares_,
+)
+from .rules import absorbed_children, rule_for
+
+RULE, LAYER_FUNC, LAYER_LOOP, MODEL_FUNC, MODEL_LOOP = range(5)
+LEVELS = (
+    "rule",
+    "torch.func (layer)",
+    "loop over samples (layer)",
+    "torch.func (model)",
+    "loop over samples (model)",
+)
+VERIFY_SAMPLES = 4
+
+
+@dataclass
+class Route:
+    level: int
+    layouts: list = field(default_factory=list)  # per output tensor of the layer's call
+    reason: str = ""
+    rule: str = ""  # the rule's name, at level RULE
+
+    def axes(self) -> Optional[list]:
+        """The sample axis of each output, if every output holds the samples along one axis."""
+        if self.layouts and all(x is not None and x.kind == "axis" for x in self.layouts):
+            return [x.dim for x in self.layouts]
+        return None
+
+
+class Engine:
+    def __init__(self, model: nn.Module, named: list, cap: int, verify: bool):
+        self.model, self.cap, self.verify = model, cap, verify
+        self.params = dict(named)
+        self.layers, self.owners = _layers(model, self.params)
+        self.names = {m: name or type(m).__name__ for name, m in model.named_modules()}
+        # Parameters shared by two layers: one gradient from two places, so the model level.
+        self.model_level = {full: MODEL_FUNC for full, owners in self.owners.items() if len(owners) > 1}
+        self.routes: dict = {}
+        self.expand: dict = {}
+        self.planned = False
+        self.warned: set = set()
+        self.generator = torch.Generator().manual_seed(0)
+        self.verify_seconds = 0.0
+        self.verified_samples = 0
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(self, batch: Batch, expand: Optional[dict] = None) -> tuple[Tensor, Capture]:
+        capture = Capture(self.layers, batch.size, self.expand if expand is None else expand)
+        with torch.enable_grad(), capture:
+            output = logits(self.model(*batch.args, **batch.kwargs))
+        if output.dim() == 0 or output.shape[0] != batch.size:
+            raise ValueError(
+                f"the model's output has shape {list(output.shape)} for a batch of {batch.size} samples: "
+                "fisher.estimate needs one row of outputs per sample (dim 0)"
+            )
+        return output, capture
+
+    # ------------------------------------------------------------------------------ planning
+
+    def plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
+        """Routes every layer (see the module docstring); returns the forward to use."""
+        single = [m for m, calls in capture.calls.items() if len(calls) == 1]
+        layouts, _, _ = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
+        candidates = {}
+        for module, found in zip(single, layouts):
+            how = expansion_for(capture.calls[module][0], batch.size)
+            if any(x is None for x in found) and how is not None:
+                candidates[module] = how
+        if candidates:
+            output, capture = self._expand(batch, output, capture, candidates)
+        for module, calls in capture.calls.items():
+            if len(calls) > 1:
+                self.routes[module] = Route(MODEL_FUNC, reason=f"called {len(calls)} times in one forward")
+        single = [m for m, calls in capture.calls.items() if len(calls) == 1]
+        layouts, v, deltas = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
+        for module, found in zip(single, layouts):
+            self.routes[module] = _route(module, capture.calls[module][0], found)
+        self._check_coverage(output, capture, v, dict(zip(single, deltas)))
+        self.planned = True
+        return output, capture
+
+    def _expand(self, batch, output, capture, candidates: dict):
+        """Expand layers run once for the batch; keep those the model's output does not see."""
+        for trial in ([candidates], [{m: h} for m, h in candidates.items()]):
+            accepted = {}
+            for extra in trial:
+                try:
+                    with torch.no_grad():
+                        again, _ = self.forward(batch, {**self.expand, **accepted, **extra})
+                except Exception:  # the forward breaks under the expansion: not expanded
+                    continue
+                if again.shape == output.shape and torch.allclose(
+                    again.float(), output.detach().float(), rtol=_tolerance(output), atol=1e-6
+                ):
+                    accepted.update(extra)
+            if accepted:
+                self.expand.update(accepted)
+                return self.forward(batch)
+        return output, capture
+
+    def _check_coverage(self, output, capture, v, deltas: dict) -> None:
+        """Parameters whose batch gradient (for the probe's seed ``v``) is not the sum of what their
+        layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level."""
+        by_layer = [m for m, r in self.routes.items() if r.level < MODEL_FUNC]
+        names = [full for m in by_layer for full in self.layers[m].values() if full not in self.model_level]
+        if not names:
+            return
+        full = torch.autograd.grad(
+            output, [self.params[n] for n in names], v, retain_graph=True, allow_unused=True
+        )
+        local = {}
+        for module in by_layer:
+            own = {local_name: f for local_name, f in self.layers[module].items() if f in names}
+            call = capture.calls[module][0]
+            ds = [torch.zeros_like(t) if d is None else d for t, d in zip(call.outputs, deltas[module])]
+            grads = torch.autograd.grad(
+                call.outputs, [self.params[f] for f in own.values()], ds, retain_graph=True, allow_unused=True
+            )
+            for f, g in zip(own.values(), grads):
+                local[f] = g
+        for name, g in zip(names, full):
+            want = torch.zeros_like(self.params[name]) if g is None else g.float()
+            got = torch.zeros_like(want) if local.get(name) is None else local[name].float()
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * (1 + scale)):
+                self.model_level[name] = MODEL_FUNC
+
+    # ------------------------------------------------------------------------------ accumulation
+
+    def accumulate(self, batch: Batch, output: Tensor, capture: Capture, seeds: list, totals: dict) -> None:
+        model_params = dict(self.model_level)
+        by_layer = []
+        for module, calls in capture.calls.items():
+            route = self.routes.get(module)
+            fits = (
+                route is not None
+                and route.level < MODEL_FUNC
+                and len(calls) == 1
+                and len(route.layouts) == len(calls[0].outputs)
+                and all(x.fits(t.shape, batch.size) for x, t in zip(route.layouts, calls[0].outputs))
+            )
+            if fits:
+                by_layer.append(module)
+                continue
+            level = route.level if route is not None and route.level >= MODEL_FUNC else MODEL_FUNC
+            for full in self.layers[module].values():
+                model_params[full] = max(model_params.get(full, MODEL_FUNC), level)
+        by_layer = [m for m in by_layer if any(f not in model_params for f in self.layers[m].values())]
+        if by_layer:
+            self._by_layer(batch, output, capture, by_layer, seeds, totals, model_params)
+        for level in (MODEL_FUNC, MODEL_LOOP):
+            names = [n for n, lv in model_params.items() if lv == level]
+            if names:
+                self._by_model(batch, seeds, totals, names, level)
+
+    def accumulate_one(self, batch: Batch, seeds: list, totals: dict) -> None:
+        """A batch of one sample before any plan: its batch gradient is its per-sample gradient."""
+        model_looped_squares_(self.model, self.params, batch, seeds, totals)
+
+    def _accumulators(self, module, totals, model_params) -> dict:
+        return {
+            local: totals[full] for local, full in self.layers[module].items() if full not in model_params
+        }
+
+    def _by_layer(self, batch, output, capture, modules, seeds, totals, model_params) -> None:
+        for module in modules:
+            capture.calls[module][0].check_unchanged(self.names[module])
+        outputs = [t for m in modules for t in capture.calls[m][0].outputs]
+        looped = {m: [] for m in modules if self.routes[m].level == LAYER_LOOP}
+        for seed in seeds:
+            grads = torch.autograd.grad(
+                output, outputs, seed.to(output.dtype), retain_graph=True, allow_unused=True
+            )
+            at = 0
+            for module in modules:
+                call, route = capture.calls[module][0], self.routes[module]
+                deltas = list(grads[at : at + len(call.outputs)])
+                at += len(call.outputs)
+                acc = self._accumulators(module, totals, model_params)
+                if route.level == RULE:
+                    rule_for(module).apply(module, call, deltas, acc, self.cap, route.layouts[0], batch.size)
+                elif route.level == LAYER_FUNC:
+                    try:
+                        layer_vmapped_squares_(module, call, deltas, acc, self.cap, route.axes())
+                    except Exception as error:
+                        self._demote(module, f"torch.func failed: {_first_line(error)}")
+                        looped[module] = [deltas]
+                elif route.level == LAYER_LOOP:
+                    looped[module].append(deltas)
+        for module, delta_sets in looped.items():
+            call = capture.calls[module][0]
+            acc = self._accumulators(module, totals, model_params)
+            layer_looped_squares_(module, call, delta_sets, acc, self.routes[module].axes())
+
+    def _by_model(self, batch, seeds, totals, names, level) -> None:
+        acc = {n: totals[n] for n in names}
+        if level == MODEL_FUNC:
+            try:
+                model_vmapped_squares_(
+                    self.model, {n: self.params[n].detach() for n in names}, batch, seeds, acc, self.cap
+                )
+                return
+            except Exception as error:
+                for name in names:
+                    self.model_level[name] = MODEL_LOOP
+                for module in {m for n in names for m in self.owners[n]}:
+                    if self.routes.get(module) is not None and self.routes[module].level == MODEL_FUNC:
+                        self.routes[module].level = MODEL_LOOP
+                self._warn(f"torch.func on the whole model failed ({_first_line(error)}); the parameters "
+                           f"{names[:4]}{'...' if len(names) > 4 else ''} go through a loop over samples")  # fmt: skip
+        model_looped_squares_(self.model, {n: self.params[n] for n in names}, batch, seeds, acc)
+
+    # ------------------------------------------------------------------------------ demotion and checks
+
+    def _demote(self, module, reason: str) -> None:
+        route = self.routes[module]
+        old = route.level
+        if old == RULE and route.axes() is None:
+            route.level = MODEL_FUNC
+        else:
+            route.level = min(old + 1, MODEL_LOOP)
+        if route.level >= MODEL_FUNC:
+            for full in self.layers[module].values():
+                self.model_level[full] = max(self.model_level.get(full, MODEL_FUNC), route.level)
+        route.reason = reason
+        self._warn(
+            f"`{self.names[module]}` ({type(module).__name__}): {reason}; it goes from {LEVELS[old]} to "
+            f"{LEVELS[route.level]}"
+        )
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=4)
+
+    def check(self, batch: Batch, seeds: list, zeros) -> None:
+        """The self-check: the routed computation on the first samples against the model run one
+        sample at a time; a layer that differs goes one step down (repeated until they agree)."""
+        start = time.perf_counter()
+        k = min(batch.size, VERIFY_SAMPLES)
+        part, part_seeds = batch.take(k), [s[:k] for s in seeds]
+        want = zeros()
+        model_looped_squares_(self.model, self.params, part, part_seeds, want)
+        scale = max((float(w.norm()) / max(1, w.numel()) ** 0.5 for w in want.values()), default=0.0)
+        for _ in range(LEVELS.__len__()):
+            got = zeros()
+            output, capture = self.forward(part)
+            self.accumulate(part, output, capture, part_seeds, got)
+            bad = {}
+            for name, w in want.items():
+                error = float((got[name] - w).norm())
+                tol = (
+                    _tolerance(self.params[name]) * float(w.norm()) + 1e-5 * scale * max(1, w.numel()) ** 0.5
+                )
+                if error > tol:
+                    bad[name] = error / max(float(w.norm()), 1e-30)
+            if not bad:
+                break
+            for name, error in bad.items():
+                if name in self.model_level:
+                    if self.model_level[name] == MODEL_FUNC:
+                        self.model_level[name] = MODEL_LOOP
+                        self._warn(f"`{name}` through torch.func (model) differs from a batch-size-1 loop "
+                                   f"(relative error {error:.2g}); it goes through a loop over samples")  # fmt: skip
+                    continue
+                for module in self.owners[name]:
+                    if self.routes.get(module) is not None and self.routes[module].level < MODEL_FUNC:
+                        self._demote(module, f"its per-sample squares differ from a batch-size-1 computation "
+                                             f"(relative error {error:.2g} on {name})")  # fmt: skip
+        self.verify_seconds += time.perf_counter() - start
+        self.verified_samples = k
+
+    def describe(self) -> dict:
+        out = {}
+        for module, layer in self.layers.items():
+            name = self.names[module]
+            route = self.routes.get(module)
+            at_model = [f for f in layer.values() if f in self.model_level]
+            if route is None and not at_model:
+                out[name] = "not called"
+                continue
+            if route is None or route.level >= MODEL_FUNC or len(at_model) == len(layer):
+                level = (
+                    max(self.model_level.get(f, MODEL_FUNC) for f in layer.values())
+                    if at_model
+                    else route.level
+                )
+                why = (
+                    route.reason
+                    if route is not None and route.reason
+                    else "parameters shared or used outside the layer"
+                )
+                out[name] = f"{LEVELS[level]}: {why}"
+                continue
+            what = route.rule if route.level == RULE else LEVELS[route.level]
+            layout = route.layouts[0] if route.layouts else None
+            detail = [] if layout is None or layout == BATCH_MAJOR else [str(layout)]
+            if module in self.expand:
+                detail.append("expanded: run once for the whole batch")
+            if at_model:
+                detail.append(f"{at_model} by torch.func (model)")
+            if route.reason:
+                detail.append(route.reason)
+            out[name] = what + (f" ({'; '.join(detail)})" if detail else "")
+        return out
+
+
+def _route(module, call, layouts) -> Route:
+    rule = rule_for(module)
+    if rule is not None and rule.accepts(module, call, layouts):
+        return Route(RULE, layouts, rule=rule.name)
+    route = Route(LAYER_FUNC, layouts)
+    if route.axes() is not None:
+        return route
+    return Route(MODEL_FUNC, layouts, "its samples cannot be separated at its output")
+
+
+def _layers(model: nn.Module, params: dict) -> tuple[dict, dict]:
+    """module -> {parameter name within the layer: full name}, and full name -> owning layers."""
+    canonical = {id(p): name for name, p in params.items()}
+    absorbed = {
+        id(child)
+        for m in model.modules()
+        for n in absorbed_children(m)
+        for child in [getattr(m, n, None)]
+        if child is not None
+    }
+    layers, owners = {}, {}
+    for module in model.modules():
+        if id(module) in absorbed:
+            continue
+        own = {}
+        members = [("", module)] + [(n + ".", getattr(module, n)) for n in absorbed_children(module)]
+        for prefix, holder in members:
+            for name, p in holder._parameters.items():
+                if p is not None and id(p) in canonical:
+                    own[prefix + name] = canonical[id(p)]
+                    owners.setdefault(canonical[id(p)], []).append(module)
+        if own:
+            rule_for(module)  # refuses train-mode BatchNorm before any work
+            layers[module] = own
+    return layers, owners
+
+
+def _tolerance(t: Tensor) -> float:
+    return 1e-3 if t.dtype in (torch.float32, torch.float64) else 0.1
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+__all__ = ["Engine", "Layout", "LEVELS"]
