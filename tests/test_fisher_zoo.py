@@ -184,7 +184,7 @@ def check_case(model, data, estimator, *, n_samples=None, allow_error=(), memory
     except Exception as exc:  # noqa: BLE001 - judged below
         _assert_untouched(model, snap)
         if allow_error and any(name in str(exc) for name in allow_error):
-            warnings.warn(f"accepted error ({estimator}): {type(exc).__name__}: {exc}")
+            warnings.warn(f"accepted error ({estimator}): {type(exc).__name__}: {exc}", stacklevel=2)
             return None
         raise
     _assert_untouched(model, snap)
@@ -206,7 +206,7 @@ def check_case(model, data, estimator, *, n_samples=None, allow_error=(), memory
         if wn > 0 and diff > floor:
             errors[n] = diff / wn
     bad = {n: e for n, e in errors.items() if not e <= RTOL}
-    assert not bad, "relative errors above %g: %s" % (
+    assert not bad, "relative errors above {:g}: {}".format(
         RTOL,
         ", ".join(f"{n}={e:.3g}" for n, e in sorted(bad.items(), key=lambda kv: -kv[1])),
     )
@@ -226,13 +226,16 @@ def _gen(seed):
 
 def float_batches(shape, classes, seed, sizes=SIZES):
     g = _gen(seed)
-    return [(torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes]
+    return [
+        (torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes
+    ]
 
 
 def token_batches(t, vocab, classes, seed, sizes=SIZES):
     g = _gen(seed)
     return [
-        (torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, classes, (b,), generator=g)) for b in sizes
+        (torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, classes, (b,), generator=g))
+        for b in sizes
     ]
 
 
@@ -557,9 +560,17 @@ CASES = {
     "n_module_twice": lambda: (_seeded(Twice), float_batches((6,), C3, 23), {}),
     "n_frozen_unused": lambda: (_seeded(FrozenUnused), float_batches((6,), C3, 24), {}),
     # o: a tiny memory cap must not change the numbers.
-    "o_cap_encoder": lambda: (_seeded(lambda: EncoderNet(True)), token_batches(6, V, C5, 25), dict(memory_cap=4096)),
+    "o_cap_encoder": lambda: (
+        _seeded(lambda: EncoderNet(True)),
+        token_batches(6, V, C5, 25),
+        dict(memory_cap=4096),
+    ),
     "o_cap_conv2d": lambda: (_seeded(ConvNet), float_batches((4, 9, 9), C3, 26), dict(memory_cap=4096)),
-    "o_cap_tokpos": lambda: (_seeded(lambda: TokPos(4, True)), token_batches(4, V, C5, 27), dict(memory_cap=4096)),
+    "o_cap_tokpos": lambda: (
+        _seeded(lambda: TokPos(4, True)),
+        token_batches(4, V, C5, 27),
+        dict(memory_cap=4096),
+    ),
 }
 
 ESTIMATORS = ("empirical", "exact", "mc")
