@@ -150,10 +150,13 @@ def estimate(
                 _check_output(output, likelihood)
                 _add_batched(named, totals, output, batch.targets, loss_fn)
             else:
-                output, capture = engine.forward(batch)
-                _check_output(output, likelihood)
                 if not engine.planned and batch.size > 1:
-                    output, capture = engine.plan(batch, output, capture)
+                    engine.plan(batch)
+                output, capture = engine.forward(batch)
+                if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen
+                    engine.plan(batch)
+                    output, capture = engine.forward(batch)
+                _check_output(output, likelihood)
                 draws = seeds(
                     estimator, likelihood, sigma, output, batch.targets, loss_fn, mc_samples, generator
                 )
@@ -161,9 +164,9 @@ def estimate(
                 if not engine.planned:  # one sample: the definition itself is the cheapest
                     engine.accumulate_one(batch, draws, totals)
                 else:
-                    if verify and not engine.verified_samples:
+                    if verify and not engine.checked:
                         engine.check(
-                            batch, draws, lambda: {n: torch.zeros_like(t) for n, t in totals.items()}
+                            batch, output, lambda: {n: torch.zeros_like(t) for n, t in totals.items()}
                         )
                     engine.accumulate(batch, output, capture, draws, totals)
             seen += batch.size
@@ -188,14 +191,20 @@ def estimate(
         else "mean over samples of squared per-sample gradients",
         "per_sample": None if estimator == "batched" else engine.describe(),
         "seconds": seconds,
-        "verify": {
-            "samples": engine.verified_samples,
-            "seconds": engine.verify_seconds,
-            "share": engine.verify_seconds / seconds if seconds > 0 else 0.0,
-        }
-        if engine.verified_samples
-        else None,
     }
+    if estimator != "batched":
+        engine.save()
+        meta["plan"] = {"seconds": engine.plan_seconds, "reused": engine.reused}
+        meta["verify"] = (
+            {
+                "samples": engine.verified_samples,
+                "seconds": engine.verify_seconds,
+                "share": engine.verify_seconds / seconds if seconds > 0 else 0.0,
+                "reused": engine.reused and engine.checked and not engine.verified_samples,
+            }
+            if verify
+            else None
+        )
     return FisherResult(totals, meta)
 
 

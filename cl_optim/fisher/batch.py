@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["Batch", "logits"]
 
@@ -51,14 +51,18 @@ class Batch:
 
     def _map(self, fn) -> Batch:
         """A batch with ``fn`` applied to every per-sample tensor (leading dimension = the batch)."""
+        size = self.size
 
-        def cut(value):
-            if isinstance(value, Tensor) and value.dim() and value.shape[0] == self.size:
-                return fn(value)
+        def cut(value):  # plain recursion: torch's pytree costs more than the model on small batches
+            if isinstance(value, Tensor):
+                return fn(value) if value.dim() and value.shape[0] == size else value
+            if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+                return type(value)(cut(v) for v in value)
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
             return value
 
-        args, kwargs, targets = tree_map(cut, (self.args, self.kwargs, self.targets))
-        return Batch(args, kwargs, targets)
+        return Batch(cut(self.args), cut(self.kwargs), cut(self.targets))
 
     def rows(self, start: int, stop: int) -> Batch:
         """Samples ``start..stop-1``, every per-sample tensor cut (shared ones kept whole)."""

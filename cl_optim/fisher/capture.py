@@ -70,7 +70,8 @@ BATCH_MAJOR = Layout("axis", 0)
 
 @dataclass
 class Call:
-    """One call of a layer: its (detached) inputs, their versions, and its output tensors."""
+    """One call of a layer: its (detached) inputs, their versions (pairs of tensor and version),
+    and its output tensors."""
 
     module: nn.Module
     args: tuple
@@ -86,9 +87,8 @@ class Call:
         return [leaves[i] for i in self.output_index]
 
     def check_unchanged(self, name: str) -> None:
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        for t, v in zip(leaves, self.versions):
-            if isinstance(t, Tensor) and t._version != v:
+        for t, version in self.versions:
+            if t._version != version:
                 raise RuntimeError(f"the input of {name} was modified in place after the layer ran")
 
 
@@ -119,21 +119,33 @@ class Capture:
         self.handles = []
 
     def _hook(self, module, args, kwargs, output):
-        leaves, spec = tree_flatten(output)
-        args, kwargs = tree_map(_detach, (args, kwargs))
         how = self.expand.get(module)
-        if how is not None:
-            grow = _expander(how, self.size)
-            leaves = [grow(t) if isinstance(t, Tensor) else t for t in leaves]
-            args, kwargs = tree_map(
-                lambda t: grow(t) if isinstance(t, Tensor) and t.dim() else t, (args, kwargs)
-            )
-        versions = [t._version if isinstance(t, Tensor) else None for t in tree_flatten((args, kwargs))[0]]
+        simple = (
+            how is None
+            and isinstance(output, Tensor)
+            and not kwargs
+            and all(isinstance(a, Tensor) for a in args)
+        )
+        if simple:  # the common case, without torch's pytree (it costs more than a small layer)
+            leaves, spec = [output], None
+            args = tuple(a.detach() for a in args)
+            inputs = list(args)
+        else:
+            leaves, spec = tree_flatten(output)
+            args, kwargs = tree_map(_detach, (args, kwargs))
+            if how is not None:
+                grow = _expander(how, self.size)
+                leaves = [grow(t) if isinstance(t, Tensor) else t for t in leaves]
+                args, kwargs = tree_map(
+                    lambda t: grow(t) if isinstance(t, Tensor) and t.dim() else t, (args, kwargs)
+                )
+            inputs = tree_flatten((args, kwargs))[0]
+        versions = [(t, t._version) for t in inputs if isinstance(t, Tensor)]
         index = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
         call = Call(module, args, kwargs, versions, [leaves[i] for i in index], index, how is not None)
         self.calls.setdefault(module, []).append(call)
         handed = [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
-        return tree_unflatten(handed, spec)
+        return handed[0] if spec is None else tree_unflatten(handed, spec)
 
 
 def _detach(value):
@@ -147,17 +159,16 @@ def _expander(how: str, size: int):
 
 
 def expansion_for(call: Call, size: int) -> Optional[str]:
-    """How a layer call that no sample owns can be expanded to the batch, or None: every tensor
-    it saw and made has leading dimension 1 ("lead"), or none has the batch size anywhere ("new")."""
-    leaves = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor) and t.dim()]
-    leaves += call.outputs
+    """How a layer call that no sample owns could be expanded to the batch: every tensor it saw and
+    made has leading dimension 1 ("lead": ``(1, T)`` ids), or it is taken as shared whole ("new":
+    ``arange(T)`` ids). Only a guess: the expansion is kept only if the model's output does not
+    change and the probe then finds the samples on dimension 0."""
     if not call.outputs:
         return None
-    if all(t.shape[0] == 1 for t in leaves):
+    leaves = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor) and t.dim()]
+    if all(t.shape[0] == 1 for t in leaves + call.outputs):
         return "lead"
-    if all(size not in t.shape for t in leaves):
-        return "new"
-    return None
+    return "new"
 
 
 def _tolerance(t: Tensor) -> float:

@@ -19,8 +19,10 @@ A way that raises (``vmap`` cannot trace GRU) moves its layer one step down too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,7 +47,10 @@ LEVELS = (
     "torch.func (model)",
     "loop over samples (model)",
 )
-VERIFY_SAMPLES = 4
+VERIFY_SAMPLES = 3
+# Samples the probe plans on: enough to see samples mix, and a prime, so that a shared tensor
+# (position ids (T,)) seldom has a dimension of the same size, which would stop its expansion.
+PROBE_SAMPLES = 13
 
 
 @dataclass
@@ -62,21 +67,84 @@ class Route:
         return None
 
 
+@dataclass
+class _Saved:
+    """A model's plan in names (no references to its modules, so the model can be freed)."""
+
+    signature: tuple
+    routes: dict
+    expand: dict
+    model_level: dict
+    verified: bool
+
+
+# The plan of each model, reused by later estimates while its layers are the same: a continual
+# learner estimates the Fisher after every task on one model, and the routes are a property of
+# the model's layers and forward, not of the batch or the weights.
+_SAVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class Engine:
     def __init__(self, model: nn.Module, named: list, cap: int, verify: bool):
         self.model, self.cap, self.verify = model, cap, verify
         self.params = dict(named)
         self.layers, self.owners = _layers(model, self.params)
-        self.names = {m: name or type(m).__name__ for name, m in model.named_modules()}
+        self.qualified = {m: name for name, m in model.named_modules()}
+        self.names = {m: name or type(m).__name__ for m, name in self.qualified.items()}
         # Parameters shared by two layers: one gradient from two places, so the model level.
         self.model_level = {full: MODEL_FUNC for full, owners in self.owners.items() if len(owners) > 1}
         self.routes: dict = {}
         self.expand: dict = {}
         self.planned = False
+        self.checked = False  # the self-check ran since the last plan (or the reused plan had it)
+        self.reused = False
         self.warned: set = set()
         self.generator = torch.Generator().manual_seed(0)
         self.verify_seconds = 0.0
+        self.plan_seconds = 0.0
         self.verified_samples = 0
+        self.signature = self._signature()
+        saved = _SAVED.get(model)
+        if saved is not None and saved.signature == self.signature:
+            modules = dict(model.named_modules())
+            self.routes = {
+                modules[n]: dataclasses.replace(r, layouts=list(r.layouts)) for n, r in saved.routes.items()
+            }
+            self.expand = {modules[n]: how for n, how in saved.expand.items()}
+            self.model_level = dict(saved.model_level)
+            self.planned = self.reused = True
+            self.checked = saved.verified
+
+    def _signature(self) -> tuple:
+        """What the routes depend on: each layer's name, type, configuration, mode and parameters."""
+        out = []
+        for module, own in self.layers.items():
+            params = tuple(
+                (local, tuple(self.params[full].shape), self.params[full].dtype)
+                for local, full in own.items()
+            )
+            config = (module.extra_repr(), getattr(module, "batch_first", None), module.training)
+            out.append((self.qualified[module], type(module).__qualname__, config, params))
+        return tuple(out)
+
+    def save(self) -> None:
+        """Keep the plan for the next estimate on this model (only a complete, planned one)."""
+        if not self.planned:
+            return
+        _SAVED[self.model] = _Saved(
+            self.signature,
+            {
+                self.qualified[m]: dataclasses.replace(r, layouts=list(r.layouts))
+                for m, r in self.routes.items()
+            },
+            {self.qualified[m]: how for m, how in self.expand.items()},
+            dict(self.model_level),
+            self.checked,
+        )
+
+    def unrouted(self, capture: Capture) -> bool:
+        """Whether a layer ran that the plan has not seen (another head, a conditional branch)."""
+        return any(module not in self.routes for module in capture.calls)
 
     # ------------------------------------------------------------------------------ forward
 
@@ -93,8 +161,21 @@ class Engine:
 
     # ------------------------------------------------------------------------------ planning
 
-    def plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
-        """Routes every layer (see the module docstring); returns the forward to use."""
+    def plan(self, batch: Batch) -> None:
+        """Routes every layer (see the module docstring) on the first samples of ``batch``.
+
+        The probe reads values, not shapes (a sequence length equal to the probe's sample count
+        cannot fool it), so a slice of the batch serves as well as the whole and costs a fraction.
+        """
+        start = time.perf_counter()
+        try:
+            part = batch.take(min(batch.size, PROBE_SAMPLES))
+            output, capture = self.forward(part)
+            self._plan(part, output, capture)
+        finally:
+            self.plan_seconds += time.perf_counter() - start
+
+    def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> None:
         single = [m for m, calls in capture.calls.items() if len(calls) == 1]
         layouts, _, _ = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
         candidates = {}
@@ -113,7 +194,7 @@ class Engine:
             self.routes[module] = _route(module, capture.calls[module][0], found)
         self._check_coverage(output, capture, v, dict(zip(single, deltas)))
         self.planned = True
-        return output, capture
+        self.checked = False
 
     def _expand(self, batch, output, capture, candidates: dict):
         """Expand layers run once for the batch; keep those the model's output does not see."""
@@ -137,7 +218,7 @@ class Engine:
     def _check_coverage(self, output, capture, v, deltas: dict) -> None:
         """Parameters whose batch gradient (for the probe's seed ``v``) is not the sum of what their
         layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level."""
-        by_layer = [m for m, r in self.routes.items() if r.level < MODEL_FUNC]
+        by_layer = [m for m in deltas if self.routes[m].level < MODEL_FUNC]
         names = [full for m in by_layer for full in self.layers[m].values() if full not in self.model_level]
         if not names:
             return
@@ -269,27 +350,39 @@ class Engine:
             self.warned.add(message)
             warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=4)
 
-    def check(self, batch: Batch, seeds: list, zeros) -> None:
+    def check(self, batch: Batch, output: Tensor, zeros) -> None:
         """The self-check: the routed computation on the first samples against the model run one
-        sample at a time; a layer that differs goes one step down (repeated until they agree)."""
+        sample at a time; a layer that differs goes one step down (repeated until they agree).
+
+        Both sides take one random output cotangent per sample instead of the estimator's seeds:
+        every way is linear in the cotangent, so one random direction finds a wrong split as well
+        as all C of the exact Fisher's, at a C-th of the cost.
+        """
         start = time.perf_counter()
         k = min(batch.size, VERIFY_SAMPLES)
-        part, part_seeds = batch.take(k), [s[:k] for s in seeds]
+        part = batch.take(k)
+        part_seeds = [torch.randn((k, *output.shape[1:]), generator=self.generator).to(output.device)]
         want = zeros()
-        model_looped_squares_(self.model, self.params, part, part_seeds, want)
-        scale = max((float(w.norm()) / max(1, w.numel()) ** 0.5 for w in want.values()), default=0.0)
-        for _ in range(LEVELS.__len__()):
+        alone = torch.cat(model_looped_squares_(self.model, self.params, part, part_seeds, want))
+        names = list(want)
+        want_norms = torch.stack([want[n].norm() for n in names]).tolist()  # one sync, not one per tensor
+        sizes = [max(1, want[n].numel()) ** 0.5 for n in names]
+        scale = max((w / n for w, n in zip(want_norms, sizes)), default=0.0)
+        tolerances = [
+            _tolerance(self.params[n]) * w + 1e-5 * scale * size
+            for n, w, size in zip(names, want_norms, sizes)
+        ]
+        for _ in range(len(LEVELS)):
             got = zeros()
             output, capture = self.forward(part)
+            _check_samples_do_not_interact(output.detach(), alone)
             self.accumulate(part, output, capture, part_seeds, got)
-            bad = {}
-            for name, w in want.items():
-                error = float((got[name] - w).norm())
-                tol = (
-                    _tolerance(self.params[name]) * float(w.norm()) + 1e-5 * scale * max(1, w.numel()) ** 0.5
-                )
-                if error > tol:
-                    bad[name] = error / max(float(w.norm()), 1e-30)
+            errors = torch.stack([(got[n] - want[n]).norm() for n in names]).tolist()
+            bad = {
+                n: error / max(w, 1e-30)
+                for n, error, w, tol in zip(names, errors, want_norms, tolerances)
+                if not error <= tol
+            }
             if not bad:
                 break
             for name, error in bad.items():
@@ -305,6 +398,7 @@ class Engine:
                                              f"(relative error {error:.2g} on {name})")  # fmt: skip
         self.verify_seconds += time.perf_counter() - start
         self.verified_samples = k
+        self.checked = True
 
     def describe(self) -> dict:
         out = {}
@@ -339,6 +433,21 @@ class Engine:
                 detail.append(route.reason)
             out[name] = what + (f" ({'; '.join(detail)})" if detail else "")
         return out
+
+
+def _check_samples_do_not_interact(together: Tensor, alone: Tensor) -> None:
+    """Every way here takes each sample's output from the batch's forward; a model whose output
+    for a sample depends on the others (statistics of the batch) has no such output to take."""
+    if together.shape != alone.shape or not torch.allclose(
+        together.float(), alone.float(), rtol=_tolerance(together), atol=1e-5
+    ):
+        error = float((together.float() - alone.float()).norm() / alone.float().norm().clamp_min(1e-30))
+        raise ValueError(
+            "the model's outputs for the first samples of a batch differ from their outputs one sample at "
+            f"a time (relative error {error:.2g}): its samples interact in the forward (statistics of the "
+            "batch, train-mode normalisation), so there is no per-sample Fisher of the batch's forward. "
+            "Remove the interaction (eval mode, per-sample statistics) before estimating"
+        )
 
 
 def _route(module, call, layouts) -> Route:

@@ -146,10 +146,12 @@ def model_vmapped_squares_(model, params: dict, batch: Batch, seeds: list, acc: 
         )
 
 
-def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: dict) -> None:
-    """The definition: each sample alone through the model, one backward per seed."""
+def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: dict) -> list:
+    """The definition: each sample alone through the model, one backward per seed. Returns the
+    samples' outputs (detached)."""
     names = list(params)
     tensors = [params[name] for name in names]
+    outputs = []
     for n in range(batch.size):
         part = batch.rows(n, n + 1)
         with torch.enable_grad():
@@ -159,6 +161,7 @@ def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: d
                 f"the model's output has {out.shape[0]} rows for one sample: fisher.estimate needs one "
                 "row of logits per sample"
             )
+        outputs.append(out.detach())
         for seed in seeds:
             grads = torch.autograd.grad(
                 out, tensors, seed[n : n + 1].to(out.dtype), retain_graph=True, allow_unused=True
@@ -166,3 +169,4 @@ def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: d
             for name, g in zip(names, grads):
                 if g is not None:
                     acc[name].add_(g.to(torch.float32).square())
+    return outputs

@@ -1,0 +1,305 @@
+"""How cl_optim.fisher routes each layer, and the self-check that moves a wrong route.
+
+Every number is checked against a batch-size-1 loop written here from the definition (the
+independent zoo in test_fisher_zoo.py covers the layer catalogue); these tests pin the routes
+(fast rules where the issue asks for them), the layouts the probe finds, the self-check, and the
+plan kept between estimates on one model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cl_optim import fisher
+from cl_optim.fisher.capture import Layout
+
+
+def _loop(model, data, estimator="empirical"):
+    """Batch-size-1 loop: mean over samples of squared per-sample gradients of log p."""
+    model.eval()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    totals = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params}
+    seen = 0
+    for x, y in data:
+        for i in range(y.shape[0]):
+            logp = torch.log_softmax(model(x[i : i + 1]).double()[0], 0)
+            if estimator == "empirical":
+                terms = [(1.0, logp[y[i]])]
+            else:
+                terms = [(float(logp[c].exp()), logp[c]) for c in range(logp.shape[0])]
+            for weight, value in terms:
+                grads = torch.autograd.grad(
+                    value, [p for _, p in params], retain_graph=True, allow_unused=True
+                )
+                for (name, _), g in zip(params, grads):
+                    if g is not None:
+                        totals[name] += weight * g.double() ** 2
+            seen += 1
+    return {n: (t / seen).float() for n, t in totals.items()}
+
+
+def _assert_matches(got, want, tol=1e-4):
+    assert set(got) == set(want)
+    for name in want:
+        err = float((got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-30))
+        assert err <= tol, f"{name}: relative error {err:.3g}"
+
+
+def _batches(shape, classes, sizes=(6, 4), seed=0, tokens=None):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in sizes:
+        x = (
+            torch.randint(0, tokens, (b, *shape), generator=gen)
+            if tokens
+            else torch.randn(b, *shape, generator=gen)
+        )
+        out.append((x, torch.randint(0, classes, (b,), generator=gen)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ layouts
+
+
+def test_layouts_put_each_samples_rows_at_its_index():
+    batch, rows = 3, 4
+    t = torch.arange(batch * rows * 2).view(batch * rows, 2)  # blocks: sample n owns rows n*R..
+    blocks = Layout("blocks").sample_major(t, batch)
+    assert torch.equal(blocks[1], t[rows : 2 * rows])
+    inter = Layout("interleaved").sample_major(t, batch)  # sample n owns rows n, n+B, ...
+    assert torch.equal(inter[1], t[1::batch])
+    seq = torch.randn(5, batch, 2)  # (T, B, D)
+    assert torch.equal(Layout("axis", 1).sample_major(seq, batch)[2], seq[:, 2])
+    c = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(Layout("blocks").per_row(c, (6, 2)).flatten(), torch.tensor([1.0, 1, 2, 2, 3, 3]))
+    assert torch.equal(Layout("interleaved").per_row(c, (6, 2)).flatten(), torch.tensor([1.0, 2, 3, 1, 2, 3]))
+
+
+class Interleaved(nn.Module):
+    """Tokens flattened sequence-first, (T*B, D): the rows of a sample are every B-th."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # (B, T, 4)
+        b, t, _ = x.shape
+        h = torch.tanh(self.lin(x.transpose(0, 1).reshape(t * b, -1)))
+        return self.head(h.view(t, b, -1).mean(0))
+
+
+def test_interleaved_tokens_go_through_the_linear_rule():
+    torch.manual_seed(0)
+    model = Interleaved()
+    data = _batches((3, 4), 3)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["lin"] == "linear (samples as interleaved rows of dim 0)"
+
+
+# ------------------------------------------------------------------------------------ fast rules
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first=True, vocab=11, d=8, length=6, classes=4):
+        super().__init__()
+        self.batch_first = batch_first
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(length, d)
+        self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.1, batch_first=batch_first)
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))  # positions shared: (T, d)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.block(h)
+        h = h.mean(1 if self.batch_first else 0)
+        return self.head(self.norm(h))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_transformer_block_runs_on_fast_rules_only(batch_first):
+    torch.manual_seed(0)
+    model = Encoder(batch_first)
+    data = _batches((6,), 4, tokens=11)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    routes = got.meta["per_sample"]
+    where = "" if batch_first else " (samples on dim 1)"
+    assert routes["block.self_attn"] == "attention" + where
+    assert routes["block.linear1"] == "linear" + where and routes["block.norm2"] == "layernorm" + where
+    assert routes["pos"] == "embedding (expanded: run once for the whole batch)"
+    assert routes["norm"] == "rmsnorm" and routes["tok"] == "embedding"
+
+
+class CrossAttention(nn.Module):
+    """Separate key/value widths (q/k/v_proj_weight), a padding mask, and the attention weights
+    used by the output (their gradient reaches the projections too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=5, vdim=3, batch_first=True)
+        self.head = nn.Linear(8 + 4, 3)
+
+    def forward(self, x):  # (B, 4, 8 + 5 + 3)
+        q, k, v = x[..., :8], x[..., 8:13], x[..., 13:]
+        mask = torch.zeros(x.shape[0], 4, dtype=torch.bool)
+        mask[:, -1] = True  # the last key is padding
+        out, weights = self.attn(q, k, v, key_padding_mask=mask, need_weights=True)
+        return self.head(torch.cat([out.mean(1), weights.mean(1)], dim=1))
+
+
+def test_attention_with_separate_projections_masks_and_used_weights():
+    torch.manual_seed(0)
+    model = CrossAttention()
+    data = _batches((4, 16), 3)
+    for estimator in ("empirical", "exact"):
+        got = fisher.estimate(model, data, estimator=estimator)
+        _assert_matches(got, _loop(model, data, estimator))
+        assert got.meta["per_sample"]["attn"] == "attention"
+
+
+def test_hugging_face_bert_runs_on_fast_rules_only():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        {"input_ids": torch.randint(0, 30, (b, 6), generator=gen), "labels": torch.randint(0, 3, (b,), generator=gen)}
+        for b in (5, 3)
+    ]  # fmt: skip
+    got = fisher.estimate(model, batches, estimator="empirical")
+    routes = got.meta["per_sample"]
+    assert all(r.split(" (")[0] in ("linear", "embedding", "layernorm") for r in routes.values()), routes
+    assert "expanded" in routes["bert.embeddings.position_embeddings"]
+
+
+# ------------------------------------------------------------------------------------ self-check
+
+
+class BatchCentred(nn.Module):
+    """Centres the hidden layer with the batch mean, detached: the backward of each sample is its
+    own (the probe sees nothing), the forward is not (a batch of one gives zeros)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return self.head(h - h.mean(0, keepdim=True).detach() + 0.5)
+
+
+def test_the_self_check_refuses_a_model_whose_samples_interact_in_the_forward():
+    """Without the check the number is wrong; with it, a clear refusal."""
+    torch.manual_seed(0)
+    model = BatchCentred()
+    data = _batches((4,), 3)
+    want = _loop(model, data)
+    unchecked = fisher.estimate(model, data, estimator="empirical", verify=False)
+    assert float((unchecked["lin.weight"] - want["lin.weight"]).norm()) > 0.1 * float(
+        want["lin.weight"].norm()
+    )
+    # The same model: its plan was kept unchecked, so this estimate checks it.
+    with pytest.raises(ValueError, match="samples interact in the forward"):
+        fisher.estimate(model, data, estimator="empirical")
+
+
+class WrongRule(nn.Linear):
+    """A Linear whose rule is forced to be wrong (a bug in a rule, as the check must catch it)."""
+
+
+def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
+    from cl_optim.fisher import rules
+
+    original = rules.rule_for
+
+    def broken(module):
+        if isinstance(module, WrongRule):  # the 2-D identity with x instead of x**2
+
+            def apply(module, call, deltas, acc, cap, layout, batch):
+                acc["weight"].addmm_(deltas[0].float().square().t(), call.args[0].float())
+                acc["bias"].add_(deltas[0].float().square().sum(0))
+
+            return rules.Rule("broken", apply, lambda *a: True)
+        return original(module)
+
+    monkeypatch.setattr(rules, "rule_for", broken)
+    monkeypatch.setattr("cl_optim.fisher.engine.rule_for", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(WrongRule(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = _batches((4,), 3)
+    with pytest.warns(UserWarning, match=r"`0` \(WrongRule\): its per-sample squares differ"):
+        got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["0"].startswith("torch.func (layer)")
+    assert got.meta["per_sample"]["2"] == "linear"
+    assert got.meta["verify"]["samples"] == 3 and got.meta["verify"]["seconds"] > 0
+
+
+def test_verify_false_skips_the_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    got = fisher.estimate(model, _batches((4,), 3), estimator="exact", verify=False)
+    assert got.meta["verify"] is None
+    _assert_matches(got, _loop(model, _batches((4,), 3), "exact"))
+
+
+# ------------------------------------------------------------------------------------ plan reuse
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 6)
+        self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in range(3))
+        self.active = 0
+
+    def forward(self, x):
+        return self.heads[self.active](torch.tanh(self.trunk(x)))
+
+
+def test_the_plan_is_kept_for_the_next_estimate_and_redone_for_a_new_layer():
+    torch.manual_seed(0)
+    model = Heads()
+    data = _batches((4,), 2)
+    first = fisher.estimate(model, data, estimator="exact")
+    second = fisher.estimate(model, data, estimator="exact")
+    assert not first.meta["plan"]["reused"] and second.meta["plan"]["reused"]
+    assert second.meta["verify"]["reused"] and second.meta["verify"]["samples"] == 0
+    for name in first:
+        torch.testing.assert_close(first[name], second[name])
+    model.active = 1  # another head runs: planned and checked on this estimate
+    third = fisher.estimate(model, data, estimator="exact")
+    assert third.meta["per_sample"]["heads.1"] == "linear" and third.meta["verify"]["samples"] == 3
+    _assert_matches(third, _loop(model, data, "exact"))
+    model.trunk = nn.Linear(4, 6, bias=False)  # a layer of another configuration: a new plan
+    assert not fisher.estimate(model, data, estimator="exact").meta["plan"]["reused"]
+
+
+def test_the_mc_labels_follow_the_documented_draw():
+    """Labels drawn per batch, in data order, by torch.multinomial on the CPU softmax."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = _batches((4,), 3)
+    got = fisher.estimate(
+        model, data, estimator="mc", mc_samples=2, generator=torch.Generator().manual_seed(7)
+    )
+    gen = torch.Generator().manual_seed(7)
+    drawn = []
+    with torch.no_grad():
+        for x, _ in data:
+            labels = torch.multinomial(torch.softmax(model(x).float(), 1), 2, replacement=True, generator=gen)
+            drawn += [(x, labels[:, m]) for m in range(2)]
+    want = _loop(model, drawn)  # each draw a separate "sample" with weight 1/2 of a sample...
+    _assert_matches(got, want)  # ... and the mean over 2N equals the mc mean over N samples x 2 draws
