@@ -1,18 +1,34 @@
-"""Diagonal-Fisher estimation: time per sample of each way of getting per-sample squares.
+"""Diagonal-Fisher estimation: time per sample of each way of getting per-sample squares, and
+the cost of an estimate relative to one batched backward.
 
-A 784-400-400-10 MLP (478k parameters, the model of ``research/ewc.md`` §2.1) on random inputs,
-batches of 128. Providers per estimator: ``loop_bs1`` (one forward/backward per sample, what most
-CL libraries do), ``torch_func_vmap`` (``vmap`` over ``grad``, materialising per-sample
-gradients), and ``cl_optim`` (``cl_optim.fisher.estimate``: the ``(delta^2)^T (x^2)`` identity
-through hooks). There is no bytes floor: the table reports time per sample.
+Part 1, time per sample: a 784-400-400-10 MLP (478k parameters, the model of
+``research/ewc.md`` §2.1) on random inputs, batches of 128. Providers per estimator: ``loop_bs1``
+(one forward/backward per sample, what most CL libraries do), ``torch_func_vmap`` (``vmap`` over
+``grad``, materialising per-sample gradients), and ``cl_optim`` (``cl_optim.fisher.estimate``).
+
+Part 2, cost relative to one batched forward+backward of the mean loss over the same data
+(empirical Fisher, one seed), as the median of paired rounds (the backward and the provider timed
+back to back, alternating) with the 20th-80th percentile of the per-round ratios: the MLP, a
+transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
+``RMSNorm``, head: fast rules only) and an LSTM model (``torch.func`` on the layer). Providers:
+``cl_optim`` (the plan kept from an earlier estimate, the steady state), ``cl_optim_fresh`` (a new
+copy of the model each time: probe and self-check included; their share is printed),
+``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
+costs) and ``loop_bs1`` (the last fallback).
 
     python bench/bench_fisher.py [--quick] [--device cuda]
 """
 
 from __future__ import annotations
 
+import copy
+import csv
+import statistics
+import time
+import warnings
+
 import torch
-from harness import Case, parse_args, run
+from harness import CSV_FIELDS, Case, _versions, device_name, parse_args, run, synchronize
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -107,9 +123,195 @@ def cases(args):
     return out
 
 
+# ----------------------------------------------------------------------- part 2: cost vs backward
+
+
+class TransformerClassifier(nn.Module):
+    """Tokens + positions looked up with arange(T) (shared by the batch), encoder blocks, RMSNorm,
+    mean pool, head: every layer has a fast rule."""
+
+    def __init__(self, vocab=1000, width=128, heads=4, layers=2, length=32, classes=CLASSES):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(length, width)
+        self.blocks = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True)
+                for _ in range(layers)
+            ]
+        )
+        self.norm = nn.RMSNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.head(self.norm(self.blocks(h).mean(1)))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, vocab=1000, width=64, hidden=128, classes=CLASSES):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.rnn = nn.LSTM(width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.tok(tokens))
+        return self.head(out[:, -1])
+
+
+def _cost_models(args):
+    gen = torch.Generator().manual_seed(0)
+    batches, batch, length = (2, 32, 16) if args.quick else (4, 64, 32)
+
+    def tokens():
+        return [
+            (torch.randint(0, 1000, (batch, length), generator=gen).to(args.device),
+             torch.randint(0, CLASSES, (batch,), generator=gen).to(args.device))
+            for _ in range(batches)
+        ]  # fmt: skip
+
+    torch.manual_seed(0)
+    return {
+        "mlp784": (_model(args.device), _data(batches * batch, args.device, batch=batch)),
+        "transformer": (TransformerClassifier(length=length).to(args.device), tokens()),
+        "lstm": (LSTMClassifier().to(args.device), tokens()),
+    }
+
+
+def _backward(model, data):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        for x, y in data:
+            torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+
+    return step
+
+
+def _model_vmap(model, data):
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+
+    def log_prob(p, x, c):
+        logp = torch.log_softmax(functional_call(model, p, (x.unsqueeze(0),))[0], 0)
+        return torch.gather(logp, 0, c.unsqueeze(0))[0]
+
+    per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
+
+    def step():
+        for x, y in data:
+            for name, g in per_sample(params, x, y).items():
+                totals[name] += g.square().sum(0)
+
+    return step
+
+
+def _fresh(model, data, shares, copies=24):
+    """An estimate on a model that has no plan yet (copies made beforehand, outside the timing)."""
+    pool = [copy.deepcopy(model) for _ in range(copies)]
+
+    def step():
+        result = cl_optim.fisher.estimate(
+            pool.pop() if pool else copy.deepcopy(model), data, estimator="empirical"
+        )
+        total = result.meta["seconds"]
+        shares.append((result.meta["verify"]["seconds"] / total, result.meta["plan"]["seconds"] / total))
+
+    return step
+
+
+def _paired(base, provider, device, rounds):
+    """Per-round ratios provider/base, each pair timed back to back, the order alternating."""
+    base(), provider()  # warm-up (and the first plan of a kept-plan provider)
+    ratios = []
+    for r in range(rounds):
+        times = {}
+        for name, fn in (
+            (("base", base), ("provider", provider))
+            if r % 2 == 0
+            else (("provider", provider), ("base", base))
+        ):
+            synchronize(device)
+            tic = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name] = time.perf_counter() - tic
+        ratios.append(times["provider"] / times["base"])
+    return ratios
+
+
+def cost_table(args):
+    rounds = 5 if args.quick else 9
+    versions, stamp, dev = _versions(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name(args.device)
+    rows = []
+    print(f"\nbench_fisher: cost of an empirical-Fisher estimate relative to one batched forward+backward, "
+          f"paired rounds ({rounds}) — {dev}")  # fmt: skip
+    print(f"{'model':<12} {'provider':<18} {'x backward p50':>15} {'[p20, p80]':>16}  routes / shares")
+    for name, (model, data) in _cost_models(args).items():
+        model.eval()
+        base = _backward(model, data)
+        samples = sum(len(y) for _, y in data)
+        loop_data = data[:1] if name != "mlp784" else data
+        loop_samples = sum(len(y) for _, y in loop_data)
+        shares: list = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = cl_optim.fisher.estimate(model, data, estimator="empirical")
+            routes = sorted(
+                set(r.split(" (")[0].split(":")[0] for r in kept.meta["per_sample"].values()) - {"not called"}
+            )
+            providers = {
+                "cl_optim": lambda m=model, d=data: cl_optim.fisher.estimate(m, d, estimator="empirical"),
+                "cl_optim_fresh": _fresh(model, data, shares),
+                "torch_func_model": _model_vmap(model, data),
+                # The loop runs on fewer samples; its ratio is scaled to the same sample count.
+                "loop_bs1": loop_bs1(model, loop_data, "empirical"),
+            }
+            for provider, fn in providers.items():
+                try:
+                    ratios = _paired(base, fn, args.device, rounds)
+                except Exception as error:  # noqa: BLE001 - torch.func cannot trace every model (LSTM on CPU)
+                    print(
+                        f"{name:<12} {provider:<18} {'failed':>15}  {type(error).__name__}: {str(error)[:60]}"
+                    )
+                    continue
+                if provider == "loop_bs1":
+                    ratios = [r * samples / loop_samples for r in ratios]
+                p50 = statistics.median(ratios)
+                p20, p80 = (statistics.quantiles(ratios, n=5)[i] for i in (0, 3))
+                note = ", ".join(routes) if provider == "cl_optim" else ""
+                if provider == "cl_optim_fresh" and shares:
+                    note = (f"self-check {statistics.median(s[0] for s in shares):.0%}, "
+                            f"probe {statistics.median(s[1] for s in shares):.0%} of the estimate")  # fmt: skip
+                print(f"{name:<12} {provider:<18} {p50:14.2f}x [{p20:6.2f},{p80:7.2f}]  {note}")
+                rows.append(
+                    {
+                        "op": "fisher_cost", "provider": provider, "param_set": name, "metric": "x_backward",
+                        "unit": "ratio", "p50": f"{p50:.4g}", "p20": f"{p20:.4g}", "p80": f"{p80:.4g}",
+                        "device": dev, **versions, "timestamp": stamp,
+                    }
+                )  # fmt: skip
+                if provider == "cl_optim_fresh" and shares:
+                    for metric, values in (
+                        ("self_check_share", [s[0] for s in shares]),
+                        ("probe_share", [s[1] for s in shares]),
+                    ):
+                        v = statistics.median(values)
+                        rows.append({**rows[-1], "metric": metric, "p50": f"{v:.4g}", "p20": f"{min(values):.4g}", "p80": f"{max(values):.4g}"})  # fmt: skip
+    with args.csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} rows appended to {args.csv}")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv)
-    return run(cases(args), args.device, args.csv, "bench_fisher: diagonal Fisher, time per sample")
+    rows = run(cases(args), args.device, args.csv, "bench_fisher: diagonal Fisher, time per sample")
+    return rows + cost_table(args)
 
 
 if __name__ == "__main__":

@@ -255,36 +255,230 @@ def test_verify_false_skips_the_check():
     _assert_matches(got, _loop(model, _batches((4,), 3), "exact"))
 
 
-# ------------------------------------------------------------------------------------ plan reuse
+# ------------------------------------------------------------------------------------ replanning
 
 
 class Heads(nn.Module):
+    """The head is chosen by a task id in the last input column: a head first runs in the second
+    batch."""
+
     def __init__(self):
         super().__init__()
         self.trunk = nn.Linear(4, 6)
         self.heads = nn.ModuleList(nn.Linear(6, 2) for _ in range(3))
-        self.active = 0
+        self.extra = False
 
     def forward(self, x):
-        return self.heads[self.active](torch.tanh(self.trunk(x)))
+        h = torch.tanh(self.trunk(x))
+        out = self.heads[int(x[0, -1])](h)
+        if self.extra:  # a path that uses trunk's weight outside trunk's call
+            out = out + (h @ self.trunk.weight)[:, :2]
+        return out
 
 
-def test_the_plan_is_kept_for_the_next_estimate_and_redone_for_a_new_layer():
+def _tasks(data):
+    """Batch k is task k: its id in the last column."""
+    return [
+        (torch.cat([x[:, :-1], torch.full((len(x), 1), float(k))], 1), y) for k, (x, y) in enumerate(data)
+    ]
+
+
+def test_a_layer_first_run_in_a_later_batch_is_planned_and_checked_then():
     torch.manual_seed(0)
     model = Heads()
-    data = _batches((4,), 2)
-    first = fisher.estimate(model, data, estimator="exact")
-    second = fisher.estimate(model, data, estimator="exact")
-    assert not first.meta["plan"]["reused"] and second.meta["plan"]["reused"]
-    assert second.meta["verify"]["reused"] and second.meta["verify"]["samples"] == 0
-    for name in first:
-        torch.testing.assert_close(first[name], second[name])
-    model.active = 1  # another head runs: planned and checked on this estimate
-    third = fisher.estimate(model, data, estimator="exact")
-    assert third.meta["per_sample"]["heads.1"] == "linear" and third.meta["verify"]["samples"] == 3
-    _assert_matches(third, _loop(model, data, "exact"))
-    model.trunk = nn.Linear(4, 6, bias=False)  # a layer of another configuration: a new plan
-    assert not fisher.estimate(model, data, estimator="exact").meta["plan"]["reused"]
+    data = _tasks(_batches((4,), 2))
+    got = fisher.estimate(model, data, estimator="exact")
+    assert got.meta["per_sample"]["heads.1"] == "linear" and got.meta["per_sample"]["heads.2"] == "not called"
+    _assert_matches(got, _loop(model, data, "exact"))
+
+
+def test_every_estimate_plans_afresh_when_the_forward_changes_between_calls():
+    torch.manual_seed(0)
+    model = Heads()
+    data = _tasks(_batches((4,), 2))
+    fisher.estimate(model, data, estimator="exact")
+    model.extra = True
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert "torch.func (model)" in got.meta["per_sample"]["trunk"]
+
+
+# ------------------------------------------------------------------------------------ review cases
+
+
+def test_weights_tied_by_module_assignment():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mid(self.emb(tokens).mean(1))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    data = _batches((3,), 5, tokens=5)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["mid"] == "linear"
+
+
+def test_layers_called_with_keyword_inputs():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ln, self.b = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(input=self.ln(input=torch.tanh(self.a(input=x))))
+
+    torch.manual_seed(0)
+    model = Keywords()
+    data = _batches((4,), 3)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert set(got.meta["per_sample"].values()) == {"linear", "layernorm"}
+
+
+class SharedMask(nn.Module):
+    """A layer without a rule that takes a shared (T, T) mask: in the last batch B == T."""
+
+    class Mix(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+        def forward(self, x, mask):
+            return (x @ self.w @ x.transpose(1, 2) + mask).softmax(-1) @ x
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mix, self.head = nn.Linear(3, 4), self.Mix(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        return self.head(self.mix(self.inp(x), torch.full((t, t), float("-inf")).triu(1)).mean(1))
+
+
+def test_the_sample_axis_of_a_layers_inputs_is_planned_not_guessed_per_batch():
+    torch.manual_seed(0)
+    model = SharedMask()
+    data = [
+        (torch.randn(8, 5, 3), torch.randint(0, 3, (8,))),
+        (torch.randn(5, 5, 3), torch.randint(0, 3, (5,))),
+    ]
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["mix"] == "torch.func (layer)"
+
+
+def test_a_gru_with_a_hidden_state_of_two_layers_and_a_batch_of_two():
+    class GRUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = nn.Linear(3, 4)
+            self.rnn = nn.GRU(3, 4, num_layers=2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h0 = torch.tanh(self.h(x.mean(1))).unsqueeze(0).repeat(2, 1, 1)  # (layers, B, H)
+            return self.head(self.rnn(x, h0)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = GRUNet()
+    data = [
+        (torch.randn(6, 5, 3), torch.randint(0, 3, (6,))),
+        (torch.randn(2, 5, 3), torch.randint(0, 3, (2,))),
+    ]
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["rnn"] == "loop over samples (layer)"
+
+
+def test_a_zero_initialised_adapter_contributes_zeros_and_its_layout_is_not_trusted():
+    """LoRA-style: ``up`` starts at zero, so no gradient reaches ``down``'s output when probed and
+    its layout is a guess; the next estimate (after training moved ``up``) probes it again."""
+
+    class Adapter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.down, self.up, self.head = (
+                nn.Linear(3, 4),
+                nn.Linear(4, 2),
+                nn.Linear(2, 4),
+                nn.Linear(4, 3),
+            )
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+        def forward(self, x):  # (B, T, 3), tokens flattened sequence-first
+            b, t, _ = x.shape
+            h = self.inp(x).transpose(0, 1).reshape(t * b, -1)
+            h = h + self.up(torch.tanh(self.down(h)))
+            return self.head(h.view(t, b, -1).mean(0))
+
+    torch.manual_seed(0)
+    model = Adapter()
+    data = _batches((3, 3), 3)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(
+        {n: v for n, v in got.items() if not n.startswith("down")},
+        {n: v for n, v in _loop(model, data, "exact").items() if not n.startswith("down")},
+    )
+    assert float(got["down.weight"].abs().max()) == 0.0
+    nn.init.normal_(model.up.weight)
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["down"] == "linear (samples as interleaved rows of dim 0)"
+
+
+def test_a_failure_part_way_through_torch_func_is_not_counted_twice():
+    from torch._C._functorch import is_batchedtensor
+
+    class Flaky(nn.Module):  # stands in for an out-of-memory error on a later chunk under vmap
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4) / 2)
+            self.calls, self.fail_at = 0, None
+
+        def forward(self, x):
+            if is_batchedtensor(x) or torch._C._are_functorch_transforms_active():
+                self.calls += 1
+                if self.calls == self.fail_at:
+                    raise RuntimeError("simulated out of memory")
+            return torch.tanh(x @ self.w)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Flaky(), nn.Linear(4, 3))
+    data = [(torch.randn(6, 4), torch.randint(0, 3, (6,)))]
+    want = _loop(model, data, "exact")
+    model[1].fail_at = 2
+    with pytest.warns(UserWarning, match="torch.func failed"):
+        got = fisher.estimate(model, data, estimator="exact", memory_cap=40, verify=False)
+    _assert_matches(got, want)
+
+
+def test_batchnorm_without_parameters_in_train_mode_is_refused_before_any_forward():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with pytest.raises(RuntimeError, match="BatchNorm1d in train mode"):
+        fisher.estimate(model, _batches((4,), 3), estimator="exact", eval_mode=False)
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+def test_a_bf16_model_keeps_its_fast_rules():
+    """The probe's per-sample scales are powers of two: exact in bf16, so the rules are proven."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+    data = _batches((16,), 5)
+    want = fisher.estimate(model, data, estimator="exact")
+    low = fisher.estimate(model.bfloat16(), [(x.bfloat16(), y) for x, y in data], estimator="exact")
+    assert set(low.meta["per_sample"].values()) == {"linear"}
+    for name in want:
+        assert float((low[name] - want[name]).norm() / want[name].norm()) < 0.05
 
 
 def test_the_mc_labels_follow_the_documented_draw():

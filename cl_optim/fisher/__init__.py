@@ -162,6 +162,7 @@ def estimate(
                 )
                 draws = [s * loss_scale for s in draws]
                 if not engine.planned:  # one sample: the definition itself is the cheapest
+                    engine.alone.update(capture.calls)
                     engine.accumulate_one(batch, draws, totals)
                 else:
                     if verify and not engine.checked:
@@ -193,14 +194,12 @@ def estimate(
         "seconds": seconds,
     }
     if estimator != "batched":
-        engine.save()
-        meta["plan"] = {"seconds": engine.plan_seconds, "reused": engine.reused}
+        meta["plan"] = {"seconds": engine.plan_seconds}
         meta["verify"] = (
             {
                 "samples": engine.verified_samples,
                 "seconds": engine.verify_seconds,
                 "share": engine.verify_seconds / seconds if seconds > 0 else 0.0,
-                "reused": engine.reused and engine.checked and not engine.verified_samples,
             }
             if verify
             else None

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["Call", "Capture", "Layout", "probe_layouts"]
+__all__ = ["Call", "Capture", "Layout", "Probe", "probe_layouts"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ BATCH_MAJOR = Layout("axis", 0)
 
 @dataclass
 class Call:
-    """One call of a layer: its (detached) inputs, their versions (pairs of tensor and version),
-    and its output tensors."""
+    """One call of a layer: its (detached) inputs and their flattened tensors, the versions of
+    those (pairs of tensor and version), the inputs as the layer got them (for the probe), and
+    its output tensors."""
 
     module: nn.Module
     args: tuple
@@ -79,6 +80,8 @@ class Call:
     versions: list
     outputs: list  # the output's tensor leaves that require grad, in tree order
     output_index: list  # their positions among the output's leaves
+    inputs: list  # the flattened (args, kwargs) leaves, detached
+    raw_inputs: list  # the same leaves as the layer got them (requiring grad where they did)
     expanded: bool = False
 
     def pick_outputs(self, output) -> list:
@@ -91,14 +94,25 @@ class Call:
             if t._version != version:
                 raise RuntimeError(f"the input of {name} was modified in place after the layer ran")
 
+    def main_input(self):
+        """The layer's first input, positional or by keyword (``self.lin(input=x)``)."""
+        if self.args:
+            return self.args[0]
+        import inspect
+
+        first = next(iter(inspect.signature(self.module.forward).parameters))
+        return self.kwargs[first]
+
 
 class Capture:
     """Forward hooks on ``layers`` that record every :class:`Call`.
 
-    ``expand`` holds layers that run once for the whole batch (a position table looked up with
-    ``arange(T)`` or ids of shape ``(1, T)``): their output and inputs are expanded to the batch
-    (``(1, ...)`` to ``(B, ...)``, or ``(...)`` to ``(B, ...)``), which broadcasting makes
-    invisible to the rest of the model, so that each sample's gradient reaches them apart.
+    ``expand`` maps layers that run once for the whole batch (a position table looked up with
+    ``arange(T)`` or ids of shape ``(1, T)``) to ``(how, rank of the output)``: their output and
+    inputs are expanded to the batch (``(1, ...)`` to ``(B, ...)``, or ``(...)`` to
+    ``(B, ...)``), which broadcasting makes invisible to the rest of the model, so that each
+    sample's gradient reaches them apart. A call of another rank (ids that are per sample in a
+    later batch) is left as it is and marked not expanded.
     """
 
     def __init__(self, layers, size: int, expand: Optional[dict] = None):
@@ -119,7 +133,13 @@ class Capture:
         self.handles = []
 
     def _hook(self, module, args, kwargs, output):
-        how = self.expand.get(module)
+        planned = self.expand.get(module)
+        how = None
+        if planned is not None:  # expand only a call shaped as the one the plan expanded
+            first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
+            rank_ok = first is not None and first.dim() == planned[1]
+            if rank_ok and (planned[0] == "new" or first.shape[0] == 1):
+                how = planned[0]
         simple = (
             how is None
             and isinstance(output, Tensor)
@@ -128,21 +148,25 @@ class Capture:
         )
         if simple:  # the common case, without torch's pytree (it costs more than a small layer)
             leaves, spec = [output], None
+            raw = list(args)
             args = tuple(a.detach() for a in args)
             inputs = list(args)
         else:
             leaves, spec = tree_flatten(output)
-            args, kwargs = tree_map(_detach, (args, kwargs))
             if how is not None:
                 grow = _expander(how, self.size)
                 leaves = [grow(t) if isinstance(t, Tensor) else t for t in leaves]
                 args, kwargs = tree_map(
                     lambda t: grow(t) if isinstance(t, Tensor) and t.dim() else t, (args, kwargs)
                 )
+            raw = tree_flatten((args, kwargs))[0]
+            args, kwargs = tree_map(_detach, (args, kwargs))
             inputs = tree_flatten((args, kwargs))[0]
         versions = [(t, t._version) for t in inputs if isinstance(t, Tensor)]
         index = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
-        call = Call(module, args, kwargs, versions, [leaves[i] for i in index], index, how is not None)
+        call = Call(
+            module, args, kwargs, versions, [leaves[i] for i in index], index, inputs, raw, how is not None
+        )
         self.calls.setdefault(module, []).append(call)
         handed = [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         return handed[0] if spec is None else tree_unflatten(handed, spec)
@@ -158,45 +182,70 @@ def _expander(how: str, size: int):
     return lambda t: t.unsqueeze(0).expand(size, *t.shape)  # (...) -> (B, ...)
 
 
-def expansion_for(call: Call, size: int) -> Optional[str]:
+def expansion_for(call: Call, size: int) -> Optional[tuple]:
     """How a layer call that no sample owns could be expanded to the batch: every tensor it saw and
     made has leading dimension 1 ("lead": ``(1, T)`` ids), or it is taken as shared whole ("new":
     ``arange(T)`` ids). Only a guess: the expansion is kept only if the model's output does not
     change and the probe then finds the samples on dimension 0."""
     if not call.outputs:
         return None
-    leaves = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor) and t.dim()]
+    leaves = [t for t in call.inputs if isinstance(t, Tensor) and t.dim()]
+    rank = call.outputs[0].dim()
     if all(t.shape[0] == 1 for t in leaves + call.outputs):
-        return "lead"
-    return "new"
+        return ("lead", rank)
+    return ("new", rank)
 
 
 def _tolerance(t: Tensor) -> float:
-    return 1e-3 if t.dtype in (torch.float32, torch.float64) else 3e-2
+    # The per-sample scales are powers of two: c_n * (J^T v_n) is computed exactly in any float
+    # format (barring underflow), so an owned row matches to rounding-free precision.
+    return 1e-4 if t.dtype in (torch.float32, torch.float64) else 1e-2
+
+
+@dataclass
+class Probe:
+    """What the probe found for one call: the layout of each output (None: samples mix), whether
+    a gradient reached each output (else its layout is only a guess), and the layout of each
+    flattened input that required grad (None for the others)."""
+
+    outputs: list
+    proven: list
+    inputs: list
 
 
 def probe_layouts(output: Tensor, calls: list, generator: torch.Generator) -> tuple[list, Tensor, list]:
-    """The :class:`Layout` of every output tensor of every call (None where samples mix).
+    """Where every output (and every input that requires grad) of every call keeps its samples.
 
-    Returns ``(layouts per call, v, deltas per call for v)``; the deltas of the random seed ``v``
-    serve the coverage check too.
+    Returns ``(Probe per call, v, output deltas per call for v)``; the deltas of the random seed
+    ``v`` serve the coverage check too.
     """
     batch = output.shape[0]
     v = torch.randn(output.shape, generator=generator).to(output)
-    c = 1 + 3 * torch.randperm(batch, generator=generator).to(torch.float32) / batch
+    exponents = torch.randperm(batch, generator=generator) - batch // 2
+    c = torch.pow(2.0, exponents.to(torch.float64)).to(torch.float32)
     scaled = (c.to(output.device).view(-1, *([1] * (output.dim() - 1))) * v.float()).to(output.dtype)
-    tensors = [t for call in calls for t in call.outputs]
-    first = torch.autograd.grad(output, tensors, v, retain_graph=True, allow_unused=True)
-    second = torch.autograd.grad(output, tensors, scaled, retain_graph=True, allow_unused=True)
-    layouts, deltas, at = [], [], 0
+    targets, where = [], []
     for call in calls:
-        found = []
-        for t in call.outputs:
-            found.append(_layout_of(t.shape, first[at], second[at], c.to(t.device), batch))
-            at += 1
-        layouts.append(found)
-        deltas.append(list(first[at - len(call.outputs) : at]))
-    return layouts, v, deltas
+        inputs = [(i, t) for i, t in enumerate(call.raw_inputs) if isinstance(t, Tensor) and t.requires_grad]
+        where.append((len(targets), len(call.outputs), inputs))
+        targets += call.outputs + [t for _, t in inputs]
+    first = torch.autograd.grad(output, targets, v, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(output, targets, scaled, retain_graph=True, allow_unused=True)
+    probes, deltas = [], []
+    for call, (at, n_out, inputs) in zip(calls, where):
+        outs, proven = [], []
+        for k, t in enumerate(call.outputs):
+            a, b = first[at + k], second[at + k]
+            proven.append(a is not None and bool(a.any()))
+            outs.append(_layout_of(t.shape, a, b, c.to(t.device), batch))
+        ins = [None] * len(call.raw_inputs)
+        for k, (i, t) in enumerate(inputs):
+            a, b = first[at + n_out + k], second[at + n_out + k]
+            if a is not None and bool(a.any()):
+                ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch) or "mixed"
+        probes.append(Probe(outs, proven, ins))
+        deltas.append(list(first[at : at + n_out]))
+    return probes, v, deltas
 
 
 def _candidates(shape, batch: int):
@@ -209,10 +258,10 @@ def _candidates(shape, batch: int):
 def _layout_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int):
     candidates = _candidates(shape, batch)
     if first is None or second is None or not bool(first.any()):
-        return candidates[0] if candidates else None  # no gradient reaches it: nothing to separate
+        return candidates[0] if candidates else None  # no gradient reaches it: a guess (not proven)
     a, b = first.float(), second.float()
     tol = _tolerance(first)
-    atol = tol * 1e-2 * float(a.abs().max())
+    atol = tol * 1e-3 * float(a.abs().max())
     for layout in candidates:
         expected = layout.per_row(c, shape) * a
         if bool(((b - expected).abs() <= tol * expected.abs() + atol).all()):

@@ -19,10 +19,8 @@ A way that raises (``vmap`` cannot trace GRU) moves its layer one step down too.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,29 +57,16 @@ class Route:
     layouts: list = field(default_factory=list)  # per output tensor of the layer's call
     reason: str = ""
     rule: str = ""  # the rule's name, at level RULE
+    inputs: Optional[list] = field(default_factory=list)  # sample axis of each flattened input
+    # (None in the list: shared by the samples; None for the whole: the inputs' samples mix)
+    proven: Optional[list] = None  # per output: a gradient reached it when probed (else its layout
+    # is a guess, and a gradient reaching it later moves the layer to the model level)
 
     def axes(self) -> Optional[list]:
         """The sample axis of each output, if every output holds the samples along one axis."""
         if self.layouts and all(x is not None and x.kind == "axis" for x in self.layouts):
             return [x.dim for x in self.layouts]
         return None
-
-
-@dataclass
-class _Saved:
-    """A model's plan in names (no references to its modules, so the model can be freed)."""
-
-    signature: tuple
-    routes: dict
-    expand: dict
-    model_level: dict
-    verified: bool
-
-
-# The plan of each model, reused by later estimates while its layers are the same: a continual
-# learner estimates the Fisher after every task on one model, and the routes are a property of
-# the model's layers and forward, not of the batch or the weights.
-_SAVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Engine:
@@ -96,51 +81,16 @@ class Engine:
         self.routes: dict = {}
         self.expand: dict = {}
         self.planned = False
-        self.checked = False  # the self-check ran since the last plan (or the reused plan had it)
-        self.reused = False
+        self.checked = False  # the self-check ran since the last plan
         self.warned: set = set()
         self.generator = torch.Generator().manual_seed(0)
         self.verify_seconds = 0.0
         self.plan_seconds = 0.0
         self.verified_samples = 0
-        self.signature = self._signature()
-        saved = _SAVED.get(model)
-        if saved is not None and saved.signature == self.signature:
-            modules = dict(model.named_modules())
-            self.routes = {
-                modules[n]: dataclasses.replace(r, layouts=list(r.layouts)) for n, r in saved.routes.items()
-            }
-            self.expand = {modules[n]: how for n, how in saved.expand.items()}
-            self.model_level = dict(saved.model_level)
-            self.planned = self.reused = True
-            self.checked = saved.verified
-
-    def _signature(self) -> tuple:
-        """What the routes depend on: each layer's name, type, configuration, mode and parameters."""
-        out = []
-        for module, own in self.layers.items():
-            params = tuple(
-                (local, tuple(self.params[full].shape), self.params[full].dtype)
-                for local, full in own.items()
-            )
-            config = (module.extra_repr(), getattr(module, "batch_first", None), module.training)
-            out.append((self.qualified[module], type(module).__qualname__, config, params))
-        return tuple(out)
-
-    def save(self) -> None:
-        """Keep the plan for the next estimate on this model (only a complete, planned one)."""
-        if not self.planned:
-            return
-        _SAVED[self.model] = _Saved(
-            self.signature,
-            {
-                self.qualified[m]: dataclasses.replace(r, layouts=list(r.layouts))
-                for m, r in self.routes.items()
-            },
-            {self.qualified[m]: how for m, how in self.expand.items()},
-            dict(self.model_level),
-            self.checked,
-        )
+        self.alone: set = set()  # layers seen only in batches of one sample
+        for module in model.modules():  # a BatchNorm without parameters would slip past _layers
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                rule_for(module)
 
     def unrouted(self, capture: Capture) -> bool:
         """Whether a layer ran that the plan has not seen (another head, a conditional branch)."""
@@ -177,11 +127,11 @@ class Engine:
 
     def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> None:
         single = [m for m, calls in capture.calls.items() if len(calls) == 1]
-        layouts, _, _ = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
+        probes, _, _ = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
         candidates = {}
-        for module, found in zip(single, layouts):
+        for module, found in zip(single, probes):
             how = expansion_for(capture.calls[module][0], batch.size)
-            if any(x is None for x in found) and how is not None:
+            if any(x is None for x in found.outputs) and how is not None:
                 candidates[module] = how
         if candidates:
             output, capture = self._expand(batch, output, capture, candidates)
@@ -189,9 +139,9 @@ class Engine:
             if len(calls) > 1:
                 self.routes[module] = Route(MODEL_FUNC, reason=f"called {len(calls)} times in one forward")
         single = [m for m, calls in capture.calls.items() if len(calls) == 1]
-        layouts, v, deltas = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
-        for module, found in zip(single, layouts):
-            self.routes[module] = _route(module, capture.calls[module][0], found)
+        probes, v, deltas = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
+        for module, found in zip(single, probes):
+            self.routes[module] = _route(module, capture.calls[module][0], found, batch.size)
         self._check_coverage(output, capture, v, dict(zip(single, deltas)))
         self.planned = True
         self.checked = False
@@ -228,6 +178,8 @@ class Engine:
         local = {}
         for module in by_layer:
             own = {local_name: f for local_name, f in self.layers[module].items() if f in names}
+            if not own:  # every parameter of the layer is tied to another: already model level
+                continue
             call = capture.calls[module][0]
             ds = [torch.zeros_like(t) if d is None else d for t, d in zip(call.outputs, deltas[module])]
             grads = torch.autograd.grad(
@@ -249,14 +201,11 @@ class Engine:
         by_layer = []
         for module, calls in capture.calls.items():
             route = self.routes.get(module)
-            fits = (
+            if (
                 route is not None
                 and route.level < MODEL_FUNC
-                and len(calls) == 1
-                and len(route.layouts) == len(calls[0].outputs)
-                and all(x.fits(t.shape, batch.size) for x, t in zip(route.layouts, calls[0].outputs))
-            )
-            if fits:
+                and self._fits(module, route, calls, batch.size)
+            ):
                 by_layer.append(module)
                 continue
             level = route.level if route is not None and route.level >= MODEL_FUNC else MODEL_FUNC
@@ -264,11 +213,30 @@ class Engine:
                 model_params[full] = max(model_params.get(full, MODEL_FUNC), level)
         by_layer = [m for m in by_layer if any(f not in model_params for f in self.layers[m].values())]
         if by_layer:
-            self._by_layer(batch, output, capture, by_layer, seeds, totals, model_params)
+            for module in self._by_layer(batch, output, capture, by_layer, seeds, totals, model_params):
+                for full in self.layers[module].values():  # a gradient reached an unproven layout
+                    model_params[full] = MODEL_FUNC
         for level in (MODEL_FUNC, MODEL_LOOP):
             names = [n for n, lv in model_params.items() if lv == level]
             if names:
                 self._by_model(batch, seeds, totals, names, level)
+
+    def _fits(self, module, route: Route, calls: list, batch: int) -> bool:
+        """Whether this batch's call of a layer is shaped as the one the route was planned on."""
+        if len(calls) != 1 or len(route.layouts) != len(calls[0].outputs):
+            return False
+        call = calls[0]
+        if (module in self.expand) != call.expanded:
+            return False
+        if not all(x.fits(t.shape, batch) for x, t in zip(route.layouts, call.outputs)):
+            return False
+        if route.level in (LAYER_FUNC, LAYER_LOOP):
+            if len(route.inputs) != len(call.inputs):
+                return False
+            for t, d in zip(call.inputs, route.inputs):
+                if d is not None and not (isinstance(t, Tensor) and t.dim() > d and t.shape[d] == batch):
+                    return False
+        return True
 
     def accumulate_one(self, batch: Batch, seeds: list, totals: dict) -> None:
         """A batch of one sample before any plan: its batch gradient is its per-sample gradient."""
@@ -279,11 +247,14 @@ class Engine:
             local: totals[full] for local, full in self.layers[module].items() if full not in model_params
         }
 
-    def _by_layer(self, batch, output, capture, modules, seeds, totals, model_params) -> None:
+    def _by_layer(self, batch, output, capture, modules, seeds, totals, model_params) -> set:
+        """Per-layer ways; returns the layers with an unproven layout that a gradient reached in
+        this batch (they go to the model level instead, for every seed)."""
         for module in modules:
             capture.calls[module][0].check_unchanged(self.names[module])
         outputs = [t for m in modules for t in capture.calls[m][0].outputs]
         looped = {m: [] for m in modules if self.routes[m].level == LAYER_LOOP}
+        escalated: set = set()
         for seed in seeds:
             grads = torch.autograd.grad(
                 output, outputs, seed.to(output.dtype), retain_graph=True, allow_unused=True
@@ -293,29 +264,58 @@ class Engine:
                 call, route = capture.calls[module][0], self.routes[module]
                 deltas = list(grads[at : at + len(call.outputs)])
                 at += len(call.outputs)
+                if module in escalated:
+                    continue
+                if route.proven is not None and not all(route.proven):
+                    reached = [
+                        not ok and d is not None and bool(d.any()) for ok, d in zip(route.proven, deltas)
+                    ]
+                    if any(reached):  # a gradient where the probe saw none: the layout was a guess
+                        escalated.add(module)
+                        continue
                 acc = self._accumulators(module, totals, model_params)
                 if route.level == RULE:
                     rule_for(module).apply(module, call, deltas, acc, self.cap, route.layouts[0], batch.size)
                 elif route.level == LAYER_FUNC:
-                    try:
-                        layer_vmapped_squares_(module, call, deltas, acc, self.cap, route.axes())
+                    part = {k: torch.zeros_like(t) for k, t in acc.items()}
+                    try:  # into a scratch copy: a failure part-way must not leave half a batch added
+                        layer_vmapped_squares_(
+                            module, call, deltas, part, self.cap, route.axes(), route.inputs
+                        )
                     except Exception as error:
                         self._demote(module, f"torch.func failed: {_first_line(error)}")
                         looped[module] = [deltas]
+                        continue
+                    for k, t in part.items():
+                        acc[k].add_(t)
                 elif route.level == LAYER_LOOP:
                     looped[module].append(deltas)
         for module, delta_sets in looped.items():
             call = capture.calls[module][0]
             acc = self._accumulators(module, totals, model_params)
-            layer_looped_squares_(module, call, delta_sets, acc, self.routes[module].axes())
+            layer_looped_squares_(
+                module, call, delta_sets, acc, self.routes[module].axes(), self.routes[module].inputs
+            )
+        for module in escalated:
+            route = self.routes[module]
+            route.level, route.reason = (
+                MODEL_FUNC,
+                "no gradient reached it when probed, so its layout was not proven",
+            )
+            for full in self.layers[module].values():
+                self.model_level[full] = MODEL_FUNC
+        return escalated
 
     def _by_model(self, batch, seeds, totals, names, level) -> None:
         acc = {n: totals[n] for n in names}
         if level == MODEL_FUNC:
-            try:
+            part = {n: torch.zeros_like(totals[n]) for n in names}
+            try:  # into a scratch copy: a failure on a later seed or chunk must not count twice
                 model_vmapped_squares_(
-                    self.model, {n: self.params[n].detach() for n in names}, batch, seeds, acc, self.cap
+                    self.model, {n: self.params[n].detach() for n in names}, batch, seeds, part, self.cap
                 )
+                for n in names:
+                    acc[n].add_(part[n])
                 return
             except Exception as error:
                 for name in names:
@@ -407,7 +407,11 @@ class Engine:
             route = self.routes.get(module)
             at_model = [f for f in layer.values() if f in self.model_level]
             if route is None and not at_model:
-                out[name] = "not called"
+                out[name] = (
+                    "loop over samples (model): batches of one sample"
+                    if module in self.alone
+                    else "not called"
+                )
                 continue
             if route is None or route.level >= MODEL_FUNC or len(at_model) == len(layer):
                 level = (
@@ -450,14 +454,39 @@ def _check_samples_do_not_interact(together: Tensor, alone: Tensor) -> None:
         )
 
 
-def _route(module, call, layouts) -> Route:
+def _route(module, call, probe, batch: int) -> Route:
+    layouts, proven, inputs = probe.outputs, list(probe.proven), _input_axes(call, probe, batch)
     rule = rule_for(module)
     if rule is not None and rule.accepts(module, call, layouts):
-        return Route(RULE, layouts, rule=rule.name)
-    route = Route(LAYER_FUNC, layouts)
-    if route.axes() is not None:
+        return Route(RULE, layouts, rule=rule.name, proven=proven, inputs=inputs)
+    route = Route(LAYER_FUNC, layouts, proven=proven, inputs=inputs)
+    if route.axes() is not None and route.inputs is not None:
+        if isinstance(module, nn.RNNBase):  # vmap has no batching rule for the fused RNN kernels:
+            route.level = LAYER_LOOP  # it loops inside, slower than the plain loop (0.8x measured)
         return route
-    return Route(MODEL_FUNC, layouts, "its samples cannot be separated at its output")
+    return Route(MODEL_FUNC, layouts, "its samples cannot be separated at its inputs and outputs")
+
+
+def _input_axes(call, probe, batch: int) -> Optional[list]:
+    """The sample axis of each flattened input of a call, for running the layer per sample: the
+    probed layout where a gradient reached it, else read from the shapes of the planning batch
+    (a prime number of samples): the first output axis of that size, else any dimension of that
+    size, else shared. None if an input's samples mix."""
+    out_dims = [x.dim for x in probe.outputs if x is not None and x.kind == "axis"]
+    axes = []
+    for t, found in zip(call.inputs, probe.inputs):
+        if isinstance(found, Layout):
+            if found.kind != "axis":
+                return None
+            axes.append(found.dim)
+        elif found == "mixed":
+            return None
+        elif isinstance(t, Tensor):
+            dims = out_dims + list(range(t.dim()))
+            axes.append(next((d for d in dims if d < t.dim() and t.shape[d] == batch), None))
+        else:
+            axes.append(None)
+    return axes
 
 
 def _layers(model: nn.Module, params: dict) -> tuple[dict, dict]:

@@ -32,17 +32,18 @@ __all__ = [
 ]
 
 
-def _split(args, kwargs, batch: int, dims: list):
-    """Flattened inputs, the sample axis of each that holds the samples (the first of ``dims``
-    where its size is the batch; None for shared inputs), and the tree to rebuild them."""
+def _split(args, kwargs, in_axes: list):
+    """Flattened inputs, the sample axis of each (None: shared by the samples), and the tree."""
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
-    axes = []
-    for t in leaves:
-        found = None
-        if isinstance(t, Tensor):
-            found = next((d for d in dims if t.dim() > d and t.shape[d] == batch), None)
-        axes.append(found)
-    return leaves, axes, spec
+    if len(in_axes) != len(leaves):
+        raise ValueError("the layer's inputs changed structure since it was planned")
+    return leaves, list(in_axes), spec
+
+
+def model_input_axes(batch: Batch) -> list:
+    """The model's inputs hold the samples on dim 0 where their leading dimension is the batch."""
+    leaves, _ = tree_flatten((tuple(batch.args), dict(batch.kwargs)))
+    return [0 if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch.size else None for t in leaves]
 
 
 def vmapped_squares_(
@@ -55,18 +56,19 @@ def vmapped_squares_(
     cap: int,
     dims: list,
     outputs: Callable,
+    in_axes: list,
 ) -> None:
     """``acc[name] += sum_n (d sum_k <cotangents[k]_n, outputs(module(inputs_n))[k]> / d params[name])**2``
-    with ``vmap`` over ``grad``. Output ``k`` and its cotangent hold the samples along ``dims[k]``;
-    inputs holding them (along one of ``dims``) are split one sample at a time, kept as a batch
-    of one, and the others passed whole."""
+    with ``vmap`` over ``grad``. Output ``k`` and its cotangent hold the samples along ``dims[k]``,
+    flattened input ``i`` along ``in_axes[i]`` (None: shared, passed whole); inputs are split one
+    sample at a time, kept as a batch of one."""
     from torch.func import functional_call, grad, vmap
 
     pairs = [(k, c, dims[k]) for k, c in enumerate(cotangents) if c is not None]
     if not pairs or not params:
         return
     batch = pairs[0][1].shape[pairs[0][2]]
-    leaves, axes, spec = _split(args, kwargs, batch, list(dict.fromkeys(dims)))
+    leaves, axes, spec = _split(args, kwargs, in_axes)
     mapped = [i for i, d in enumerate(axes) if d is not None]
 
     def contracted(p, sample_inputs, sample_cotangents):
@@ -108,12 +110,14 @@ def vmapped_squares_(
         done = True
 
 
-def layer_vmapped_squares_(module, call, deltas, acc, cap, dims) -> None:
+def layer_vmapped_squares_(module, call, deltas, acc, cap, dims, in_axes) -> None:
     params = {name: module.get_parameter(name).detach() for name in acc}
-    vmapped_squares_(module, params, call.args, call.kwargs, deltas, acc, cap, dims, call.pick_outputs)
+    vmapped_squares_(
+        module, params, call.args, call.kwargs, deltas, acc, cap, dims, call.pick_outputs, in_axes
+    )
 
 
-def layer_looped_squares_(module, call, delta_sets: list, acc, dims) -> None:
+def layer_looped_squares_(module, call, delta_sets: list, acc, dims, in_axes) -> None:
     """One sample at a time through the layer alone, for every set of output cotangents."""
     params = [module.get_parameter(name) for name in acc]
     present = [ds for ds in delta_sets if any(d is not None for d in ds)]
@@ -121,7 +125,7 @@ def layer_looped_squares_(module, call, delta_sets: list, acc, dims) -> None:
         return
     k, first = next((k, d) for k, d in enumerate(present[0]) if d is not None)
     batch = first.shape[dims[k]]
-    leaves, axes, spec = _split(call.args, call.kwargs, batch, list(dict.fromkeys(dims)))
+    leaves, axes, spec = _split(call.args, call.kwargs, in_axes)
     for n in range(batch):
         sample = [t if d is None else t.narrow(d, n, 1) for t, d in zip(leaves, axes)]
         sample_args, sample_kwargs = tree_unflatten(sample, spec)
@@ -142,8 +146,9 @@ def layer_looped_squares_(module, call, delta_sets: list, acc, dims) -> None:
 def model_vmapped_squares_(model, params: dict, batch: Batch, seeds: list, acc: dict, cap: int) -> None:
     for seed in seeds:
         vmapped_squares_(
-            model, params, batch.args, batch.kwargs, [seed], acc, cap, [0], lambda out: [logits(out)]
-        )
+            model, params, batch.args, batch.kwargs, [seed], acc, cap, [0], lambda out: [logits(out)],
+            model_input_axes(batch),
+        )  # fmt: skip
 
 
 def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: dict) -> list:

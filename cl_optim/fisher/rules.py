@@ -61,7 +61,7 @@ def _batch_major(module, call: Call, layouts) -> bool:
 
 def _attention_layout(module, call: Call, layouts) -> bool:
     """Batched attention whose output holds the samples where ``batch_first`` says."""
-    query = call.args[0] if call.args else call.kwargs.get("query")
+    query = call.main_input() if call.args else call.kwargs.get("query")
     if (
         not isinstance(query, Tensor)
         or query.dim() != 3
@@ -104,7 +104,7 @@ def add_linear_squares_(
 
 
 def _linear(module: nn.Linear, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
-    x, d = _rows(call.args[0], layout, batch), _rows(deltas[0], layout, batch)
+    x, d = _rows(call.main_input(), layout, batch), _rows(deltas[0], layout, batch)
     add_linear_squares_(x, d, acc.get("weight"), acc.get("bias"), cap)
 
 
@@ -164,7 +164,7 @@ def _mha(
 
 
 def _conv(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
-    x = call.args[0].to(torch.float32)
+    x = call.main_input().to(torch.float32)
     d = deltas[0].to(torch.float32)
     two_d = isinstance(module, nn.Conv2d)
     if not two_d:  # Conv1d as a 1 x k Conv2d
@@ -189,7 +189,7 @@ def _embedding(
 ):
     if "weight" not in acc:
         return
-    tokens = layout.sample_major(call.args[0], batch).reshape(batch, -1)
+    tokens = layout.sample_major(call.main_input(), batch).reshape(batch, -1)
     rows = layout.sample_major(deltas[0], batch).to(torch.float32).reshape(batch, tokens.shape[1], -1)
     vocab = module.num_embeddings
     sample = torch.arange(batch, device=tokens.device).unsqueeze(1).expand_as(tokens)
@@ -216,7 +216,7 @@ def _affine_sums(x_hat: Tensor, d: Tensor, acc: Accumulators) -> None:
 
 def _normalised_rows(call: Call, deltas, layout: Layout, batch: int, features: int):
     """Sample-major ``(B, rows, *features)`` fp32 input and delta of a norm over the last dims."""
-    x = layout.sample_major(call.args[0], batch).to(torch.float32)
+    x = layout.sample_major(call.main_input(), batch).to(torch.float32)
     d = layout.sample_major(deltas[0], batch).to(torch.float32)
     shape = (batch, -1, *x.shape[x.dim() - features :])
     return x.reshape(shape), d.reshape(shape)
@@ -235,7 +235,7 @@ def _layer_norm(
 
 def _rms_norm(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int):
     features = len(module.normalized_shape)
-    eps = module.eps if module.eps is not None else torch.finfo(call.args[0].dtype).eps
+    eps = module.eps if module.eps is not None else torch.finfo(call.main_input().dtype).eps
     x, d = _normalised_rows(call, deltas, layout, batch, features)
     dims = tuple(range(2, x.dim()))
     _affine_sums(x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps), d, acc)
@@ -244,7 +244,7 @@ def _rms_norm(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int
 def _group_norm(
     module: nn.GroupNorm, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
 ):
-    x = call.args[0].to(torch.float32)
+    x = call.main_input().to(torch.float32)
     channels = x.shape[1]
     grouped = x.reshape(batch, module.num_groups, -1)
     mean = grouped.mean(2, keepdim=True)
@@ -255,7 +255,7 @@ def _group_norm(
 
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, call: Call, deltas, acc, cap, layout, batch):
-    x = call.args[0].to(torch.float32)
+    x = call.main_input().to(torch.float32)
     channels = x.shape[1]
     shape = (1, channels, 1)
     x = x.reshape(batch, channels, -1)
