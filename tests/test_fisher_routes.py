@@ -183,6 +183,47 @@ def test_hugging_face_bert_runs_on_fast_rules_only():
     assert "expanded" in routes["bert.embeddings.position_embeddings"]
 
 
+class Recurrent(nn.Module):
+    """An RNN whose last output and last-layer final state (c_n for LSTM) both reach the head."""
+
+    def __init__(self, kind, **options):
+        super().__init__()
+        self.rnn = kind(3, 4, **options)
+        self.batch_first = options.get("batch_first", False)
+        width = (options.get("proj_size") or 4) * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width + 4, 3)
+
+    def forward(self, x):  # (B, T, 3)
+        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        final = state[1] if isinstance(state, tuple) else state
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(torch.cat([last, final[-1][:, :4]], 1))
+
+
+RECURRENT = [
+    (nn.LSTM, {}),
+    (nn.LSTM, {"batch_first": True}),
+    (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    (nn.LSTM, {"num_layers": 2, "batch_first": True, "bidirectional": True, "bias": False}),
+    (nn.LSTM, {"proj_size": 2, "num_layers": 2}),
+    (nn.GRU, {}),
+    (nn.GRU, {"num_layers": 2, "bidirectional": True, "batch_first": True}),
+]
+
+
+@pytest.mark.parametrize("kind,options", RECURRENT, ids=[f"{k.__name__}-{o}" for k, o in RECURRENT])
+def test_recurrent_layers_take_the_unrolled_rule(kind, options):
+    torch.manual_seed(0)
+    model = Recurrent(kind, **options)
+    data = [
+        (torch.randn(6, 5, 3), torch.randint(0, 3, (6,))),
+        (torch.randn(4, 5, 3), torch.randint(0, 3, (4,))),
+    ]
+    got = fisher.estimate(model, data, estimator="exact")
+    _assert_matches(got, _loop(model, data, "exact"))
+    assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+
+
 # ------------------------------------------------------------------------------------ self-check
 
 
@@ -395,7 +436,7 @@ def test_a_gru_with_a_hidden_state_of_two_layers_and_a_batch_of_two():
     ]
     got = fisher.estimate(model, data, estimator="exact")
     _assert_matches(got, _loop(model, data, "exact"))
-    assert got.meta["per_sample"]["rnn"] == "loop over samples (layer)"
+    assert got.meta["per_sample"]["rnn"] == "recurrent"
 
 
 def test_a_zero_initialised_adapter_contributes_zeros_and_its_layout_is_not_trusted():

@@ -21,6 +21,8 @@ the layer's parameters ``w``, ``sum_n (d ell_n / d w)**2`` into an fp32 accumula
   the capture, so its per-sample gradient is the sample's sum over positions.
 * ``LayerNorm``/``RMSNorm`` (any number of leading dimensions), ``GroupNorm``, eval-mode
   ``BatchNorm``: ``sum_t delta * x_hat`` per sample.
+* ``LSTM``/``GRU``: the recurrence unrolled with its gate pre-activations kept, each weight a
+  ``Linear`` over time steps (:mod:`cl_optim.fisher.recurrent`).
 
 Layers without a rule go through :mod:`cl_optim.fisher.fallback`.
 """
@@ -285,6 +287,10 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
     kind = type(module)
     if kind is nn.Linear:
         return Rule("linear", _linear, _one_output)
+    if kind in (nn.LSTM, nn.GRU):
+        from .recurrent import accepts_recurrent, recurrent_squares_
+
+        return Rule("recurrent", recurrent_squares_, accepts_recurrent)
     if kind is nn.MultiheadAttention and not module.training and module.bias_k is None:
         return Rule("attention", _mha, _attention_layout)
     plain_conv = kind in (nn.Conv1d, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
