@@ -10,10 +10,9 @@ Part 2, cost relative to one batched forward+backward of the mean loss over the 
 (empirical Fisher, one seed), as the median of paired rounds (the backward and the provider timed
 back to back, alternating) with the 20th-80th percentile of the per-round ratios: the MLP, a
 transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
-``RMSNorm``, head: fast rules only) and an LSTM model (``torch.func`` on the layer). Providers:
-``cl_optim`` (the plan kept from an earlier estimate, the steady state), ``cl_optim_fresh`` (a new
-copy of the model each time: probe and self-check included; their share is printed),
-``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
+``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
+probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
+(``verify=False``), ``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
 costs) and ``loop_bs1`` (the last fallback).
 
     python bench/bench_fisher.py [--quick] [--device cuda]
@@ -21,7 +20,6 @@ costs) and ``loop_bs1`` (the last fallback).
 
 from __future__ import annotations
 
-import copy
 import csv
 import statistics
 import time
@@ -207,16 +205,12 @@ def _model_vmap(model, data):
     return step
 
 
-def _fresh(model, data, shares, copies=24):
-    """An estimate on a model that has no plan yet (copies made beforehand, outside the timing)."""
-    pool = [copy.deepcopy(model) for _ in range(copies)]
-
+def _ours(model, data, shares, verify=True):
     def step():
-        result = cl_optim.fisher.estimate(
-            pool.pop() if pool else copy.deepcopy(model), data, estimator="empirical"
-        )
-        total = result.meta["seconds"]
-        shares.append((result.meta["verify"]["seconds"] / total, result.meta["plan"]["seconds"] / total))
+        result = cl_optim.fisher.estimate(model, data, estimator="empirical", verify=verify)
+        if verify:
+            total = result.meta["seconds"]
+            shares.append((result.meta["verify"]["seconds"] / total, result.meta["plan"]["seconds"] / total))
 
     return step
 
@@ -262,8 +256,8 @@ def cost_table(args):
                 set(r.split(" (")[0].split(":")[0] for r in kept.meta["per_sample"].values()) - {"not called"}
             )
             providers = {
-                "cl_optim": lambda m=model, d=data: cl_optim.fisher.estimate(m, d, estimator="empirical"),
-                "cl_optim_fresh": _fresh(model, data, shares),
+                "cl_optim": _ours(model, data, shares),
+                "cl_optim_unchecked": _ours(model, data, shares, verify=False),
                 "torch_func_model": _model_vmap(model, data),
                 # The loop runs on fewer samples; its ratio is scaled to the same sample count.
                 "loop_bs1": loop_bs1(model, loop_data, "empirical"),
@@ -280,10 +274,10 @@ def cost_table(args):
                     ratios = [r * samples / loop_samples for r in ratios]
                 p50 = statistics.median(ratios)
                 p20, p80 = (statistics.quantiles(ratios, n=5)[i] for i in (0, 3))
-                note = ", ".join(routes) if provider == "cl_optim" else ""
-                if provider == "cl_optim_fresh" and shares:
-                    note = (f"self-check {statistics.median(s[0] for s in shares):.0%}, "
-                            f"probe {statistics.median(s[1] for s in shares):.0%} of the estimate")  # fmt: skip
+                note = ""
+                if provider == "cl_optim" and shares:
+                    note = (f"{', '.join(routes)}; probe {statistics.median(s[1] for s in shares):.0%}, "
+                            f"self-check {statistics.median(s[0] for s in shares):.0%} of the estimate")  # fmt: skip
                 print(f"{name:<12} {provider:<18} {p50:14.2f}x [{p20:6.2f},{p80:7.2f}]  {note}")
                 rows.append(
                     {
@@ -292,7 +286,7 @@ def cost_table(args):
                         "device": dev, **versions, "timestamp": stamp,
                     }
                 )  # fmt: skip
-                if provider == "cl_optim_fresh" and shares:
+                if provider == "cl_optim" and shares:
                     for metric, values in (
                         ("self_check_share", [s[0] for s in shares]),
                         ("probe_share", [s[1] for s in shares]),

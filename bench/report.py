@@ -42,6 +42,9 @@ def markdown(csv_path: Path) -> str:
     ops = list(dict.fromkeys(key[0] for key in table))
     lines = []
     for op in ops:
+        if op == "fisher_cost":
+            lines += _fisher_cost(table)
+            continue
         base = MAIN_BASELINE.get(op)
         keys = [key for key in table if key[0] == op]
         any_row = next(iter(table[keys[0]].values()))
@@ -71,6 +74,33 @@ def markdown(csv_path: Path) -> str:
     return "\n".join(lines)
 
 
+def _fisher_cost(table) -> list:
+    """Cost of a Fisher estimate as a multiple of one batched forward+backward (paired rounds)."""
+    keys = [key for key in table if key[0] == "fisher_cost"]
+    newest = max(row["timestamp"] for key in keys for row in table[key].values())
+    keys = [key for key in keys if any(row["timestamp"] == newest for row in table[key].values())]  # one run
+    any_row = next(iter(table[keys[0]].values()))
+    lines = [
+        f"**fisher_cost** — {any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
+        f"({any_row['git_sha']}, {any_row['timestamp'][:10]}); empirical Fisher over the same batches as "
+        "one forward+backward of the mean loss, median of paired rounds [p20, p80]\n",
+        "| model | provider | x backward | probe share | self-check share |",
+        "|---|---|---|---|---|",
+    ]
+    for key in keys:
+        metrics = table[key]
+        ratio = metrics["x_backward"]
+        shares = [
+            f"{float(metrics[m]['p50']):.0%}" if m in metrics else "-"
+            for m in ("probe_share", "self_check_share")
+        ]
+        lines.append(
+            f"| {key[1]} | {key[2]} | {float(ratio['p50']):.2f}x [{float(ratio['p20']):.2f}, {float(ratio['p80']):.2f}] "
+            f"| {shares[0]} | {shares[1]} |"
+        )
+    return lines + [""]
+
+
 def compact(csv_path: Path) -> str:
     """One row per (op, set): the main baseline, torch's best, and cl_optim's fastest backend."""
     with csv_path.open() as f:
@@ -85,6 +115,8 @@ def compact(csv_path: Path) -> str:
     ]
     for op, param_set in dict.fromkeys((key[0], key[1]) for key in table):
         base = MAIN_BASELINE.get(op)
+        if op == "fisher_cost":
+            continue
         ours = {k[2]: m for k, m in table.items() if k[:2] == (op, param_set) and k[2].startswith("cl_optim")}
         if base is None or (op, param_set, base) not in table or not ours:
             continue

@@ -213,11 +213,12 @@ class Probe:
     inputs: list
 
 
-def probe_layouts(output: Tensor, calls: list, generator: torch.Generator) -> tuple[list, Tensor, list]:
+def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, params=()) -> tuple:
     """Where every output (and every input that requires grad) of every call keeps its samples.
 
-    Returns ``(Probe per call, v, output deltas per call for v)``; the deltas of the random seed
-    ``v`` serve the coverage check too.
+    Returns ``(Probe per call, v, output deltas per call for v, gradients of params for v)``; the
+    deltas and the parameters' gradients of the random seed ``v`` serve the coverage check (taken
+    in the same backward).
     """
     batch = output.shape[0]
     v = torch.randn(output.shape, generator=generator).to(output)
@@ -229,7 +230,8 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator) -> tu
         inputs = [(i, t) for i, t in enumerate(call.raw_inputs) if isinstance(t, Tensor) and t.requires_grad]
         where.append((len(targets), len(call.outputs), inputs))
         targets += call.outputs + [t for _, t in inputs]
-    first = torch.autograd.grad(output, targets, v, retain_graph=True, allow_unused=True)
+    first = torch.autograd.grad(output, targets + list(params), v, retain_graph=True, allow_unused=True)
+    full = first[len(targets) :]
     second = torch.autograd.grad(output, targets, scaled, retain_graph=True, allow_unused=True)
     probes, deltas = [], []
     for call, (at, n_out, inputs) in zip(calls, where):
@@ -245,7 +247,7 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator) -> tu
                 ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch) or "mixed"
         probes.append(Probe(outs, proven, ins))
         deltas.append(list(first[at : at + n_out]))
-    return probes, v, deltas
+    return probes, v, deltas, list(full)
 
 
 def _candidates(shape, batch: int):

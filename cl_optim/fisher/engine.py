@@ -126,25 +126,46 @@ class Engine:
             self.plan_seconds += time.perf_counter() - start
 
     def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> None:
-        single = [m for m, calls in capture.calls.items() if len(calls) == 1]
-        probes, _, _ = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
-        candidates = {}
-        for module, found in zip(single, probes):
-            how = expansion_for(capture.calls[module][0], batch.size)
-            if any(x is None for x in found.outputs) and how is not None:
-                candidates[module] = how
-        if candidates:
-            output, capture = self._expand(batch, output, capture, candidates)
+        # Layers that look run once for the batch (no dimension of the planning batch's size, a
+        # prime when the batch allows) are tried expanded before the probe; a layer the probe
+        # finds shared that the shapes hid (a sequence as long as the batch) is tried after it,
+        # and probed again. The probe proves every layout, expanded or not.
+        tried: set = set()
+        for attempt in range(2):
+            candidates = {}
+            for module, calls in capture.calls.items():
+                if len(calls) != 1 or module in tried or module in self.expand:
+                    continue
+                looks_shared = all(batch.size not in t.shape for t in calls[0].outputs)
+                mixed = attempt == 1 and any(x is None for x in self.routes[module].layouts)
+                how = expansion_for(calls[0], batch.size) if looks_shared or mixed else None
+                if how is not None:
+                    candidates[module] = how
+            tried |= set(candidates)
+            if candidates and batch.size > 1:
+                output, capture = self._expand(batch, output, capture, candidates)
+            elif attempt == 1:
+                break
+            self._route_all(batch, output, capture)
+        self.planned = True
+        self.checked = False
+
+    def _route_all(self, batch: Batch, output: Tensor, capture: Capture) -> None:
         for module, calls in capture.calls.items():
             if len(calls) > 1:
                 self.routes[module] = Route(MODEL_FUNC, reason=f"called {len(calls)} times in one forward")
         single = [m for m, calls in capture.calls.items() if len(calls) == 1]
-        probes, v, deltas = probe_layouts(output, [capture.calls[m][0] for m in single], self.generator)
+        for module in single:  # routed afresh: earlier coverage flags and demotions are redone
+            for full_name in self.layers[module].values():
+                if len(self.owners[full_name]) == 1:
+                    self.model_level.pop(full_name, None)
+        names = self._coverage_names(single)
+        probes, v, deltas, full = probe_layouts(
+            output, [capture.calls[m][0] for m in single], self.generator, [self.params[n] for n in names]
+        )
         for module, found in zip(single, probes):
             self.routes[module] = _route(module, capture.calls[module][0], found, batch.size)
-        self._check_coverage(output, capture, v, dict(zip(single, deltas)))
-        self.planned = True
-        self.checked = False
+        self._check_coverage(capture, dict(zip(single, deltas)), dict(zip(names, full)))
 
     def _expand(self, batch, output, capture, candidates: dict):
         """Expand layers run once for the batch; keep those the model's output does not see."""
@@ -165,19 +186,17 @@ class Engine:
                 return self.forward(batch)
         return output, capture
 
-    def _check_coverage(self, output, capture, v, deltas: dict) -> None:
-        """Parameters whose batch gradient (for the probe's seed ``v``) is not the sum of what their
-        layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level."""
+    def _coverage_names(self, modules: list) -> list:
+        """The parameters the coverage check looks at: those of layers called once, not tied."""
+        return [full for m in modules for full in self.layers[m].values() if full not in self.model_level]
+
+    def _check_coverage(self, capture, deltas: dict, full: dict) -> None:
+        """Parameters whose batch gradient (for the probe's seed, ``full``) is not the sum of what
+        their layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level."""
         by_layer = [m for m in deltas if self.routes[m].level < MODEL_FUNC]
-        names = [full for m in by_layer for full in self.layers[m].values() if full not in self.model_level]
-        if not names:
-            return
-        full = torch.autograd.grad(
-            output, [self.params[n] for n in names], v, retain_graph=True, allow_unused=True
-        )
         local = {}
         for module in by_layer:
-            own = {local_name: f for local_name, f in self.layers[module].items() if f in names}
+            own = {k: f for k, f in self.layers[module].items() if f in full}
             if not own:  # every parameter of the layer is tied to another: already model level
                 continue
             call = capture.calls[module][0]
@@ -187,11 +206,21 @@ class Engine:
             )
             for f, g in zip(own.values(), grads):
                 local[f] = g
-        for name, g in zip(names, full):
-            want = torch.zeros_like(self.params[name]) if g is None else g.float()
-            got = torch.zeros_like(want) if local.get(name) is None else local[name].float()
-            scale = float(want.abs().max()) if want.numel() else 0.0
-            if not torch.allclose(got, want, rtol=1e-3, atol=1e-6 * (1 + scale)):
+        checked = {f for m in by_layer for f in self.layers[m].values()}
+        names = [n for n in full if n in checked]  # the others' layers go to the model level anyway
+        if not names:
+            return
+        errors, norms = [], []
+        for name in names:
+            want = full[name]
+            got = local.get(name)
+            want = torch.zeros_like(self.params[name]) if want is None else want.float()
+            got = torch.zeros_like(want) if got is None else got.float()
+            errors.append((got - want).norm())
+            norms.append(want.norm())
+        errors, norms = torch.stack(errors).tolist(), torch.stack(norms).tolist()  # one sync
+        for name, error, norm in zip(names, errors, norms):
+            if not error <= 1e-3 * norm + 1e-12:
                 self.model_level[name] = MODEL_FUNC
 
     # ------------------------------------------------------------------------------ accumulation
