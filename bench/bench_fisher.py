@@ -187,24 +187,6 @@ def _backward(model, data):
     return step
 
 
-def _model_vmap(model, data):
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    totals = {name: torch.zeros_like(p) for name, p in params.items()}
-
-    def log_prob(p, x, c):
-        logp = torch.log_softmax(functional_call(model, p, (x.unsqueeze(0),))[0], 0)
-        return torch.gather(logp, 0, c.unsqueeze(0))[0]
-
-    per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
-
-    def step():
-        for x, y in data:
-            for name, g in per_sample(params, x, y).items():
-                totals[name] += g.square().sum(0)
-
-    return step
-
-
 def _ours(model, data, shares, verify=True):
     def step():
         result = cl_optim.fisher.estimate(model, data, estimator="empirical", verify=verify)
@@ -258,7 +240,7 @@ def cost_table(args):
             providers = {
                 "cl_optim": _ours(model, data, shares),
                 "cl_optim_unchecked": _ours(model, data, shares, verify=False),
-                "torch_func_model": _model_vmap(model, data),
+                "torch_func_model": torch_func_vmap(model, data, "empirical"),
                 # The loop runs on fewer samples; its ratio is scaled to the same sample count.
                 "loop_bs1": loop_bs1(model, loop_data, "empirical"),
             }
