@@ -45,7 +45,7 @@ LEVELS = (
     "torch.func (model)",
     "loop over samples (model)",
 )
-VERIFY_SAMPLES = 3
+VERIFY_SAMPLES = 2  # two: a merge of two samples' rows shows only when both are checked
 # Samples the probe plans on: enough to see samples mix, and a prime, so that a shared tensor
 # (position ids (T,)) seldom has a dimension of the same size, which would stop its expansion.
 PROBE_SAMPLES = 13
@@ -81,7 +81,6 @@ class Engine:
         self.routes: dict = {}
         self.expand: dict = {}
         self.planned = False
-        self.checked = False  # the self-check ran since the last plan
         self.warned: set = set()
         self.generator = torch.Generator().manual_seed(0)
         self.verify_seconds = 0.0
@@ -112,7 +111,8 @@ class Engine:
     # ------------------------------------------------------------------------------ planning
 
     def plan(self, batch: Batch) -> None:
-        """Routes every layer (see the module docstring) on the first samples of ``batch``.
+        """Routes every layer (see the module docstring) on the first samples of ``batch``, then
+        (with ``verify``) checks the routes on the same forward.
 
         The probe reads values, not shapes (a sequence length equal to the probe's sample count
         cannot fool it), so a slice of the batch serves as well as the whole and costs a fraction.
@@ -121,11 +121,13 @@ class Engine:
         try:
             part = batch.take(min(batch.size, PROBE_SAMPLES))
             output, capture = self.forward(part)
-            self._plan(part, output, capture)
+            output, capture = self._plan(part, output, capture)
         finally:
             self.plan_seconds += time.perf_counter() - start
+        if self.verify:
+            self.check(part, output, capture)
 
-    def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> None:
+    def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
         # Layers that look run once for the batch (no dimension of the planning batch's size, a
         # prime when the batch allows) are tried expanded before the probe; a layer the probe
         # finds shared that the shapes hid (a sequence as long as the batch) is tried after it,
@@ -148,7 +150,7 @@ class Engine:
                 break
             self._route_all(batch, output, capture)
         self.planned = True
-        self.checked = False
+        return output, capture
 
     def _route_all(self, batch: Batch, output: Tensor, capture: Capture) -> None:
         for module, calls in capture.calls.items():
@@ -337,6 +339,12 @@ class Engine:
 
     def _by_model(self, batch, seeds, totals, names, level) -> None:
         acc = {n: totals[n] for n in names}
+        active = torch.stack([s.reshape(s.shape[0], -1).ne(0).any(1) for s in seeds]).any(0).nonzero()
+        last = int(active.max()) + 1 if active.numel() else 0
+        if last < batch.size:  # the self-check's seeds are zero past its samples: skip those
+            if last == 0:
+                return
+            batch, seeds = batch.take(last), [s[:last] for s in seeds]
         if level == MODEL_FUNC:
             part = {n: torch.zeros_like(totals[n]) for n in names}
             try:  # into a scratch copy: a failure on a later seed or chunk must not count twice
@@ -379,20 +387,28 @@ class Engine:
             self.warned.add(message)
             warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=4)
 
-    def check(self, batch: Batch, output: Tensor, zeros) -> None:
-        """The self-check: the routed computation on the first samples against the model run one
-        sample at a time; a layer that differs goes one step down (repeated until they agree).
+    def check(self, batch: Batch, output: Tensor, capture: Capture) -> None:
+        """The self-check, on the planning forward: the routed computation for its first samples
+        against the model run one sample at a time; a layer that differs goes one step down
+        (repeated until they agree).
 
-        Both sides take one random output cotangent per sample instead of the estimator's seeds:
-        every way is linear in the cotangent, so one random direction finds a wrong split as well
-        as all C of the exact Fisher's, at a C-th of the cost.
+        Both sides take one random output cotangent for each of the first ``VERIFY_SAMPLES``
+        samples and zero for the others, which stay in the routed batch: a split of one sample's
+        rows (tokens taken as samples), a merge of two samples' rows, a shared row and a forward
+        that mixes samples all change the checked samples' squares. Every way is linear in the
+        cotangent, so one random direction checks the split for all C seeds of ``exact`` at a
+        C-th of the cost.
         """
         start = time.perf_counter()
         k = min(batch.size, VERIFY_SAMPLES)
-        part = batch.take(k)
-        part_seeds = [torch.randn((k, *output.shape[1:]), generator=self.generator).to(output.device)]
-        want = zeros()
-        alone = torch.cat(model_looped_squares_(self.model, self.params, part, part_seeds, want))
+        seed = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
+        seed[:k] = torch.randn((k, *output.shape[1:]), generator=self.generator).to(output.device)
+        # The parameters of the layers that ran (the others get no gradient on either side).
+        ran = {f for m in capture.calls for f in self.layers[m].values()}
+        params = {n: p for n, p in self.params.items() if n in ran or n in self.model_level}
+        want = self._zeros(params)
+        alone = torch.cat(model_looped_squares_(self.model, params, batch.take(k), [seed[:k]], want))
+        _check_samples_do_not_interact(output[:k].detach(), alone)
         names = list(want)
         want_norms = torch.stack([want[n].norm() for n in names]).tolist()  # one sync, not one per tensor
         sizes = [max(1, want[n].numel()) ** 0.5 for n in names]
@@ -402,10 +418,8 @@ class Engine:
             for n, w, size in zip(names, want_norms, sizes)
         ]
         for _ in range(len(LEVELS)):
-            got = zeros()
-            output, capture = self.forward(part)
-            _check_samples_do_not_interact(output.detach(), alone)
-            self.accumulate(part, output, capture, part_seeds, got)
+            got = self._zeros(self.params)
+            self.accumulate(batch, output, capture, [seed], got)
             errors = torch.stack([(got[n] - want[n]).norm() for n in names]).tolist()
             bad = {
                 n: error / max(w, 1e-30)
@@ -427,7 +441,10 @@ class Engine:
                                              f"(relative error {error:.2g} on {name})")  # fmt: skip
         self.verify_seconds += time.perf_counter() - start
         self.verified_samples = k
-        self.checked = True
+
+    @staticmethod
+    def _zeros(params: dict) -> dict:
+        return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
 
     def describe(self) -> dict:
         out = {}
