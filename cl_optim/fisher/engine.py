@@ -418,7 +418,7 @@ class Engine:
             for n, w, size in zip(names, want_norms, sizes)
         ]
         for _ in range(len(LEVELS)):
-            got = self._zeros(self.params)
+            got = self._zeros(params)
             self.accumulate(batch, output, capture, [seed], got)
             errors = torch.stack([(got[n] - want[n]).norm() for n in names]).tolist()
             bad = {
