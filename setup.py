@@ -45,7 +45,14 @@ if os.environ.get("CL_OPTIM_BUILD_EXT") == "1":
     cmdclass["build_ext"] = BuildExtension
 
 setup(
-    packages=["cl_optim", "cl_optim.fisher", "cl_optim.integrations", "cl_optim.kernels", "cl_optim._csrc"],
+    packages=[
+        "cl_optim",
+        "cl_optim.fisher",
+        "cl_optim.landscape",
+        "cl_optim.integrations",
+        "cl_optim.kernels",
+        "cl_optim._csrc",
+    ],
     package_dir={"cl_optim": "cl_optim", "cl_optim.kernels": "kernels", "cl_optim._csrc": "csrc"},
     package_data={
         "cl_optim._csrc": [
