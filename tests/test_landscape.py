@@ -197,3 +197,153 @@ def test_bad_input_is_refused_clearly():
     partly[0].weight.requires_grad_(False)  # frozen parameters are left out of the space
     values, vectors = landscape.hessian_eigenvalues(partly, data)
     assert vectors.shape[1] == 38 - 15
+
+
+# ------------------------------------------------------------------------------------ spectrum
+
+
+def test_the_spectrum_of_a_full_lanczos_has_its_nodes_at_the_eigenvalues():
+    model, data = _model(), _data()
+    exact = torch.linalg.eigvalsh(exact_hessian(model, data))
+    grid, density = landscape.hessian_spectrum(
+        model, data, runs=3, steps=38, dtype=torch.float64, sigma=1e-3, points=4000,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    step = float(grid[1] - grid[0])
+    assert abs(float(density.sum()) * step - 1.0) < 1e-3  # a probability density
+    assert grid[0] < exact[0] and grid[-1] > exact[-1]
+    # Mean of the density = average Rayleigh quotient of the start vectors, about tr(H)/n.
+    mean = float((grid * density).sum() * step)
+    assert abs(mean - float(exact.mean())) < 0.5 * float(exact.abs().max())
+
+
+# ------------------------------------------------------------------------------------ sharpness
+
+
+class Quadratic(nn.Module):
+    """L(w) = 0.5 mean((X w - y)^2): gradient X^T r / N, Hessian A = X^T X / N, exactly."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.w = nn.Linear(n, 1, bias=False).double()
+
+    def forward(self, x):
+        return self.w(x)
+
+
+def _mse(out, y):
+    return 0.5 * ((out.squeeze(-1) - y) ** 2).mean()
+
+
+def test_sam_sharpness_of_a_quadratic_in_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(10, 4, generator=gen, dtype=torch.float64),
+        torch.randn(10, generator=gen, dtype=torch.float64),
+    )
+    model = Quadratic()
+    w = model.w.weight.detach()[0]
+    g = x.t() @ (x @ w - y) / 10
+    a = x.t() @ x / 10
+    rho = 0.3
+    want = rho * float(g.norm()) + 0.5 * rho**2 * float(g @ a @ g) / float(g @ g)
+    got = landscape.sam_sharpness(model, [(x, y)], rho, loss_fn=_mse, dtype=torch.float64)
+    assert abs(got - want) < 1e-10
+    assert torch.equal(model.w.weight.detach()[0], w)  # restored
+    # More ascent steps find at least as high a point of the ball; m-sharpness averages per batch.
+    assert (
+        landscape.sam_sharpness(model, [(x, y)], rho, steps=5, loss_fn=_mse, dtype=torch.float64)
+        >= got - 1e-12
+    )
+    halves = [(x[:5], y[:5]), (x[5:], y[5:])]
+    per_batch = landscape.sam_sharpness(model, halves, rho, loss_fn=_mse, per_batch=True, dtype=torch.float64)
+    each = [landscape.sam_sharpness(model, [h], rho, loss_fn=_mse, dtype=torch.float64) for h in halves]
+    assert abs(per_batch - sum(each) / 2) < 1e-12
+
+
+def test_stability_thresholds():
+    import cl_optim
+
+    p = [nn.Parameter(torch.zeros(2))]
+    assert landscape.stability_threshold(torch.optim.SGD(p, lr=0.1)) == pytest.approx(20.0)
+    assert landscape.stability_threshold(cl_optim.SGD(p, lr=0.1, momentum=0.9)) == pytest.approx(38.0)
+    assert landscape.stability_threshold(
+        torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5)
+    ) == pytest.approx(76.0)
+    adam = torch.optim.AdamW(p, lr=1e-3, betas=(0.9, 0.999))
+    assert landscape.stability_threshold(adam) == pytest.approx(38_000.0) and landscape.is_adaptive(adam)
+    sam = cl_optim.SAM(p, cl_optim.SGD, rho=0.05, lr=0.2)
+    assert landscape.stability_threshold(sam) == pytest.approx(10.0) and not landscape.is_adaptive(sam)
+    with pytest.raises(ValueError, match="Nesterov"):
+        landscape.stability_threshold(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True))
+    two = torch.optim.SGD([{"params": p, "lr": 0.1}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.2}])
+    with pytest.raises(ValueError, match="different thresholds"):
+        landscape.stability_threshold(two)
+
+
+def test_preconditioned_sharpness_is_the_top_eigenvalue_of_the_preconditioned_hessian():
+    model, data = _model(), _data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        sum(nn.functional.cross_entropy(model(x), y) for x, y in data).backward()
+        opt.step()
+    h = exact_hessian(model, data)
+    scale = []
+    for p in model.parameters():
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+        scale.append((1 / torch.sqrt(v_hat.sqrt() + 1e-8)).reshape(-1))
+    s = torch.cat(scale).double()
+    want = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :]).max())
+    got = landscape.preconditioned_sharpness(model, data, opt, tol=1e-8, dtype=torch.float64)
+    assert abs(got - want) <= 1e-4 * abs(want)
+    with pytest.raises(ValueError, match="not stepped"):
+        fresh = _model()
+        landscape.preconditioned_sharpness(fresh, data, torch.optim.Adam(fresh.parameters()))
+
+
+# ------------------------------------------------------------------------------------ interpolation and surfaces
+
+
+def test_interpolation_follows_the_analytic_curve_of_a_quadratic():
+    gen = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(10, 4, generator=gen, dtype=torch.float64),
+        torch.randn(10, generator=gen, dtype=torch.float64),
+    )
+    model = Quadratic()
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = {k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in a.items()}
+    path = landscape.interpolate(model, a, b, [(x, y)], steps=11, loss_fn=_mse)
+    for alpha, loss in zip(path["alpha"], path["loss"]):
+        w = (1 - alpha) * a["w.weight"][0] + alpha * b["w.weight"][0]
+        assert abs(loss - float(0.5 * ((x @ w - y) ** 2).mean())) < 1e-12
+    assert path["barrier"] <= 1e-12  # a convex loss lies below its chords
+    assert path["accuracy"] is None  # regression targets
+    assert torch.equal(model.state_dict()["w.weight"], a["w.weight"])
+    with pytest.raises(ValueError, match="not a state dict"):
+        landscape.interpolate(model, a, {"other": torch.zeros(1)}, [(x, y)], loss_fn=_mse)
+
+
+def test_a_barrier_between_two_minima_of_a_double_well():
+    assert landscape.barrier([0.0, 0.5, 1.0], [0.0, 1.0, 0.0]) == pytest.approx(1.0)
+    assert landscape.barrier([0.0, 0.5, 1.0], [1.0, 1.5, 2.0]) == pytest.approx(0.0)
+
+
+def test_loss_surfaces_restore_the_weights_and_see_the_curvature():
+    model, data = _model(), _data()
+    before = [p.clone() for p in model.parameters()]
+    surface = landscape.loss_surface(
+        model, data, directions=2, span=0.5, steps=5, generator=torch.Generator().manual_seed(0)
+    )
+    assert surface["loss"].shape == (5, 5)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with torch.no_grad():
+        center = sum(float(nn.functional.cross_entropy(model(x), y)) * len(y) for x, y in data) / 12
+    assert abs(float(surface["loss"][2, 2]) - center) < 1e-12
+    top, _ = landscape.hessian_eigenvalues(model, data, tol=1e-8, dtype=torch.float64)
+    h = 1e-3
+    line = landscape.loss_surface(model, data, span=h, steps=3, basis="hessian", mode=None)["loss"]
+    curvature = float(line[0] - 2 * line[1] + line[2]) / h**2
+    assert abs(curvature - float(top[0])) < 1e-3 * abs(float(top[0]))
