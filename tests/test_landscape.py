@@ -347,3 +347,59 @@ def test_loss_surfaces_restore_the_weights_and_see_the_curvature():
     line = landscape.loss_surface(model, data, span=h, steps=3, basis="hessian", mode=None)["loss"]
     curvature = float(line[0] - 2 * line[1] + line[2]) / h**2
     assert abs(curvature - float(top[0])) < 1e-3 * abs(float(top[0]))
+
+
+# ------------------------------------------------------------------------------------ monitor, plots, examples
+
+
+def test_the_monitor_tracks_the_sharpness_against_the_threshold_warm_started(tmp_path):
+    model, data = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    monitor = landscape.SharpnessMonitor(model, data, opt, every=3, tol=1e-6, max_iter=38)
+    for _ in range(7):
+        opt.zero_grad()
+        sum(nn.functional.cross_entropy(model(x), y) * len(y) / 12 for x, y in data).backward()
+        opt.step()
+        monitor.step()
+    assert [row["step"] for row in monitor.history] == [1, 4, 7]
+    last = monitor.history[-1]
+    exact = float(torch.linalg.eigvalsh(exact_hessian(model, data)).max())
+    assert abs(last["sharpness"] - exact) < 1e-4 * exact
+    assert last["threshold"] == pytest.approx(2 * 1.9 / 0.5) and last["ratio"] == pytest.approx(
+        exact / 7.6, rel=1e-4
+    )
+    assert not last["preconditioned"] and last["hvps"] > 0
+    monitor.plot(tmp_path / "monitor.png")
+    assert (tmp_path / "monitor.png").stat().st_size > 1000
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt_step = adam.step
+    adam.zero_grad()
+    sum(nn.functional.cross_entropy(model(x), y) for x, y in data).backward()
+    opt_step()
+    row = landscape.SharpnessMonitor(model, data, adam).step()
+    assert row["preconditioned"] and row["threshold"] == pytest.approx(38_000.0)
+
+
+def test_the_plots_are_written(tmp_path):
+    from cl_optim.landscape import plots
+
+    model, data = _model(), _data()
+    grid, density = landscape.hessian_spectrum(model, data, runs=1, steps=10)
+    plots.plot_spectrum(grid, density, tmp_path / "spectrum.png")
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = {k: v * 0.5 for k, v in a.items()}
+    plots.plot_interpolation(
+        {"a to b": landscape.interpolate(model, a, b, data, steps=5)}, tmp_path / "path.png"
+    )
+    plots.plot_surface(landscape.loss_surface(model, data, directions=2, steps=4), tmp_path / "surface.png")
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("spectrum.png", "path.png", "surface.png"))
+
+
+@pytest.mark.parametrize("name", ["hvp", "eigen", "trace", "spectrum", "interpolate", "monitor"])
+def test_the_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"cl_optim.landscape.{name}")
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0

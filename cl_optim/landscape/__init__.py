@@ -17,11 +17,14 @@ and accumulate in fp32 (``dtype=torch.float64`` for more).
   below at the edge of stability (2/lr for SGD), and Adam's preconditioned sharpness.
 - :func:`interpolate`: loss and accuracy along the line between two solutions, and the barrier.
 - :func:`loss_surface`: 1-D/2-D surfaces along filter-normalised or Hessian directions.
+- :class:`SharpnessMonitor`: the sharpness against the threshold during training.
+- :mod:`cl_optim.landscape.plots`: PNGs of all of them (matplotlib).
 """
 
 from .eigen import hessian_eigenvalues
 from .hvp import hvp
 from .interpolate import barrier, interpolate
+from .monitor import SharpnessMonitor
 from .objective import flatten, unflatten
 from .sharpness import is_adaptive, preconditioned_sharpness, sam_sharpness, stability_threshold
 from .spectrum import hessian_spectrum
@@ -40,6 +43,7 @@ __all__ = [
     "interpolate",
     "barrier",
     "loss_surface",
+    "SharpnessMonitor",
     "flatten",
     "unflatten",
 ]

@@ -45,7 +45,13 @@ def unflatten(vector: Tensor, like) -> list:
 
 
 class Objective:
-    """The data loss of ``model`` and its derivatives, as flat vectors (see the module docstring)."""
+    """The data loss of ``model`` and its derivatives, as flat vectors (see the module docstring).
+
+    ``Objective.products`` counts every Hessian-vector product computed in the process (a block
+    of k counts k), for reports of what a measurement cost.
+    """
+
+    products = 0
 
     def __init__(
         self,
@@ -143,6 +149,7 @@ class Objective:
                 products = self._products(pairs, vectors.shape[0])
             out += flatten_block(products, self.params, pairs).to(self.dtype) * (batch.size / self.total)
         self.hvps += vectors.shape[0]
+        Objective.products += vectors.shape[0]
         return out
 
     def _products(self, pairs, k: int) -> list:
