@@ -26,7 +26,7 @@ import time
 import warnings
 
 import torch
-from harness import CSV_FIELDS, Case, _versions, device_name, parse_args, run, synchronize
+from harness import CSV_FIELDS, Case, _versions, device_name, paired_ratios, parse_args, run
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -197,26 +197,6 @@ def _ours(model, data, shares, verify=True):
     return step
 
 
-def _paired(base, provider, device, rounds):
-    """Per-round ratios provider/base, each pair timed back to back, the order alternating."""
-    base(), provider()  # warm-up (and the first plan of a kept-plan provider)
-    ratios = []
-    for r in range(rounds):
-        times = {}
-        for name, fn in (
-            (("base", base), ("provider", provider))
-            if r % 2 == 0
-            else (("provider", provider), ("base", base))
-        ):
-            synchronize(device)
-            tic = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name] = time.perf_counter() - tic
-        ratios.append(times["provider"] / times["base"])
-    return ratios
-
-
 def cost_table(args):
     rounds = 5 if args.quick else 9
     versions, stamp, dev = _versions(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name(args.device)
@@ -246,7 +226,7 @@ def cost_table(args):
             }
             for provider, fn in providers.items():
                 try:
-                    ratios = _paired(base, fn, args.device, rounds)
+                    ratios = paired_ratios(base, fn, args.device, rounds)
                 except Exception as error:  # noqa: BLE001 - torch.func cannot trace every model (LSTM on CPU)
                     print(
                         f"{name:<12} {provider:<18} {'failed':>15}  {type(error).__name__}: {str(error)[:60]}"

@@ -136,6 +136,28 @@ def time_step(
     return times
 
 
+def paired_ratios(base: Callable[[], None], provider: Callable[[], None], device, rounds: int) -> list[float]:
+    """Per-round time ratios provider/base, each pair timed back to back with the order alternating,
+    after one warm-up of each: a machine that slows down for a while slows both sides of a round."""
+    base(), provider()
+    ratios = []
+    for r in range(rounds):
+        times = {}
+        order = (
+            (("base", base), ("provider", provider))
+            if r % 2 == 0
+            else (("provider", provider), ("base", base))
+        )
+        for name, fn in order:
+            synchronize(device)
+            tic = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name] = time.perf_counter() - tic
+        ratios.append(times["provider"] / times["base"])
+    return ratios
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     """(p50, p20, p80)."""
     if len(values) == 1:

@@ -403,3 +403,28 @@ def test_the_docstring_examples_run(name):
     module = importlib.import_module(f"cl_optim.landscape.{name}")
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+def test_lanczos_reaches_an_accuracy_in_clearly_fewer_products_than_power_iteration():
+    """A spectrum whose top is not isolated (1, 0.98, 0.96, ... and a negative tail), as trained
+    networks have: power iteration converges at the ratio of the top two, Lanczos much faster."""
+    from cl_optim.landscape.eigen import _ritz, lanczos
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    spectrum = torch.cat(
+        [
+            1.0 - 0.02 * torch.arange(50, dtype=torch.float64),
+            -0.5 * torch.rand(150, generator=gen, dtype=torch.float64),
+        ]
+    )
+    h = q @ torch.diag(spectrum) @ q.t()
+    start = torch.randn(200, generator=gen, dtype=torch.float64)
+    alpha, _, _ = lanczos(
+        lambda v: v @ h, start, 200, check=lambda a, b, basis: abs(float(_ritz(a, b)[0].max()) - 1.0) <= 1e-3
+    )
+    v, power = start / start.norm(), 0
+    while abs(float(v @ h @ v) - 1.0) > 1e-3 and power < 5000:
+        v = (h @ v) / (h @ v).norm()
+        power += 1
+    assert 3 * len(alpha) <= power, (len(alpha), power)
