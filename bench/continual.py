@@ -8,10 +8,13 @@ Two task sequences built from scikit-learn's 8x8 digits (shipped with the packag
 
 An MLP (64-256-256, ReLU) is trained on the tasks in order with each method, all through
 cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact
-Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD) and ``ewc_sam``. After each
-task it records the test accuracy on every task, and reports per method the accuracy matrix,
-average final accuracy, average forgetting (best earlier accuracy minus final, tasks 1..T-1)
-and the optimizer-side time per step. Writes a JSON file and a PNG plot.
+Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam`` and ``large_lr``
+(plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``). After each
+task it records the test accuracy on every task and, with ``cl_optim.landscape``, the top Hessian
+eigenvalue and trace of every seen task's loss and the loss barrier from the previous task's
+solution; it reports per method the accuracy matrix, average final accuracy, average forgetting
+(best earlier accuracy minus final, tasks 1..T-1) and the optimizer-side time per step. Writes a
+JSON file and two PNG plots (accuracy; flatness).
 
     python bench/continual.py                      # defaults: about a minute on 2 cores
     python bench/continual.py --methods finetune ewc --lam 1000 --epochs 5
@@ -33,12 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import device_name  # bench/ is on sys.path when this script runs
+from continual_plots import plot, plot_flatness  # bench/ is on sys.path when this script runs
+from flatness import FirstTaskMonitor, consecutive_barrier, edge_of_stability_lr, measure_seen_tasks
+from harness import device_name
 from torch import nn
 
 import cl_optim
 
-METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam")
+METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "large_lr")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -132,7 +137,9 @@ class MultiHeadMLP(nn.Module):
         return self.heads[self.active](self.trunk(x))
 
 
-def build_optimizer(method, model, args):
+def build_optimizer(method, model, args, lr=None):
+    if method == "large_lr":  # plain SGD (no momentum) at the learning rate given, the edge of stability
+        return cl_optim.SGD(model.parameters(), lr=lr, backend=args.backend), None
     ewc = None
     if method in ("ewc", "ewc_sam"):
         ewc = cl_optim.EWC(model, lam=args.lam, mode="separate")
@@ -172,35 +179,58 @@ def run_method(method, tasks, args, device, progress):
     torch.manual_seed(args.seed)
     heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
     model = MultiHeadMLP(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
-    opt, ewc = build_optimizer(method, model, args)
+    extra, monitor = {}, None
+    if method == "large_lr":
+        lr, top = edge_of_stability_lr(
+            model, tasks[0], device, args.seed, args.lr, args.epochs, args.batch_size
+        )
+        extra.update(lr=lr, first_task_sharpness_at_finetune=top)
+    opt, ewc = build_optimizer(method, model, args, lr=extra.get("lr"))
+    if method == "large_lr":
+        monitor = FirstTaskMonitor(model, tasks[0], opt, device)
     is_sam = isinstance(opt, cl_optim.SAM)
     loss_fn = nn.CrossEntropyLoss()
-    matrix, step_seconds, steps = [], 0.0, 0
+    matrix, flatness, barriers, step_seconds, steps = [], [], [], 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
+    previous = None
     try:
-        for task in tasks:
+        for i, task in enumerate(tasks):
             step_seconds, steps = train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress,
-                                             is_sam, step_seconds, steps)  # fmt: skip
+                                             is_sam, step_seconds, steps, monitor)  # fmt: skip
             matrix.append([accuracy(model, t, device) for t in tasks])
+            if args.flatness:
+                flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed))
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if previous is not None:
+                    barriers.append(consecutive_barrier(model, previous, state, tasks[i - 1], task, device))
+                previous = state
     except Diverged as error:
         # The tasks learnt before the divergence stay in the record (and the plot).
         return {"diverged": str(error), "diverged_at_task": len(matrix), "accuracy_matrix": matrix,
-                "steps": steps, "backends": backends_of(opt)}  # fmt: skip
+                "steps": steps, "backends": backends_of(opt), **extra}  # fmt: skip
     final = matrix[-1]
     forgetting = [
         max(matrix[i][j] for i in range(j, len(tasks) - 1)) - final[j] for j in range(len(tasks) - 1)
     ]
-    return {
+    result = {
         "accuracy_matrix": matrix,
         "average_accuracy": float(np.mean(final)),
         "average_forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
+        "backward_transfer": -float(np.mean(forgetting)) if forgetting else 0.0,
         "optimizer_ms_per_step": 1e3 * step_seconds / max(1, steps),
         "steps": steps,
         "backends": backends_of(opt),
+        **extra,
     }
+    if args.flatness:
+        result.update(flatness=flatness, barriers=barriers)
+    if monitor is not None:
+        result["sharpness_curve"] = monitor.history
+    return result
 
 
-def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_sam, step_seconds, steps):
+def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_sam, step_seconds, steps,
+               monitor=None):  # fmt: skip
     """One task's epochs, then (EWC) its Fisher; returns the running step time and count."""
     model.active = task["head"]
     x, y = (t.to(device) for t in task["train"])
@@ -227,6 +257,8 @@ def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_s
             step_seconds += time.perf_counter() - tic
             steps += 1
             progress.update(1)
+            if monitor is not None:  # outside the timed step
+                monitor.step()
     with torch.no_grad():
         outputs_finite = bool(torch.isfinite(model(x[: args.batch_size])).all())
     if (
@@ -254,52 +286,6 @@ def format_matrix(name, result, tasks):
     for i, row in enumerate(result["accuracy_matrix"]):
         lines.append(f"    {tasks[i]['name']:>6} " + " ".join(f"{a:7.3f}" for a in row))
     return "\n".join(lines)
-
-
-def plot(results, tasks_by_bench, path):
-    """Accuracy on each task over the sequence, one panel per (scenario, method). A diverged method
-    keeps its panel: the tasks learnt before the divergence, and a red mark where it happened."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    benches = list(results)
-    methods = list(dict.fromkeys(m for bench in benches for m in results[bench]))
-    fig, axes = plt.subplots(
-        len(benches), len(methods), figsize=(3.2 * len(methods), 2.8 * len(benches)), squeeze=False
-    )
-    for r, bench in enumerate(benches):
-        tasks = tasks_by_bench[bench]
-        for c, method in enumerate(methods):
-            ax = axes[r][c]
-            result = results[bench].get(method)
-            title = f"{bench}: {method}"
-            if result is not None:
-                matrix = result["accuracy_matrix"]
-                for j, task in enumerate(tasks[: len(matrix)]):
-                    ax.plot(
-                        range(j, len(matrix)), [row[j] for row in matrix[j:]], marker="o", label=task["name"]
-                    )
-                if "diverged" in result:
-                    at = result["diverged_at_task"]
-                    ax.axvline(at, color="red", linestyle="--")
-                    ax.text(at, 0.5, " diverged", color="red", fontsize=8)
-                    title += " (diverged)"
-            ax.set_ylim(0, 1.02)
-            ax.set_xlim(-0.3, len(tasks) - 0.7)
-            ax.set_xticks(range(len(tasks)))
-            ax.set_title(title, fontsize=9)
-            if c == 0:
-                ax.set_ylabel("test accuracy")
-            if r == len(benches) - 1:
-                ax.set_xlabel("after training task")
-    for row in axes:
-        if row[-1].get_legend_handles_labels()[0]:
-            row[-1].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def git_sha():
@@ -343,6 +329,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="3 tasks, 3 epochs: a smoke run of a few seconds"
     )
+    parser.add_argument(
+        "--no-flatness", dest="flatness", action="store_false",
+        help="skip the Hessian measurements after each task (the large_lr method still measures its edge)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.epochs, args.fisher_samples = 3, 3, 250
@@ -482,11 +472,33 @@ def main(argv=None):
                 f"  {method:<11} {result['average_accuracy']:8.3f} {result['average_forgetting']:11.3f} "
                 f"{result['optimizer_ms_per_step']:12.3f}  {', '.join(used)}"
             )
+        flat = {m: r for m, r in results[kind].items() if r.get("flatness")}
+        if flat:
+            print(f"\n  {'method':<11} {'top eig':>8} {'trace':>8} {'barrier prev':>13} {'barrier new':>12}"
+                  "   (seen tasks' losses after the last task; mean barrier between consecutive solutions)")  # fmt: skip
+            for method, result in flat.items():
+                last = result["flatness"][-1]
+                barriers = result["barriers"] or [{"previous_task": 0.0, "new_task": 0.0}]
+                print(
+                    f"  {method:<11} {np.mean(last['sharpness']):8.3f} {np.mean(last['trace']):8.2f} "
+                    f"{np.mean([b['previous_task'] for b in barriers]):13.3f} "
+                    f"{np.mean([b['new_task'] for b in barriers]):12.3f}"
+                )
+            if "lr" in results[kind].get("large_lr", {}):
+                lr = results[kind]["large_lr"]
+                curve = lr.get("sharpness_curve", [])
+                ratios = [round(row["ratio"], 2) for row in curve]
+                print(f"  large_lr: lr {lr['lr']:.3g} = 2 / {lr['first_task_sharpness_at_finetune']:.3g}; first task's "
+                      f"sharpness / (2/lr) over training: {ratios[:6]}{' ...' if len(ratios) > 6 else ''}")  # fmt: skip
     record.update(complete=True, seconds=time.time() - start, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_record(args, record)
     png = args.out.with_suffix(".png")
     plot(results, tasks_by_bench, png)
-    print(f"\nwrote {os.path.relpath(args.out)} and {os.path.relpath(png)} ({record['seconds']:.0f} s)")
+    flat_png = args.out.with_name(args.out.stem + "_flatness.png")
+    if args.flatness:
+        plot_flatness(results, tasks_by_bench, flat_png)
+    print(f"\nwrote {os.path.relpath(args.out)}, {os.path.relpath(png)}"
+          f"{', ' + os.path.relpath(flat_png) if args.flatness else ''} ({record['seconds']:.0f} s)")  # fmt: skip
     return record
 
 

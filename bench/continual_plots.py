@@ -1,0 +1,89 @@
+"""The main job's plots: accuracy on each task over the sequence, and the flatness of the solutions."""
+
+from __future__ import annotations
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(results, tasks_by_bench, path):
+    """Accuracy on each task over the sequence, one panel per (scenario, method). A diverged method
+    keeps its panel: the tasks learnt before the divergence, and a red mark where it happened."""
+    plt = _pyplot()
+    benches = list(results)
+    methods = list(dict.fromkeys(m for bench in benches for m in results[bench]))
+    fig, axes = plt.subplots(
+        len(benches), len(methods), figsize=(3.2 * len(methods), 2.8 * len(benches)), squeeze=False
+    )
+    for r, bench in enumerate(benches):
+        tasks = tasks_by_bench[bench]
+        for c, method in enumerate(methods):
+            ax = axes[r][c]
+            result = results[bench].get(method)
+            title = f"{bench}: {method}"
+            if result is not None:
+                matrix = result["accuracy_matrix"]
+                for j, task in enumerate(tasks[: len(matrix)]):
+                    ax.plot(
+                        range(j, len(matrix)), [row[j] for row in matrix[j:]], marker="o", label=task["name"]
+                    )
+                if "diverged" in result:
+                    at = result["diverged_at_task"]
+                    ax.axvline(at, color="red", linestyle="--")
+                    ax.text(at, 0.5, " diverged", color="red", fontsize=8)
+                    title += " (diverged)"
+            ax.set_ylim(0, 1.02)
+            ax.set_xlim(-0.3, len(tasks) - 0.7)
+            ax.set_xticks(range(len(tasks)))
+            ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel("test accuracy")
+            if r == len(benches) - 1:
+                ax.set_xlabel("after training task")
+    for row in axes:
+        if row[-1].get_legend_handles_labels()[0]:
+            row[-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_flatness(results, tasks_by_bench, path):
+    """Per scenario: the mean top Hessian eigenvalue of the seen tasks' losses after each task, one
+    line per method; and large_lr's first-task sharpness against its stability threshold."""
+    plt = _pyplot()
+    benches = list(results)
+    curves = [b for b in benches if "sharpness_curve" in results[b].get("large_lr", {})]
+    columns = 1 + bool(curves)
+    fig, axes = plt.subplots(len(benches), columns, figsize=(5 * columns, 3 * len(benches)), squeeze=False)
+    for r, bench in enumerate(benches):
+        ax = axes[r][0]
+        for method, result in results[bench].items():
+            flat = result.get("flatness")
+            if not flat:
+                continue
+            means = [sum(row["sharpness"]) / len(row["sharpness"]) for row in flat]
+            ax.plot(range(len(means)), means, marker="o", label=method)
+        ax.set_title(f"{bench}: mean top eigenvalue of the seen tasks", fontsize=9)
+        ax.set_xlabel("after training task")
+        ax.set_xticks(range(len(tasks_by_bench[bench])))
+        ax.legend(fontsize=6)
+        if columns == 2:
+            ax = axes[r][1]
+            history = results[bench].get("large_lr", {}).get("sharpness_curve", [])
+            if history:
+                steps = [row["step"] for row in history]
+                ax.plot(steps, [row["sharpness"] for row in history], label="first task's top eigenvalue")
+                ax.plot(steps, [row["threshold"] for row in history], linestyle="--", label="2 / lr")
+                ax.legend(fontsize=6)
+            ax.set_title(f"{bench}: large_lr at the edge of stability", fontsize=9)
+            ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
