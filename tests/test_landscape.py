@@ -342,6 +342,16 @@ def test_loss_surfaces_restore_the_weights_and_see_the_curvature():
     with torch.no_grad():
         center = sum(float(nn.functional.cross_entropy(model(x), y)) * len(y) for x, y in data) / 12
     assert abs(float(surface["loss"][2, 2]) - center) < 1e-12
+    for normalization in ("layer", None):  # the other random directions
+        other = landscape.loss_surface(model, data, steps=3, normalization=normalization)["loss"]
+        assert abs(float(other[1]) - center) < 1e-12
+    filtered = landscape.loss_surface(model, data, steps=3, generator=torch.Generator().manual_seed(0))[
+        "directions"
+    ][0]
+    biases = torch.cat([torch.zeros(15), torch.ones(5), torch.zeros(15), torch.ones(3)]).bool()
+    assert float(filtered[biases].abs().max()) == 0.0  # filter normalisation leaves biases alone
+    first = filtered[:15].view(5, 3)
+    torch.testing.assert_close(first.norm(dim=1), model[0].weight.detach().norm(dim=1))
     top, _ = landscape.hessian_eigenvalues(model, data, tol=1e-8, dtype=torch.float64)
     h = 1e-3
     line = landscape.loss_surface(model, data, span=h, steps=3, basis="hessian", mode=None)["loss"]

@@ -1,11 +1,12 @@
 r"""1-D and 2-D loss surfaces around the weights.
 
-Directions are random and filter-normalised (Li et al. 2018, "Visualizing the Loss Landscape of
-Neural Nets"): each filter (row of a weight of two or more dimensions) of a Gaussian direction is
-scaled to the norm of the same filter of the weights, and one-dimensional parameters (biases,
-norm scales) get no component, so that the picture does not depend on the scale invariance of
-a layer. ``basis="hessian"`` takes the top Hessian eigenvectors instead (unit length: ``span``
-is then a distance in weight space).
+Directions are random and, by default, filter-normalised (Li et al. 2018, "Visualizing the Loss
+Landscape of Neural Nets"): each filter (row of a weight of two or more dimensions) of a Gaussian
+direction is scaled to the norm of the same filter of the weights, and one-dimensional
+parameters (biases, norm scales) get no component, so that the picture does not depend on the
+scale invariance of a layer. ``normalization="layer"`` scales each tensor to its weights' norm
+instead, ``None`` keeps the plain Gaussian. ``basis="hessian"`` takes the top Hessian
+eigenvectors (unit length: ``span`` is then a distance in weight space).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from .objective import Objective, flatten
 __all__ = ["loss_surface"]
 
 
-def _filter_normalised(params: list, generator: Optional[torch.Generator]) -> Tensor:
+def _random_direction(
+    params: list, generator: Optional[torch.Generator], normalization: Optional[str]
+) -> Tensor:
     pieces = []
     for p in params:
         d = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
-        if p.dim() <= 1:
+        if normalization is None:
+            pass
+        elif normalization == "layer":  # each tensor scaled to the norm of its weights
+            d.mul_(p.detach().double().norm() / d.norm().clamp_min(1e-30))
+        elif p.dim() <= 1:
             d.zero_()
         else:
             w = p.detach().double().reshape(p.shape[0], -1)
@@ -44,6 +51,7 @@ def loss_surface(
     steps: int = 21,
     loss_fn: Optional[Callable] = None,
     *,
+    normalization: Optional[str] = "filter",
     basis: str = "random",
     mode: Optional[str] = "eval",
     generator: Optional[torch.Generator] = None,
@@ -55,6 +63,8 @@ def loss_surface(
         raise ValueError("directions must be 1 or 2")
     if basis not in ("random", "hessian"):
         raise ValueError("basis must be 'random' or 'hessian'")
+    if normalization not in ("filter", "layer", None):
+        raise ValueError("normalization must be 'filter', 'layer' or None")
     if steps < 2 or not span > 0:
         raise ValueError("steps must be >= 2 and span > 0")
     if basis == "hessian":
@@ -66,7 +76,7 @@ def loss_surface(
     with Objective(model, data, loss_fn, mode=mode) as objective:
         if basis == "random":
             vectors = torch.stack(
-                [_filter_normalised(objective.params, generator) for _ in range(directions)]
+                [_random_direction(objective.params, generator, normalization) for _ in range(directions)]
             )
         origin = flatten([p.detach().double() for p in objective.params])
         shape = (steps,) * directions
