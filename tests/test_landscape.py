@@ -167,7 +167,8 @@ def test_the_model_is_restored_bit_for_bit_and_its_modes_kept():
     before = [t.clone() for t in list(model.parameters()) + list(model.buffers())]
     with pytest.raises(ValueError, match="train mode with BatchNorm1d"):
         landscape.hessian_eigenvalues(model, data)
-    landscape.hessian_eigenvalues(model, data, mode="train", max_iter=5)  # running stats move inside
+    with pytest.warns(UserWarning, match="not converged"):  # 5 products: a warning, not a silent value
+        landscape.hessian_eigenvalues(model, data, mode="train", max_iter=5)  # running stats move inside
     landscape.hessian_trace(model, data, n_probes=4, mode="eval")
     after = list(model.parameters()) + list(model.buffers())
     assert all(torch.equal(a, b) for a, b in zip(after, before))
@@ -438,3 +439,105 @@ def test_lanczos_reaches_an_accuracy_in_clearly_fewer_products_than_power_iterat
         v = (h @ v) / (h @ v).norm()
         power += 1
     assert 3 * len(alpha) <= power, (len(alpha), power)
+
+
+# ------------------------------------------------------------------------------------ review cases
+
+
+def test_interpolating_from_the_models_own_state_dict_without_a_copy():
+    model, data = _model(), _data()
+    b = {k: v + 0.3 for k, v in model.state_dict().items()}
+    cloned = landscape.interpolate(
+        model, {k: v.clone() for k, v in model.state_dict().items()}, b, data, steps=5
+    )
+    shared = landscape.interpolate(model, model.state_dict(), b, data, steps=5)  # tensors of the model itself
+    assert shared["loss"] == cloned["loss"]
+    frozen = _model()
+    for p in frozen.parameters():
+        p.requires_grad_(False)  # interpolation takes no derivatives
+    assert len(landscape.interpolate(frozen, frozen.state_dict(), b, data, steps=3)["loss"]) == 3
+
+
+def test_train_mode_dropout_needs_a_mode_and_the_random_state_is_kept():
+    model = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+    data = _data()
+    with pytest.raises(ValueError, match="train mode with Dropout"):
+        landscape.hessian_trace(model, data, n_probes=2)
+    state = torch.get_rng_state()
+    landscape.hessian_trace(model, data, n_probes=4, mode="train", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def _adam_steps(model, data, optimizer, steps=3):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum(nn.functional.cross_entropy(model(x), y) for x, y in data).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("options", [{"amsgrad": True}, {"weight_decay": 0.5}])
+def test_preconditioned_sharpness_with_amsgrad_and_coupled_weight_decay(options):
+    model, data = _model(), _data()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, **options)
+    _adam_steps(model, data, opt)
+    key = "max_exp_avg_sq" if options.get("amsgrad") else "exp_avg_sq"
+    s = torch.cat([
+        (1 / torch.sqrt((opt.state[p][key] / (1 - 0.999 ** float(opt.state[p]["step"]))).sqrt() + 1e-8)).reshape(-1)
+        for p in model.parameters()
+    ]).double()  # fmt: skip
+    h = exact_hessian(model, data) + options.get("weight_decay", 0.0) * torch.eye(38, dtype=torch.float64)
+    want = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :]).max())
+    got = landscape.preconditioned_sharpness(model, data, opt, tol=1e-8, dtype=torch.float64)
+    assert abs(got - want) <= 1e-4 * abs(want)
+
+
+def test_thresholds_are_refused_where_they_are_not_derived_and_sgd_decay_lowers_them():
+    p = [nn.Parameter(torch.zeros(2))]
+    for opt in (torch.optim.RMSprop(p, lr=0.01), torch.optim.Adagrad(p), torch.optim.NAdam(p)):
+        with pytest.raises(ValueError, match="no stability threshold is derived"):
+            landscape.stability_threshold(opt)
+    assert landscape.stability_threshold(torch.optim.SGD(p, lr=0.1, weight_decay=0.5)) == pytest.approx(19.5)
+
+
+def test_a_sum_reduced_loss_is_refused():
+    model, data = _model(), _data()
+    with pytest.raises(ValueError, match="sums over its batch"):
+        landscape.hessian_trace(
+            model, data, loss_fn=lambda o, y: nn.functional.cross_entropy(o, y, reduction="sum")
+        )
+
+
+def test_the_monitor_starts_afresh_after_a_parameter_is_frozen_and_init_is_checked():
+    model, data = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = landscape.SharpnessMonitor(model, data, opt, every=1, tol=1e-6, max_iter=38)
+    monitor.step()
+    model[0].weight.requires_grad_(False)
+    assert monitor.step()["sharpness"] > 0
+    with pytest.raises(ValueError, match=r"init must be \(n,\) or \(j, n\)"):
+        landscape.hessian_eigenvalues(model, data, init=torch.zeros(5))
+
+
+def test_surfaces_take_one_shot_iterables_and_sequence_logits_are_flattened():
+    model, data = _model(), _data()
+    line = landscape.loss_surface(model, (b for b in data), steps=3, basis="hessian")
+    assert line["loss"].shape == (3,)
+
+    class Tokens(nn.Module):  # (B, T) tokens -> (B, T, V) logits, as a Hugging Face token model
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(7, 4), nn.Linear(4, 7)
+
+        def forward(self, tokens):
+            return self.out(torch.tanh(self.emb(tokens)))
+
+    torch.manual_seed(0)
+    tokens = Tokens().double()
+    batches = [{"tokens": torch.randint(0, 7, (3, 5)), "labels": torch.randint(0, 7, (3, 5))}]
+    v = torch.randn(sum(p.numel() for p in tokens.parameters()), dtype=torch.float64)
+    flat = landscape.hvp(tokens, batches, v, dtype=torch.float64)
+
+    def explicit(o, y):
+        return nn.functional.cross_entropy(o.reshape(-1, 7), y.reshape(-1))
+
+    torch.testing.assert_close(flat, landscape.hvp(tokens, batches, v, loss_fn=explicit, dtype=torch.float64))

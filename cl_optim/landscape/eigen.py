@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Callable, Optional
 
@@ -40,15 +41,16 @@ def lanczos(operator: Callable, start: Tensor, steps: int, *, check: Optional[Ca
     ``check(alpha, beta, basis)`` is called after each step and stops the iteration when it
     returns True. Stops early on an invariant subspace (``beta`` below rounding).
     """
-    q = start / start.norm()
-    basis = [q]
+    steps = min(steps, start.numel())
+    basis = torch.empty((steps, start.numel()), dtype=start.dtype, device=start.device)  # filled row by row
+    basis[0] = start / start.norm()
     alpha, beta = [], []
-    for _ in range(steps):
-        q = basis[-1]
+    for j in range(steps):
+        q = basis[j]
         w = operator(q.unsqueeze(0))[0]
         a = torch.dot(w, q)
-        w = w - a * q - (beta[-1] * basis[-2] if beta else 0.0)
-        stacked = torch.stack(basis)
+        w = w - a * q - (beta[-1] * basis[j - 1] if beta else 0.0)
+        stacked = basis[: j + 1]
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
             w = w - stacked.t() @ (stacked @ w)
         alpha.append(float(a))
@@ -56,10 +58,10 @@ def lanczos(operator: Callable, start: Tensor, steps: int, *, check: Optional[Ca
         beta.append(b)
         if check is not None and check(alpha, beta, stacked):
             break
-        if b <= 1e-10 * max(1.0, max(abs(x) for x in alpha)) or len(basis) >= start.numel():
-            break  # an invariant subspace: the Ritz values are exact
-        basis.append(w / b)
-    return alpha, beta, torch.stack(basis[: len(alpha)])
+        if b <= 1e-10 * max(1.0, max(abs(x) for x in alpha)) or j + 1 >= steps:
+            break  # an invariant subspace (the Ritz values are exact), or the steps are spent
+        basis[j + 1] = w / b
+    return alpha, beta, basis[: len(alpha)]
 
 
 def _ritz(alpha, beta):
@@ -124,7 +126,13 @@ def hessian_eigenvalues(
         steps = min(n, max_iter if max_iter is not None else max(60, 10 * k))
         start = gaussian(1, n, generator, dtype, objective.device)[0]
         if init is not None:
-            init = torch.as_tensor(init).to(dtype=dtype, device=objective.device).reshape(-1, n)
+            init = torch.as_tensor(init).to(dtype=dtype, device=objective.device)
+            if init.dim() not in (1, 2) or init.shape[-1] != n:
+                raise ValueError(
+                    f"init must be (n,) or (j, n) with n = {n} (the parameters that require grad), got "
+                    f"{tuple(init.shape)}"
+                )
+            init = init.reshape(-1, n)
             if not bool(torch.isfinite(init).all()):
                 raise ValueError("init contains inf or nan")
             warm = (init / init.norm(dim=1, keepdim=True).clamp_min(1e-30)).sum(0)
@@ -140,6 +148,13 @@ def hessian_eigenvalues(
             return bool((residual <= tol * scale).all())
 
         alpha, beta, basis = lanczos(objective.hvp, start, steps, check=converged)
+        if len(alpha) == steps and steps < n and not converged(alpha, beta, basis):
+            warnings.warn(
+                f"hessian_eigenvalues: not converged to tol={tol} in max_iter={steps} Hessian-vector products; "
+                "the values are the best Ritz values so far (raise max_iter or tol)",
+                UserWarning,
+                stacklevel=2,
+            )
         values, vectors = _ritz(alpha, beta)
         wanted = _order(values, which)[: min(k, len(alpha))]
         if len(wanted) < k:

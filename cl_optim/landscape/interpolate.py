@@ -66,15 +66,18 @@ def interpolate(
                 )
     alphas = [i / (steps - 1) for i in range(steps)]
     losses, accuracies = [], []
-    with Objective(model, data, loss_fn, mode=mode) as objective:
+    with Objective(model, data, loss_fn, mode=mode, derivatives=False) as objective:
         own = model.state_dict()
+        # Copies first: a state dict of the model itself shares its tensors, which loading overwrites.
+        a = {k: v.detach().to(own[k].device, torch.float64 if own[k].is_floating_point() else v.dtype, copy=True)
+             for k, v in state_a.items()}  # fmt: skip
+        b = {
+            k: v.detach().to(own[k].device, torch.float64, copy=True)
+            for k, v in state_b.items()
+            if own[k].is_floating_point()
+        }
         for alpha in alphas:
-            mixed = {
-                k: ((1 - alpha) * state_a[k].to(own[k].device, torch.float64) + alpha * state_b[k].to(own[k].device, torch.float64)).to(own[k].dtype)
-                if own[k].is_floating_point()
-                else state_a[k]
-                for k in own
-            }  # fmt: skip
+            mixed = {k: ((1 - alpha) * a[k] + alpha * b[k]).to(own[k].dtype) if k in b else a[k] for k in own}
             model.load_state_dict(mixed)
             losses.append(objective.loss())
             accuracies.append(_accuracy(model, objective.batches))

@@ -80,6 +80,9 @@ class SharpnessMonitor:
                 mode=self.mode,
             )
         else:
+            size = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            if self._vector is not None and self._vector.shape[-1] != size:
+                self._vector = None  # parameters were frozen or added since: start afresh
             values, vectors = hessian_eigenvalues(
                 self.model, self.data, 1, self.loss_fn, tol=self.tol, max_iter=self.max_iter, init=self._vector,
                 mode=self.mode,

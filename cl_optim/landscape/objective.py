@@ -61,6 +61,7 @@ class Objective:
         *,
         mode: Optional[str] = None,
         dtype: torch.dtype = torch.float32,
+        derivatives: bool = True,
     ):
         if mode not in (None, "eval", "train"):
             raise ValueError(f"mode must be None, 'eval' or 'train', got {mode!r}")
@@ -72,32 +73,40 @@ class Objective:
             raise ValueError("data has no batches: the loss over it is undefined")
         self.total = sum(b.size for b in self.batches)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.named:
+        if not self.named and derivatives:
             raise ValueError("the model has no parameters that require grad: nothing to differentiate")
         self.params = [p for _, p in self.named]
         self.size = sum(p.numel() for p in self.params)
-        self.device = self.params[0].device
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.hvps = 0  # Hessian-vector products computed (a block of k counts k)
+        self._finite_checked = False  # the loss at the unperturbed weights, checked once
+        self._reduction_checked = False
+        self._batched_ok = True  # the batched double backward works for this model
 
     def __enter__(self) -> Objective:
         model = self.model
+        if self.mode is None:
+            # Train-mode BatchNorm changes its statistics and couples the samples; train-mode
+            # dropout draws a new mask per forward, so the "Hessian" would change between two
+            # products (Lanczos on a random operator). Either needs an explicit mode.
+            for m in model.modules():
+                stochastic = isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                if m.training and (isinstance(m, nn.modules.batchnorm._BatchNorm) or stochastic):
+                    why = ("its running statistics would change and the samples of a batch would be coupled"
+                           if not stochastic else "a new dropout mask each forward makes every product random")  # fmt: skip
+                    raise ValueError(
+                        f"the model is in train mode with {type(m).__name__}: {why}; pass mode='eval' (the usual "
+                        "choice) or mode='train'"
+                    )
         self._modes = {m: m.training for m in model.modules()}
         self._saved = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+        self._rng = torch.get_rng_state()  # train-mode dropout would advance it
+        self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         if self.mode == "eval":
             model.eval()
         elif self.mode == "train":
             model.train()
-        else:
-            batch_norms = [
-                type(m).__name__
-                for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-            ]
-            if batch_norms:
-                raise ValueError(
-                    f"the model is in train mode with {batch_norms[0]}: its running statistics would change and "
-                    "the samples of a batch would be coupled; pass mode='eval' (the usual choice) or mode='train'"
-                )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,16 +115,30 @@ class Objective:
                 t.copy_(saved)
         for module, training in self._modes.items():
             module.train(training)
+        torch.set_rng_state(self._rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self._cuda_rng)
 
     # ------------------------------------------------------------------------------ values
 
-    def _batch_loss(self, batch: Batch) -> Tensor:
-        loss = self.loss_fn(logits(self.model(*batch.args, **batch.kwargs)), batch.targets)
+    def _batch_loss(self, batch: Batch, check_finite: bool = True) -> Tensor:
+        output = logits(self.model(*batch.args, **batch.kwargs))
+        loss = self.loss_fn(output, batch.targets)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar tensor (the mean loss of its batch)")
-        if not bool(torch.isfinite(loss)):
+        if check_finite and not bool(torch.isfinite(loss)):
             raise ValueError("the loss is not finite at these weights: no curvature can be measured")
+        if not self._reduction_checked:
+            self._reduction_checked = True
+            _check_mean(self.loss_fn, output.detach(), batch.targets, float(loss.detach()))
         return loss
+
+    def _checked_once(self) -> bool:
+        """Derivatives at fixed weights: the loss's finiteness is checked on the first pass over
+        the data only (a check per batch per product would sync the device every time)."""
+        first = not self._finite_checked
+        self._finite_checked = True
+        return first
 
     def loss(self) -> float:
         with torch.no_grad():
@@ -135,9 +158,10 @@ class Objective:
         vectors = vectors.to(self.device)
         block = [v.to(p.dtype) for v, p in zip(unflatten(vectors, self.params), self.params)]
         out = torch.zeros(vectors.shape, dtype=self.dtype, device=self.device)
+        check = self._checked_once()
         for batch in self.batches:
             with torch.enable_grad():
-                loss = self._batch_loss(batch)
+                loss = self._batch_loss(batch, check_finite=check)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 pairs = [
                     (g, v, p)
@@ -190,18 +214,48 @@ def _zeros_for_none(grads, params) -> list:
 
 
 def _cross_entropy(output: Tensor, targets) -> Tensor:
+    """Mean cross-entropy; logits ``(B, ..., C)`` with class targets ``(B, ...)`` (a token per
+    position, as a Hugging Face sequence model's) are flattened first (``-100`` ignored). A causal
+    language model's shift of the labels is the model's business: pass ``loss_fn`` for it."""
     if targets is None:
         raise ValueError("the default loss (cross-entropy) needs targets in the data; pass loss_fn")
     low = output.dtype in (torch.float16, torch.bfloat16)  # half logits: the loss in fp32
-    return F.cross_entropy(output.float() if low else output, targets)
+    output = output.float() if low else output
+    if output.dim() > 2 and isinstance(targets, Tensor) and targets.shape == output.shape[:-1]:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(output, targets)
+
+
+def _check_mean(loss_fn, output: Tensor, targets, value: float) -> None:
+    """The data loss weights each batch by its size: ``loss_fn`` must be a mean over its batch.
+    Checked once: the loss of the batch written twice must equal the loss of the batch."""
+    if not isinstance(targets, Tensor) or not targets.dim() or output.shape[:1] != targets.shape[:1]:
+        return  # nothing to double reliably
+    with torch.no_grad():
+        twice = float(loss_fn(torch.cat([output, output]), torch.cat([targets, targets])))
+    if abs(twice - value) > 1e-4 * max(abs(value), 1e-12) and abs(twice - 2 * value) <= 1e-4 * max(
+        abs(value), 1e-12
+    ):
+        raise ValueError(
+            "loss_fn sums over its batch (the loss of the batch written twice doubles): the landscape tools "
+            "weight each batch by its size and need its mean (reduction='mean')"
+        )
+
+
+def _where(generator: Optional[torch.Generator]):
+    """Random numbers are drawn on the generator's device (a CUDA generator draws on CUDA)."""
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def rademacher(k: int, n: int, generator: Optional[torch.Generator], dtype, device) -> Tensor:
-    return (torch.randint(0, 2, (k, n), generator=generator) * 2 - 1).to(dtype=dtype, device=device)
+    signs = torch.randint(0, 2, (k, n), generator=generator, device=_where(generator), dtype=torch.int8)
+    return (signs.to(dtype) * 2 - 1).to(device)
 
 
 def gaussian(k: int, n: int, generator: Optional[torch.Generator], dtype, device) -> Tensor:
-    return torch.randn((k, n), generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+    return torch.randn((k, n), generator=generator, dtype=torch.float64, device=_where(generator)).to(
+        dtype=dtype, device=device
+    )
 
 
 def standard_error(values: Tensor) -> float:

@@ -87,18 +87,37 @@ def _groups(optimizer):
     return base if base is not None else optimizer
 
 
+def _kind(optimizer) -> str:
+    """ "sgd", "adam" (coupled weight decay), "adamw" (decoupled), or an error for optimizers whose
+    threshold is not derived here (RMSprop, Adagrad, Adamax, NAdam, RAdam, LBFGS, ...)."""
+    import cl_optim
+
+    opt = _groups(optimizer)
+    if isinstance(opt, (torch.optim.SGD, cl_optim.SGD)):
+        return "sgd"
+    if isinstance(opt, (torch.optim.AdamW, cl_optim.AdamW)):
+        return "adamw"
+    if type(opt) is torch.optim.Adam:
+        return "adamw" if any(g.get("decoupled_weight_decay", False) for g in opt.param_groups) else "adam"
+    raise ValueError(
+        f"no stability threshold is derived here for {type(opt).__name__}: SGD (with or without heavy-ball "
+        "momentum), Adam and AdamW (and SAM over them) are"
+    )
+
+
 def is_adaptive(optimizer) -> bool:
     """Whether the optimizer preconditions by a second moment (its threshold is on the
-    preconditioned sharpness)."""
-    opt = _groups(optimizer)
-    return any("betas" in group for group in opt.param_groups)
+    preconditioned sharpness): Adam and AdamW."""
+    return _kind(optimizer) != "sgd"
 
 
 def stability_threshold(optimizer) -> float:
-    """The sharpness the optimizer's first parameter group keeps below (module docstring); the
-    threshold of Adam/AdamW applies to :func:`preconditioned_sharpness`."""
-    opt = _groups(optimizer)
-    values = [_threshold(group) for group in opt.param_groups]
+    """The sharpness the optimizer's parameter groups keep below (module docstring); for Adam and
+    AdamW it applies to :func:`preconditioned_sharpness`. SGD's weight decay ``wd`` adds ``wd`` to
+    every curvature, so the bound on ``lambda_max(H)`` is lowered by ``wd``; Adam's coupled decay
+    is in its preconditioned sharpness instead."""
+    kind = _kind(optimizer)
+    values = [_threshold(group, kind) for group in _groups(optimizer).param_groups]
     if len(set(values)) > 1:
         raise ValueError(
             f"the parameter groups have different thresholds {values}: measure them one at a time"
@@ -106,11 +125,11 @@ def stability_threshold(optimizer) -> float:
     return values[0]
 
 
-def _threshold(group: dict) -> float:
+def _threshold(group: dict, kind: str) -> float:
     lr = float(group["lr"])
     if not lr > 0:
         raise ValueError(f"the learning rate must be > 0 for a stability threshold, got {lr}")
-    if "betas" in group:
+    if kind != "sgd":
         beta1 = float(group["betas"][0])
         return (2 + 2 * beta1) / ((1 - beta1) * lr)
     momentum = float(group.get("momentum", 0.0))
@@ -119,7 +138,7 @@ def _threshold(group: dict) -> float:
             "the stability threshold of Nesterov momentum is not the heavy-ball one; not derived here"
         )
     dampening = float(group.get("dampening", 0.0)) if momentum else 0.0
-    return 2 * (1 + momentum) / (lr * (1 - dampening))
+    return 2 * (1 + momentum) / (lr * (1 - dampening)) - float(group.get("weight_decay", 0.0))
 
 
 def preconditioned_sharpness(
@@ -135,10 +154,15 @@ def preconditioned_sharpness(
     generator: Optional[torch.Generator] = None,
 ) -> float:
     """``lambda_max(P^-1/2 H P^-1/2)`` with Adam's preconditioner ``P = sqrt(v / (1 - beta2^t)) + eps``
-    from ``optimizer.state`` (every parameter that requires grad must have taken a step)."""
+    from ``optimizer.state`` (every parameter that requires grad must have taken a step): ``v`` is
+    ``max_exp_avg_sq`` with AMSGrad (what the update divides by), and Adam's coupled weight decay
+    ``wd`` is part of the optimised objective (``H + wd I``); AdamW's decoupled decay is not."""
+    kind = _kind(optimizer)
+    if kind == "sgd":
+        raise ValueError("preconditioned_sharpness needs Adam or AdamW; for SGD measure hessian_eigenvalues")
     opt = _groups(optimizer)
     with Objective(model, data, loss_fn, mode=mode, dtype=dtype) as objective:
-        scales = []
+        scales, decay = [], []
         group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
         for p in objective.params:
             group, state = group_of.get(id(p)), opt.state.get(p, {})
@@ -146,15 +170,21 @@ def preconditioned_sharpness(
                 raise ValueError(
                     "preconditioned_sharpness needs an Adam-type optimizer holding every parameter"
                 )
-            if "exp_avg_sq" not in state:
-                raise ValueError("the optimizer has not stepped yet: no second moment to precondition with")
+            key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+            if key not in state:
+                raise ValueError(f"the optimizer has not stepped yet: no {key} to precondition with")
             step = float(state["step"])
-            v_hat = state["exp_avg_sq"].to(dtype) / (1 - group["betas"][1] ** step)
+            v_hat = state[key].to(dtype) / (1 - group["betas"][1] ** step)
             scales.append((1 / torch.sqrt(v_hat.sqrt() + group["eps"])).reshape(-1))
+            coupled = kind == "adam" and float(group.get("weight_decay", 0.0)) > 0
+            decay.append(
+                torch.full((p.numel(),), float(group["weight_decay"]) if coupled else 0.0, dtype=dtype)
+            )
         scale = torch.cat(scales).to(objective.device)
+        decay = torch.cat(decay).to(objective.device)
 
         def operator(v):
-            return objective.hvp(v * scale) * scale
+            return (objective.hvp(v * scale) + decay * v * scale) * scale
 
         start = gaussian(1, objective.size, generator, dtype, objective.device)[0]
 

@@ -67,6 +67,7 @@ def loss_surface(
         raise ValueError("normalization must be 'filter', 'layer' or None")
     if steps < 2 or not span > 0:
         raise ValueError("steps must be >= 2 and span > 0")
+    data = list(data)  # read twice with basis="hessian": a generator would be empty the second time
     if basis == "hessian":
         _, vectors = hessian_eigenvalues(
             model, data, k=directions, loss_fn=loss_fn, mode=mode, generator=generator

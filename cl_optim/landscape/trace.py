@@ -55,15 +55,19 @@ def hessian_trace(
     with Objective(model, data, loss_fn, mode=mode, dtype=dtype) as objective:
         n, device = objective.size, objective.device
 
-        def quadratic_forms(z):
+        def quadratic_forms(count, project=None):
+            """``z^T H z`` for ``count`` Rademacher probes, drawn a block at a time (all of them at
+            once would take ``count x n`` memory)."""
             values = []
-            for start in range(0, z.shape[0], block):
-                part = z[start : start + block]
+            for start in range(0, count, block):
+                part = rademacher(min(block, count - start), n, generator, dtype, device)
+                if project is not None:
+                    part = project(part)
                 values.append((objective.hvp(part) * part).sum(1))
             return torch.cat(values).to(torch.float64)
 
         if method == "hutchinson":
-            values = quadratic_forms(rademacher(n_probes, n, generator, dtype, device))
+            values = quadratic_forms(n_probes)
             return float(values.mean()), standard_error(values)
         sketch = max(1, n_probes // 3)
         s = rademacher(sketch, n, generator, dtype, device)
@@ -75,9 +79,7 @@ def hessian_trace(
         rest = n_probes - 2 * sketch
         if rest < 2:
             return exact, 0.0 if q.shape[0] >= n else float("inf")
-        g = rademacher(rest, n, generator, dtype, device)
-        g = g - (g @ q.t()) @ q  # (I - Q Q^T) g
-        values = quadratic_forms(g)
+        values = quadratic_forms(rest, lambda g: g - (g @ q.t()) @ q)  # (I - Q Q^T) g
         estimate = exact + float(values.mean())
         # The residual can vanish (a sketch as large as the space): rounding still bounds the error.
         return estimate, max(standard_error(values), 10 * torch.finfo(dtype).eps * abs(estimate))
