@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .eigen import hessian_eigenvalues
-from .objective import Objective, flatten
+from .objective import Objective, _where, flatten
 
 __all__ = ["loss_surface"]
 
@@ -28,7 +28,9 @@ def _random_direction(
 ) -> Tensor:
     pieces = []
     for p in params:
-        d = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float64, device=_where(generator)).to(
+            p.device
+        )
         if normalization is None:
             pass
         elif normalization == "layer":  # each tensor scaled to the norm of its weights
