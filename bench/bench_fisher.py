@@ -20,13 +20,12 @@ costs) and ``loop_bs1`` (the last fallback).
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 import warnings
 
 import torch
-from harness import CSV_FIELDS, Case, _versions, device_name, paired_ratios, parse_args, run
+from harness import Case, _versions, append_rows, device_name, paired_ratios, parse_args, run
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -255,13 +254,7 @@ def cost_table(args):
                     ):
                         v = statistics.median(values)
                         rows.append({**rows[-1], "metric": metric, "p50": f"{v:.4g}", "p20": f"{min(values):.4g}", "p80": f"{max(values):.4g}"})  # fmt: skip
-    with args.csv.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"{len(rows)} rows appended to {args.csv}")
-    return rows
+    return append_rows(args.csv, rows)
 
 
 def main(argv=None):

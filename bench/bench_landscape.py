@@ -23,12 +23,11 @@ alternating) with the 20th-80th percentile of the per-round ratios.
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 
 import torch
-from harness import CSV_FIELDS, _versions, device_name, paired_ratios, parse_args
+from harness import _versions, append_rows, device_name, paired_ratios, parse_args
 from torch import nn
 
 import cl_optim
@@ -215,14 +214,7 @@ def main(argv=None):
             record(name, "landscape_eig", provider, "hvps_to_1e-3", "count", count)
     if all(r["provider"] != "pyhessian" for r in rows):
         print("PyHessian is not installed (pip install --no-deps pyhessian): its rows are missing")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"{len(rows)} rows appended to {args.csv}")
-    return rows
+    return append_rows(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -394,11 +394,15 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
     )
     per_unit = " (fisher rows: ms per sample)" if any(case.unit_count for case in cases) else ""
     print(f"+MiB: {memory_note}; ceil: effective GB/s over the ceiling{per_unit}")
+    return append_rows(csv_path, rows)
+
+
+def append_rows(csv_path: Path, rows: list) -> list:
+    """Append long-format rows to the results CSV (its header first if the file is new)."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists()
     with csv_path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
+        if f.tell() == 0:
             writer.writeheader()
         writer.writerows(rows)
     print(f"{len(rows)} rows appended to {csv_path}")

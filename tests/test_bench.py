@@ -46,3 +46,21 @@ def test_quick_step_and_ewc_benchmarks_write_the_csv_schema(tmp_path):
     # the autograd penalty allocates its graph; the fused EWC term does not need one
     allocated = {(r["op"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "allocated_memory"}
     assert allocated[("adamw_ewc", "autograd_penalty")] > allocated[("adamw_ewc", "cl_optim_foreach")]
+
+
+def test_quick_landscape_benchmark_writes_its_rows(tmp_path):
+    out = tmp_path / "bench.csv"
+    rows = _load("bench_landscape").main(["--quick", "--csv", str(out)])
+    with out.open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) > 0
+    needed = {(r["param_set"], r["provider"]) for r in written if r["metric"] == "hvps_to_1e-3"}
+    assert needed == {("mlp", "cl_optim"), ("mlp", "power"), ("cnn", "cl_optim"), ("cnn", "power")}
+    counts = {
+        (r["param_set"], r["provider"]): float(r["p50"]) for r in written if r["metric"] == "hvps_to_1e-3"
+    }
+    assert counts[("mlp", "cl_optim")] < counts[("mlp", "power")]  # Lanczos needs fewer products
+    errors = [
+        float(r["p50"]) for r in written if r["metric"] == "relative_error" and r["provider"] == "cl_optim"
+    ]
+    assert errors and max(errors[:1]) < 1e-3  # the top eigenvalue at tol 1e-3 is within 1e-3
