@@ -49,6 +49,7 @@ setup(
         "cl_optim",
         "cl_optim.fisher",
         "cl_optim.landscape",
+        "cl_optim.multitask",
         "cl_optim.integrations",
         "cl_optim.kernels",
         "cl_optim._csrc",

@@ -5,7 +5,7 @@ terms of continual learning; ``SAM`` wraps any torch.optim optimizer class. ``re
 which backends run on this machine. Nothing here touches CUDA, Triton or a compiler at import.
 """
 
-from . import fisher, landscape
+from . import fisher, landscape, multitask
 from ._backend import report
 from ._optimizer import pad_state_
 from .adamw import AdamW
@@ -23,6 +23,7 @@ __all__ = [
     "EWC",
     "fisher",
     "landscape",
+    "multitask",
     "report",
     "pad_state_",
     "preserve_bn_stats",
