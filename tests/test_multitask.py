@@ -211,3 +211,12 @@ def test_bad_input_is_refused():
         multitask.combine(tasks, "nash")
     with pytest.raises(ValueError, match="takes no option"):
         multitask.combine(tasks, "imtl", c=0.5)
+
+
+def test_the_docstring_example_runs():
+    import doctest
+    import importlib
+
+    module = importlib.import_module("cl_optim.multitask.aggregators")
+    failures, tried = doctest.testmod(module)
+    assert tried > 0 and failures == 0
