@@ -35,7 +35,7 @@ Example:
     >>> a = [torch.tensor([1.0, 0.0]), torch.tensor([1.0])]
     >>> b = [torch.tensor([-1.0, 1.0]), torch.tensor([0.0])]
     >>> multitask.combine([a, b], "agem")  # the memory gradient b conflicts: project a off it
-    [tensor([0.6667, 0.3333]), tensor([1.])]
+    [tensor([0.5000, 0.5000]), tensor([1.])]
 """
 
 from __future__ import annotations
