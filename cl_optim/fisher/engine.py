@@ -571,4 +571,4 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
-__all__ = ["Engine", "Layout", "LEVELS"]
+__all__ = ["Engine", "LEVELS"]
