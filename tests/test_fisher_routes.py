@@ -280,8 +280,9 @@ def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(WrongRule(4, 5), nn.Tanh(), nn.Linear(5, 3))
     data = _batches((4,), 3)
-    with pytest.warns(UserWarning, match=r"`0` \(WrongRule\): its per-sample squares differ"):
+    with pytest.warns(UserWarning, match=r"`0` \(WrongRule\): its per-sample squares differ") as record:
         got = fisher.estimate(model, data, estimator="exact")
+    assert any(r.filename == __file__ for r in record)  # the warning points at the caller's line
     _assert_matches(got, _loop(model, data, "exact"))
     assert got.meta["per_sample"]["0"].startswith("torch.func (layer)")
     assert got.meta["per_sample"]["2"] == "linear"

@@ -385,7 +385,7 @@ class Engine:
     def _warn(self, message: str) -> None:
         if message not in self.warned:
             self.warned.add(message)
-            warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=4)
+            warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=_caller_level())
 
     def check(self, batch: Batch, output: Tensor, capture: Capture) -> None:
         """The self-check, on the planning forward: the routed computation for its first samples
@@ -560,6 +560,19 @@ def _layers(model: nn.Module, params: dict) -> tuple[dict, dict]:
             rule_for(module)  # refuses train-mode BatchNorm before any work
             layers[module] = own
     return layers, owners
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside cl_optim.fisher: the warning points at the
+    user's call of ``estimate``, however deep in the engine it was raised."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _tolerance(t: Tensor) -> float:
