@@ -216,9 +216,9 @@ class Probe:
 def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, params=()) -> tuple:
     """Where every output (and every input that requires grad) of every call keeps its samples.
 
-    Returns ``(Probe per call, v, output deltas per call for v, gradients of params for v)``; the
-    deltas and the parameters' gradients of the random seed ``v`` serve the coverage check (taken
-    in the same backward).
+    Returns ``(Probe per call, output deltas per call, gradients of params)`` for the random seed
+    ``v``; the deltas and the parameters' gradients serve the coverage check (taken in the same
+    backward).
     """
     batch = output.shape[0]
     v = torch.randn(output.shape, generator=generator).to(output)
@@ -247,7 +247,7 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, param
                 ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch) or "mixed"
         probes.append(Probe(outs, proven, ins))
         deltas.append(list(first[at : at + n_out]))
-    return probes, v, deltas, list(full)
+    return probes, deltas, list(full)
 
 
 def _candidates(shape, batch: int):

@@ -162,7 +162,7 @@ class Engine:
                 if len(self.owners[full_name]) == 1:
                     self.model_level.pop(full_name, None)
         names = self._coverage_names(single)
-        probes, v, deltas, full = probe_layouts(
+        probes, deltas, full = probe_layouts(
             output, [capture.calls[m][0] for m in single], self.generator, [self.params[n] for n in names]
         )
         for module, found in zip(single, probes):

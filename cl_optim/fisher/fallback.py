@@ -86,28 +86,18 @@ def vmapped_squares_(
     cots = tuple(c.to(torch.float32) for _, c, _ in pairs)
     in_dims = (None, tuple(axes[i] for i in mapped), tuple(d for _, _, d in pairs))
     per_sample = sum(acc[name].numel() for name in params) * 4
-    done = False
     for part in chunks(batch, per_sample, cap):
-        try:
-            # Outside no_grad the result would also be tracked through the parameters not mapped
-            # (grad is a function transform: it ignores the outer no_grad for its own inputs).
-            with torch.no_grad():
-                grads = vmap(grad(contracted), in_dims=in_dims)(
-                    params,
-                    tuple(
-                        t.narrow(axes[i], part.start, part.stop - part.start) for i, t in zip(mapped, inputs)
-                    ),
-                    tuple(
-                        c.narrow(d, part.start, part.stop - part.start) for c, (_, _, d) in zip(cots, pairs)
-                    ),
-                )
-        except Exception:
-            if done:  # never leave a half-added batch behind a fallback
-                raise RuntimeError("torch.func failed part-way through a batch") from None
-            raise
+        # Outside no_grad the result would also be tracked through the parameters not mapped
+        # (grad is a function transform: it ignores the outer no_grad for its own inputs). A failure
+        # part-way is safe: the engine adds into a scratch copy and falls back on any exception.
+        with torch.no_grad():
+            grads = vmap(grad(contracted), in_dims=in_dims)(
+                params,
+                tuple(t.narrow(axes[i], part.start, part.stop - part.start) for i, t in zip(mapped, inputs)),
+                tuple(c.narrow(d, part.start, part.stop - part.start) for c, (_, _, d) in zip(cots, pairs)),
+            )
         for name in params:
             acc[name].add_(grads[name].to(torch.float32).square().sum(0))
-        done = True
 
 
 def layer_vmapped_squares_(module, call, deltas, acc, cap, dims, in_axes) -> None:

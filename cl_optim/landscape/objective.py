@@ -79,7 +79,6 @@ class Objective:
         self.size = sum(p.numel() for p in self.params)
         first = next(model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        self.hvps = 0  # Hessian-vector products computed (a block of k counts k)
         self._finite_checked = False  # the loss at the unperturbed weights, checked once
         self._reduction_checked = False
         self._batched_ok = True  # the batched double backward works for this model
@@ -172,7 +171,6 @@ class Objective:
                     continue
                 products = self._products(pairs, vectors.shape[0])
             out += flatten_block(products, self.params, pairs).to(self.dtype) * (batch.size / self.total)
-        self.hvps += vectors.shape[0]
         Objective.products += vectors.shape[0]
         return out
 
