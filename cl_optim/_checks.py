@@ -280,7 +280,60 @@ def check_ewc_consolidate_(precision, anchor, fisher, params, **limits) -> OpInp
     return in_
 
 
+def _task_slices(op: str, grads, num_tasks: int, n: Optional[int] = None) -> list:
+    """The T task lists of a task-major ``grads`` (T*n entries)."""
+    if num_tasks < 1:
+        raise RuntimeError(f"{op}: num_tasks must be at least 1, got {num_tasks}")
+    grads = list(grads)
+    if n is None:
+        if len(grads) % num_tasks:
+            raise RuntimeError(
+                f"{op}: grads has {len(grads)} entries, not a multiple of num_tasks = {num_tasks} (T lists of n "
+                "tensors, task-major)"
+            )
+        n = len(grads) // num_tasks
+    elif len(grads) != num_tasks * n:
+        raise RuntimeError(
+            f"{op}: grads has {len(grads)} entries for {num_tasks} tasks of {n} tensors (task-major, T*n)"
+        )
+    return [grads[t * n : (t + 1) * n] for t in range(num_tasks)]
+
+
+def check_task_gram(grads, num_tasks, **limits) -> OpInputs:
+    tasks = _task_slices("task_gram", grads, int(num_tasks))
+    in_ = OpInputs("task_gram", "grads", tasks[0], written=False, **limits)
+    for t in range(1, len(tasks)):
+        in_.aligned(f"grads (task {t})", tasks[t], LIKE, optional=False, written=False)
+    return in_
+
+
+def check_task_combine_(out, grads, coefficients, **limits) -> OpInputs:
+    in_ = OpInputs("task_combine_", "out", out, written=True, **limits)
+    if not isinstance(coefficients, Tensor) or coefficients.dim() != 1:
+        raise RuntimeError(
+            f"task_combine_: coefficients must be a 1-D tensor (one per task), got "
+            f"{_shape(coefficients) if isinstance(coefficients, Tensor) else type(coefficients).__name__}"
+        )
+    if not coefficients.dtype.is_floating_point or coefficients.layout != torch.strided:
+        raise RuntimeError(
+            f"task_combine_: coefficients must be a dense floating-point tensor, got {coefficients.dtype}"
+        )
+    num_tasks = coefficients.numel()
+    if num_tasks == 0:
+        raise RuntimeError("task_combine_: coefficients is empty (no task)")
+    tasks = _task_slices("task_combine_", grads, num_tasks, in_.n)
+    for t, task in enumerate(tasks):
+        in_.aligned(f"grads (task {t})", task, LIKE, optional=False, written=False)
+    if in_.n and coefficients.device != in_.device:
+        raise RuntimeError(
+            f"task_combine_: coefficients are on {coefficients.device}, out[0] on {in_.device}"
+        )
+    return in_
+
+
 CHECKS = {
+    "task_gram": check_task_gram,
+    "task_combine_": check_task_combine_,
     "sgd_step_": check_sgd_step_,
     "adamw_step_": check_adamw_step_,
     "grad_sq_norm": check_grad_sq_norm,

@@ -49,6 +49,11 @@ SCHEMAS = {
         "ewc_consolidate_(Tensor(a!)[] precision, Tensor(b!)[] anchor, Tensor[] fisher, Tensor[] params, "
         "float decay, float weight, bool weighted_anchor) -> Tensor"
     ),
+    # Multi-task: `grads` holds T lists of n tensors one after the other (task-major, T*n entries).
+    "task_gram": "task_gram(Tensor[] grads, int num_tasks) -> Tensor",
+    "task_combine_": (
+        "task_combine_(Tensor(a!)[] out, Tensor[] grads, Tensor coefficients, bool accumulate) -> ()"
+    ),
 }
 
 
@@ -68,7 +73,12 @@ def _ewc_consolidate_fake(precision, anchor, fisher, params, decay, weight, weig
     return (precision[0] if precision else torch.empty(0)).new_empty((len(precision),), dtype=torch.float64)
 
 
+def _task_gram_fake(grads, num_tasks):
+    return (grads[0] if grads else torch.empty(0)).new_empty((num_tasks, num_tasks), dtype=torch.float64)
+
+
 _FAKES = {
+    "task_gram": _task_gram_fake,
     "grad_sq_norm": _grad_sq_norm_fake,
     "ewc_penalty": _ewc_penalty_fake,
     "ewc_consolidate_": _ewc_consolidate_fake,
