@@ -1,7 +1,8 @@
 """cl_optim: drop-in torch.optim optimizers for continual learning.
 
 ``SGD`` and ``AdamW`` give the numbers of their torch.optim namesakes and take the fused-step
-terms of continual learning; ``SAM`` wraps any torch.optim optimizer class. ``report()`` tells
+terms of continual learning; ``SAM`` wraps any torch.optim optimizer class;
+``MultiTaskSAM`` is its multi-task form (F-MTL). ``report()`` tells
 which backends run on this machine. Nothing here touches CUDA, Triton or a compiler at import.
 """
 
@@ -11,6 +12,7 @@ from ._optimizer import pad_state_
 from .adamw import AdamW
 from .ewc import EWC
 from .integrations import preserve_bn_stats, skip_grad_sync
+from .multitask_sam import MultiTaskSAM
 from .sam import SAM
 from .sgd import SGD
 
@@ -20,6 +22,7 @@ __all__ = [
     "SGD",
     "AdamW",
     "SAM",
+    "MultiTaskSAM",
     "EWC",
     "fisher",
     "landscape",

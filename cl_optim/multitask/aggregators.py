@@ -5,8 +5,7 @@ gradients only through their Gram matrix ``G_ij = <g_i, g_j>`` (norms are its di
 T gradient buffers are read once to build ``G`` (fp32, or fp64 for fp64 inputs; summed over the
 parameters in a fixed order, deterministic), the small problem is solved on the device without
 reading ``.item()`` (no host synchronisation: branches are ``torch.where``), and one pass writes
-the weighted sum. No flattened ``T x |W|`` copy is made (each parameter's T slices are stacked
-alone, ``T x |w_k|``).
+the weighted sum (``task_combine_``). No flattened ``T x |W|`` copy is made.
 
 =========  ==========================================================================
 ``sum``    ``a_t = 1``
@@ -45,7 +44,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["combine", "gram", "weighted_sum", "GradVac", "METHODS"]
+from .._backend import resolve
+from .fused import task_combine_, task_gram
+
+__all__ = ["combine", "coefficients", "gram", "weighted_sum", "GradVac", "METHODS"]
 
 METHODS = ("sum", "mean", "pcgrad", "cagrad", "mgda", "imtl", "gradvac", "agem")
 _EPS = 1e-12
@@ -77,41 +79,92 @@ def _check(task_grads) -> tuple[int, list]:
     return len(task_grads), list(first)
 
 
-def _accumulation_dtype(like: Tensor) -> torch.dtype:
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
+def _buckets(first: list) -> dict:
+    """``(device, dtype) -> parameter indices``: each fused call takes one device and dtype."""
+    buckets: dict = {}
+    for k, g in enumerate(first):
+        buckets.setdefault((g.device, g.dtype), []).append(k)
+    return buckets
 
 
-def gram(task_grads) -> Tensor:
-    """``G_ij = <g_i, g_j>`` summed over the parameters in order (deterministic), fp32 (fp64 for
-    fp64 gradients), on the gradients' device."""
+def gram(task_grads, *, backend: str = "auto") -> Tensor:
+    """``G_ij = <g_i, g_j>`` over every parameter, fp64, on the first gradient's device.
+
+    One :func:`~cl_optim.multitask.fused.task_gram` call per (device, dtype) bucket (products and
+    sums in fp64, in a fixed order: deterministic), the bucket sums added in bucket order.
+    """
     t, first = _check(task_grads)
-    dtype = _accumulation_dtype(first[0])
-    out = torch.zeros((t, t), dtype=dtype, device=first[0].device)
-    for k in range(len(first)):
-        rows = torch.stack([grads[k].reshape(-1).to(dtype) for grads in task_grads])  # (T, |w_k|)
-        out += rows @ rows.t()
-    return out
+    home = first[0].device
+    total = None
+    for (device, dtype), index in _buckets(first).items():
+        part = task_gram(
+            [[grads[k] for k in index] for grads in task_grads], backend=resolve(backend, device, dtype)
+        ).to(home)
+        total = part if total is None else total + part
+    return total
 
 
-def weighted_sum(task_grads, coefficients: Tensor) -> list:
-    """``sum_t a_t g_t`` per parameter, in the gradients' dtype (coefficients stay on the device)."""
+def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None, accumulate: bool = False,
+                 backend: str = "auto") -> list:  # fmt: skip
+    """``sum_t a_t g_t`` per parameter in the gradients' dtype, one fused pass per bucket (the
+    coefficients stay on the device). ``out``: write there (``accumulate``: add to it)."""
     _, first = _check(task_grads)
-    out = []
-    for k in range(len(first)):
-        dtype = _accumulation_dtype(first[k])
-        total = task_grads[0][k].to(dtype) * coefficients[0].to(dtype)
-        for t in range(1, len(task_grads)):
-            total.add_(task_grads[t][k].to(dtype) * coefficients[t].to(dtype))
-        out.append(total.to(first[k].dtype))
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True adds to `out`: give it")
+        out = [torch.empty_like(g) for g in first]
+    elif len(out) != len(first):
+        raise ValueError(f"out has {len(out)} tensors for {len(first)} gradients")
+    for (device, dtype), index in _buckets(first).items():
+        task_combine_(
+            [out[k] for k in index],
+            [[grads[k] for k in index] for grads in task_grads],
+            coefficients.to(device),
+            accumulate=accumulate,
+            backend=resolve(backend, device, dtype),
+        )
     return out
 
 
-def combine(task_grads, method: str = "sum", **options) -> list:
+def coefficients(g: Tensor, method: str, **options) -> Tensor:
+    """The coefficients ``a`` of ``sum_t a_t g_t`` that ``method`` picks from the Gram matrix ``g``
+    (T x T), computed on its device without a host read (except CAGrad's and MGDA's eigenvalue
+    step size for more than two tasks). ``gradvac`` keeps state: use :meth:`GradVac.coefficients`.
+    """
+    if method not in METHODS or method == "gradvac":
+        raise ValueError(
+            f"unknown method {method!r}; expected one of {tuple(m for m in METHODS if m != 'gradvac')}"
+        )
+    t = g.shape[0]
+    allowed = {"pcgrad": {"generator", "shuffle"}, "cagrad": {"c", "iterations"}, "mgda": {"iterations"}}
+    unknown = set(options) - allowed.get(method, set())
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option(s) {sorted(unknown)}")
+    if method == "sum":
+        return torch.ones(t, dtype=g.dtype, device=g.device)
+    if method == "mean":
+        return torch.full((t,), 1.0 / t, dtype=g.dtype, device=g.device)
+    if method == "pcgrad":
+        return _pcgrad(g, options.get("generator"), options.get("shuffle", True))
+    if method == "cagrad":
+        return _cagrad(g, float(options.get("c", 0.4)), int(options.get("iterations", 500)))
+    if method == "mgda":
+        return _min_norm(g, int(options.get("iterations", 500)))
+    if method == "imtl":
+        return _imtl(g)
+    if t != 2:  # agem
+        raise ValueError(f"agem takes two entries (the task gradient and the memory gradient), got {t}")
+    dot = g[0, 1]
+    return torch.stack([torch.ones_like(dot), torch.where(dot < 0, -dot / g[1, 1].clamp_min(_EPS), 0.0)])
+
+
+def combine(task_grads, method: str = "sum", *, backend: str = "auto", **options) -> list:
     """The combined gradient ``sum_t a_t g_t`` (see the module docstring for each method).
 
     Args:
         task_grads: a list over tasks of lists of tensors aligned with the parameters.
         method: one of :data:`METHODS`.
+        backend: of the Gram and combine passes (``"auto"``: the fastest on each device and dtype).
         options: ``generator`` and ``shuffle`` (pcgrad), ``c`` (cagrad, 0.4), ``iterations``
             (cagrad and mgda with more than 2 tasks, 500), ``beta`` (gradvac, 0.01).
 
@@ -120,32 +173,17 @@ def combine(task_grads, method: str = "sum", **options) -> list:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    t, first = _check(task_grads)
+    _check(task_grads)
     if method == "gradvac":
-        return GradVac(beta=options.pop("beta", 0.01), **options)(task_grads)
-    g = gram(task_grads)
-    allowed = {"pcgrad": {"generator", "shuffle"}, "cagrad": {"c", "iterations"}, "mgda": {"iterations"}}
-    unknown = set(options) - allowed.get(method, set())
-    if unknown:
-        raise ValueError(f"method {method!r} takes no option(s) {sorted(unknown)}")
-    if method == "sum":
-        a = torch.ones(t, dtype=g.dtype, device=g.device)
-    elif method == "mean":
-        a = torch.full((t,), 1.0 / t, dtype=g.dtype, device=g.device)
-    elif method == "pcgrad":
-        a = _pcgrad(g, options.get("generator"), options.get("shuffle", True))
-    elif method == "cagrad":
-        a = _cagrad(g, float(options.get("c", 0.4)), int(options.get("iterations", 500)))
-    elif method == "mgda":
-        a = _min_norm(g, int(options.get("iterations", 500)))
-    elif method == "imtl":
-        a = _imtl(g)
-    else:  # agem
-        if t != 2:
-            raise ValueError(f"agem takes two entries (the task gradient and the memory gradient), got {t}")
-        dot = g[0, 1]
-        a = torch.stack([torch.ones_like(dot), torch.where(dot < 0, -dot / g[1, 1].clamp_min(_EPS), 0.0)])
-    return weighted_sum(task_grads, a)
+        return GradVac(beta=options.pop("beta", 0.01), **options)(task_grads, backend=backend)
+    if method in ("sum", "mean"):  # no Gram pass needed
+        t, first = len(task_grads), task_grads[0]
+        a = torch.full((t,), 1.0 if method == "sum" else 1.0 / t, dtype=torch.float64, device=first[0].device)
+        coefficients(a.new_zeros((t, t)), method, **options)  # refuses options
+        return weighted_sum(task_grads, a, backend=backend)
+    return weighted_sum(
+        task_grads, coefficients(gram(task_grads, backend=backend), method, **options), backend=backend
+    )
 
 
 # ----------------------------------------------------------------------------------- the T x T problems
@@ -244,9 +282,13 @@ class GradVac:
         self.beta, self.generator, self.shuffle = beta, generator, shuffle
         self.state: Optional[Tensor] = None  # phi_hat, T x T
 
-    def __call__(self, task_grads) -> list:
-        t, _ = _check(task_grads)
-        g = gram(task_grads)
+    def __call__(self, task_grads, *, backend: str = "auto") -> list:
+        _check(task_grads)
+        return weighted_sum(task_grads, self.coefficients(gram(task_grads, backend=backend)), backend=backend)
+
+    def coefficients(self, g: Tensor) -> Tensor:
+        """The coefficients for the Gram matrix ``g`` (T x T); updates the EMA targets."""
+        t = g.shape[0]
         if self.state is None or self.state.shape != (t, t):
             self.state = torch.zeros((t, t), dtype=g.dtype, device=g.device)
         coefficients = torch.eye(t, dtype=g.dtype, device=g.device)
@@ -266,7 +308,7 @@ class GradVac:
                 gain = gain / (norm_j * (1 - target**2).clamp_min(_EPS).sqrt())
                 coefficients[i, j] += torch.where(phi < target, gain, 0.0)
                 self.state[i, j] = (1 - self.beta) * target + self.beta * phi
-        return weighted_sum(task_grads, coefficients.sum(0))
+        return coefficients.sum(0)
 
     def state_dict(self) -> dict:
         return {"beta": self.beta, "state": None if self.state is None else self.state.clone()}
