@@ -180,6 +180,9 @@ class MultiTaskSAM(SAM):
         with torch.enable_grad():
             losses = _task_losses(closure(), None)
             num_tasks = len(losses)
+            if self.aggregator == "agem" and num_tasks != 2:
+                raise ValueError(f"aggregator 'agem' takes two task losses (the task's and the memory's), got "
+                                 f"{num_tasks}; nothing was changed")  # fmt: skip
             grads = [
                 list(torch.autograd.grad(loss, params, retain_graph=t < num_tasks - 1, allow_unused=True))
                 for t, loss in enumerate(losses)
