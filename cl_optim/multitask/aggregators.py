@@ -4,7 +4,8 @@ Every method here returns ``g = sum_t a_t g_t`` for coefficients ``a`` that depe
 gradients only through their Gram matrix ``G_ij = <g_i, g_j>`` (norms are its diagonal). So the
 T gradient buffers are read once to build ``G`` (fp32, or fp64 for fp64 inputs; summed over the
 parameters in a fixed order, deterministic), the small problem is solved on the device without
-reading ``.item()`` (no host synchronisation: branches are ``torch.where``), and one pass writes
+reading ``.item()`` (no host synchronisation: branches are ``torch.where``; CAGrad and MGDA beyond
+two tasks are iterative and read the T x T matrix once, to solve it on the host), and one pass writes
 the weighted sum (``task_combine_``). No flattened ``T x |W|`` copy is made.
 
 =========  ==========================================================================
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,8 +130,9 @@ def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None
 
 def coefficients(g: Tensor, method: str, **options) -> Tensor:
     """The coefficients ``a`` of ``sum_t a_t g_t`` that ``method`` picks from the Gram matrix ``g``
-    (T x T), computed on its device without a host read (except CAGrad's and MGDA's eigenvalue
-    step size for more than two tasks). ``gradvac`` keeps state: use :meth:`GradVac.coefficients`.
+    (T x T), computed on its device without a host read, except CAGrad and MGDA beyond two tasks
+    (iterative, solved on the host after one read). ``gradvac`` keeps state: use
+    :meth:`GradVac.coefficients`.
     """
     if method not in METHODS or method == "gradvac":
         raise ValueError(
@@ -203,20 +206,36 @@ def _pcgrad(g: Tensor, generator: Optional[torch.Generator], shuffle: bool) -> T
     return coefficients.sum(0)
 
 
-def _project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection on the probability simplex (Duchi et al. 2008), batched over rows."""
-    u, _ = torch.sort(v, descending=True)
-    cumulative = u.cumsum(-1) - 1
-    index = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype, device=v.device)
-    positive = (u - cumulative / index) > 0
-    rho = positive.to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)  # the last index where it holds
-    theta = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
-    return (v - theta).clamp_min(0)
+def _project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection on the probability simplex (Duchi et al. 2008)."""
+    u = np.sort(v)[::-1]
+    cumulative = np.cumsum(u) - 1
+    index = np.arange(1, v.shape[0] + 1)
+    rho = np.nonzero(u - cumulative / index > 0)[0][-1]  # the last index where it holds
+    return np.maximum(v - cumulative[rho] / (rho + 1), 0)
+
+
+def _projected_gradient(gradient, start: np.ndarray, step: float, iterations: int) -> np.ndarray:
+    """Projected gradient on the simplex until the iterate stops moving (or ``iterations``)."""
+    w = start
+    for _ in range(iterations):
+        moved = _project_simplex(w - step * gradient(w))
+        if np.max(np.abs(moved - w)) <= 1e-15:
+            return moved
+        w = moved
+    return w
+
+
+def _host(g: Tensor) -> np.ndarray:
+    """The T x T matrix on the host in fp64: the iterative solvers (MGDA beyond two tasks, CAGrad)
+    take one host read, as the official CAGrad code does; tens of tiny device ops per iteration
+    would cost more than the read (500 iterations: ~40 ms of launches on CPU, more on a GPU)."""
+    return g.detach().to("cpu", torch.float64).numpy()
 
 
 def _min_norm(g: Tensor, iterations: int) -> Tensor:
-    """``argmin_{alpha in simplex} alpha^T G alpha``: closed form for 2 tasks, else projected
-    gradient with step ``1 / (2 lambda_max(G))``."""
+    """``argmin_{alpha in simplex} alpha^T G alpha``: closed form for 2 tasks (on the device, no
+    host read), else projected gradient with step ``1 / (2 lambda_max(G))`` on the host."""
     t = g.shape[0]
     if t == 1:
         return torch.ones(1, dtype=g.dtype, device=g.device)
@@ -225,30 +244,30 @@ def _min_norm(g: Tensor, iterations: int) -> Tensor:
         denominator = (g[0, 0] - 2 * g[0, 1] + g[1, 1]).clamp_min(_EPS)
         alpha = ((g[1, 1] - g[0, 1]) / denominator).clamp(0.0, 1.0)
         return torch.stack([alpha, 1 - alpha])
-    alpha = torch.full((t,), 1.0 / t, dtype=g.dtype, device=g.device)
-    step = 1.0 / (2 * torch.linalg.eigvalsh(g)[-1].clamp_min(_EPS))
-    for _ in range(iterations):
-        alpha = _project_simplex(alpha - step * 2 * (g @ alpha))
-    return alpha
+    a = _host(g)
+    if not np.isfinite(a).all():  # a non-finite gradient: a non-finite result, as the other rules give
+        return torch.full((t,), float("nan"), dtype=g.dtype, device=g.device)
+    step = 1.0 / (2 * max(np.linalg.eigvalsh(a)[-1], _EPS))
+    alpha = _projected_gradient(lambda x: 2 * (a @ x), np.full(t, 1.0 / t), step, iterations)
+    return torch.from_numpy(alpha).to(device=g.device, dtype=g.dtype)
 
 
 def _cagrad(g: Tensor, c: float, iterations: int) -> Tensor:
     t = g.shape[0]
-    g0_norm = (g.mean() + 1e-8).sqrt()
+    a = _host(g)
+    if not np.isfinite(a).all():
+        return torch.full((t,), float("nan"), dtype=g.dtype, device=g.device)
+    g0_norm = np.sqrt(a.mean() + 1e-8)
     scale = c * g0_norm + 1e-8  # the official "c" of the objective
-    b = torch.full((t,), 1.0 / t, dtype=g.dtype, device=g.device)
-    w = b.clone()
+    b = np.full(t, 1.0 / t)
 
     def objective_gradient(w):
-        gw_norm = (w @ g @ w + 1e-8).sqrt()
-        return g @ b + scale * (g @ w) / gw_norm
+        return a @ b + scale * (a @ w) / np.sqrt(w @ a @ w + 1e-8)
 
-    step = 1.0 / (torch.linalg.eigvalsh(g)[-1].clamp_min(_EPS) * (1 + scale / g0_norm))
-    for _ in range(iterations):  # convex on the simplex: projected gradient
-        w = _project_simplex(w - step * objective_gradient(w))
-    gw_norm = (w @ g @ w + 1e-8).sqrt()
-    lam = scale / gw_norm
-    return (b + lam * w) / (1 + c**2)
+    step = 1.0 / (max(np.linalg.eigvalsh(a)[-1], _EPS) * (1 + scale / g0_norm))
+    w = _projected_gradient(objective_gradient, b.copy(), step, iterations)  # convex on the simplex
+    lam = scale / np.sqrt(w @ a @ w + 1e-8)
+    return torch.from_numpy((b + lam * w) / (1 + c**2)).to(device=g.device, dtype=g.dtype)
 
 
 def _imtl(g: Tensor) -> Tensor:
