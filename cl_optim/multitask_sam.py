@@ -203,6 +203,9 @@ class MultiTaskSAM(SAM):
         ]  # fmt: skip
         finite = torch.isfinite(torch.stack([*sq_shared, *sq_heads]).sum())
         out = [_grad_buffer(p) for p in split.shared]
+        for p in params:  # off .grad until the update: a zero_grad() in the closure cannot touch them
+            p.grad = None
+        head_grads: dict = {}
         deferred_fisher = self._update_fisher(split, out, group_of, finite)
         if split.shared and self.aggregate == "split":
             weighted_sum(
@@ -230,8 +233,7 @@ class MultiTaskSAM(SAM):
                 if self.aggregate == "split" and shared_hat:
                     torch._foreach_sub_(shared_hat, split.shared_grads[t])
                 split.shared_grads[t] = shared_hat  # h_t (or ĝ_t); g_t's buffer is released
-                for p, g in zip(split.heads[t], hat[len(split.shared) :]):
-                    p.grad = g
+                head_grads.update((id(p), g) for p, g in zip(split.heads[t], hat[len(split.shared) :]))
         except BaseException:
             for p in perturbed.values():
                 p.copy_(self._saved[id(p)])
@@ -247,12 +249,14 @@ class MultiTaskSAM(SAM):
                          accumulate=self.aggregate == "split", backend=self.backend)  # fmt: skip
         head_params = [p for heads in split.heads for p in heads]
         if head_params:
-            head_sq = self._task_sq_norms(head_params, [[p.grad for p in head_params]], group_of, None, home)[
-                0
-            ]
-            finite = finite & torch.isfinite(head_sq)
-        for p in split.unreached:
-            p.grad = None
+            final = [head_grads[id(p)] for p in head_params]
+            finite = finite & torch.isfinite(
+                self._task_sq_norms(head_params, [final], group_of, None, home)[0]
+            )
+            for p, g in zip(head_params, final):
+                p.grad = g
+        for p, g in zip(split.shared, out):
+            p.grad = g
         for fisher, new in deferred_fisher:
             fisher.copy_(new)
         self._run["pending"] = list(perturbed.values())

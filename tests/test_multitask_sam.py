@@ -304,3 +304,21 @@ def test_agem_with_a_memory_task():
     with pytest.raises(ValueError, match="'agem' takes two task losses"):
         opt3.step(three.losses)
     assert all(torch.equal(p, b) for p, b in zip(three.parameters(), before))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_closure_that_zeroes_the_gradients_changes_nothing(set_to_none):
+    """SAM users' closures often start with zero_grad(): the aggregated gradient is not in .grad
+    while the closure runs, so neither form of zero_grad can erase it."""
+    a, b = Net(), Net()
+    opt_a = cl_optim.MultiTaskSAM(a.parameters(), torch.optim.SGD, rho=0.1, aggregator="imtl", lr=0.1)
+    opt_b = cl_optim.MultiTaskSAM(b.parameters(), torch.optim.SGD, rho=0.1, aggregator="imtl", lr=0.1)
+
+    def zeroing():
+        opt_b.zero_grad(set_to_none=set_to_none)
+        return b.losses()
+
+    for _ in range(2):
+        opt_a.step(a.losses)
+        opt_b.step(zeroing)
+    _assert_same(_snapshot(a), _snapshot(b))
