@@ -24,6 +24,9 @@ void ewc_grad_add_cpu(at::TensorList, at::TensorList, at::TensorList, at::Tensor
 at::Tensor ewc_penalty_cpu(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<double>);
 at::Tensor ewc_consolidate_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double, bool);
 
+at::Tensor task_gram_cpu(at::TensorList, int64_t);
+void task_combine_cpu(at::TensorList, at::TensorList, const at::Tensor&, bool);
+
 }  // namespace cl_optim
 
 TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
@@ -35,6 +38,8 @@ TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
   m.impl("ewc_grad_add_", &cl_optim::ewc_grad_add_cpu);
   m.impl("ewc_penalty", &cl_optim::ewc_penalty_cpu);
   m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cpu);
+  m.impl("task_gram", &cl_optim::task_gram_cpu);
+  m.impl("task_combine_", &cl_optim::task_combine_cpu);
 }
 
 #ifdef CL_OPTIM_AOT

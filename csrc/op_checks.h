@@ -19,6 +19,7 @@
 #include <cl_optim/elementwise.h>
 
 #include <optional>
+#include <string>
 
 namespace cl_optim {
 
@@ -272,5 +273,55 @@ inline OpInputs check_ewc_consolidate(c10::DeviceType device_type, at::TensorLis
   in.aligned("fisher", fisher, Want::kFloat, false, false);
   return in;
 }
+
+// The multi-task ops take T task lists of n tensors one after the other in one `grads` list
+// (task-major, T*n entries: a schema has no list of lists). The length n of each: from the
+// total when `n` < 0 (task_gram), else the lead list's (task_combine_, whose lead is `out`).
+inline int64_t task_list_length(const char* op, size_t size, int64_t num_tasks, int64_t n) {
+  TORCH_CHECK(num_tasks >= 1, op, ": num_tasks must be at least 1, got ", num_tasks);
+  const int64_t total = static_cast<int64_t>(size);
+  if (n < 0) {
+    TORCH_CHECK(total % num_tasks == 0, op, ": grads has ", total, " entries, not a multiple of num_tasks = ",
+                num_tasks, " (T lists of n tensors, task-major)");
+    return total / num_tasks;
+  }
+  TORCH_CHECK(total == num_tasks * n, op, ": grads has ", total, " entries for ", num_tasks, " tasks of ", n,
+              " tensors (task-major, T*n)");
+  return n;
+}
+
+// The lead is task 0's list (named "grads"); task t's list is aligned with it ("grads (task t)").
+inline OpInputs check_task_gram(c10::DeviceType device_type, at::TensorList grads, int64_t num_tasks) {
+  const int64_t n = task_list_length("task_gram", grads.size(), num_tasks, -1);
+  OpInputs in("task_gram", "grads", grads.slice(0, n), device_type, false);
+  for (int64_t t = 1; t < num_tasks; ++t) {
+    const std::string name = "grads (task " + std::to_string(t) + ")";
+    in.aligned(name.c_str(), grads.slice(t * n, n), Want::kLike, false, false);
+  }
+  return in;
+}
+
+// `out` leads; every task's list is aligned with it; `coefficients` is a dense 1-D floating-point
+// tensor of T > 0 entries on out's device (T is its length).
+inline OpInputs check_task_combine(c10::DeviceType device_type, at::TensorList out, at::TensorList grads,
+                                   const at::Tensor& coefficients) {
+  OpInputs in("task_combine_", "out", out, device_type, true);
+  TORCH_CHECK(coefficients.defined(), "task_combine_: coefficients must be a 1-D tensor (one per task), got None");
+  TORCH_CHECK(coefficients.dim() == 1, "task_combine_: coefficients must be a 1-D tensor (one per task), got ",
+              coefficients.sizes());
+  TORCH_CHECK(at::isFloatingType(coefficients.scalar_type()) && coefficients.layout() == at::kStrided,
+              "task_combine_: coefficients must be a dense floating-point tensor, got ", coefficients.scalar_type());
+  const int64_t num_tasks = coefficients.numel();
+  TORCH_CHECK(num_tasks != 0, "task_combine_: coefficients is empty (no task)");
+  const int64_t n = task_list_length("task_combine_", grads.size(), num_tasks, in.size());
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const std::string name = "grads (task " + std::to_string(t) + ")";
+    in.aligned(name.c_str(), grads.slice(t * n, n), Want::kLike, false, false);
+  }
+  TORCH_CHECK(n == 0 || coefficients.device() == in.device(), "task_combine_: coefficients are on ",
+              coefficients.device(), ", out[0] on ", in.device());
+  return in;
+}
+
 
 }  // namespace cl_optim
