@@ -381,6 +381,64 @@ at::Tensor ewc_consolidate_cuda_op(at::TensorList precision, at::TensorList anch
   return out;
 }
 
+// G (T x T, fp64, on the device) of the T task lists of `grads` (task-major): chunk partials per
+// task pair, then a fixed-order sum per entry (csrc/cuda/multitask.cu).
+at::Tensor task_gram_cuda_op(at::TensorList grads, int64_t num_tasks) {
+  const OpInputs in = check_task_gram(c10::DeviceType::CUDA, grads, num_tasks);
+  const int64_t n = in.size();
+  if (n == 0) return at::zeros({num_tasks, num_tasks}, at::TensorOptions().dtype(at::kDouble));  // as the CPU op
+  const at::Device device = in.device();
+  const c10::cuda::CUDAGuard guard(device);
+  Workspace ws(device, grads.slice(0, n));  // every task's tensor k walked as task 0's tensor k
+  Lists lists(num_tasks);
+  std::vector<int64_t> sizes;
+  for (int64_t k = 0; k < n; ++k) sizes.push_back(grads[k].numel());
+  for (int64_t t = 0; t < num_tasks; ++t)
+    for (int64_t k = 0; k < n; ++k) lists[t].push_back(ws.use(grads[t * n + k], false, k));
+  const auto options = grads[0].options().dtype(at::kDouble);
+  at::Tensor partials = at::empty({std::max<int64_t>(cuda::task_gram_partial_count(num_tasks, sizes), 1)}, options);
+  at::Tensor out = at::empty({num_tasks, num_tasks}, options);
+  cuda::task_gram_cuda(dtype_code(grads[0].scalar_type()), lists, sizes, partials.data_ptr<double>(),
+                       out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  return out;
+}
+
+// out <- (out or 0) + sum_t a_t g_t; the coefficients become fp32 on the device (no host read).
+// Beyond kCombineArgumentTasks tasks, each tensor's task addresses travel as a device table,
+// copied from pinned memory without blocking the host.
+void task_combine_cuda_op(at::TensorList out, at::TensorList grads, const at::Tensor& coefficients, bool accumulate) {
+  const OpInputs in = check_task_combine(c10::DeviceType::CUDA, out, grads, coefficients);
+  const int64_t n = in.size();
+  if (n == 0) return;
+  const at::Device device = in.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t num_tasks = coefficients.numel();
+  const at::Tensor a = coefficients.to(device, at::kFloat).contiguous();
+  Workspace ws(device, out);
+  Lists lists(num_tasks + 1);
+  std::vector<int64_t> sizes;
+  for (int64_t k = 0; k < n; ++k) {
+    lists[0].push_back(ws.use(out[k], true, k));
+    sizes.push_back(out[k].numel());
+  }
+  // After out's: a task tensor that is out[k] itself is read in place (each element before it is
+  // written) or, in another layout, copied before anything is written.
+  for (int64_t t = 0; t < num_tasks; ++t)
+    for (int64_t k = 0; k < n; ++k) lists[1 + t].push_back(ws.use(grads[t * n + k], false, k));
+  at::Tensor rows;
+  if (num_tasks > cuda::kCombineArgumentTasks) {
+    at::Tensor host = at::empty({n * num_tasks}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* table = host.data_ptr<int64_t>();
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t t = 0; t < num_tasks; ++t) table[k * num_tasks + t] = reinterpret_cast<int64_t>(lists[1 + t][k]);
+    rows = host.to(device, at::kLong, /*non_blocking=*/true);  // the pinned block is kept until the copy has run
+  }
+  cuda::task_combine_cuda(dtype_code(out[0].scalar_type()), lists, sizes, a.data_ptr<float>(), accumulate,
+                          rows.defined() ? static_cast<const void* const*>(rows.data_ptr()) : nullptr,
+                          c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  ws.finish();
+}
+
 }  // namespace
 }  // namespace cl_optim
 
@@ -393,6 +451,8 @@ TORCH_LIBRARY_IMPL(cl_optim, CUDA, m) {
   m.impl("ewc_grad_add_", &cl_optim::ewc_grad_add_cuda_op);
   m.impl("ewc_penalty", &cl_optim::ewc_penalty_cuda_op);
   m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cuda_op);
+  m.impl("task_gram", &cl_optim::task_gram_cuda_op);
+  m.impl("task_combine_", &cl_optim::task_combine_cuda_op);
 }
 
 #ifdef CL_OPTIM_AOT

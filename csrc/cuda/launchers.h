@@ -85,4 +85,22 @@ void ewc_consolidate_cuda(int dtype, const Lists& lists, const std::vector<int64
                           bool weighted_anchor, double* partials, const int64_t* tensor_ends, double* out,
                           cudaStream_t stream);
 
+// Multi-task ops (cl_optim/multitask/fused.py). task_gram: list t holds task t's tensors (T
+// lists); `partials`: task_gram_partial_count(T, sizes) doubles of scratch; out: T*T doubles, row
+// major, G_ji = G_ij bit for bit.
+inline int64_t task_gram_partial_count(int64_t num_tasks, const std::vector<int64_t>& sizes) {
+  return num_tasks * (num_tasks + 1) / 2 * chunk_count(sizes);
+}
+void task_gram_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes, double* partials, double* out,
+                    cudaStream_t stream);
+
+// Up to this many tasks, task_combine_ passes the task addresses in the kernel argument; beyond,
+// the glue uploads them as a device table `task_rows` (task_rows[k * T + t]: task t's tensor k).
+constexpr int kCombineArgumentTasks = 8;
+
+// task_combine_: lists 0 out, 1 + t task t. `coefficients`: T floats on the device; `task_rows`:
+// nullptr for T <= kCombineArgumentTasks.
+void task_combine_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes, const float* coefficients,
+                       bool accumulate, const void* const* task_rows, cudaStream_t stream);
+
 }  // namespace cl_optim::cuda
