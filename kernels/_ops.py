@@ -23,6 +23,8 @@ from .fisher_accumulate import fisher_accumulate_
 from .grad_norm import grad_sq_norm
 from .sam_perturb import sam_perturb_
 from .sgd_step import sgd_step_
+from .task_combine import task_combine_
+from .task_gram import task_gram
 
 LIBRARY = "cl_optim_triton"
 IMPLEMENTATIONS = {
@@ -34,6 +36,8 @@ IMPLEMENTATIONS = {
     "ewc_consolidate_": ewc_consolidate_,
     "grad_sq_norm": grad_sq_norm,
     "sam_perturb_": sam_perturb_,
+    "task_gram": task_gram,
+    "task_combine_": task_combine_,
 }
 
 

@@ -38,6 +38,8 @@ from . import (  # noqa: E402
     grad_norm,
     sam_perturb,
     sgd_step,
+    task_combine,
+    task_gram,
 )
 from ._pointer_table import BLOCK  # noqa: E402
 
@@ -149,6 +151,19 @@ SPECIALISATIONS = {
         {**TABLE, "partials": "*fp64", "decay": "fp32", "weight": "fp32"},
         [dict(P_DTYPE=d, WEIGHTED_ANCHOR=w) for d in DTYPES for w in (False, True)],
     ),
+    # T is a runtime value of the combine, and of the Gram up to its power of two T_PAD (T = 1..32).
+    task_gram._task_gram_partials: (
+        {**TABLE, "partials": "*fp64", "num_tasks": "i32", "num_chunks": "i32"},
+        [
+            dict(G_DTYPE=d, T_PAD=t, SUB=task_gram.sub_block(t), BLOCK=task_gram.CHUNK)
+            for d in DTYPES
+            for t in (1, 2, 4, 8, 16, 32)
+        ],  # fmt: skip
+    ),
+    task_combine._task_combine_kernel: (
+        {**TABLE, "coefficients": "*fp32", "num_tasks": "i32"},
+        [dict(OUT_DTYPE=d, ACCUMULATE=a) for d in DTYPES for a in (False, True)],
+    ),
     _reduce._segment_sum_kernel: (
         {"partials": "*fp64", "begins": "*i64", "ends": "*i64", "out": "*fp64", "longest": "i32"},
         [{}],
@@ -200,7 +215,7 @@ def main(argv=None) -> int:
             for arch in args.arch:
                 registers, stack, shared, warps, count = [], [], [], set(), 0
                 for constexprs in specialisations:
-                    constexprs = {**constexprs, "BLOCK": BLOCK}
+                    constexprs = {"BLOCK": BLOCK, **constexprs}  # a kernel may take other chunks
                     signature = {**types, **{name: "constexpr" for name in constexprs}}
                     try:
                         compiled = triton.compile(_source(ASTSource, kernel, signature, constexprs),
