@@ -49,7 +49,7 @@ def task_combine_(out, grads, coefficients, accumulate) -> None:
     table = pointer_table([o, *tasks])
     if table.num_chunks:
         _task_combine_kernel[(table.num_chunks,)](
-            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, a, num_tasks,
-            OUT_DTYPE=triton_dtype(out[0].dtype), ACCUMULATE=bool(accumulate), BLOCK=BLOCK,
+            table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, a,
+            num_tasks, OUT_DTYPE=triton_dtype(out[0].dtype), ACCUMULATE=bool(accumulate), BLOCK=BLOCK,
         )  # fmt: skip
     views.finish()

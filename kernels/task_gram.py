@@ -37,8 +37,8 @@ def _packed_index(num_tasks: int) -> list[int]:
 
 
 @triton.jit
-def _task_gram_partials(addresses, n_tensors, sizes, chunk_tensor, chunk_start, partials, num_tasks, num_chunks,
-                        G_DTYPE: tl.constexpr, T_PAD: tl.constexpr, SUB: tl.constexpr,
+def _task_gram_partials(addresses, n_tensors, sizes, chunk_tensor, chunk_start, partials, num_tasks,
+                        num_chunks, G_DTYPE: tl.constexpr, T_PAD: tl.constexpr, SUB: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
     # Lists: task t's tensors are list t (addresses[t, k]). BLOCK: the chunk (CHUNK elements).
     chunk = tl.program_id(0)
@@ -74,7 +74,8 @@ def task_gram(grads, num_tasks):
         t_pad = triton.next_power_of_2(num_tasks)
         _task_gram_partials[(chunks,)](
             table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, partials,
-            num_tasks, chunks, G_DTYPE=triton_dtype(grads[0].dtype), T_PAD=t_pad, SUB=sub_block(t_pad), BLOCK=CHUNK,
+            num_tasks, chunks, G_DTYPE=triton_dtype(grads[0].dtype), T_PAD=t_pad, SUB=sub_block(t_pad),
+            BLOCK=CHUNK,
         )  # fmt: skip
     packed = segment_sums(partials, [chunks] * pairs)
     return packed[per_tensor(_packed_index(num_tasks), device, torch.int64)].reshape(num_tasks, num_tasks)

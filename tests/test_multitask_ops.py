@@ -153,8 +153,8 @@ def test_a_large_finite_gradient_gives_a_finite_gram(backend):
 def test_inf_and_nan_reach_the_gram(backend):
     """Worked by hand: inf*inf, inf*(-2), inf*0 = nan, anything*nan; finite entries stay exact."""
     inf, nan = float("inf"), float("nan")
-    tasks = [[torch.tensor([inf, 1.0, 0.0, 0.0]), torch.ones(2)], [torch.tensor([-2.0, 0.0, 0.0, 0.0]), torch.ones(2)],
-             [torch.tensor([0.0, 0.0, nan, 0.0]), torch.ones(2)]]  # fmt: skip
+    firsts = ([inf, 1.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 0.0, nan, 0.0])
+    tasks = [[torch.tensor(first), torch.ones(2)] for first in firsts]
     expected = torch.tensor([[inf, -inf, nan], [-inf, 6.0, nan], [nan, nan, nan]], dtype=torch.float64)
     got = task_gram(tasks, backend=backend)
     torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)

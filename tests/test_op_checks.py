@@ -16,6 +16,7 @@ Python validator here and on a GPU in tests/test_gpu_checks.py.
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -27,6 +28,7 @@ from cl_optim._backend import resolve  # noqa: E402
 from cl_optim._terms import StepTerms  # noqa: E402
 from cl_optim.adamw import adamw_step_  # noqa: E402
 from cl_optim.ewc import ewc_consolidate_, ewc_grad_add_, ewc_penalty, fisher_accumulate_  # noqa: E402
+from cl_optim.multitask.fused import task_combine_, task_gram  # noqa: E402
 from cl_optim.sam import grad_sq_norm, sam_perturb_  # noqa: E402
 from cl_optim.sgd import sgd_step_  # noqa: E402
 
@@ -76,6 +78,13 @@ def _valid(op: str) -> dict:
     if op == "ewc_consolidate_":
         return dict(precision=fp32(5), anchor=_tensors(seed=6), fisher=fp32(4), params=p, decay=1.0, weight=1.0,
                     weighted_anchor=True)  # fmt: skip
+    if op == "task_gram":  # T = 2 task lists, task-major
+        return dict(grads=p + g, num_tasks=2)
+    if op == "task_combine_":  # T = 3
+        coefficients = torch.tensor([0.5, -1.0, 2.0])
+        return dict(
+            out=_tensors(seed=3), grads=p + g + _tensors(seed=4), coefficients=coefficients, accumulate=True
+        )
     raise AssertionError(op)
 
 
@@ -99,6 +108,29 @@ COUNTS = {"sgd_step_": ["buffer_ready", "ewc_lam"], "adamw_step_": ["ewc_lam"], 
           "sam_perturb_": ["weighted"], "ewc_grad_add_": ["lam"], "ewc_penalty": ["lam"]}  # fmt: skip
 
 MISMATCHES = ("short", "larger", "smaller", "reshaped", "dtype", "sparse", "expanded")
+
+# The multi-task ops take their T task lists task-major in one `grads` list (T*n entries, _valid's
+# T below), so a list is spoiled task by task. The lead is task 0's list ("grads") for task_gram and
+# `out` for task_combine_; the others are named as in the errors, "grads (task t)".
+TASKS = {"task_gram": 2, "task_combine_": 3}
+TASK_LISTS = {"task_gram": {"grads": False, "grads (task 1)": False},
+              "task_combine_": {"out": True, "grads (task 0)": False, "grads (task 2)": False}}  # fmt: skip
+
+
+def _spoil_task_list(args: dict, name: str, how: str) -> str:
+    """Spoil one task list of a multi-task op's arguments; returns the error the op must raise."""
+    if how == "sparse":
+        expected = r"not|layout|sparse"
+    elif how == "short":
+        expected = r"grads has \d+ entries"
+    else:  # a spoiled lead is named as the other side of a shape error, or as a dtype of its own
+        expected = re.escape(name) + r"\[1\]"
+    if name == "out":
+        args["out"] = _spoil(args["out"], how, False)
+        return expected
+    t, n, flat = (0 if name == "grads" else int(name[len("grads (task ") : -1])), len(SHAPES), args["grads"]
+    args["grads"] = flat[: t * n] + _spoil(flat[t * n : (t + 1) * n], how, False) + flat[(t + 1) * n :]
+    return expected
 
 
 def _spoil(tensors: list, how: str, fp32: bool) -> list:
@@ -169,6 +201,12 @@ def _call_python(backend: str, op: str, a: dict):
     if op == "ewc_consolidate_":
         return ewc_consolidate_(a["precision"], a["anchor"], a["fisher"], a["params"], a["decay"], a["weight"],
                                 a["weighted_anchor"], backend=backend)  # fmt: skip
+    if op in TASKS:  # T lists whose concatenation is `grads` (the last takes what is left)
+        n, flat, t = len(SHAPES), a["grads"], TASKS[op]
+        lists = [flat[i * n : (i + 1) * n] for i in range(t - 1)] + [flat[(t - 1) * n :]]
+        if op == "task_gram":
+            return task_gram(lists, backend=backend)
+        return task_combine_(a["out"], lists, a["coefficients"], accumulate=a["accumulate"], backend=backend)
     raise AssertionError(op)
 
 
@@ -219,8 +257,28 @@ def test_a_mismatched_list_is_refused_and_nothing_changes(backend, op, name, how
     _assert_unchanged(snapshot)
 
 
+def _task_cases():
+    for op, lists in TASK_LISTS.items():
+        for name, written in lists.items():
+            for how in MISMATCHES:
+                if how == "expanded" and not written:
+                    continue
+                yield op, name, how
+
+
 @pytest.mark.parametrize("backend", AVAILABLE)
-@pytest.mark.parametrize("op", list(ALIGNED))
+@pytest.mark.parametrize("op,name,how", list(_task_cases()))
+def test_a_mismatched_task_list_is_refused_and_nothing_changes(backend, op, name, how):
+    args = _valid(op)
+    expected = _spoil_task_list(args, name, how)
+    snapshot = _snapshot(args)
+    with pytest.raises((RuntimeError, NotImplementedError), match=expected):
+        BACKENDS[backend](op, args)
+    _assert_unchanged(snapshot)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("op", [*ALIGNED, *TASK_LISTS])
 def test_the_valid_inputs_run(backend, op):
     """The unspoiled arguments of the test above are accepted (so each refusal is the mismatch's)."""
     BACKENDS[backend](op, _valid(op))
@@ -305,6 +363,13 @@ def test_the_python_validator_refuses_another_device():
         _checks.check_op(
             "ewc_grad_add_", [args[k] for k in ("grads", "params", "precision", "anchor", "lam")]
         )
+    args = _valid("task_combine_")
+    args["grads"] = [t.to("meta") if i == 7 else t for i, t in enumerate(args["grads"])]
+    with pytest.raises(RuntimeError, match=r"grads \(task 2\)\[1\] is on meta, out\[0\] on cpu"):
+        _checks.check_op("task_combine_", [args[k] for k in ("out", "grads", "coefficients", "accumulate")])
+    args = _valid("task_combine_")
+    with pytest.raises(RuntimeError, match=r"coefficients are on meta, out\[0\] on cpu"):
+        _checks.check_op("task_combine_", [args["out"], args["grads"], args["coefficients"].to("meta"), True])
 
 
 @pytest.mark.parametrize("backend", [b for b in AVAILABLE if b in ("forloop", "foreach")])
