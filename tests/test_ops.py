@@ -49,6 +49,15 @@ def _adamw_args(amsgrad=True):
             0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
 
 
+def _task_lists(num_tasks, dtype=torch.float32):
+    """T task lists of three tensors, task-major (the ops' `grads`)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(37 + i, generator=gen).to(dtype) for _ in range(num_tasks) for i in range(3)]
+
+
+_FP64_PAIR = torch.tensor([1.0, 0.25], dtype=torch.float64)  # coefficients of any float dtype
+
+
 def _sam_perturb_args(kinds, grad_scale, finite):
     fisher = [t.abs() for t in _tensors()]
     return (
@@ -78,6 +87,10 @@ def _sam_perturb_args(kinds, grad_scale, finite):
         ("grad_sq_norm", (_tensors(), [], [t.abs() for t in _tensors()], [2, 3, 0], 0.5)),
         ("sam_perturb_", _sam_perturb_args([1, 1, 0], torch.tensor(2.0), torch.tensor(True))),
         ("sam_perturb_", _sam_perturb_args([3, 2, 3], None, None)),
+        ("task_gram", (_task_lists(3), 3)),
+        ("task_gram", (_task_lists(2, torch.bfloat16), 2)),
+        ("task_combine_", (_tensors(), _task_lists(3), torch.tensor([0.5, -1.0, 2.0]), False)),
+        ("task_combine_", (_tensors(dtype=torch.float16), _task_lists(2, torch.float16), _FP64_PAIR, True)),
     ],
     ids=[
         "sgd",
@@ -89,6 +102,10 @@ def _sam_perturb_args(kinds, grad_scale, finite):
         "grad_sq_norm_fisher",
         "sam_perturb",
         "sam_perturb_fisher",
+        "task_gram",
+        "task_gram_bf16",
+        "task_combine",
+        "task_combine_accumulate_fp16",
     ],  # fmt: skip
 )
 def test_opcheck(op, args):
