@@ -5,7 +5,8 @@ gradients only through their Gram matrix ``G_ij = <g_i, g_j>`` (norms are its di
 T gradient buffers are read once to build ``G`` (fp32, or fp64 for fp64 inputs; summed over the
 parameters in a fixed order, deterministic), the small problem is solved on the device without
 reading ``.item()`` (no host synchronisation: branches are ``torch.where``; CAGrad and MGDA beyond
-two tasks are iterative and read the T x T matrix once, to solve it on the host), and one pass writes
+two tasks are iterative and read the T x T matrix once, to solve it on the host — on a GPU, one
+synchronisation per call), and one pass writes
 the weighted sum (``task_combine_``). No flattened ``T x |W|`` copy is made.
 
 =========  ==========================================================================
@@ -130,8 +131,8 @@ def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None
 
 def coefficients(g: Tensor, method: str, **options) -> Tensor:
     """The coefficients ``a`` of ``sum_t a_t g_t`` that ``method`` picks from the Gram matrix ``g``
-    (T x T), computed on its device without a host read, except CAGrad and MGDA beyond two tasks
-    (iterative, solved on the host after one read). ``gradvac`` keeps state: use
+    (T x T), computed on its device without a host read, except for CAGrad (any number of tasks)
+    and MGDA with more than two: those are iterative and solved on the host after one read. ``gradvac`` keeps state: use
     :meth:`GradVac.coefficients`.
     """
     if method not in METHODS or method == "gradvac":
