@@ -351,3 +351,51 @@ def _check_fisher_and_ewc_ops(backend, dtype, device, zoo_sizes=ZOO_SIZES):
                 torch.testing.assert_close(have.float(), want.float(), rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(got[4], oracle[4], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[5], oracle[5], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_task_ops_match_forloop(backend, dtype):
+    _check_task_ops(backend, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_task_ops_on_cuda_match_forloop(dtype):
+    def fma_close(got, want):  # Triton fuses acc + a*g on the GPU: one rounding fewer than the oracle
+        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+    for backend in _cuda_candidates():
+        _check_task_ops(backend, dtype, "cuda", compare=fma_close if backend == "triton" else None)
+
+
+def _check_task_ops(backend, dtype, device, zoo_sizes=ZOO_SIZES, compare=None):
+    """task_gram and task_combine_ of ``backend`` on ``device`` against the forloop oracle on the
+    CPU, the zoo's gradients of three steps as T = 3 task lists. The Gram (fp64 sums of the same
+    products in another order) within 1e-12 of the sum of absolute products; the combine (the same
+    fp32 operations, one rounding) with the oracle's bits, unless ``compare(got, want)`` says
+    otherwise (the interpreter's bf16, Triton's FMA on a GPU). ``out`` keeps the parameters'
+    strides: the transposed one is combined through a copy of its gradients in its layout."""
+    from cl_optim.multitask.fused import task_combine_, task_gram
+
+    zoo = make_zoo(torch.float32, sizes=zoo_sizes)
+    params = [p.detach() for p in zoo_params(clone_groups(zoo, dtype)) if p.numel() != 5]
+    tasks = [[g.to(dtype) for g in zoo_grads(params, step)] for step in range(3)]
+    on_device = [[_on(g, device) for g in grads] for grads in tasks]
+    got = task_gram(on_device, backend=backend)
+    assert got.dtype == torch.float64 and got.shape == (3, 3) and got.device.type == device
+    flat = torch.stack([torch.cat([g.reshape(-1).double() for g in grads]) for grads in tasks])
+    bound = 1e-12 * (flat.abs() @ flat.abs().t())
+    assert torch.all((got.cpu() - task_gram(tasks, backend="forloop")).abs() <= bound)
+    a = torch.tensor([0.5, -1.25, 2.0])
+    for accumulate in (False, True):
+        want = [p.clone(memory_format=torch.preserve_format) for p in params]
+        task_combine_(want, tasks, a, accumulate=accumulate, backend="forloop")
+        out = [_on(p.clone(memory_format=torch.preserve_format), device) for p in params]
+        task_combine_(out, on_device, a.to(device), accumulate=accumulate, backend=backend)
+        for o, w in zip(out, want):
+            assert o.stride() == w.stride()
+            if compare is None:
+                assert torch.equal(o.cpu(), w)
+            else:
+                compare(o.cpu(), w)

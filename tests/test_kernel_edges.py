@@ -3,8 +3,10 @@
 Each case is one the review found a backend to get wrong, with the number torch (or the fp64
 oracle) gives: AdamW's first moment when beta1 = 0 and the moment is huge (torch's lerp takes the
 other form for weights >= 0.5), the AMP step count with GradScaler's summed or NaN ``found_inf``,
-AMSGrad's running maximum when a NaN is in it, an EWC penalty past the fp32 range, and the
-consolidation of an entry whose precision stays zero.
+AMSGrad's running maximum when a NaN is in it, an EWC penalty past the fp32 range, the
+consolidation of an entry whose precision stays zero. The multi-task ops' edges were not found by a
+review but written with their kernels: a subnormal gradient in the Gram matrix, and an fp16
+weighted sum that only fits when rounded once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import cl_optim
 from cl_optim._terms import StepTerms
 from cl_optim.adamw import adamw_step_
 from cl_optim.ewc import ewc_consolidate_, ewc_penalty
+from cl_optim.multitask.fused import task_combine_, task_gram
 
 STEP_BACKENDS = [b for b in AVAILABLE]
 
@@ -90,6 +93,28 @@ def test_consolidating_an_entry_whose_precision_stays_zero(backend):
     gaps = ewc_consolidate_(precision, anchor, fisher, params, 0.0, 0.0, True, backend=backend)
     assert torch.equal(gaps.cpu(), torch.zeros(1, dtype=torch.float64))
     assert torch.equal(anchor[0], params[0]) and torch.equal(precision[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_a_subnormal_gradient_keeps_its_square_in_the_gram(backend):
+    """1e-40 is subnormal in fp32 and its square (1e-80) is 0 in fp32: the products are fp64 and no
+    backend flushes the fp32 value to zero on its way there."""
+    g = torch.full((4,), 1e-40)
+    assert g[0] != 0
+    gram = task_gram([[g], [torch.ones(4)]], backend=backend)
+    x = float(g[0])
+    torch.testing.assert_close(gram.cpu(), torch.tensor([[4 * x * x, 4 * x], [4 * x, 4.0]], dtype=torch.float64),
+                               rtol=1e-15, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_an_accumulated_fp16_combine_rounds_once(backend):
+    """out = 65504 (the fp16 maximum) + 65504 - 65504: 65504 in fp32 and in fp16; adding each task
+    to out in fp16 would reach inf after the first."""
+    out = [torch.full((2,), 65504.0, dtype=torch.float16)]
+    tasks = [[out[0].clone()], [-out[0]]]
+    task_combine_(out, tasks, torch.ones(2), accumulate=True, backend=backend)
+    assert torch.equal(out[0], tasks[0][0])
 
 
 def test_the_optimizer_path_takes_the_same_edges():

@@ -16,7 +16,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import DTYPES, assert_state_close, clone_groups, make_zoo, set_grads, zoo_grads, zoo_params  # noqa: E402
-from test_backends import LOWP_ATOL, _check_fisher_and_ewc_ops, _check_norm_and_perturb, _functional_run  # noqa: E402
+from test_backends import (  # noqa: E402
+    LOWP_ATOL,
+    _check_fisher_and_ewc_ops,
+    _check_norm_and_perturb,
+    _check_task_ops,
+    _functional_run,
+)
 
 import cl_optim  # noqa: E402
 from cl_optim._backend import resolve  # noqa: E402
@@ -101,6 +107,14 @@ def test_norm_and_perturb_kernels_match_forloop(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fisher_and_ewc_kernels_match_forloop(dtype):
     _check_fisher_and_ewc_ops("triton", dtype, "cpu", SMALL_ZOO)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multitask_kernels_match_forloop(dtype):
+    """task_gram and task_combine_ (tests/test_multitask_ops.py has the rest: T up to 17, aliasing)."""
+    _check_task_ops(
+        "triton", dtype, "cpu", SMALL_ZOO, _assert_within_one_bf16_ulp if dtype == torch.bfloat16 else None
+    )
 
 
 @pytest.mark.parametrize("adaptive", [False, True, "fisher_ema"])
