@@ -34,7 +34,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert record["device"] and record["versions"]["torch"] and record["versions"]["cl_optim"]
     settings = record["settings"]
     assert settings["seeds"] == [0] and settings["quick"] is True
-    assert settings["backend_used"] in ("auto", "foreach")
+    assert settings["backend_used"] == "auto"
     # No test image is in the train split: the pairs are formed after the split.
     assert settings["images"]["train"] + settings["images"]["test"] == 1797
     assert settings["pairs"]["train"] == settings["images"]["train"]  # 1 pair per image in --quick
