@@ -66,7 +66,8 @@ def task_gram(task_grads, *, backend: str = "forloop") -> Tensor:
     num_tasks = len(task_grads)
     flat = _task_major(task_grads)
     if backend in _COMPILED:
-        if not flat:
+        if not flat:  # nothing to launch: the Python checks give the same errors as the kernels
+            check_task_gram(flat, num_tasks)
             return torch.zeros((num_tasks, num_tasks), dtype=torch.float64)
         return kernel_op(backend, "task_gram", flat[0])(flat, num_tasks)
     if backend not in _PYTHON:
@@ -84,9 +85,8 @@ def task_gram(task_grads, *, backend: str = "forloop") -> Tensor:
         else:
             rows = torch.stack([grads[k].reshape(-1) for grads in task_grads]).double()  # (T, |w_k|)
             gram += rows @ rows.t()
-    if backend == "forloop":
-        gram = gram.triu() + gram.triu(1).t()
-    return gram
+    # One triangle, mirrored: a matrix product may round G_ij and G_ji differently.
+    return gram.triu() + gram.triu(1).t()
 
 
 def task_combine_(out: list, task_grads, coefficients: Tensor, *, accumulate: bool = False,
@@ -95,7 +95,8 @@ def task_combine_(out: list, task_grads, coefficients: Tensor, *, accumulate: bo
 
     ``coefficients`` is a 1-D tensor of T entries on ``out``'s device (any float dtype; the math
     runs in opmath). ``out`` may be one of the task lists (each element is read before it is
-    written).
+    written), in eager mode; the schema does not declare that aliasing, so not under
+    ``torch.compile``.
 
     >>> out = [torch.ones(2)]
     >>> task_combine_(out, [[torch.tensor([1.0, 2.0])]], torch.tensor([2.0]), accumulate=True); out
@@ -104,6 +105,7 @@ def task_combine_(out: list, task_grads, coefficients: Tensor, *, accumulate: bo
     flat = _task_major(task_grads)
     if backend in _COMPILED:
         if not out:
+            check_task_combine_(out, flat, coefficients)
             return
         kernel_op(backend, "task_combine_", out[0])(list(out), flat, coefficients.detach(), bool(accumulate))
         return
@@ -121,7 +123,8 @@ def task_combine_(out: list, task_grads, coefficients: Tensor, *, accumulate: bo
                 acc = acc + a[t] * task_grads[t][k].to(opmath)
             target.copy_(acc)
         return
-    acc = [o.to(opmath) for o in out] if accumulate else None
+    # Copies: `out` may be one of the task lists, read below after the first additions.
+    acc = [o.to(opmath, copy=True) for o in out] if accumulate else None
     for t, grads in enumerate(task_grads):
         term = torch._foreach_mul([g.to(opmath) for g in grads], a[t])
         if acc is None:
