@@ -86,7 +86,7 @@ class Synthetic:
 def cat_combine(task_grads, method, options):
     """The ``torch.cat`` form: a flat ``T x |W|`` copy, Gram by matmul, the same T x T rule."""
     flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in task_grads])
-    a = coefficients((flat.double() @ flat.double().t()), method, **options).to(flat.dtype)
+    a = coefficients((flat @ flat.t()).double(), method, **options).to(flat.dtype)  # fp32 Gram, as theirs
     combined = a @ flat
     out, at = [], 0
     for g in task_grads[0]:
@@ -119,8 +119,8 @@ class CatFMTL:
             h.append(hat - g[t])
         self._assign(old)
         gs, hs = torch.stack(g), torch.stack(h)
-        a = coefficients(gs.double() @ gs.double().t(), self.method, **self.options).float()
-        b = coefficients(hs.double() @ hs.double().t(), self.method, **self.options).float()
+        a = coefficients((gs @ gs.t()).double(), self.method, **self.options).float()
+        b = coefficients((hs @ hs.t()).double(), self.method, **self.options).float()
         total = a @ gs + b @ hs
         at = 0
         for p in self.params:
