@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._backend import resolve
+from ._distributed import any_dtensor
 from ._optimizer import FISHER_KEY, FusedOptimizer, fisher_buffer
 from .multitask.aggregators import METHODS, GradVac, coefficients, gram, weighted_sum
 from .multitask.running_stats import frozen_running_stats
@@ -177,6 +178,11 @@ class MultiTaskSAM(SAM):
                                "list of task losses")  # fmt: skip
         self._check_groups()
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if any_dtensor(params):
+            raise NotImplementedError(
+                "MultiTaskSAM does not take DTensor (FSDP2, tensor-parallel) parameters yet: its Gram matrix "
+                "would be of each rank's shard; nothing was changed"
+            )
         with torch.enable_grad():
             losses = _task_losses(closure(), None)
             num_tasks = len(losses)

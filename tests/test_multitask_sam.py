@@ -326,3 +326,26 @@ def test_a_closure_that_zeroes_the_gradients_changes_nothing(set_to_none):
         opt_a.step(a.losses)
         opt_b.step(zeroing)
     _assert_same(_snapshot(a), _snapshot(b))
+
+
+def test_dtensor_parameters_are_refused_clearly(tmp_path):
+    """A one-rank gloo group in a child process (the process group is global state)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist, cl_optim
+        from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+        dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
+        mesh = DeviceMesh("cpu", [0])
+        w = torch.nn.Parameter(distribute_tensor(torch.ones(3), mesh, [Replicate()]))
+        opt = cl_optim.MultiTaskSAM([w], torch.optim.SGD, lr=0.1)
+        try:
+            opt.step(lambda: [(w * w).sum(), w.sum()])
+        except NotImplementedError as error:
+            print("refused:", error)
+        dist.destroy_process_group()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "refused: MultiTaskSAM does not take DTensor" in run.stdout, run.stdout + run.stderr
