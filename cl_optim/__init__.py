@@ -11,6 +11,7 @@ from ._backend import report
 from ._optimizer import pad_state_
 from .adamw import AdamW
 from .ewc import EWC
+from .gsam import GSAM
 from .integrations import preserve_bn_stats, skip_grad_sync
 from .multitask_sam import MultiTaskSAM
 from .sam import SAM
@@ -22,6 +23,7 @@ __all__ = [
     "SGD",
     "AdamW",
     "SAM",
+    "GSAM",
     "MultiTaskSAM",
     "EWC",
     "fisher",
