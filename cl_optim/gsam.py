@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import resolve
-from .multitask.fused import task_combine_, task_gram
-from .sam import SAM, _buckets
+from ._distributed import any_dtensor
+from .multitask.aggregators import gram as task_gram_of
+from .multitask.aggregators import weighted_sum
+from .sam import SAM, _buckets, kept_buffers
 
 __all__ = ["GSAM"]
 
@@ -99,20 +100,15 @@ class GSAM(SAM):
             for group in self.param_groups:
                 fraction = (float(group["lr"]) - self.lr_min) / (group["lr_max"] - self.lr_min)
                 group["rho"] = self.rho_min + (group["rho_max"] - self.rho_min) * fraction
-        kept = self._first_grads
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or p.grad.is_sparse or p.grad.shape != p.shape:
-                    continue  # SAM's own checks name the problem below
-                buf = kept.get(id(p))
-                if (
-                    buf is None
-                    or buf.shape != p.grad.shape
-                    or buf.dtype != p.grad.dtype
-                    or buf.device != p.grad.device
-                ):
-                    buf = kept[id(p)] = torch.empty_like(p.grad, memory_format=torch.preserve_format)
-                buf.copy_(p.grad)
+        # g1, before SAM's checks (they name any bad gradient) and its zero_grad.
+        params = [
+            p for group in self.param_groups for p in group["params"]
+            if p.grad is not None and not p.grad.is_sparse and p.grad.shape == p.shape and p.grad.dtype == p.dtype
+        ]  # fmt: skip
+        for (device, dtype, _), bucket in _buckets(params).items():
+            torch._foreach_copy_(
+                kept_buffers(self._first_grads, bucket, device, dtype), [p.grad for p in bucket]
+            )
         super()._first_step(zero_grad, grad_scaler)
 
     def _second_step(self, zero_grad: bool = False) -> None:
@@ -124,27 +120,17 @@ class GSAM(SAM):
 
     def _remove_the_orthogonal_part(self, params: list) -> None:
         """``.grad <- g2 - alpha * (g1 - cos ||g1|| / (||g2|| + eps) g2)``, all on the device."""
-        buckets = []
-        for (device, dtype, layout), bucket in _buckets(params).items():
-            if layout is not None:
-                raise NotImplementedError(
-                    "GSAM does not take DTensor (FSDP2) parameters yet: the combination would be written "
-                    "into a redistributed copy of the gradient"
-                )
-            buckets.append((bucket, resolve(self.backend, device, dtype)))
-        home = params[0].device
-        gram = None
-        for bucket, backend in buckets:
-            pair = [[self._first_grads[id(p)] for p in bucket], [p.grad for p in bucket]]
-            part = task_gram(pair, backend=backend).to(home)
-            gram = part if gram is None else gram + part
+        if any_dtensor(params):
+            raise NotImplementedError(
+                "GSAM does not take DTensor (FSDP2) parameters yet: the combination would be written "
+                "into a redistributed copy of the gradient"
+            )
+        pair = [[self._first_grads[id(p)] for p in params], [p.grad for p in params]]
+        gram = task_gram_of(pair, backend=self.backend)  # one fused pass per (device, dtype)
         first_norm, second_norm = gram[0, 0].clamp_min(0).sqrt(), gram[1, 1].clamp_min(0).sqrt()
         eps = self.perturb_eps
         cosine = gram[0, 1] / (first_norm * second_norm + eps)
         coefficients = torch.stack([
             torch.full_like(cosine, -self.alpha), 1 + self.alpha * cosine * first_norm / (second_norm + eps)
         ])  # fmt: skip
-        for bucket, backend in buckets:
-            grads = [p.grad for p in bucket]
-            first = [self._first_grads[id(p)] for p in bucket]
-            task_combine_(grads, [first, grads], coefficients.to(grads[0].device), backend=backend)
+        weighted_sum(pair, coefficients, out=pair[1], backend=self.backend)  # into .grad

@@ -33,13 +33,12 @@ from torch import Tensor
 
 from ._backend import resolve
 from ._distributed import any_dtensor
-from ._optimizer import FISHER_KEY, FusedOptimizer, fisher_buffer
+from ._optimizer import fisher_buffer
 from .multitask.aggregators import METHODS, GradVac, coefficients, gram, weighted_sum
 from .multitask.running_stats import frozen_running_stats
 from .sam import (
     FISHER_RUNNING,
     SAM,
-    _check_sam_group,
     _fisher_ema_where_,
     _sam_weights,
     grad_sq_norm,
@@ -274,12 +273,7 @@ class MultiTaskSAM(SAM):
 
     def _check_groups(self) -> None:
         for index, group in enumerate(self.param_groups):
-            try:  # values may have been changed in param_groups since they were checked
-                _check_sam_group(group)
-                if isinstance(self.base_optimizer, FusedOptimizer):
-                    self.base_optimizer.check_hyperparameters(group, on_device_too=False)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
+            self._check_group(index, group)
 
     def _names(self) -> dict:
         return {
@@ -399,10 +393,6 @@ class MultiTaskSAM(SAM):
             if reads:
                 pairs.append((fisher, target))
         return pairs
-
-    def running_fisher(self) -> dict:
-        """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
-        return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
 
 
 class _Split:

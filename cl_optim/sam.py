@@ -226,12 +226,7 @@ class SAM(torch.optim.Optimizer):
             )
         plan = []  # (group, weighted-mode, eta, bucket params)
         for index, group in enumerate(self.param_groups):
-            try:  # values may have been changed in param_groups since they were checked
-                _check_sam_group(group)
-                if isinstance(self.base_optimizer, FusedOptimizer):  # fail before perturbing
-                    self.base_optimizer.check_hyperparameters(group, on_device_too=False)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
+            self._check_group(index, group)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 grad = p.grad
@@ -444,17 +439,19 @@ class SAM(torch.optim.Optimizer):
 
     # --------------------------------------------------------------------------------- helpers
 
+    def _check_group(self, index: int, group: dict) -> None:
+        """SAM's and the base optimizer's hyper-parameters of one group, before anything moves
+        (values may have been changed in ``param_groups`` since they were checked)."""
+        try:
+            _check_sam_group(group)
+            if isinstance(self.base_optimizer, FusedOptimizer):
+                self.base_optimizer.check_hyperparameters(group, on_device_too=False)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
+
     def _save_buffers(self, bucket: list[Tensor], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
         """The restore buffer of each parameter of a (device, dtype) bucket, allocated once."""
-        saved = self._saved
-        index = -1 if device.type == "cpu" else device.index  # get_device(): an int, no device object
-        buffers = []
-        for p in bucket:
-            buf = saved.get(id(p))
-            if buf is None or buf.shape != p.shape or buf.dtype is not dtype or buf.get_device() != index:
-                buf = saved[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
-            buffers.append(buf)
-        return buffers
+        return kept_buffers(self._saved, bucket, device, dtype)
 
     def _nonfinite_gradient(self) -> Tensor:
         """Device flag: some gradient has an inf or a NaN (a foreign base optimizer's second pass)."""
@@ -498,6 +495,19 @@ class SAM(torch.optim.Optimizer):
         if self.ewc is not None:
             self.ewc.add_grad_()  # at the restored weights, after the unscale
         self.base_optimizer.step()
+
+
+def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """One buffer shaped as each parameter of a (device, dtype) bucket, kept in ``store`` by
+    ``id(param)`` and allocated again only when the parameter changed shape, dtype or device."""
+    index = -1 if device.type == "cpu" else device.index  # get_device(): an int, no device object
+    buffers = []
+    for p in bucket:
+        buf = store.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.dtype is not dtype or buf.get_device() != index:
+            buf = store[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
+        buffers.append(buf)
+    return buffers
 
 
 def _same(tensors):

@@ -2,12 +2,11 @@ r"""Combine task gradients in coefficient space: one Gram pass, a T x T problem,
 
 Every method here returns ``g = sum_t a_t g_t`` for coefficients ``a`` that depend on the task
 gradients only through their Gram matrix ``G_ij = <g_i, g_j>`` (norms are its diagonal). So the
-T gradient buffers are read once to build ``G`` (fp32, or fp64 for fp64 inputs; summed over the
-parameters in a fixed order, deterministic), the small problem is solved on the device without
+T gradient buffers are read once to build ``G`` (fp64 products and sums, in a fixed order:
+deterministic; the fused ``task_gram`` op of :mod:`cl_optim.multitask.fused`), the small problem is solved on the device without
 reading ``.item()`` (no host synchronisation: branches are ``torch.where``; CAGrad and MGDA beyond
 two tasks are iterative and read the T x T matrix once, to solve it on the host — on a GPU, one
-synchronisation per call), and one pass writes
-the weighted sum (``task_combine_``). No flattened ``T x |W|`` copy is made.
+synchronisation per call), and one pass writes the weighted sum (``task_combine_``). No flattened ``T x |W|`` copy is made.
 
 =========  ==========================================================================
 ``sum``    ``a_t = 1``
@@ -48,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .._backend import resolve
+from .._optimizer import bucket_indices
 from .fused import task_combine_, task_gram
 
 __all__ = ["combine", "coefficients", "gram", "weighted_sum", "GradVac", "METHODS"]
@@ -82,14 +82,6 @@ def _check(task_grads) -> tuple[int, list]:
     return len(task_grads), list(first)
 
 
-def _buckets(first: list) -> dict:
-    """``(device, dtype) -> parameter indices``: each fused call takes one device and dtype."""
-    buckets: dict = {}
-    for k, g in enumerate(first):
-        buckets.setdefault((g.device, g.dtype), []).append(k)
-    return buckets
-
-
 def gram(task_grads, *, backend: str = "auto") -> Tensor:
     """``G_ij = <g_i, g_j>`` over every parameter, fp64, on the first gradient's device.
 
@@ -99,7 +91,7 @@ def gram(task_grads, *, backend: str = "auto") -> Tensor:
     t, first = _check(task_grads)
     home = first[0].device
     total = None
-    for (device, dtype), index in _buckets(first).items():
+    for (device, dtype, _), index in bucket_indices(first).items():
         part = task_gram(
             [[grads[k] for k in index] for grads in task_grads], backend=resolve(backend, device, dtype)
         ).to(home)
@@ -118,7 +110,7 @@ def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None
         out = [torch.empty_like(g) for g in first]
     elif len(out) != len(first):
         raise ValueError(f"out has {len(out)} tensors for {len(first)} gradients")
-    for (device, dtype), index in _buckets(first).items():
+    for (device, dtype, _), index in bucket_indices(first).items():
         task_combine_(
             [out[k] for k in index],
             [[grads[k] for k in index] for grads in task_grads],
@@ -132,8 +124,8 @@ def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None
 def coefficients(g: Tensor, method: str, **options) -> Tensor:
     """The coefficients ``a`` of ``sum_t a_t g_t`` that ``method`` picks from the Gram matrix ``g``
     (T x T), computed on its device without a host read, except for CAGrad (any number of tasks)
-    and MGDA with more than two: those are iterative and solved on the host after one read. ``gradvac`` keeps state: use
-    :meth:`GradVac.coefficients`.
+    and MGDA with more than two: those are iterative and solved on the host after one read.
+    ``gradvac`` keeps state: use :meth:`GradVac.coefficients`.
     """
     if method not in METHODS or method == "gradvac":
         raise ValueError(
@@ -180,11 +172,10 @@ def combine(task_grads, method: str = "sum", *, backend: str = "auto", **options
     _check(task_grads)
     if method == "gradvac":
         return GradVac(beta=options.pop("beta", 0.01), **options)(task_grads, backend=backend)
-    if method in ("sum", "mean"):  # no Gram pass needed
-        t, first = len(task_grads), task_grads[0]
-        a = torch.full((t,), 1.0 if method == "sum" else 1.0 / t, dtype=torch.float64, device=first[0].device)
-        coefficients(a.new_zeros((t, t)), method, **options)  # refuses options
-        return weighted_sum(task_grads, a, backend=backend)
+    if method in ("sum", "mean"):  # their coefficients do not read the Gram matrix: no pass for it
+        t = len(task_grads)
+        unread = torch.zeros((t, t), dtype=torch.float64, device=task_grads[0][0].device)
+        return weighted_sum(task_grads, coefficients(unread, method, **options), backend=backend)
     return weighted_sum(
         task_grads, coefficients(gram(task_grads, backend=backend), method, **options), backend=backend
     )
