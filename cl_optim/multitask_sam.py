@@ -36,14 +36,8 @@ from ._distributed import any_dtensor
 from ._optimizer import fisher_buffer
 from .multitask.aggregators import METHODS, GradVac, coefficients, gram, weighted_sum
 from .multitask.running_stats import frozen_running_stats
-from .sam import (
-    FISHER_RUNNING,
-    SAM,
-    _fisher_ema_where_,
-    _sam_weights,
-    grad_sq_norm,
-    sam_perturb_,
-)
+from .sam import SAM, _sam_weights
+from .sam_ops import FISHER_RUNNING, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 
 __all__ = ["MultiTaskSAM"]
 
