@@ -313,22 +313,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         # replaced parameter) and the running Fisher (which refuses one of another shape).
         restored = 0  # parameters of `restore` that the buckets restore
         prepared = []
-        for group, bucket, backend in plan:
-            device = bucket[0].device
-            saves = None
-            if restore is not None:
-                saves = [restore.get(id(p)) for p in bucket]
-                missing = [i for i, save in enumerate(saves) if save is None]
-                restored += len(saves) - len(missing)
-                for i in missing:
-                    saves[i] = bucket[i].detach().clone()
-            terms = StepTerms(restore_from=saves, grad_scale=grad_scale, found_inf=found_inf).to(device)
-            if self.fisher_ema is not None:
-                terms.fisher = [fisher_buffer(self.state[p], p) for p in bucket]
-                terms.fisher_beta = self.fisher_ema
-            if self.ewc is not None:
-                terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
-            prepared.append((group, bucket, backend, terms))
+        for group, whole_bucket, backend in plan:
+            device = whole_bucket[0].device
+            for bucket, saves in _split_by_restore(whole_bucket, restore):
+                restored += 0 if saves is None else len(saves)
+                prepared.append(
+                    (group, bucket, backend, self._terms_of(bucket, saves, grad_scale, found_inf, device))
+                )
         for group, bucket, backend, terms in prepared:
             self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
             sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
@@ -341,6 +332,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if id(param) not in stepped:
                     param.copy_(restore[id(param)])
         return found_inf
+
+    def _terms_of(self, bucket, saves, grad_scale, found_inf, device) -> StepTerms:
+        terms = StepTerms(restore_from=saves, grad_scale=grad_scale, found_inf=found_inf).to(device)
+        if self.fisher_ema is not None:
+            terms.fisher = [fisher_buffer(self.state[p], p) for p in bucket]
+            terms.fisher_beta = self.fisher_ema
+        if self.ewc is not None:
+            terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
+        return terms
 
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False):  # pragma: no cover
         """Step one bucket; ``sharded``: ``params`` are DTensors, ``grads`` and ``terms`` their local
@@ -357,6 +357,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = state.get(key)
                 if value is not None and value.shape != p.shape:
                     raise state_shape_error(key, value, p)
+
+
+def _split_by_restore(bucket: list[Tensor], restore: Optional[dict]) -> list[tuple]:
+    """``(parameters, their save buffers or None)``: a bucket whose parameters were all perturbed
+    (or none, or no restore at all) stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers) is
+    stepped as two calls rather than with a copy of each unperturbed parameter as its own save."""
+    if restore is None:
+        return [(bucket, None)]
+    saves = [restore.get(id(p)) for p in bucket]
+    if all(save is not None for save in saves):
+        return [(bucket, saves)]
+    if all(save is None for save in saves):
+        return [(bucket, None)]
+    moved = [i for i, save in enumerate(saves) if save is not None]
+    kept = [i for i, save in enumerate(saves) if save is None]
+    return [([bucket[i] for i in moved], [saves[i] for i in moved]), ([bucket[i] for i in kept], None)]
 
 
 def _check_param(p: Tensor) -> None:

@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._distributed import any_dtensor
+from ._sam_family import graded, keep_grads, refuse_dtensor
 from .multitask.aggregators import gram as task_gram_of
 from .multitask.aggregators import weighted_sum
-from .sam import SAM, _buckets, kept_buffers
+from .sam import SAM
 
 __all__ = ["GSAM"]
 
@@ -101,30 +101,20 @@ class GSAM(SAM):
                 fraction = (float(group["lr"]) - self.lr_min) / (group["lr_max"] - self.lr_min)
                 group["rho"] = self.rho_min + (group["rho_max"] - self.rho_min) * fraction
         # g1, before SAM's checks (they name any bad gradient) and its zero_grad.
-        params = [
-            p for group in self.param_groups for p in group["params"]
-            if p.grad is not None and not p.grad.is_sparse and p.grad.shape == p.shape and p.grad.dtype == p.dtype
-        ]  # fmt: skip
-        for (device, dtype, _), bucket in _buckets(params).items():
-            torch._foreach_copy_(
-                kept_buffers(self._first_grads, bucket, device, dtype), [p.grad for p in bucket]
-            )
+        self._run["first_pass"] = graded(self.param_groups)
+        keep_grads(self._first_grads, self._run["first_pass"])
         super()._first_step(zero_grad, grad_scaler)
 
     def _second_step(self, zero_grad: bool = False) -> None:
-        pending = self._run["pending"]
-        params = [p for p in pending if p.grad is not None] if pending is not None else []
+        first_pass = self._run.get("first_pass") or []
+        params = [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
         if params and self.alpha != 0.0:
             self._remove_the_orthogonal_part(params)
         super()._second_step(zero_grad)
 
     def _remove_the_orthogonal_part(self, params: list) -> None:
         """``.grad <- g2 - alpha * (g1 - cos ||g1|| / (||g2|| + eps) g2)``, all on the device."""
-        if any_dtensor(params):
-            raise NotImplementedError(
-                "GSAM does not take DTensor (FSDP2) parameters yet: the combination would be written "
-                "into a redistributed copy of the gradient"
-            )
+        refuse_dtensor(params, "GSAM")
         pair = [[self._first_grads[id(p)] for p in params], [p.grad for p in params]]
         gram = task_gram_of(pair, backend=self.backend)  # one fused pass per (device, dtype)
         first_norm, second_norm = gram[0, 0].clamp_min(0).sqrt(), gram[1, 1].clamp_min(0).sqrt()

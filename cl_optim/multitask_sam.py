@@ -316,7 +316,7 @@ class MultiTaskSAM(SAM):
         return list(buckets.values())
 
     def _fishers(self, bucket: list) -> Optional[list]:
-        return None if self.fisher_ema is None else [fisher_buffer(self.state[p], p) for p in bucket]
+        return None if self.fisher_ema is None else [fisher_buffer(self._fisher_home(p), p) for p in bucket]
 
     def _task_sq_norms(self, params, task_grads, group_of, g_gram, home) -> list:
         """``||T_w g_t||^2`` over ``params`` for each task, fp64 on ``home``: the Gram diagonal
@@ -381,7 +381,7 @@ class MultiTaskSAM(SAM):
         reads = any(group_of[id(p)]["adaptive"] == "fisher_ema" for p in params)
         pairs = []
         for p, total in zip(params, totals):
-            fisher = fisher_buffer(self.state[p], p)
+            fisher = fisher_buffer(self._fisher_home(p), p)
             target = fisher.clone() if reads else fisher
             _fisher_ema_where_([target], [total], self.fisher_ema, None, finite.to(p.device))
             if reads:

@@ -46,13 +46,14 @@ from ._optimizer import (
     keep_fp32_state,
     pad_state_,
 )
-from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, grad_sq_norm, sam_perturb_
+from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, _fisher_ema_where_, grad_sq_norm, sam_perturb_
+from .sam_select import fisher_keep_mask, norm_layer_parameters, unpack_mask
 
 __all__ = ["SAM", "grad_sq_norm", "sam_perturb_", "PLAIN", "ASAM", "FISHER_BATCH", "FISHER_RUNNING"]
 
 _ADAPTIVE_MODES = (False, True, "official", "fisher", "fisher_ema")
+MASK_KEY = "ssam_mask"  # SSAM-F: the packed mask of a parameter, in the optimizer state
 _DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01, "fisher": 1.0, "fisher_ema": 1.0}
-
 
 
 class SAM(torch.optim.Optimizer):
@@ -112,8 +113,32 @@ class SAM(torch.optim.Optimizer):
         backend: str = "auto",
         ewc=None,
         fisher_ema: Optional[float] = None,
+        only_norm_layers=False,
+        interval: int = 1,
+        start_step: int = 0,
+        mask: Optional[str] = None,
+        sparsity: float = 0.5,
+        mask_every: Optional[int] = None,
         **base_kwargs,
     ):
+        for name, value, low in (("interval", interval, 1), ("start_step", start_step, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Invalid {name}: {value!r} (an int >= {low})")
+        if mask not in (None, "fisher"):
+            raise ValueError(f'Invalid mask: {mask!r}; expected None or "fisher" (SSAM-F)')
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(
+                f"Invalid sparsity: {sparsity} (the fraction of elements not perturbed, in [0, 1])"
+            )
+        if mask_every is not None and (
+            isinstance(mask_every, bool) or not isinstance(mask_every, int) or mask_every < 1
+        ):
+            raise ValueError(f"Invalid mask_every: {mask_every!r} (None or an int >= 1)")
+        if mask == "fisher" and fisher_ema is None and ewc is None:
+            raise ValueError(
+                'mask="fisher" (SSAM-F) scores elements by a Fisher: set fisher_ema=beta (the running '
+                "Fisher) or ewc= (the EWC precision)"
+            )
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("SAM takes the base optimizer class (e.g. torch.optim.SGD), not an instance")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -148,6 +173,10 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(rho=rho, adaptive=adaptive, eta=eta)
         # id(param) -> restore buffer, allocated once, never serialised
         self._saved: dict[int, Tensor] = {}
+        # Per-parameter tensors of SAM and its variants (SSAM-F mask, LookSAM's g_v, F-SAM's mean,
+        # the running Fisher beside a torch.optim base), kept out of the base optimizer's state:
+        # torch's Adam initialises a parameter's state only while it is empty. Saved in state_dict.
+        self.sam_state: defaultdict = defaultdict(dict)
         # What changes from step to step lives in one dict, changed item by item: torch.compile
         # keeps item writes of a compiled first_step/second_step, where it drops rebinding an
         # attribute of an Optimizer subclass (seen with torch 2.13). The step count is a tensor
@@ -162,6 +191,14 @@ class SAM(torch.optim.Optimizer):
             "steps": torch.zeros((), dtype=torch.int64),
         }
         self.perturb_backends_used: dict[str, str] = {}
+        self.interval, self.start_step = interval, start_step
+        self.mask, self.sparsity, self.mask_every = mask, float(sparsity), mask_every
+        self.only_norm_layers = only_norm_layers
+        # SAM-ON: the ids of the parameters the ascent moves (None: all)
+        self._perturbed_ids = norm_layer_parameters(only_norm_layers, self.param_groups)
+        if isinstance(only_norm_layers, torch.nn.Module):
+            self.only_norm_layers = True  # the selection is kept; the module is not (copies, pickles)
+        self._masks_from_step: Optional[int] = None  # SSAM-F: the step the masks were built at
 
     def __getstate__(self) -> dict:
         """A copy or pickle keeps the base optimizer, the options and the counters (torch's
@@ -181,6 +218,14 @@ class SAM(torch.optim.Optimizer):
     def steps(self) -> int:
         """Completed SAM steps (skipped ones included), saved in ``state_dict``."""
         return int(self._run["steps"])
+
+    @property
+    def is_sam_step(self) -> bool:
+        """Whether the coming step perturbs (``interval``/``start_step``: late-phase and interval
+        SAM); on the other steps ``step()`` makes the base update with the gradient already there,
+        without calling the closure. A host value: the step count lives on the CPU."""
+        steps = self.steps
+        return steps >= self.start_step and (steps - self.start_step) % self.interval == 0
 
     @property
     def last_step_skipped(self) -> Optional[Tensor]:
@@ -221,21 +266,71 @@ class SAM(torch.optim.Optimizer):
                 "first_step() called twice without second_step(): the weights are still perturbed; "
                 "call second_step() (or step()) first"
             )
-        plan = []  # (group, weighted-mode, eta, bucket params)
+        if not self.is_sam_step:
+            raise RuntimeError(
+                f"step {self.steps} is not a SAM step (interval={self.interval}, start_step={self.start_step}): "
+                "call step() for the base update (check is_sam_step first); nothing was changed"
+            )
+        plan = self._ascent_plan()
+        if self.mask is not None:
+            self._refresh_masks(plan)
+        perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler)
+        self._run["pass1_nonfinite"] = ~finite
+        self._run["pending"] = perturbed
+        self._run["grad_scaler"] = grad_scaler
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascent_plan(self) -> list:
+        """Check every group and gradient, then bucket the parameters that the ascent moves:
+        ``(group, device, dtype, bucket, backend, layout)`` per (group, device, dtype)."""
+        plan = []
+        any_grad = False
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
             params = [p for p in group["params"] if p.grad is not None]
+            any_grad = any_grad or bool(params)
             for p in params:
                 grad = p.grad
                 if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
                     _check_sam_param(p)  # raises, naming the problem
+            if not group.get("perturb", True):
+                continue
+            if self._perturbed_ids is not None:
+                params = [p for p in params if id(p) in self._perturbed_ids]
             for (device, dtype, layout), bucket in _buckets(params).items():
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
                 plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype), layout))
-        if not plan:
+        if not any_grad:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
+        return plan
 
+    def _ascend(
+        self,
+        plan: list,
+        store: dict,
+        *,
+        radius: str = "rho",
+        grad_scaler=None,
+        update_fisher: bool = True,
+        directions: Optional[dict] = None,
+    ) -> tuple:
+        """``w <- w + rho * T**2 g / (||T g|| + eps)`` for the buckets of ``plan``, ``g`` the current
+        ``.grad`` (or ``directions[id(p)]``), ``rho`` the group's value under the key ``radius``;
+        the weights before it are copied into the buffers of ``store``. Returns the moved
+        parameters and the device flag "the norm was finite" (when it is not, nothing moves).
+        ``update_fisher``: the running Fisher of ``fisher_ema`` takes this step's ``.grad`` (the
+        first ascent only)."""
+        if not plan:
+            return [], torch.ones((), dtype=torch.bool)
+        if directions is not None:
+            grads_of = lambda bucket: [directions[id(p)] for p in bucket]  # noqa: E731
+            if update_fisher and self.fisher_ema is not None:
+                self._fisher_from_grads(plan, grad_scaler)
+            update_fisher = False
+        else:
+            grads_of = kernel_grads
         # One global norm over every group and device, accumulated in fp64 (davda54's convention:
         # the norm is global, rho is per group).
         home = plan[0][3][0].device
@@ -248,14 +343,14 @@ class SAM(torch.optim.Optimizer):
                 (w, eta * inv_scale_sq if w is not None and FISHER_BATCH in w else eta) for w, eta in weights
             ]
         fishers = [
-            [fisher_buffer(self.state[p], p) for p in bucket] if self.fisher_ema is not None else None
+            [fisher_buffer(self._fisher_home(p), p) for p in bucket] if self.fisher_ema is not None else None
             for _, _, _, bucket, _, _ in plan
         ]
         # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
         shards = [local_list if layout is not None else _same for *_, layout in plan]
         sq_norms = [
             all_reduce_over_shards_(
-                grad_sq_norm(kernel_grads(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
+                grad_sq_norm(grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
                 bucket[0],
             ).to(home)
             for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
@@ -263,7 +358,7 @@ class SAM(torch.optim.Optimizer):
         # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
         norm = torch.stack(sq_norms).sum().sqrt()
         finite = torch.isfinite(norm)
-        self._run["pass1_nonfinite"] = ~finite
+        fisher_flag = finite if update_fisher else torch.zeros_like(finite)
 
         perturbed = []
         try:
@@ -272,11 +367,12 @@ class SAM(torch.optim.Optimizer):
             ):
                 self.perturb_backends_used[f"{device}/{dtype}"] = backend
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
-                scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
+                scale = torch.where(finite, group[radius] / (norm + self.perturb_eps), torch.zeros_like(norm))
+                saves = kept_buffers(store, bucket, device, dtype)
                 sam_perturb_(
                     on(bucket),
-                    kernel_grads(bucket),
-                    on(self._save_buffers(bucket, device, dtype)),
+                    grads_of(bucket),
+                    on(saves),
                     scale.to(device),
                     weighted,
                     eta,
@@ -284,21 +380,64 @@ class SAM(torch.optim.Optimizer):
                     fisher=on(fisher),
                     fisher_beta=self.fisher_ema or 0.0,
                     grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    finite=finite.to(device),
+                    finite=fisher_flag.to(device),
                 )
                 perturbed.extend(bucket)
+                self._after_ascent(group, bucket, saves)
         except BaseException:
             # Each op checks its inputs before it writes, and the inputs of every bucket were
             # checked above: a failure here is unexpected. The weights of the buckets perturbed
             # before it are put back (their running Fisher, with fisher_ema, has taken this step's
             # update).
             for p in perturbed:
-                p.copy_(self._saved[id(p)])
+                p.copy_(store[id(p)])
             raise
-        self._run["pending"] = perturbed
-        self._run["grad_scaler"] = grad_scaler
-        if zero_grad:
-            self.zero_grad()
+        return perturbed, finite
+
+    def _fisher_from_grads(self, plan: list, grad_scaler) -> None:
+        """The running Fisher's update from ``.grad`` when an ascent follows another direction
+        (Friendly-SAM): per tensor, where the gradient is finite."""
+        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
+        for _, _, _, bucket, _, _ in plan:
+            grads = [p.grad for p in bucket]
+            finite = torch.isfinite(grad_sq_norm(grads, backend="foreach"))
+            fisher = [fisher_buffer(self._fisher_home(p), p) for p in bucket]
+            _fisher_ema_where_(fisher, grads, self.fisher_ema, grad_scale, finite)
+
+    def _after_ascent(self, group: dict, bucket: list, saves: list) -> None:
+        """After each bucket's ascent: SSAM-F puts the elements outside its mask back (exactly: the
+        saved value), so only the kept elements are perturbed; the norm was the whole gradient's."""
+        if self.mask is None or self._masks_from_step is None:
+            return
+        for p, save in zip(bucket, saves):
+            packed = self.sam_state[p].get(MASK_KEY)
+            if packed is not None:
+                p.copy_(torch.where(unpack_mask(packed, p.shape), p, save))
+
+    def update_mask(self) -> bool:
+        """Rebuild the SSAM-F masks now from the Fisher (``fisher_ema``'s running one, else the EWC
+        precision) of the parameters that have a gradient. Returns False, leaving the ascent
+        unmasked, while the scores are all zero (no Fisher yet). Host reads: one per histogram."""
+        return self._build_masks(self._ascent_plan())
+
+    def _refresh_masks(self, plan: list) -> None:
+        built = self._masks_from_step
+        if built is None or (self.mask_every is not None and self.steps - built >= self.mask_every):
+            self._build_masks(plan)
+
+    def _build_masks(self, plan: list) -> bool:
+        params = [p for _, _, _, bucket, _, _ in plan for p in bucket]
+        if self.fisher_ema is not None:
+            scores = [fisher_buffer(self._fisher_home(p), p) for p in params]
+        else:
+            precisions = self.ewc.step_terms(params)[0]
+            scores = [torch.zeros_like(p) if f is None else f for p, f in zip(params, precisions)]
+        if not params or not any(bool(s.any()) for s in scores):
+            return False
+        for p, packed in zip(params, fisher_keep_mask(scores, self.sparsity)):
+            self.sam_state[p][MASK_KEY] = packed
+        self._masks_from_step = self.steps
+        return True
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights in place and make the base optimizer's update with the new gradient."""
@@ -339,7 +478,8 @@ class SAM(torch.optim.Optimizer):
                 raise
         else:
             if check_second_pass:
-                skip = skip | self._nonfinite_gradient()
+                nonfinite = self._nonfinite_gradient()
+                skip = nonfinite if skip is None else skip | nonfinite
             self._restore()
             self._foreign_update(skip, grad_scale, found_inf)
             flag = _merge_found_inf(found_inf, skip)
@@ -365,6 +505,9 @@ class SAM(torch.optim.Optimizer):
         that is how ``GradScaler.step`` and Lightning's optimizer wrappers reach ``second_step``.
         """
         if self._run["pending"] is None:
+            if not self.is_sam_step:  # interval / late-phase SAM: the base update, no closure call
+                self._base_step()
+                return None
             if closure is None:
                 raise RuntimeError(
                     "SAM.step() needs a closure that re-evaluates the loss and calls backward(), "
@@ -379,7 +522,7 @@ class SAM(torch.optim.Optimizer):
             except BaseException:
                 self._abort()
                 raise
-        if not any(p.grad is not None for p in self._run["pending"]):
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             self._abort()
             raise RuntimeError(
                 "the closure did not call backward(): SAM needs the gradient at the perturbed weights; "
@@ -387,6 +530,16 @@ class SAM(torch.optim.Optimizer):
             )
         self.second_step()
         return loss
+
+    def _base_step(self) -> None:
+        """The base optimizer's update with the gradient there now, nothing perturbed or restored
+        (the non-SAM steps of interval SAM, LookSAM's reuse steps); AMP and the non-finite skip as
+        in ``second_step``."""
+        with torch.no_grad():
+            self._run["pending"] = []
+            self._run["pass1_nonfinite"] = None
+            self._run["grad_scaler"] = None
+            self._second_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -405,11 +558,23 @@ class SAM(torch.optim.Optimizer):
             )
         state = super().state_dict()
         state["sam"] = {"steps": self.steps}
+        if self.mask is not None:
+            state["sam"]["masks_from_step"] = self._masks_from_step
+        params = [p for group in self.param_groups for p in group["params"]]
+        per_param = {i: dict(self.sam_state[p]) for i, p in enumerate(params) if self.sam_state.get(p)}
+        if per_param:
+            state["sam"]["param_state"] = per_param
         return state
 
     def running_fisher(self) -> dict:
         """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
-        return {p: s[FISHER_KEY] for p, s in self.state.items() if FISHER_KEY in s}
+        homes = (self.state, self.sam_state)
+        return {p: s[FISHER_KEY] for home in homes for p, s in home.items() if FISHER_KEY in s}
+
+    def _fisher_home(self, p: Tensor) -> dict:
+        """Where ``p``'s running Fisher lives: the state of a cl_optim base (its fused step updates
+        it), else SAM's own per-parameter store."""
+        return self.state[p] if isinstance(self.base_optimizer, FusedOptimizer) else self.sam_state[p]
 
     def pad_state_(self, param: Tensor, new_param: Optional[Tensor] = None) -> None:
         """Carry a grown parameter's state over (``cl_optim.pad_state_``); not while perturbed."""
@@ -433,6 +598,23 @@ class SAM(torch.optim.Optimizer):
             _check_sam_group(group)
             self._check_fisher_source(group)
         self._run["steps"].fill_(int(sam_state.get("steps", 0)))
+        self._masks_from_step = sam_state.get("masks_from_step")
+        # SAM's per-parameter tensors as saved (no cast to the parameter dtype: 1-bit masks, fp32
+        # Fisher), on each parameter's device; a running Fisher a torch.optim base kept in its own
+        # state (checkpoints before the store existed) moves to the store.
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.sam_state = defaultdict(dict)
+        for index, entries in sam_state.get("param_state", {}).items():
+            p = params[int(index)]
+            for key, value in entries.items():
+                if value.shape != p.shape and key != MASK_KEY:
+                    raise ValueError(f"sam param_state[{index}][{key!r}] of shape {tuple(value.shape)} "
+                                     f"for a parameter of shape {tuple(p.shape)}; nothing usable was loaded")  # fmt: skip
+                self.sam_state[p][key] = value.to(p.device).clone()
+        if not isinstance(self.base_optimizer, FusedOptimizer):
+            for p in params:
+                if FISHER_KEY in self.state.get(p, {}):
+                    self.sam_state[p][FISHER_KEY] = self.state[p].pop(FISHER_KEY)
 
     # --------------------------------------------------------------------------------- helpers
 
@@ -452,13 +634,12 @@ class SAM(torch.optim.Optimizer):
 
     def _nonfinite_gradient(self) -> Tensor:
         """Device flag: some gradient has an inf or a NaN (a foreign base optimizer's second pass)."""
-        home = self._run["pending"][0].device if self._run["pending"] else torch.device("cpu")
         buckets = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for (device, dtype, _), bucket in _buckets(params).items():
                 buckets.append((bucket, resolve(self.backend, device, dtype)))
-        return nonfinite_gradient(buckets, home)
+        return nonfinite_gradient(buckets, buckets[0][0][0].device)
 
     def _restore_map(self) -> dict:
         """``id(param) -> save buffer`` for the pending perturbation."""

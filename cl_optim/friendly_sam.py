@@ -1,0 +1,118 @@
+r"""Friendly-SAM (Li et al., CVPR 2024): perturb along the gradient minus its running mean.
+
+The full-batch part of the gradient barely changes from step to step and, in the authors'
+analysis, harms SAM's generalisation; its estimate is an EMA ``m`` of past gradients. With ``g``
+the gradient at ``w`` (the order of the official code, ``nblt/F-SAM``):
+
+    first step:   m <- g,  d = g                   (plain SAM)
+    later steps:  d = g - sigma * m,  then  m <- lmbda * m + (1 - lmbda) * g     (the raw g)
+    e = rho * T**2 d / (||T d|| + eps),  the update uses the gradient at w + e.
+
+pytorch_optimizer's FriendlySAM updates ``m`` with the corrected ``d`` (a different EMA:
+``0.8 m + 0.1 g`` at ``lmbda = 0.9, sigma = 1``); the official code crashes on parameters
+without a gradient, which are skipped here (their ``m`` is left as it is). Under AMP ``m`` is
+of the unscaled gradient (give ``grad_scaler=`` to ``first_step``; ``step(closure)`` has no
+scaler). ``m`` is persistent (optimizer state, in ``state_dict``) and ``d`` is one buffer per
+parameter allocated once. Two fused ``task_combine_`` passes (``d`` and ``m``) come before SAM's
+ascent: 20 bytes per fp32 parameter beyond SAM's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._sam_family import graded, refuse_dtensor, unscale_factor
+from .multitask.aggregators import weighted_sum
+from .sam import SAM, _buckets, kept_buffers
+
+__all__ = ["FriendlySAM"]
+
+MOMENTUM_KEY = "fsam_momentum"
+
+
+class FriendlySAM(SAM):
+    r"""Friendly-SAM around any ``torch.optim.Optimizer`` class; the ``SAM`` API.
+
+    Args:
+        sigma: weight of the running mean removed from the ascent direction (1 by default).
+        lmbda: decay of that running mean (0.9 by default).
+        everything else: as :class:`cl_optim.SAM` (``adaptive`` applies to ``d``).
+
+    Example:
+        >>> import torch, cl_optim
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> opt = cl_optim.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> closure(); loss = opt.step(closure)  # doctest: +ELLIPSIS
+        tensor(...)
+    """
+
+    def __init__(self, params, base_optimizer: type, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9,
+                 adaptive=False, **kwargs):  # fmt: skip
+        if not 0.0 <= sigma < math.inf:
+            raise ValueError(f"Invalid sigma: {sigma} (must be finite and >= 0)")
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"Invalid lmbda: {lmbda} (must be in [0, 1])")
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+        self.sigma, self.lmbda = float(sigma), float(lmbda)
+        self._directions: dict = {}  # id(param) -> d, allocated once, never saved
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_directions"] = {}
+        return state
+
+    def _first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        if self._run["pending"] is not None or not self.is_sam_step:
+            return super()._first_step(zero_grad, grad_scaler)  # which raises, naming the problem
+        params = graded(self.param_groups)
+        refuse_dtensor(params, "FriendlySAM")
+        inv_scale = unscale_factor(grad_scaler)
+        directions = self._friendly_directions(params, inv_scale)
+        plan = self._ascent_plan()
+        if self.mask is not None:
+            self._refresh_masks(plan)
+        perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler, directions=directions)
+        self._run["pass1_nonfinite"] = ~finite
+        self._run["pending"] = perturbed
+        self._run["grad_scaler"] = grad_scaler
+        if zero_grad:
+            self.zero_grad()
+
+    def _friendly_directions(self, params: list[Tensor], inv_scale) -> dict:
+        """``d = g - sigma S m`` (S the loss scale: ``m`` is of unscaled gradients), then
+        ``m <- lmbda m + (1 - lmbda) g / S``; the first step only sets ``m`` (``d = g``)."""
+        fresh = [
+            p
+            for p in params
+            if MOMENTUM_KEY not in self.sam_state[p] or self.sam_state[p][MOMENTUM_KEY].shape != p.shape
+        ]
+        for p in fresh:
+            g = p.grad if inv_scale is None else p.grad * inv_scale.to(p.grad.device).to(p.grad.dtype)
+            self.sam_state[p][MOMENTUM_KEY] = g.detach().clone(memory_format=torch.contiguous_format)
+        fresh_ids = {id(p) for p in fresh}
+        directions = {id(p): p.grad for p in fresh}
+        seen = [p for p in params if id(p) not in fresh_ids]
+        for (device, dtype, _), bucket in _buckets(seen).items():
+            grads = [p.grad for p in bucket]
+            momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
+            out = kept_buffers(self._directions, bucket, device, dtype)
+            scale = (
+                torch.ones((), dtype=torch.float64, device=device)
+                if inv_scale is None
+                else inv_scale.to(device)
+            )
+            weighted_sum([grads, momenta], torch.stack([torch.ones_like(scale), -self.sigma / scale]), out=out,
+                         backend=self.backend)  # fmt: skip
+            weighted_sum([momenta, grads], torch.stack([torch.full_like(scale, self.lmbda), (1 - self.lmbda) * scale]),
+                         out=momenta, backend=self.backend)  # fmt: skip
+            directions.update(zip((id(p) for p in bucket), out))
+        return directions
