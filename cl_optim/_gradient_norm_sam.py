@@ -40,6 +40,7 @@ class GradientNormSAM(SAM):
     ``_combine(params, g0, g1, g2, g3_grads)`` and ``_KEEPS_G0``."""
 
     _KEEPS_G0 = True  # g0 is read by the final combination (GAM); C-Flat frees it after h
+    _LOCAL_ACCUMULATION = False
 
     def __init__(
         self, params, base_optimizer: type, rho: float, grad_norm_rho: float, adaptive=False, **kwargs
@@ -65,6 +66,12 @@ class GradientNormSAM(SAM):
         self._run["first_pass"] = graded(self.param_groups)
         keep_grads(self._kept["g0"], self._run["first_pass"])
         super()._first_step(zero_grad, grad_scaler)
+
+    def second_step(self, zero_grad: bool = False, accumulate: bool = False) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__} runs four passes: call step(closure) (after first_step(grad_scaler=...) "
+            "under AMP); second_step() alone would make a plain SAM step"
+        )
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):

@@ -8,7 +8,7 @@ the gradient at ``w`` (the order of the official code, ``nblt/F-SAM``):
     later steps:  d = g - sigma * m,  then  m <- lmbda * m + (1 - lmbda) * g     (the raw g)
     e = rho * T**2 d / (||T d|| + eps),  the update uses the gradient at w + e.
 
-pytorch_optimizer's FriendlySAM updates ``m`` with the corrected ``d`` (a different EMA:
+pytorch_optimizer 3.9's FriendlySAM (fixed in 4.x) updates ``m`` with the corrected ``d`` (a different EMA:
 ``0.8 m + 0.1 g`` at ``lmbda = 0.9, sigma = 1``); the official code crashes on parameters
 without a gradient, which are skipped here (their ``m`` is left as it is). Under AMP ``m`` is
 of the unscaled gradient (give ``grad_scaler=`` to ``first_step``; ``step(closure)`` has no
@@ -54,6 +54,8 @@ class FriendlySAM(SAM):
         >>> closure(); loss = opt.step(closure)  # doctest: +ELLIPSIS
         tensor(...)
     """
+
+    _LOCAL_ACCUMULATION = False  # its state moves once per step
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9,
                  adaptive=False, **kwargs):  # fmt: skip

@@ -7,7 +7,7 @@ Algorithm 2 of the paper. On steps ``0, k, 2k, ...`` (a SAM step), with ``g`` th
 
 and the update uses ``g_s``. On the other ``k - 1`` steps there is no second pass: the update
 uses ``g + alpha * ||g|| / (||g_v|| + eps) * g_v``. The weights are restored only after a SAM
-step (pytorch_optimizer's and rollovd's LookSAM restore a stale copy on every step; INFTY 0.1.2's
+step (pytorch_optimizer 3.9's and rollovd's LookSAM restore a stale copy on every step; INFTY 0.1.2's
 never builds ``g_v``: its correction is silently absent). Norms are global by default;
 ``layerwise=True`` takes every norm and inner product (the ascent's too) per tensor, as the
 official implementations do.
@@ -63,6 +63,8 @@ class LookSAM(SAM):
         tensor(...)
         tensor(...)
     """
+
+    _LOCAL_ACCUMULATION = False  # its state moves once per step
 
     def __init__(self, params, base_optimizer: type, rho: float = 0.05, k: int = 5, alpha: float = 0.7,
                  adaptive=False, *, layerwise: bool = False, **kwargs):  # fmt: skip
@@ -132,7 +134,12 @@ class LookSAM(SAM):
             pair = [[first[i] for i in index], [second[i] for i in index]]
             g = gram(pair, backend=self.backend)
             coefficients = torch.stack([-g[0, 1] / (g[0, 0] + self.perturb_eps), torch.ones_like(g[0, 1])])
-            weighted_sum(pair, coefficients, out=[g_v[i] for i in index], backend=self.backend)
+            weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)  # into g's dead buffer
+            # A non-finite pass (the step is skipped) keeps the last g_v: a NaN one would make every
+            # later reuse step non-finite too. The Gram is finite exactly when both gradients are.
+            finite = torch.isfinite(g).all()
+            for i in index:
+                g_v[i].copy_(torch.where(finite.to(g_v[i].device), first[i], g_v[i]))
 
     def _g_v(self, p: Tensor) -> Tensor:
         state = self.sam_state[p]

@@ -177,6 +177,7 @@ class SAM(torch.optim.Optimizer):
         # the running Fisher beside a torch.optim base), kept out of the base optimizer's state:
         # torch's Adam initialises a parameter's state only while it is empty. Saved in state_dict.
         self.sam_state: defaultdict = defaultdict(dict)
+        self._micro_sums: dict[int, Tensor] = {}  # id(param) -> accumulated micro-batch gradient
         # What changes from step to step lives in one dict, changed item by item: torch.compile
         # keeps item writes of a compiled first_step/second_step, where it drops rebinding an
         # attribute of an Optimizer subclass (seen with torch 2.13). The step count is a tensor
@@ -211,6 +212,7 @@ class SAM(torch.optim.Optimizer):
         for hooks in [key for key in state if key.startswith("_optimizer_") and key.endswith("_hooks")]:
             del state[hooks]  # as torch.optim.Optimizer: hooks are not part of a copy
         state["_saved"] = {}
+        state["_micro_sums"] = {}
         state["_run"] = {**self._run, "grad_scaler": None}
         return state
 
@@ -439,10 +441,31 @@ class SAM(torch.optim.Optimizer):
         self._masks_from_step = self.steps
         return True
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights in place and make the base optimizer's update with the new gradient."""
+    def second_step(self, zero_grad: bool = False, accumulate: bool = False) -> None:
+        """Restore the weights in place and make the base optimizer's update with the new gradient.
+
+        ``accumulate=True`` (gradient accumulation with a perturbation per micro-batch, the
+        m-sharpness of the SAM paper): restore the weights, add this micro-batch's gradient to a
+        running sum (one buffer per parameter, allocated once) and clear ``.grad``, without an
+        update; the next ``second_step()`` without it adds the sum and makes the one update.
+        Scale each micro-batch's loss by ``1/k`` as in any accumulation.
+        """
+        if accumulate and not self._LOCAL_ACCUMULATION:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no per-micro-batch accumulation (its state moves once per "
+                "step): accumulate the gradients of both passes over the micro-batches instead (the "
+                "global form; README, gradient accumulation)"
+            )
         with torch.no_grad():  # a block, not @torch.no_grad(): see _run
-            self._second_step(zero_grad)
+            self._run["accumulate"] = bool(accumulate)
+            try:
+                self._second_step(zero_grad)
+            finally:
+                self._run["accumulate"] = False
+
+    # Whether second_step(accumulate=True) applies: variants whose state moves once per step
+    # (LookSAM's g_v, F-SAM's mean, WSAM's decoupled descent) set False.
+    _LOCAL_ACCUMULATION = True
 
     def _second_step(self, zero_grad: bool = False) -> None:
         if self._run["pending"] is None:
@@ -456,6 +479,9 @@ class SAM(torch.optim.Optimizer):
                 "no gradient at the perturbed weights: call backward() between first_step() and "
                 "second_step(); the weights were restored and no update was made"
             )
+        if self._run.get("accumulate"):
+            return self._accumulate_micro_batch()
+        self._add_accumulated()
         skip = self._run["pass1_nonfinite"]
         # No GradScaler checked the second pass: one more read of it, on the device.
         check_second_pass = found_inf is None and self.skip_nonfinite
@@ -530,6 +556,45 @@ class SAM(torch.optim.Optimizer):
             )
         self.second_step()
         return loss
+
+    def _accumulate_micro_batch(self) -> None:
+        """``sum <- sum + .grad`` (a micro-batch's perturbed gradient), restore, clear ``.grad``."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        flags = [self._run["pass1_nonfinite"], self._nonfinite_gradient()]  # GradScaler sees only the last
+        if self._run.get("micro_skip") is not None:
+            flags.append(self._run["micro_skip"])
+        home = flags[1].device
+        self._run["micro_skip"] = torch.stack([f.to(home) for f in flags]).any()
+        summed = self._run.setdefault("micro_summed", set())
+        for (device, dtype, _), bucket in _buckets(params).items():
+            sums = kept_buffers(self._micro_sums, bucket, device, dtype)
+            fresh = [i for i, p in enumerate(bucket) if id(p) not in summed]
+            seen = [i for i, p in enumerate(bucket) if id(p) in summed]
+            if fresh:
+                torch._foreach_copy_([sums[i] for i in fresh], [bucket[i].grad for i in fresh])
+            if seen:
+                torch._foreach_add_([sums[i] for i in seen], [bucket[i].grad for i in seen])
+            summed.update(id(p) for p in bucket)
+        self._restore()
+        self._run["pending"] = None
+        self.zero_grad()
+
+    def _add_accumulated(self) -> None:
+        """The last micro-batch: ``.grad <- .grad + sum`` of the earlier ones, and their skip flag."""
+        summed = self._run.pop("micro_summed", None)
+        micro_skip = self._run.pop("micro_skip", None)
+        if not summed:
+            return
+        params = [p for group in self.param_groups for p in group["params"] if id(p) in summed]
+        for p in params:
+            if p.grad is None:  # reached by earlier micro-batches only
+                p.grad = torch.zeros_like(p)
+        for (device, dtype, _), bucket in _buckets(params).items():
+            torch._foreach_add_(
+                [p.grad for p in bucket], kept_buffers(self._micro_sums, bucket, device, dtype)
+            )
+        skip = self._run["pass1_nonfinite"]
+        self._run["pass1_nonfinite"] = micro_skip if skip is None else skip | micro_skip.to(skip.device)
 
     def _base_step(self) -> None:
         """The base optimizer's update with the gradient there now, nothing perturbed or restored

@@ -61,6 +61,10 @@ class WSAM(SAM):
         self._first_grads: dict = {}  # id(param) -> g1, then g2 - g1; allocated once, never saved
 
     @property
+    def _LOCAL_ACCUMULATION(self) -> bool:  # the decoupled descent is made once per step
+        return not self.decouple
+
+    @property
     def sharpness_weight(self) -> float:
         """``a = gamma / (1 - gamma)``."""
         return self.gamma / (1.0 - self.gamma)
@@ -110,6 +114,10 @@ class WSAM(SAM):
         grad_scale = getattr(self, "grad_scale", None)  # read before the step: GradScaler's hand-over
         super()._second_step(zero_grad=False)
         # w <- w - lr a (g2 - g1) / S where the step was not skipped, a device-side factor per group.
+        # A skipped step had an inf/NaN gradient, and 0 * NaN is NaN: the direction is made finite
+        # first (a finite one is unchanged, so a step that was taken is not affected).
+        for direction in kept:
+            torch.nan_to_num_(direction, nan=0.0, posinf=0.0, neginf=0.0)
         taken = (~self._run["last_step_skipped"]).to(torch.float64)
         if grad_scale is not None:
             taken = taken / grad_scale.to(taken.device, torch.float64)
