@@ -8,7 +8,8 @@ Two task sequences built from scikit-learn's 8x8 digits (shipped with the packag
 
 An MLP (64-256-256, ReLU) is trained on the tasks in order with each method, all through
 cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact
-Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam`` and ``large_lr``
+Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam``, the flat-region
+variants ``gsam`` (GSAM), ``looksam`` (LookSAM, k = 5), ``cflat`` (C-Flat) and ``cflat_ewc``, and ``large_lr``
 (plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``). After each
 task it records the test accuracy on every task and, with ``cl_optim.landscape``, the top Hessian
 eigenvalue and trace of every seen task's loss and the loss barrier from the previous task's
@@ -43,7 +44,16 @@ from torch import nn
 
 import cl_optim
 
-METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "large_lr")
+METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc", "large_lr")
+# The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
+SAM_FAMILY = {
+    "sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
+    "ewc_sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
+    "gsam": lambda params, **kw: cl_optim.GSAM(params, cl_optim.SGD, alpha=0.4, **kw),
+    "looksam": lambda params, **kw: cl_optim.LookSAM(params, cl_optim.SGD, k=5, alpha=0.7, **kw),
+    "cflat": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
+    "cflat_ewc": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -141,13 +151,13 @@ def build_optimizer(method, model, args, lr=None):
     if method == "large_lr":  # plain SGD (no momentum) at the learning rate given, the edge of stability
         return cl_optim.SGD(model.parameters(), lr=lr, backend=args.backend), None
     ewc = None
-    if method in ("ewc", "ewc_sam"):
+    if method in ("ewc", "ewc_sam", "cflat_ewc"):
         ewc = cl_optim.EWC(model, lam=args.lam, mode="separate")
     elif method == "online_ewc":
         ewc = cl_optim.EWC(model, lam=args.lam, mode="online", gamma=args.gamma)
     kwargs = dict(lr=args.lr, momentum=0.9, ewc=ewc, backend=args.backend)
-    if method in ("sam", "ewc_sam"):
-        return cl_optim.SAM(model.parameters(), cl_optim.SGD, rho=args.rho, **kwargs), ewc
+    if method in SAM_FAMILY:
+        return SAM_FAMILY[method](model.parameters(), rho=args.rho, **kwargs), ewc
     return cl_optim.SGD(model.parameters(), **kwargs), ewc
 
 
@@ -243,18 +253,26 @@ def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_s
             loss = loss_fn(model(x[batch]), y[batch])
             nonfinite_loss |= ~torch.isfinite(loss.detach())
             loss.backward()
+            closure_seconds = [0.0]
+
+            def closure(batch=batch, closure_seconds=closure_seconds):
+                # SAM and its variants call it as often as they need (LookSAM: on SAM steps only,
+                # C-Flat: three times); its forward/backward is not optimizer time.
+                start = time.perf_counter()
+                opt.zero_grad()
+                loss = loss_fn(model(x[batch]), y[batch])
+                loss.backward()
+                closure_seconds[0] += time.perf_counter() - start
+                return loss
+
             tic = time.perf_counter()
             if is_sam:
-                opt.first_step(zero_grad=True)
-                step_seconds += time.perf_counter() - tic
-                loss_fn(model(x[batch]), y[batch]).backward()
-                tic = time.perf_counter()
-                opt.second_step(zero_grad=True)
+                opt.step(closure)
             else:
                 opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            step_seconds += time.perf_counter() - tic
+            step_seconds += time.perf_counter() - tic - closure_seconds[0]
             steps += 1
             progress.update(1)
             if monitor is not None:  # outside the timed step

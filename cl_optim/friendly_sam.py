@@ -83,11 +83,7 @@ class FriendlySAM(SAM):
         if self.mask is not None:
             self._refresh_masks(plan)
         perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler, directions=directions)
-        self._run["pass1_nonfinite"] = ~finite
-        self._run["pending"] = perturbed
-        self._run["grad_scaler"] = grad_scaler
-        if zero_grad:
-            self.zero_grad()
+        self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
     def _friendly_directions(self, params: list[Tensor], inv_scale) -> dict:
         """``d = g - sigma S m`` (S the loss scale: ``m`` is of unscaled gradients), then

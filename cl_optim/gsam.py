@@ -106,8 +106,7 @@ class GSAM(SAM):
         super()._first_step(zero_grad, grad_scaler)
 
     def _second_step(self, zero_grad: bool = False) -> None:
-        first_pass = self._run.get("first_pass") or []
-        params = [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
+        params = self._second_pass_params()
         if params and self.alpha != 0.0:
             self._remove_the_orthogonal_part(params)
         super()._second_step(zero_grad)

@@ -109,19 +109,12 @@ class LookSAM(SAM):
                                          grad_scaler=grad_scaler)  # fmt: skip
                 perturbed.extend(moved)
                 finite = finite.to(ok.device) & ok
-        self._run["pass1_nonfinite"] = ~finite
-        self._run["pending"] = perturbed
-        self._run["grad_scaler"] = grad_scaler
-        if zero_grad:
-            self.zero_grad()
+        self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
     def _second_step(self, zero_grad: bool = False) -> None:
-        first_pass = self._run.get("first_pass") or []
-        if self._run["pending"] and first_pass:  # a SAM step (not a reuse step's base update)
-            params = [p for p in first_pass if p.grad is not None]
-            if params:
-                self._keep_orthogonal_part(params)
-            self._run["first_pass"] = None
+        params = self._second_pass_params()  # none on a reuse step's base update
+        if params:
+            self._keep_orthogonal_part(params)
         super()._second_step(zero_grad)
 
     def _keep_orthogonal_part(self, params: list[Tensor]) -> None:

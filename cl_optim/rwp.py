@@ -11,7 +11,8 @@ closure runs once more):
 
 The noise is drawn per parameter, in parameter order, with ``torch.randn(shape,
 generator=generator)`` (the global generator by default; give one on the parameters' device for
-a reproducible run, and its state is saved in ``state_dict``). No global norm, so no reduction
+a reproducible run, and its state is saved in ``state_dict``; ``torch.compile`` traces
+``first_step`` whole with the global generator, and breaks the graph at a given one). No global norm, so no reduction
 orders the passes. The restore copy and ``g`` are one buffer each; the mix is one fused
 ``task_combine_`` pass into ``.grad`` and the restore is fused into the base update.
 """
@@ -88,15 +89,11 @@ class RWP(SAM):
             noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
             p.add_(noise.mul_(_row_norms(p).mul_(rho_of[id(p)])))
         self._run["first_pass"] = params
-        self._run["pass1_nonfinite"] = self._nonfinite_gradient()  # g enters the mix: skip on its inf/NaN
-        self._run["pending"] = perturbed
-        self._run["grad_scaler"] = grad_scaler
-        if zero_grad:
-            self.zero_grad()
+        # g enters the mix: skip on its inf/NaN
+        self._perturbed(perturbed, self._nonfinite_gradient(), grad_scaler, zero_grad)
 
     def _second_step(self, zero_grad: bool = False) -> None:
-        first_pass = self._run.get("first_pass") or []
-        params = [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
+        params = self._second_pass_params()
         if params:
             clean = [self._clean_grads[id(p)] for p in params]
             grads = [p.grad for p in params]
@@ -104,7 +101,6 @@ class RWP(SAM):
                 [self.alpha, 1.0 - self.alpha], dtype=torch.float64, device=grads[0].device
             )
             weighted_sum([grads, clean], coefficients, out=grads, backend=self.backend)
-            self._run["first_pass"] = None
         super()._second_step(zero_grad)
 
     def state_dict(self) -> dict:

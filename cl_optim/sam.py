@@ -277,11 +277,21 @@ class SAM(torch.optim.Optimizer):
         if self.mask is not None:
             self._refresh_masks(plan)
         perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler)
-        self._run["pass1_nonfinite"] = ~finite
-        self._run["pending"] = perturbed
+        self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
+
+    def _perturbed(self, params: list, nonfinite: Tensor, grad_scaler, zero_grad: bool) -> None:
+        """Record a first step: what moved, the skip flag, the GradScaler; then ``zero_grad``."""
+        self._run["pass1_nonfinite"] = nonfinite
+        self._run["pending"] = params
         self._run["grad_scaler"] = grad_scaler
         if zero_grad:
             self.zero_grad()
+
+    def _second_pass_params(self) -> list:
+        """The parameters a variant combines in ``second_step``: those kept at the first step
+        (``_run["first_pass"]``) that have a second-pass gradient; none outside a SAM step."""
+        first_pass = self._run.get("first_pass") or []
+        return [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
 
     def _ascent_plan(self) -> list:
         """Check every group and gradient, then bucket the parameters that the ascent moves:
@@ -511,6 +521,7 @@ class SAM(torch.optim.Optimizer):
             flag = _merge_found_inf(found_inf, skip)
         self._run["last_step_skipped"] = flag != 0
         self._run["pending"] = None
+        self._run["first_pass"] = None
         self._run["steps"].add_(1)
         # What an LR scheduler's wrapper of step() records: first_step/second_step users get no
         # "lr_scheduler.step() before optimizer.step()" warning. Not inside torch.compile, which
@@ -602,6 +613,7 @@ class SAM(torch.optim.Optimizer):
         in ``second_step``."""
         with torch.no_grad():
             self._run["pending"] = []
+            self._run["first_pass"] = None  # a variant's first-pass gradients belong to a SAM step
             self._run["pass1_nonfinite"] = None
             self._run["grad_scaler"] = None
             self._second_step()

@@ -80,8 +80,7 @@ class WSAM(SAM):
         super()._first_step(zero_grad, grad_scaler)
 
     def _second_step(self, zero_grad: bool = False) -> None:
-        first_pass = self._run.get("first_pass") or []
-        params = [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
+        params = self._second_pass_params()
         if not params:
             return super()._second_step(zero_grad)
         refuse_dtensor(params, "WSAM")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import cl_optim
-from cl_optim._backend import _REGISTRY
+from cl_optim._backend import _REGISTRY, resolve
 from cl_optim._optimizer import FISHER_KEY
 
 
@@ -115,6 +115,13 @@ def _candidates():
     if "triton" in _REGISTRY or _triton_importable():
         names.append("triton")
     return names
+
+
+def _cpp_builds():
+    try:
+        return resolve("cpp", torch.device("cpu"), torch.float32) == "cpp"
+    except Exception:  # an unavailable backend raises, naming why
+        return False
 
 
 def _triton_importable():
@@ -397,3 +404,67 @@ def test_local_accumulation_is_refused_where_state_moves_once_per_step():
         with pytest.raises(NotImplementedError, match="global form"):
             opt.second_step(accumulate=True)
         opt.second_step(zero_grad=True)
+
+
+# --------------------------------------------------------------------------------- torch.compile
+
+
+COMPILED = {
+    "gsam": lambda p: cl_optim.GSAM(p, cl_optim.SGD, rho=0.05, lr=1e-2, momentum=0.9, backend="cpp"),
+    "wsam": lambda p: cl_optim.WSAM(p, cl_optim.SGD, rho=0.05, lr=1e-2, momentum=0.9, backend="cpp"),
+    "friendly_sam": lambda p: cl_optim.FriendlySAM(p, cl_optim.AdamW, rho=0.05, lr=1e-2, backend="cpp"),
+    "looksam": lambda p: cl_optim.LookSAM(
+        p, cl_optim.SGD, rho=0.05, k=1, lr=1e-2, momentum=0.9, backend="cpp"
+    ),
+    # the global generator: dynamo cannot trace randn(generator=...) (a graph break, documented)
+    "rwp": lambda p: cl_optim.RWP(p, cl_optim.SGD, rho=0.05, lr=1e-2, momentum=0.9, backend="cpp"),
+}
+
+
+@pytest.mark.skipif(not _cpp_builds(), reason="the cpp backend cannot be built on this machine")
+@pytest.mark.parametrize("name", sorted(COMPILED))
+def test_first_and_second_step_compile_without_graph_breaks(name):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        opt = COMPILED[name](list(model.parameters()))
+        first, second = opt.first_step, opt.second_step
+        if compiled:
+            first = torch.compile(first, fullgraph=True, backend="aot_eager")
+            second = torch.compile(second, fullgraph=True, backend="aot_eager")
+        for i in range(3):
+            model(x + i).square().sum().backward()
+            first()
+            opt.zero_grad()
+            model(x + i).square().sum().backward()
+            second()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda m: cl_optim.GSAM(m.parameters(), torch.optim.SGD, interval=2, lr=0.1),
+     lambda m: cl_optim.WSAM(m.parameters(), torch.optim.SGD, interval=2, lr=0.1),
+     lambda m: cl_optim.WSAM(m.parameters(), torch.optim.SGD, interval=2, decouple=False, lr=0.1),
+     lambda m: cl_optim.FriendlySAM(m.parameters(), torch.optim.SGD, interval=2, lr=0.1),
+     lambda m: cl_optim.RWP(m.parameters(), torch.optim.SGD, interval=2, lr=0.1)],
+    ids=["gsam", "wsam", "wsam_coupled", "friendly_sam", "rwp"],
+)  # fmt: skip
+def test_a_base_step_between_sam_steps_uses_the_plain_gradient(make):
+    """interval=2: the second step is `w - lr g(w)` exactly, with nothing of the SAM step before
+    (no stale first-pass gradient combined in)."""
+    model = _model()
+    opt = make(model)
+    _step("x", model, opt, 0)
+    assert not opt.is_sam_step
+    w1 = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(_loss(model, 1), list(model.parameters()))
+    _step("x", model, opt, 1)
+    for p, w, g in zip(model.parameters(), w1, grads):
+        torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-6, atol=1e-7)
