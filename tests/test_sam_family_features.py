@@ -468,3 +468,44 @@ def test_a_base_step_between_sam_steps_uses_the_plain_gradient(make):
     _step("x", model, opt, 1)
     for p, w, g in zip(model.parameters(), w1, grads):
         torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["cflat", "looksam", "gsam"])
+def test_batch_norm_statistics_move_once_per_step_with_preserve_bn_stats_in_the_closure(name):
+    """The README recipe: the closure (run only at perturbed weights) runs its forward and
+    backward under preserve_bn_stats, so the running statistics are those of the user's one
+    forward per step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
+    )
+    twin = copy.deepcopy(model)
+    factories = {
+        "cflat": lambda m: cl_optim.CFlat(m.parameters(), cl_optim.SGD, rho=0.05, lr=0.1),
+        "looksam": lambda m: cl_optim.LookSAM(m.parameters(), cl_optim.SGD, k=2, lr=0.1),
+        "gsam": lambda m: cl_optim.GSAM(m.parameters(), cl_optim.SGD, lr=0.1),
+    }
+    opt = factories[name](model)
+    for i in range(3):
+        x, y = _data(i)
+        twin_state = {k: v.clone() for k, v in twin.state_dict().items()}
+        twin.load_state_dict({**twin_state, **{k: v for k, v in model.state_dict().items() if "running" not in k
+                                                and "num_batches" not in k}})  # fmt: skip
+        twin(x)  # one forward per step: the statistics expected
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            with cl_optim.preserve_bn_stats(
+                model
+            ):  # the backward too: BN's saved buffers are version-checked
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            return loss
+
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(closure)
+        bn, twin_bn = model[1], twin[1]
+        torch.testing.assert_close(bn.running_mean, twin_bn.running_mean)
+        torch.testing.assert_close(bn.running_var, twin_bn.running_var)
+        assert int(bn.num_batches_tracked) == i + 1
