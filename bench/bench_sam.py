@@ -1,17 +1,26 @@
-"""SAM iterations, optimizer side (first_step + second_step), fp32.
+"""SAM iterations, optimizer side (first_step + second_step), fp32, and the SAM variants.
 
 Bytes floors (DESIGN.md §3): SAM+AdamW 48 B/param (norm 4, perturb 16, restore+AdamW 28),
 SAM+SGD-momentum 40 B/param. Providers: ``pytorch_optimizer.SAM`` over torch's fused base (what
 users run today), cl_optim.SAM over torch's fused base, and cl_optim.SAM over cl_optim's base
 on every available backend (restore and update in one call).
 
-    python bench/bench_sam.py [--quick] [--device cuda] [--sets resnet18 many_small]
+The variants (GSAM, WSAM, LookSAM, FriendlySAM, MSAM, GAM, C-Flat, RWP; one full iteration each,
+the closure writing precomputed gradients into ``.grad``) against pytorch_optimizer's and INFTY's,
+on the ``resnet18``, ``transformer`` and ``many_small`` sets: ``bench_sam_family.py``, whose
+docstring gives the providers, the closure and the bytes floors. Then paired rounds: the fastest
+cl_optim backend against each other library, each pair timed back to back. ``--quick`` runs
+every provider with 2 repetitions and 3 paired rounds: a few minutes on 2 cores, not one (the
+for-loop backends and INFTY's LookSAM and GAM are slow on ``many_small``).
+
+    python bench/bench_sam.py [--quick] [--device cuda] [--sets resnet18 transformer many_small]
 """
 
 from __future__ import annotations
 
 import pytorch_optimizer
 import torch
+from bench_sam_family import family_cases, paired
 from harness import PARAM_SETS, Case, cl_optim_backends, make_params, numel, parse_args, run
 
 import cl_optim
@@ -49,13 +58,20 @@ def cases(args):
                 providers[f"cl_optim_{backend}"] = lambda backend=backend, ours_cls=ours_cls, kwargs=kwargs, shapes=shapes: _iteration(
                     cl_optim.SAM(make_params(shapes, args.device), ours_cls, rho=0.05, backend=backend, **kwargs)
                 )  # fmt: skip
-            out.append(Case(op, set_name, numel(shapes), floor, providers, ["pytorch_optimizer"]))
+            case = Case(op, set_name, numel(shapes), floor, providers, ["pytorch_optimizer"])
+            if args.quick:
+                case.min_reps, case.budget_s = 2, 0.2
+            out.append(case)
     return out
 
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv)
-    return run(cases(args), args.device, args.csv, "bench_sam: one SAM iteration, optimizer side")
+    all_cases = cases(args) + family_cases(args)
+    rows = run(
+        all_cases, args.device, args.csv, "bench_sam: one iteration of SAM and its variants, optimizer side"
+    )
+    return rows + paired(all_cases, args)
 
 
 if __name__ == "__main__":
