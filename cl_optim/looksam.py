@@ -131,8 +131,8 @@ class LookSAM(SAM):
             # A non-finite pass (the step is skipped) keeps the last g_v: a NaN one would make every
             # later reuse step non-finite too. The Gram is finite exactly when both gradients are.
             finite = torch.isfinite(g).all()
-            for i in index:
-                g_v[i].copy_(torch.where(finite.to(g_v[i].device), first[i], g_v[i]))
+            for i in index:  # in place: no temporary per parameter
+                torch.where(finite.to(g_v[i].device), first[i], g_v[i], out=g_v[i])
 
     def _g_v(self, p: Tensor) -> Tensor:
         state = self.sam_state[p]

@@ -424,7 +424,7 @@ class SAM(torch.optim.Optimizer):
         for p, save in zip(bucket, saves):
             packed = self.sam_state[p].get(MASK_KEY)
             if packed is not None:
-                p.copy_(torch.where(unpack_mask(packed, p.shape), p, save))
+                torch.where(unpack_mask(packed, p.shape), p, save, out=p)
 
     def update_mask(self) -> bool:
         """Rebuild the SSAM-F masks now from the Fisher (``fisher_ema``'s running one, else the EWC
