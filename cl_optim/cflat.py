@@ -32,7 +32,7 @@ import torch
 
 from ._gradient_norm_sam import GradientNormSAM
 from ._sam_family import graded
-from .multitask.aggregators import weighted_sum
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam_ops import grad_sq_norm
 
 __all__ = ["CFlat"]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, refuse_dtensor, unscale_factor
-from .multitask.aggregators import weighted_sum
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM, _buckets, kept_buffers
 
 __all__ = ["FriendlySAM"]

@@ -28,7 +28,8 @@ import math
 import torch
 
 from ._gradient_norm_sam import GradientNormSAM
-from .multitask.aggregators import gram, weighted_sum
+from .multitask.aggregators import gram_unchecked as gram  # aligned by construction
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum
 
 __all__ = ["GAM"]
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, keep_grads, refuse_dtensor
-from .multitask.aggregators import gram as task_gram_of
-from .multitask.aggregators import weighted_sum
+from .multitask.aggregators import gram_unchecked as task_gram_of  # aligned by construction
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM
 
 __all__ = ["GSAM"]

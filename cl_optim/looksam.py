@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, keep_grads, norm_of, refuse_dtensor
-from .multitask.aggregators import gram, weighted_sum
+from .multitask.aggregators import gram_unchecked as gram  # aligned by construction
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum
 from .sam import SAM
 
 __all__ = ["LookSAM"]

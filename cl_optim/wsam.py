@@ -22,7 +22,7 @@ import math
 import torch
 
 from ._sam_family import graded, keep_grads, refuse_dtensor
-from .multitask.aggregators import weighted_sum
+from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM
 
 __all__ = ["WSAM"]

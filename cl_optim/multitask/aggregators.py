@@ -88,7 +88,14 @@ def gram(task_grads, *, backend: str = "auto") -> Tensor:
     One :func:`~cl_optim.multitask.fused.task_gram` call per (device, dtype) bucket (products and
     sums in fp64, in a fixed order: deterministic), the bucket sums added in bucket order.
     """
-    t, first = _check(task_grads)
+    _check(task_grads)
+    return gram_unchecked(task_grads, backend=backend)
+
+
+def gram_unchecked(task_grads, *, backend: str = "auto") -> Tensor:
+    """:func:`gram` for callers whose lists are aligned by construction (the SAM variants: buffers
+    shaped as their parameters): no per-tensor check in Python (the op checks its inputs)."""
+    first = task_grads[0]
     home = first[0].device
     total = None
     for (device, dtype, _), index in bucket_indices(first).items():
@@ -103,7 +110,14 @@ def weighted_sum(task_grads, coefficients: Tensor, *, out: Optional[list] = None
                  backend: str = "auto") -> list:  # fmt: skip
     """``sum_t a_t g_t`` per parameter in the gradients' dtype, one fused pass per bucket (the
     coefficients stay on the device). ``out``: write there (``accumulate``: add to it)."""
-    _, first = _check(task_grads)
+    _check(task_grads)
+    return weighted_sum_unchecked(task_grads, coefficients, out=out, accumulate=accumulate, backend=backend)
+
+
+def weighted_sum_unchecked(task_grads, coefficients: Tensor, *, out: Optional[list] = None,
+                           accumulate: bool = False, backend: str = "auto") -> list:  # fmt: skip
+    """:func:`weighted_sum` without the per-tensor check in Python (see :func:`gram_unchecked`)."""
+    first = task_grads[0]
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True adds to `out`: give it")
