@@ -56,6 +56,7 @@ class GradientNormSAM(SAM):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_kept"] = {key: {} for key in self._kept}
+        state["_run"] = {**state["_run"], "gated": None}
         return state
 
     def add_param_group(self, param_group: dict) -> None:
@@ -63,6 +64,10 @@ class GradientNormSAM(SAM):
         super().add_param_group(param_group)
 
     def _first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        if self._run["pending"] is None and self.is_sam_step and not self._gate(grad_scaler):
+            # A gated step (C-Flat++): nothing moves, .grad stays for the base update of step().
+            self._run["gated"] = (grad_scaler,)
+            return
         self._run["first_pass"] = graded(self.param_groups)
         keep_grads(self._kept["g0"], self._run["first_pass"])
         super()._first_step(zero_grad, grad_scaler)
@@ -77,7 +82,7 @@ class GradientNormSAM(SAM):
     def step(self, closure: Optional[Callable] = None):
         """The four passes (the closure is called three times); returns the first closure's loss.
         After ``first_step(grad_scaler=...)`` it runs passes 2-4 and completes the step."""
-        if self._run["pending"] is None:
+        if self._run["pending"] is None and not self._run.get("gated"):
             if not self.is_sam_step:
                 self._base_step()
                 return None
@@ -86,7 +91,13 @@ class GradientNormSAM(SAM):
                     f"{type(self).__name__}.step() needs a closure (it runs three more passes)"
                 )
             self.first_step(zero_grad=True)
-        elif closure is None:
+        if self._run.get("gated"):  # the gate stayed shut: the base update with g0, no closure call
+            (grad_scaler,) = self._run["gated"]
+            self._run["gated"] = None
+            with ScalerHandOver(self, grad_scaler):
+                self._base_step()
+            return None
+        if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure (it runs three more passes)")
         try:
             loss = self._passes(closure)
@@ -109,23 +120,36 @@ class GradientNormSAM(SAM):
         grads = [p.grad for p in params]
         weighted_sum(
             [g0, g1],
-            torch.tensor([-1.0, 1.0], dtype=torch.float64, device=grads[0].device),
+            self._constant((-1.0, 1.0), grads[0].device),
             out=grads,
             backend=self.backend,
         )
+        scaler = self._run["grad_scaler"]  # the batch-Fisher metric is of unscaled gradients
         _, finite_h = self._ascend(
-            self._ascent_plan(), self._saved, radius="grad_norm_rho", update_fisher=False
+            self._moved_plan(), self._saved, radius="grad_norm_rho", grad_scaler=scaler, update_fisher=False
         )
         self._closure(closure)
         g2 = keep_grads(self._kept["g2"], self._checked(params, "the third pass"))
         scratch = self._kept["scratch"] if self._KEEPS_G0 else self._kept["g0"]  # g0 is dead for C-Flat
-        _, finite_2 = self._ascend(self._ascent_plan(), scratch, update_fisher=False)
+        _, finite_2 = self._ascend(self._moved_plan(), scratch, grad_scaler=scaler, update_fisher=False)
         self._closure(closure)
         self._checked(params, "the fourth pass")
         self._combine(params, g0, g1, g2)
         flag = self._run["pass1_nonfinite"]
         self._run["pass1_nonfinite"] = flag | ~finite_h.to(flag.device) | ~finite_2.to(flag.device)
         return loss
+
+    def _gate(self, grad_scaler) -> bool:
+        """Whether this step runs the four passes (C-Flat++ decides from the gradient norm)."""
+        return True
+
+    def _moved_plan(self) -> list:
+        """The plan of the later ascents: the parameters the first one moved, which the final
+        restore puts back (a parameter that gets a gradient only in a later pass stays put)."""
+        moved = {id(p) for p in self._run["pending"]}
+        plan = [(group, device, dtype, [p for p in bucket if id(p) in moved], backend, layout)
+                for group, device, dtype, bucket, backend, layout in self._ascent_plan()]  # fmt: skip
+        return [entry for entry in plan if entry[3]]
 
     def _closure(self, closure: Callable, zero_grad: bool = True):
         if zero_grad:

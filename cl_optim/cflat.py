@@ -15,8 +15,11 @@ h/||h||``); INFTY 0.1.2 ascends there with radius 1 whatever its settings, so
 C-Flat++ (``strategy="plus"``, INFTY's form) runs the four passes only when
 ``E = A / (1 + exp(-k (t - t0))) - ||g0||`` is at most 0 (``t`` the 1-based step), after
 ``A <- A - cof * E``; otherwise the base optimizer steps with ``g0`` and the closure is not
-called. The decision reads ``||g0||`` on the host once per step (the documented exception to
-"no host read"); ``A`` is saved in ``state_dict``.
+called. The gate is decided in ``first_step`` (so ``first_step(grad_scaler=...)`` under AMP
+decides on the unscaled norm, and a gated ``step(closure)`` then makes the base update); it reads
+``||g0||`` on the host once per step (the documented exception to "no host read"); a non-finite
+norm shuts it and leaves ``A`` as it was (the base step then skips); ``A`` is saved in
+``state_dict``.
 
 Buffers: the restore copy, ``g1``, ``g2`` and ``g0`` (which, dead after ``h``, holds the third
 ascent's scratch copy): 4 against 5 in the official code. Bytes per fp32 parameter beyond the
@@ -28,10 +31,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
-
 from ._gradient_norm_sam import GradientNormSAM
-from ._sam_family import graded
+from ._sam_family import graded, unscale_factor
 from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam_ops import grad_sq_norm
 
@@ -82,30 +83,29 @@ class CFlat(GradientNormSAM):
         self.lamb, self.strategy = float(lamb), strategy
         self.trigger = {"A": float(A), "k": float(k), "t0": float(t0), "cof": float(cof)}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        plus = self.strategy == "plus" and self._run["pending"] is None and self.is_sam_step
-        if plus and not self._plus_triggers():
-            self._base_step()
-            return None
-        return super().step(closure)
-
-    def _plus_triggers(self) -> bool:
-        """C-Flat++'s gate on the gradient norm (one host read), counting from step 1."""
+    def _gate(self, grad_scaler) -> bool:
+        """C-Flat++'s gate on the (unscaled) gradient norm, one host read, counting from step 1;
+        a non-finite norm shuts it and leaves ``A`` as it was (the base step then skips)."""
+        if self.strategy != "plus":
+            return True
         params = graded(self.param_groups)
         if not params:
             return True  # SAM's checks then name the missing gradient
         sq_norm = sum(float(grad_sq_norm([p.grad for p in params if p.device == d], backend="foreach"))
                       for d in {p.device for p in params})  # fmt: skip
+        inv_scale = unscale_factor(grad_scaler)
+        norm = math.sqrt(sq_norm) * (1.0 if inv_scale is None else float(inv_scale))
+        if not math.isfinite(norm):
+            return False
         t = self.steps + 1
         trigger = self.trigger
-        energy = trigger["A"] / (1 + math.exp(-trigger["k"] * (t - trigger["t0"]))) - math.sqrt(sq_norm)
+        energy = trigger["A"] / (1 + math.exp(-trigger["k"] * (t - trigger["t0"]))) - norm
         trigger["A"] -= trigger["cof"] * energy
         return energy <= 0
 
     def _combine(self, params, g0, g1, g2) -> None:
         grads = [p.grad for p in params]
-        coefficients = torch.tensor([1.0, -self.lamb, self.lamb], dtype=torch.float64, device=grads[0].device)
+        coefficients = self._constant((1.0, -self.lamb, self.lamb), grads[0].device)
         weighted_sum([g1, g2, grads], coefficients, out=grads, backend=self.backend)
 
     def state_dict(self) -> dict:
@@ -115,6 +115,9 @@ class CFlat(GradientNormSAM):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("sam", {}).get("cflat_A")
+        if saved is not None and not math.isfinite(float(saved)):
+            raise ValueError(f"cflat_A = {saved} in the state dict: C-Flat++'s gate needs a finite A")
         super().load_state_dict(state_dict)
-        if "cflat_A" in state_dict.get("sam", {}):
-            self.trigger["A"] = float(state_dict["sam"]["cflat_A"])
+        if saved is not None:
+            self.trigger["A"] = float(saved)

@@ -12,9 +12,11 @@ pytorch_optimizer 3.9's FriendlySAM (fixed in 4.x) updates ``m`` with the correc
 ``0.8 m + 0.1 g`` at ``lmbda = 0.9, sigma = 1``); the official code crashes on parameters
 without a gradient, which are skipped here (their ``m`` is left as it is). Under AMP ``m`` is
 of the unscaled gradient (give ``grad_scaler=`` to ``first_step``; ``step(closure)`` has no
-scaler). ``m`` is persistent (optimizer state, in ``state_dict``) and ``d`` is one buffer per
-parameter allocated once. Two fused ``task_combine_`` passes (``d`` and ``m``) come before SAM's
-ascent: 20 bytes per fp32 parameter beyond SAM's.
+scaler). ``m`` moves only with a finite first-pass gradient (an overflow, whose step is
+skipped, must not poison it for every later step). ``m`` is persistent (``sam_state``, in
+``state_dict``) and ``d`` is one buffer per parameter allocated once, which then holds the new
+mean before it is selected where the gradient was finite: 40 bytes per fp32 parameter beyond
+SAM's (DESIGN.md §11).
 """
 
 from __future__ import annotations
@@ -75,42 +77,68 @@ class FriendlySAM(SAM):
     def _first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
         if self._run["pending"] is not None or not self.is_sam_step:
             return super()._first_step(zero_grad, grad_scaler)  # which raises, naming the problem
+        plan = self._ascent_plan()  # every check before anything changes, m included
         params = graded(self.param_groups)
         refuse_dtensor(params, "FriendlySAM")
         inv_scale = unscale_factor(grad_scaler)
-        directions = self._friendly_directions(params, inv_scale)
-        plan = self._ascent_plan()
+        # m moves only with a finite first-pass gradient: an overflow (skipped) must not poison it.
+        finite = ~self._nonfinite_gradient()
+        directions, seen = self._friendly_directions(params, inv_scale, finite)
         if self.mask is not None:
             self._refresh_masks(plan)
-        perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler, directions=directions)
-        self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
+        perturbed, ascent_finite = self._ascend(
+            plan, self._saved, grad_scaler=grad_scaler, directions=directions
+        )
+        self._update_means(seen, inv_scale, finite)
+        self._perturbed(perturbed, ~(finite & ascent_finite.to(finite.device)), grad_scaler, zero_grad)
 
-    def _friendly_directions(self, params: list[Tensor], inv_scale) -> dict:
-        """``d = g - sigma S m`` (S the loss scale: ``m`` is of unscaled gradients), then
-        ``m <- lmbda m + (1 - lmbda) g / S``; the first step only sets ``m`` (``d = g``)."""
-        fresh = [
-            p
-            for p in params
-            if MOMENTUM_KEY not in self.sam_state[p] or self.sam_state[p][MOMENTUM_KEY].shape != p.shape
-        ]
-        for p in fresh:
-            g = p.grad if inv_scale is None else p.grad * inv_scale.to(p.grad.device).to(p.grad.dtype)
-            self.sam_state[p][MOMENTUM_KEY] = g.detach().clone(memory_format=torch.contiguous_format)
-        fresh_ids = {id(p) for p in fresh}
-        directions = {id(p): p.grad for p in fresh}
-        seen = [p for p in params if id(p) not in fresh_ids]
+    def _friendly_directions(self, params: list[Tensor], inv_scale, finite: Tensor) -> tuple[dict, list]:
+        """``d = g - sigma S m`` (S the loss scale: ``m`` is of unscaled gradients) for the
+        parameters that have a mean; the others (first step) start it at ``g / S`` (0 where the
+        gradient is not finite) and ascend along ``g``. Returns the directions and the former."""
+        directions, seen = {}, []
+        for p in params:
+            m = self.sam_state[p].get(MOMENTUM_KEY)
+            if m is not None and m.shape == p.shape:
+                seen.append(p)
+                continue
+            g = p.grad.detach()
+            if inv_scale is not None:
+                g = g * inv_scale.to(g.device, g.dtype)
+            start = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            self.sam_state[p][MOMENTUM_KEY] = torch.where(finite.to(p.device), g, start, out=start)
+            directions[id(p)] = p.grad
         for (device, dtype, _), bucket in _buckets(seen).items():
-            grads = [p.grad for p in bucket]
             momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
             out = kept_buffers(self._directions, bucket, device, dtype)
-            scale = (
+            scale = self._loss_scale(inv_scale, device)
+            weighted_sum([[p.grad for p in bucket], momenta], torch.stack([torch.ones_like(scale), -self.sigma * scale]),
+                         out=out, backend=self.backend)  # fmt: skip
+            directions.update(zip((id(p) for p in bucket), out))
+        return directions, seen
+
+    def _update_means(self, seen: list[Tensor], inv_scale, finite: Tensor) -> None:
+        """``m <- lmbda m + (1 - lmbda) g / S`` where the first-pass gradient is finite, formed in
+        the buffer of ``d`` (spent by the ascent) and selected in place."""
+        for (device, dtype, _), bucket in _buckets(seen).items():
+            momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
+            out = kept_buffers(self._directions, bucket, device, dtype)
+            inverse = (
                 torch.ones((), dtype=torch.float64, device=device)
                 if inv_scale is None
                 else inv_scale.to(device)
             )
-            weighted_sum([grads, momenta], torch.stack([torch.ones_like(scale), -self.sigma / scale]), out=out,
-                         backend=self.backend)  # fmt: skip
-            weighted_sum([momenta, grads], torch.stack([torch.full_like(scale, self.lmbda), (1 - self.lmbda) * scale]),
-                         out=momenta, backend=self.backend)  # fmt: skip
-            directions.update(zip((id(p) for p in bucket), out))
-        return directions
+            weighted_sum([momenta, [p.grad for p in bucket]],
+                         torch.stack([torch.full_like(inverse, self.lmbda), (1 - self.lmbda) * inverse]),
+                         out=out, backend=self.backend)  # fmt: skip
+            flag = finite.to(device)
+            for m, new in zip(momenta, out):
+                torch.where(flag, new, m, out=m)
+
+    @staticmethod
+    def _loss_scale(inv_scale, device) -> Tensor:
+        return (
+            torch.ones((), dtype=torch.float64, device=device)
+            if inv_scale is None
+            else 1.0 / inv_scale.to(device)
+        )

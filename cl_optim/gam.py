@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ._gradient_norm_sam import GradientNormSAM
 from .multitask.aggregators import gram_unchecked as gram  # aligned by construction
 from .multitask.aggregators import weighted_sum_unchecked as weighted_sum
@@ -75,8 +73,8 @@ class GAM(GradientNormSAM):
         grads = [p.grad for p in params]
         tasks = [g0, g2, g1, grads]  # pro_m = a . tasks, d = c . tasks
         g = gram(tasks, backend=self.backend)
-        a = torch.tensor([1.0, abs(self.grad_beta_2), 0.0, 0.0], dtype=g.dtype, device=g.device)
-        c = torch.tensor([0.0, 0.0, self.grad_beta_1, self.grad_beta_3], dtype=g.dtype, device=g.device)
+        a = self._constant((1.0, abs(self.grad_beta_2), 0.0, 0.0), g.device)
+        c = self._constant((0.0, 0.0, self.grad_beta_1, self.grad_beta_3), g.device)
         pro_m_norm = (a @ g @ a).clamp_min(0).sqrt()
         d_norm = (c @ g @ c).clamp_min(0).sqrt()
         eps = self.perturb_eps

@@ -80,15 +80,29 @@ class GSAM(SAM):
         if rho_min is not None and not 0.0 <= rho_min <= rho:
             raise ValueError(f"Invalid rho_min: {rho_min} (must be in [0, rho = {rho}])")
         super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
-        self.alpha, self.rho_min, self.lr_min = float(alpha), rho_min, float(lr_min)
+        self.alpha, self.rho_min, self.lr_min, self.lr_max = float(alpha), rho_min, float(lr_min), lr_max
         for group in self.param_groups:
-            group.setdefault("rho_max", group["rho"])
-            group.setdefault("lr_max", float(group["lr"]) if lr_max is None else float(lr_max))
-            if rho_min is not None and not group["lr_max"] > self.lr_min:
-                raise ValueError(
-                    f"the rho schedule needs lr_max > lr_min, got {group['lr_max']} and {lr_min}"
-                )
+            self._schedule_range(group)
         self._first_grads: dict[int, Tensor] = {}  # id(param) -> g1, allocated once, never saved
+
+    def _schedule_range(self, group: dict) -> None:
+        """The group's ends of the rho schedule (``rho_max``: its rho now; ``lr_max``: its lr now)."""
+        group.setdefault("rho_max", group["rho"])
+        group.setdefault("lr_max", float(group["lr"]) if self.lr_max is None else float(self.lr_max))
+        if self.rho_min is not None and not group["lr_max"] > self.lr_min:
+            raise ValueError(
+                f"the rho schedule needs lr_max > lr_min, got {group['lr_max']} and {self.lr_min}"
+            )
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "lr_min") and self.rho_min is not None:  # refused before the group joins
+            lr_max = param_group.get("lr_max", param_group.get("lr", self.defaults.get("lr")))
+            lr_max = lr_max if self.lr_max is None or "lr_max" in param_group else self.lr_max
+            if not float(lr_max) > self.lr_min:
+                raise ValueError(f"the rho schedule needs lr_max > lr_min, got {lr_max} and {self.lr_min}")
+        super().add_param_group(param_group)
+        if hasattr(self, "lr_min"):  # SAM's constructor adds the first groups before GSAM's settings
+            self._schedule_range(self.param_groups[-1])
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

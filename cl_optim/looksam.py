@@ -103,13 +103,17 @@ class LookSAM(SAM):
         self._run["first_pass"] = graded(self.param_groups)
         keep_grads(self._first_grads, self._run["first_pass"])
         plan = self._ascent_plan()
-        perturbed, finite = [], torch.ones((), dtype=torch.bool)
+        if self.mask is not None:
+            self._refresh_masks(plan)
+        perturbed, finite = [], None
         for group, device, dtype, bucket, backend, layout in plan:
             for p in bucket:
                 moved, ok = self._ascend([(group, device, dtype, [p], backend, layout)], self._saved,
                                          grad_scaler=grad_scaler)  # fmt: skip
                 perturbed.extend(moved)
-                finite = finite.to(ok.device) & ok
+                finite = ok if finite is None else finite & ok.to(finite.device)
+        if finite is None:  # nothing to move (SAM-ON with no selected gradient)
+            finite = torch.ones((), dtype=torch.bool)
         self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
     def _second_step(self, zero_grad: bool = False) -> None:

@@ -43,7 +43,10 @@ class MSAM(SAM):
 
     ``step(closure=None)`` makes one update with the gradient already computed at the current
     (perturbed) weights; a closure is never called (it may be given, as to any optimizer).
-    There is no ``first_step``/``second_step``.
+    There is no ``first_step``/``second_step``, and the options of an ascent (``interval``,
+    ``start_step``, ``only_norm_layers``, ``mask``, a group's ``perturb``) are refused; a group
+    with ``rho=0`` is left alone. The move back uses the factors of the move forward, so changing
+    ``rho`` between steps never moves ``theta``.
 
     Example:
         >>> import torch, cl_optim
@@ -59,16 +62,25 @@ class MSAM(SAM):
     def __init__(self, params, base_optimizer: type, rho: float = 0.3, **kwargs):
         if "adaptive" in kwargs:
             raise TypeError("MSAM takes no adaptive=: its direction is the base optimizer's momentum")
+        for name in ("interval", "start_step", "only_norm_layers", "mask"):
+            if kwargs.get(name) not in (None, False, 1 if name == "interval" else 0):
+                raise TypeError(
+                    f"MSAM takes no {name}=: it moves every parameter along the momentum every step"
+                )
         super().__init__(params, base_optimizer, rho, False, **kwargs)
         for index, group in enumerate(self.param_groups):
+            if group.get("perturb", True) is not True:
+                raise ValueError(
+                    f"param_groups[{index}]: MSAM takes no perturb= (use rho=0 for a group it leaves alone)"
+                )
             if "momentum" in group and not group["momentum"]:
                 raise ValueError(
                     f"param_groups[{index}]: MSAM perturbs along the momentum, and momentum=0 keeps none; "
                     "set momentum > 0"
                 )
-        # The factor c of the last move (a device scalar per group; None before the first step)
+        # The factors rho_group * c of the last move (device scalars; None before the first step)
         # and whether the weights are at the perturbed point.
-        self._msam: dict = {"inverse_norm": None, "at_ascent": False}
+        self._msam: dict = {"factors": None, "at_ascent": False}
 
     # ----------------------------------------------------------------------------------- steps
 
@@ -92,7 +104,10 @@ class MSAM(SAM):
             )
         refuse_dtensor([p for p, _ in directions], "MSAM")
         g = gram([[v for _, v in directions]], backend=self.backend)
-        self._msam["inverse_norm"] = 1.0 / (norm_of(g, 0) + 1e-12)
+        inverse_norm = 1.0 / (norm_of(g, 0) + 1e-12)
+        # rho_group * c, fixed now: a later change of rho must not move theta (the move back takes
+        # exactly the factor of the move forward).
+        self._msam["factors"] = [group["rho"] * inverse_norm for group in self.param_groups]
         self._move(-1)  # p = theta' - c_new v'
         return None
 
@@ -104,7 +119,7 @@ class MSAM(SAM):
     def move_forward(self) -> None:
         """Put the weights back at the perturbed point ``theta - c v`` for the next step."""
         with torch.no_grad():
-            if not self._msam["at_ascent"] and self._msam["inverse_norm"] is not None:
+            if not self._msam["at_ascent"] and self._msam["factors"] is not None:
                 self._shift(-1)
                 self._msam["at_ascent"] = True
 
@@ -118,22 +133,20 @@ class MSAM(SAM):
             if self._msam["at_ascent"]:
                 self._shift(+1)
             self._msam["at_ascent"] = False
-        elif self._msam["inverse_norm"] is not None:
+        elif self._msam["factors"] is not None:
             self._shift(-1)
             self._msam["at_ascent"] = True
 
     def _shift(self, sign: int) -> None:
-        """``p <- p + sign * rho_group * inverse_norm * v`` for every parameter with a momentum."""
-        inverse_norm = self._msam["inverse_norm"]
-        for group in self.param_groups:
+        """``p <- p + sign * factor_group * v`` for every parameter with a momentum, with the
+        factors ``rho_group * c`` of the last step."""
+        for group, factor in zip(self.param_groups, self._msam["factors"]):  # groups added since: never moved
             pairs = [
                 (p, self.state[p][k]) for p in group["params"] for k in _DIRECTION_KEYS if k in self.state[p]
             ]
-            if not pairs or group["rho"] == 0:
-                continue
-            factor = (sign * group["rho"] * inverse_norm).reshape(1)
-            weighted_sum([[v for _, v in pairs]], factor, out=[p for p, _ in pairs], accumulate=True,
-                         backend=self.backend)  # fmt: skip
+            if pairs:
+                weighted_sum([[v for _, v in pairs]], (sign * factor).reshape(1), out=[p for p, _ in pairs],
+                             accumulate=True, backend=self.backend)  # fmt: skip
 
     def _directions(self) -> list[tuple[Tensor, Tensor]]:
         return [
@@ -144,11 +157,12 @@ class MSAM(SAM):
     # ------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """The base optimizer's state, the step count, ``c`` and where the weights are."""
+        """The base optimizer's state, the step count, the factors ``rho_group * c`` of the last
+        move and where the weights are."""
         state = super().state_dict()
-        inverse_norm = self._msam["inverse_norm"]
+        factors = self._msam["factors"]
         state["sam"]["msam"] = {
-            "inverse_norm": None if inverse_norm is None else inverse_norm.detach().cpu().clone(),
+            "factors": None if factors is None else [f.detach().cpu().clone() for f in factors],
             "at_ascent": self._msam["at_ascent"],
         }
         return state
@@ -156,8 +170,8 @@ class MSAM(SAM):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = dict(state_dict.get("sam", {})).get("msam", {})
         super().load_state_dict(state_dict)
-        inverse_norm = saved.get("inverse_norm")
-        if inverse_norm is not None:
+        factors = saved.get("factors")
+        if factors is not None:
             device = next((v.device for _, v in self._directions()), torch.device("cpu"))
-            inverse_norm = inverse_norm.to(device=device, dtype=torch.float64)
-        self._msam = {"inverse_norm": inverse_norm, "at_ascent": bool(saved.get("at_ascent", False))}
+            factors = [f.to(device=device, dtype=torch.float64) for f in factors]
+        self._msam = {"factors": factors, "at_ascent": bool(saved.get("at_ascent", False))}

@@ -62,6 +62,8 @@ class RWP(SAM):
             raise TypeError("RWP takes no adaptive=: its noise is scaled by each row's norm")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
+        if kwargs.get("mask") is not None:
+            raise TypeError("RWP takes no mask=: SSAM-F's mask selects elements of an ascent, RWP has none")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator takes a torch.Generator, got {type(generator).__name__}")
         super().__init__(params, base_optimizer, rho, False, **kwargs)
@@ -78,6 +80,8 @@ class RWP(SAM):
             return super()._first_step(zero_grad, grad_scaler)  # which raises, naming the problem
         plan = self._ascent_plan()  # SAM's checks (groups, gradients), the buckets it would move
         params = graded(self.param_groups)
+        if self.fisher_ema is not None:  # the running Fisher takes g, as SAM's first pass does
+            self._fisher_from_grads(self._ascent_plan(selected_only=False), grad_scaler)
         refuse_dtensor(params, "RWP")
         keep_grads(self._clean_grads, params)
         moved = {id(p) for _, _, _, bucket, _, _ in plan for p in bucket}
@@ -97,9 +101,7 @@ class RWP(SAM):
         if params:
             clean = [self._clean_grads[id(p)] for p in params]
             grads = [p.grad for p in params]
-            coefficients = torch.tensor(
-                [self.alpha, 1.0 - self.alpha], dtype=torch.float64, device=grads[0].device
-            )
+            coefficients = self._constant((self.alpha, 1.0 - self.alpha), grads[0].device)
             weighted_sum([grads, clean], coefficients, out=grads, backend=self.backend)
         super()._second_step(zero_grad)
 

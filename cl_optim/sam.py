@@ -28,6 +28,7 @@ norm is ``sqrt(sum g**2 / (1 + eta * F))``. Two sources of ``F``, per group:
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -53,6 +54,8 @@ __all__ = ["SAM", "grad_sq_norm", "sam_perturb_", "PLAIN", "ASAM", "FISHER_BATCH
 
 _ADAPTIVE_MODES = (False, True, "official", "fisher", "fisher_ema")
 MASK_KEY = "ssam_mask"  # SSAM-F: the packed mask of a parameter, in the optimizer state
+# Group keys of SAM and its variants that a plain base optimizer's state dict lacks.
+_GROUP_KEYS = ("rho", "adaptive", "eta", "perturb", "grad_norm_rho", "rho_max", "lr_max")
 _DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01, "fisher": 1.0, "fisher_ema": 1.0}
 
 
@@ -178,6 +181,7 @@ class SAM(torch.optim.Optimizer):
         # torch's Adam initialises a parameter's state only while it is empty. Saved in state_dict.
         self.sam_state: defaultdict = defaultdict(dict)
         self._micro_sums: dict[int, Tensor] = {}  # id(param) -> accumulated micro-batch gradient
+        self._constants: dict = {}  # (device, values) -> fp64 tensor: made once, no copy per step
         # What changes from step to step lives in one dict, changed item by item: torch.compile
         # keeps item writes of a compiled first_step/second_step, where it drops rebinding an
         # attribute of an Optimizer subclass (seen with torch 2.13). The step count is a tensor
@@ -194,11 +198,16 @@ class SAM(torch.optim.Optimizer):
         self.perturb_backends_used: dict[str, str] = {}
         self.interval, self.start_step = interval, start_step
         self.mask, self.sparsity, self.mask_every = mask, float(sparsity), mask_every
-        self.only_norm_layers = only_norm_layers
-        # SAM-ON: the ids of the parameters the ascent moves (None: all)
-        self._perturbed_ids = norm_layer_parameters(only_norm_layers, self.param_groups)
-        if isinstance(only_norm_layers, torch.nn.Module):
-            self.only_norm_layers = True  # the selection is kept; the module is not (copies, pickles)
+        # SAM-ON: the selection is each group's "perturb" entry (a bool per parameter), so it is
+        # saved with the groups and survives copies; the module (by type) is kept weakly, for
+        # groups added later.
+        self.only_norm_layers = only_norm_layers is not False and only_norm_layers is not None
+        self._norm_module = (
+            weakref.ref(only_norm_layers) if isinstance(only_norm_layers, torch.nn.Module) else None
+        )
+        for group in self.param_groups:
+            self._select_norm_layers(group, only_norm_layers)
+            _check_perturb(group)
         self._masks_from_step: Optional[int] = None  # SSAM-F: the step the masks were built at
 
     def __getstate__(self) -> dict:
@@ -208,11 +217,14 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "cannot copy or pickle SAM between first_step() and second_step(): the weights are perturbed"
             )
+        self._refuse_mid_accumulation("copy or pickle")
         state = dict(self.__dict__)
         for hooks in [key for key in state if key.startswith("_optimizer_") and key.endswith("_hooks")]:
             del state[hooks]  # as torch.optim.Optimizer: hooks are not part of a copy
         state["_saved"] = {}
         state["_micro_sums"] = {}
+        state["_norm_module"] = None  # a weak reference: the copy selects new groups by name
+        state["_constants"] = {}
         state["_run"] = {**self._run, "grad_scaler": None}
         return state
 
@@ -240,7 +252,22 @@ class SAM(torch.optim.Optimizer):
         _check_sam_group(settings)
         self._check_fisher_source(settings)
         super().add_param_group(param_group)
-        prepare(self.backend, self.param_groups[-1]["params"])
+        group = self.param_groups[-1]
+        if getattr(self, "only_norm_layers", False) and "perturb" not in param_group:
+            module = self._norm_module() if self._norm_module is not None else None
+            self._select_norm_layers(group, module if module is not None else True)
+        _check_perturb(group)
+        if getattr(self, "mask", None) is not None:
+            self._masks_from_step = None  # SSAM-F: the new parameters need masks too
+        prepare(self.backend, group["params"])
+
+    @staticmethod
+    def _select_norm_layers(group: dict, only_norm_layers) -> None:
+        """Set SAM-ON's per-parameter ``perturb`` of a group (a group's own ``perturb`` wins)."""
+        if only_norm_layers is False or only_norm_layers is None or "perturb" in group:
+            return
+        selected = norm_layer_parameters(only_norm_layers, [group])
+        group["perturb"] = [id(p) in selected for p in group["params"]]
 
     def _check_fisher_source(self, group: dict) -> None:
         if group["adaptive"] == "fisher_ema" and self.fisher_ema is None:
@@ -293,8 +320,9 @@ class SAM(torch.optim.Optimizer):
         first_pass = self._run.get("first_pass") or []
         return [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
 
-    def _ascent_plan(self) -> list:
-        """Check every group and gradient, then bucket the parameters that the ascent moves:
+    def _ascent_plan(self, selected_only: bool = True) -> list:
+        """Check every group and gradient, then bucket the parameters that the ascent moves
+        (``selected_only=False``: every parameter with a gradient):
         ``(group, device, dtype, bucket, backend, layout)`` per (group, device, dtype)."""
         plan = []
         any_grad = False
@@ -306,10 +334,12 @@ class SAM(torch.optim.Optimizer):
                 grad = p.grad
                 if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
                     _check_sam_param(p)  # raises, naming the problem
-            if not group.get("perturb", True):
+            perturb = group.get("perturb", True) if selected_only else True
+            if perturb is False:
                 continue
-            if self._perturbed_ids is not None:
-                params = [p for p in params if id(p) in self._perturbed_ids]
+            if perturb is not True:  # SAM-ON: one flag per parameter of the group
+                chosen = {id(p) for p, flag in zip(group["params"], perturb) if flag}
+                params = [p for p in params if id(p) in chosen]
             for (device, dtype, layout), bucket in _buckets(params).items():
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
@@ -406,10 +436,12 @@ class SAM(torch.optim.Optimizer):
             raise
         return perturbed, finite
 
-    def _fisher_from_grads(self, plan: list, grad_scaler) -> None:
-        """The running Fisher's update from ``.grad`` when an ascent follows another direction
-        (Friendly-SAM): per tensor, where the gradient is finite."""
-        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
+    def _fisher_from_grads(self, plan: list, grad_scale) -> None:
+        """The running Fisher's update from ``.grad`` where no ascent makes it (an ascent along
+        another direction, a step without one): per bucket, where the gradient is finite.
+        ``grad_scale``: the loss scale (a tensor) or a GradScaler."""
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            grad_scale = getattr(grad_scale, "_scale", None)
         for _, _, _, bucket, _, _ in plan:
             grads = [p.grad for p in bucket]
             finite = torch.isfinite(grad_sq_norm(grads, backend="foreach"))
@@ -465,6 +497,12 @@ class SAM(torch.optim.Optimizer):
                 f"{type(self).__name__} has no per-micro-batch accumulation (its state moves once per "
                 "step): accumulate the gradients of both passes over the micro-batches instead (the "
                 "global form; README, gradient accumulation)"
+            )
+        if accumulate and self.fisher_ema is not None:
+            raise NotImplementedError(
+                "second_step(accumulate=True) with fisher_ema: each micro-batch's first pass would update "
+                "the running Fisher (k times a step, with 1/k-scaled gradients); accumulate in both "
+                "passes instead (the global form)"
             )
         with torch.no_grad():  # a block, not @torch.no_grad(): see _run
             self._run["accumulate"] = bool(accumulate)
@@ -568,6 +606,22 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
+    def _constant(self, values: tuple, device: torch.device) -> Tensor:
+        """Fixed coefficients as an fp64 tensor on ``device``, made once: a host-to-device copy
+        per step would synchronise with the device."""
+        key = (device, values)
+        found = self._constants.get(key)
+        if found is None:
+            found = self._constants[key] = torch.tensor(values, dtype=torch.float64).to(device)
+        return found
+
+    def _refuse_mid_accumulation(self, what: str) -> None:
+        if self._run.get("micro_summed"):
+            raise RuntimeError(
+                f"{what} between micro-batches of second_step(accumulate=True): the summed gradient "
+                "is not part of a copy or a checkpoint; finish the step first"
+            )
+
     def _accumulate_micro_batch(self) -> None:
         """``sum <- sum + .grad`` (a micro-batch's perturbed gradient), restore, clear ``.grad``."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -612,6 +666,9 @@ class SAM(torch.optim.Optimizer):
         (the non-SAM steps of interval SAM, LookSAM's reuse steps); AMP and the non-finite skip as
         in ``second_step``."""
         with torch.no_grad():
+            if self.fisher_ema is not None:  # the running Fisher moves every step, as a cl_optim base's
+                plan = self._ascent_plan(selected_only=False)
+                self._fisher_from_grads(plan, getattr(self, "grad_scale", None))
             self._run["pending"] = []
             self._run["first_pass"] = None  # a variant's first-pass gradients belong to a SAM step
             self._run["pass1_nonfinite"] = None
@@ -633,6 +690,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the weights are perturbed"
             )
+        self._refuse_mid_accumulation("state_dict()")
         state = super().state_dict()
         state["sam"] = {"steps": self.steps}
         if self.mask is not None:
@@ -665,14 +723,19 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         state_dict = dict(state_dict)
         sam_state = state_dict.pop("sam", {})
+        # A plain base optimizer's state dict has none of SAM's group keys: keep the current ones.
+        kept = [{k: v for k, v in group.items() if k in _GROUP_KEYS} for group in self.param_groups]
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         keep_fp32_state(self, state_dict)
-        for group in self.param_groups:
+        for group, own in zip(self.param_groups, kept):
+            for key, value in own.items():
+                group.setdefault(key, value)
             for key in ("rho", "adaptive", "eta"):
                 group.setdefault(key, self.defaults[key])
             _check_sam_group(group)
+            _check_perturb(group)
             self._check_fisher_source(group)
         self._run["steps"].fill_(int(sam_state.get("steps", 0)))
         self._masks_from_step = sam_state.get("masks_from_step")
@@ -799,6 +862,22 @@ def _check_sam_group(group: dict) -> None:
         )
     if group["eta"] is not None and not 0.0 <= group["eta"] < math.inf:
         raise ValueError(f"Invalid eta: {group['eta']} (must be >= 0)")
+
+
+def _check_perturb(group: dict) -> None:
+    """A group's ``perturb``: a bool, or one bool per parameter (SAM-ON's selection)."""
+    perturb = group.get("perturb", True)
+    if isinstance(perturb, bool):
+        return
+    if (
+        not isinstance(perturb, (list, tuple))
+        or len(perturb) != len(group["params"])
+        or not all(isinstance(flag, bool) for flag in perturb)
+    ):
+        raise ValueError(
+            f"Invalid perturb: {perturb!r}; a bool or one bool per parameter of the group "
+            f"({len(group['params'])})"
+        )
 
 
 def _check_sam_param(p: Tensor) -> None:

@@ -35,7 +35,15 @@ _NORM_TYPES = tuple(
     )
     if t is not None
 )
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_BIT_WEIGHTS = {torch.device("cpu"): torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    """The 8 bit weights on ``device``, copied there once (a copy per call would synchronise)."""
+    found = _BIT_WEIGHTS.get(device)
+    if found is None:
+        found = _BIT_WEIGHTS[device] = _BIT_WEIGHTS[torch.device("cpu")].to(device)
+    return found
 
 
 def norm_layer_parameters(
@@ -96,7 +104,7 @@ def fisher_keep_mask(scores: list[Tensor], sparsity: float) -> list[Tensor]:
 def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
     """The boolean mask of ``shape`` from its packed bytes."""
     numel = shape.numel()
-    bits = packed.to(torch.uint8).unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)) != 0
+    bits = packed.to(torch.uint8).unsqueeze(1).bitwise_and(_bit_weights(packed.device)) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
 
 
@@ -127,4 +135,4 @@ def _kth_largest_bits(flat: list[Tensor], k: int) -> int:
 def _pack(mask: Tensor) -> Tensor:
     padded = torch.zeros((mask.numel() + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
     padded[: mask.numel()] = mask.reshape(-1)
-    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
+    return (padded.view(-1, 8) * _bit_weights(mask.device)).sum(1, dtype=torch.uint8)

@@ -91,7 +91,7 @@ class WSAM(SAM):
         if not self.decouple:  # g1 + a (g2 - g1), into .grad
             weighted_sum(
                 [kept, grads],
-                torch.tensor([1.0 - a, a], dtype=torch.float64, device=home),
+                self._constant((1.0 - a, a), home),
                 out=grads,
                 backend=self.backend,
             )
@@ -99,13 +99,13 @@ class WSAM(SAM):
         # kept <- g2 - g1 (the sharpness direction); .grad <- g2 - (g2 - g1) = g1, the base's gradient.
         weighted_sum(
             [kept, grads],
-            torch.tensor([-1.0, 1.0], dtype=torch.float64, device=home),
+            self._constant((-1.0, 1.0), home),
             out=kept,
             backend=self.backend,
         )
         weighted_sum(
             [kept],
-            torch.tensor([-1.0], dtype=torch.float64, device=home),
+            self._constant((-1.0,), home),
             out=grads,
             accumulate=True,
             backend=self.backend,

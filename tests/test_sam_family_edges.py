@@ -1,0 +1,347 @@
+"""Edges of the SAM family that an independent review of the change found broken (each test
+failed before its fix): state poisoned by one overflow, gates fed the scaled norm, parameters left
+perturbed, selections lost by copies and plain checkpoints, options accepted and ignored."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cl_optim
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 2)
+
+
+X, Y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2)
+
+
+def _closure(model, opt, calls=None):
+    def closure():
+        if calls is not None:
+            calls[0] += 1
+        opt.zero_grad()
+        loss = F.mse_loss(model(X), Y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _scaler(scale=2.0**10):
+    return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10_000)
+
+
+def test_friendly_sam_survives_one_overflow():
+    model = _model()
+    opt = cl_optim.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    closure = _closure(model, opt)
+    skipped = []
+    for step in range(6):
+        closure()
+        if step == 2:
+            model.weight.grad[0, 0] = float("inf")
+        opt.step(closure)
+        skipped.append(bool(opt.last_step_skipped))
+        assert torch.isfinite(opt.sam_state[model.weight]["fsam_momentum"]).all()
+    assert skipped == [False, False, True, False, False, False]
+
+
+def test_friendly_sam_refused_first_step_leaves_its_mean():
+    model = _model()
+    opt = cl_optim.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    closure = _closure(model, opt)
+    closure()
+    opt.step(closure)
+    mean = opt.sam_state[model.weight]["fsam_momentum"].clone()
+    closure()
+    opt.param_groups[0]["rho"] = -1.0
+    with pytest.raises(ValueError, match="nothing was changed"):
+        opt.first_step()
+    assert torch.equal(opt.sam_state[model.weight]["fsam_momentum"], mean)
+
+
+def test_cflat_plus_survives_a_nonfinite_norm_and_refuses_a_nonfinite_a():
+    model = _model()
+    opt = cl_optim.CFlat(
+        model.parameters(), torch.optim.SGD, rho=0.2, strategy="plus", A=0.0, cof=1.0, lr=0.01
+    )
+    closure = _closure(model, opt)
+    for step in range(6):
+        closure()
+        if step == 2:
+            model.weight.grad[0, 0] = float("inf")
+        opt.step(closure)
+        assert torch.isfinite(torch.tensor(opt.trigger["A"]))
+    state = opt.state_dict()
+    state["sam"]["cflat_A"] = float("nan")
+    with pytest.raises(ValueError, match="finite A"):
+        opt.load_state_dict(state)
+
+
+def test_cflat_plus_gate_in_the_amp_recipe_uses_the_unscaled_norm():
+    """The gate is decided in first_step, on the norm of the unscaled gradient."""
+    probe = _model()
+    grads = torch.autograd.grad(F.mse_loss(probe(X), Y), list(probe.parameters()))
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    for a, expect_calls in ((1e6, 0), (float(norm) * 0.5, 3)):
+        model = _model()
+        opt = cl_optim.CFlat(model.parameters(), torch.optim.SGD, strategy="plus", A=a, k=0.0, t0=0, cof=0.0,
+                             lr=0.01)  # fmt: skip
+        scaler = _scaler()
+        calls = [0]
+
+        def closure(calls=calls, opt=opt, model=model, scaler=scaler):
+            calls[0] += 1
+            opt.zero_grad()
+            loss = F.mse_loss(model(X), Y)
+            scaler.scale(loss).backward()
+            return loss
+
+        scaler.scale(F.mse_loss(model(X), Y)).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        opt.step(closure)
+        scaler.update()
+        # E = A/2 - ||g||: gated (0 calls) for a large A, open (3 calls) for A/2 below ||g|| —
+        # with the scaled norm (1024 ||g||) the second would be open for any A up to 2048 ||g||.
+        assert calls[0] == expect_calls
+        assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # stepped either way
+
+
+@pytest.mark.parametrize("cls", [cl_optim.GAM, cl_optim.CFlat])
+def test_a_parameter_that_gets_a_gradient_only_in_a_later_pass_is_never_left_perturbed(cls):
+    class Net(torch.nn.Module):  # block b joins every other forward (stochastic depth)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.head, self.calls = (
+                torch.nn.Linear(4, 4),
+                torch.nn.Linear(4, 4),
+                torch.nn.Linear(4, 2),
+                0,
+            )
+
+        def forward(self, x):
+            self.calls += 1
+            h = torch.tanh(self.a(x))
+            if self.calls % 2 == 0:
+                h = h + torch.tanh(self.b(h))
+            return self.head(h)
+
+    model = Net()
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0)  # lr 0: nothing may move
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    closure = _closure(model, opt)
+    closure()
+    opt.step(closure)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_a_plain_base_state_dict_keeps_the_family_group_settings():
+    model = _model()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.mse_loss(model(X), Y).backward()
+    plain.step()
+    saved = plain.state_dict()
+    for make in (
+        lambda: cl_optim.GAM(model.parameters(), torch.optim.SGD, grad_norm_rho=0.3, lr=0.1, momentum=0.9),
+        lambda: cl_optim.CFlat(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9),
+        lambda: cl_optim.GSAM(model.parameters(), torch.optim.SGD, rho_min=0.01, lr=0.1, momentum=0.9),
+    ):
+        opt = make()
+        opt.load_state_dict(copy.deepcopy(saved))
+        closure = _closure(model, opt)
+        closure()
+        opt.step(closure)  # KeyError 'grad_norm_rho' / 'lr_max' before
+    body, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    opt = cl_optim.SAM([{"params": body.parameters(), "perturb": False}, {"params": head.parameters()}],
+                       torch.optim.SGD, lr=0.1)  # fmt: skip
+    plain = torch.optim.SGD([{"params": body.parameters()}, {"params": head.parameters()}], lr=0.1)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["perturb"] is False
+
+
+def test_gsam_rho_schedule_covers_groups_added_later():
+    model, head = _model(), torch.nn.Linear(2, 2)
+    opt = cl_optim.GSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho_min=0.02, lr=0.4)
+    opt.add_param_group({"params": head.parameters(), "lr": 0.2})
+    assert opt.param_groups[1]["lr_max"] == 0.2 and opt.param_groups[1]["rho_max"] == 0.2
+    with pytest.raises(ValueError, match="lr_max > lr_min"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": 0.0})
+    assert len(opt.param_groups) == 2
+
+
+def _perturbed(opt):
+    return [[bool(f) for f in group.get("perturb", [True] * len(group["params"]))] if group.get("perturb", True)
+            is not True else [True] * len(group["params"]) for group in opt.param_groups]  # fmt: skip
+
+
+def test_sam_on_selection_survives_copies_pickles_and_new_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = cl_optim.SAM(model.parameters(), torch.optim.SGD, only_norm_layers=model, lr=0.1)
+    expected = [[False, False, True, True]]
+    assert _perturbed(opt) == expected
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert _perturbed(opt2) == expected
+    buffer = io.BytesIO()
+    torch.save((model, opt), buffer)
+    buffer.seek(0)
+    _, opt3 = torch.load(buffer, weights_only=False)
+    assert _perturbed(opt3) == expected
+    assert pickle.loads(pickle.dumps(opt))._norm_module is None
+    head = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LayerNorm(2))
+    model.add_module("head", head)
+    opt.add_param_group({"params": head.parameters()})
+    assert _perturbed(opt)[1] == [False, False, True, True]
+    named = torch.nn.Sequential()
+    named.add_module("norm", torch.nn.LayerNorm(2))
+    by_name = cl_optim.SAM(list(torch.nn.Linear(2, 2).named_parameters()), torch.optim.SGD, only_norm_layers=True,
+                           lr=0.1)  # fmt: skip
+    by_name.add_param_group({"params": [p for _, p in named.named_parameters(prefix="head.norm")],
+                             "param_names": [n for n, _ in named.named_parameters(prefix="head")]})  # fmt: skip
+    assert _perturbed(by_name) == [[False, False], [True, True]]
+
+
+def test_msam_changing_rho_between_the_moves_does_not_move_theta():
+    model = _model()
+    opt = cl_optim.MSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        _closure(model, opt)()
+        opt.step()
+    opt.move_back()
+    theta = model.weight.detach().clone()
+    opt.move_forward()
+    opt.param_groups[0]["rho"] = 0.0
+    opt.move_back()
+    torch.testing.assert_close(model.weight.detach(), theta, rtol=1e-6, atol=1e-7)
+    assert not opt.at_ascent
+
+
+def test_options_a_variant_cannot_honour_are_refused():
+    m = _model()
+    for kwargs in (
+        dict(interval=2),
+        dict(start_step=3),
+        dict(only_norm_layers=True),
+        dict(mask="fisher", fisher_ema=0.9),
+    ):
+        with pytest.raises(TypeError, match="MSAM takes no"):
+            cl_optim.MSAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
+    with pytest.raises(ValueError, match="perturb"):
+        cl_optim.MSAM([{"params": m.parameters(), "perturb": False}], torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="RWP takes no mask"):
+        cl_optim.RWP(m.parameters(), torch.optim.SGD, mask="fisher", fisher_ema=0.9, lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [cl_optim.RWP, cl_optim.MSAM])
+def test_fisher_ema_is_kept_by_variants_without_an_ascent(cls):
+    model = _model()
+    opt = cls(model.parameters(), torch.optim.SGD, fisher_ema=0.9, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        closure = _closure(model, opt)
+        closure()
+        opt.step(closure) if cls is cl_optim.RWP else opt.step()
+    fisher = opt.running_fisher()
+    assert set(fisher) == set(model.parameters()) and all(bool(f.gt(0).any()) for f in fisher.values())
+
+
+def test_looksam_layerwise_builds_the_ssam_masks():
+    model = _model()
+    opt = cl_optim.LookSAM(model.parameters(), torch.optim.SGD, layerwise=True, k=1, mask="fisher", fisher_ema=0.9,
+                           sparsity=0.5, lr=0.1)  # fmt: skip
+    for _ in range(2):
+        closure = _closure(model, opt)
+        closure()
+        opt.step(closure)
+    assert all("ssam_mask" in opt.sam_state[p] for p in model.parameters())
+
+
+def test_gam_batch_fisher_metric_does_not_depend_on_the_loss_scale():
+    runs = []
+    for scaled in (False, True):
+        model = _model()
+        opt = cl_optim.GAM(model.parameters(), torch.optim.SGD, adaptive="fisher", eta=10.0, lr=0.1)
+        scaler = _scaler(2.0**12) if scaled else None
+        for _ in range(3):
+
+            def closure(opt=opt, model=model, scaler=scaler, scaled=scaled):
+                opt.zero_grad()
+                loss = F.mse_loss(model(X), Y)
+                (scaler.scale(loss) if scaled else loss).backward()
+                return loss
+
+            closure()
+            if scaled:
+                opt.first_step(zero_grad=True, grad_scaler=scaler)
+                opt.step(closure)
+                scaler.update()
+            else:
+                opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_running_fisher_moves_on_steps_without_an_ascent():
+    """Before start_step SAM is plain SGD: its running Fisher equals cl_optim.SGD's."""
+    a, b = _model(), _model()
+    sam = cl_optim.SAM(a.parameters(), cl_optim.SGD, start_step=100, fisher_ema=0.9, lr=0.1)
+    sgd = cl_optim.SGD(b.parameters(), fisher_ema=0.9, lr=0.1)
+    for _ in range(4):
+        for model, opt in ((a, sam), (b, sgd)):
+            closure = _closure(model, opt)
+            closure()
+            opt.step(closure) if opt is sam else opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(sam.running_fisher()[p], sgd.running_fisher()[q])
+
+
+def test_accumulation_guards():
+    model = _model()
+    opt = cl_optim.SAM(model.parameters(), torch.optim.SGD, fisher_ema=0.9, lr=0.1)
+    _closure(model, opt)()
+    opt.first_step(zero_grad=True)
+    _closure(model, opt)()
+    with pytest.raises(NotImplementedError, match="fisher_ema"):
+        opt.second_step(accumulate=True)
+    opt.second_step()
+    opt = cl_optim.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    _closure(model, opt)()
+    opt.first_step(zero_grad=True)
+    _closure(model, opt)()
+    opt.second_step(accumulate=True)
+    for attempt in (lambda: copy.deepcopy(opt), opt.state_dict, lambda: pickle.dumps(opt)):
+        with pytest.raises(RuntimeError, match="micro-batches"):
+            attempt()
+
+
+def test_ssam_masks_cover_a_group_added_later():
+    model, head = _model(), torch.nn.Linear(2, 3)
+    opt = cl_optim.SAM(
+        model.parameters(), torch.optim.SGD, mask="fisher", fisher_ema=0.9, sparsity=0.9, lr=0.1
+    )
+    for _ in range(2):
+        closure = _closure(model, opt)
+        closure()
+        opt.step(closure)
+    opt.add_param_group({"params": head.parameters()})
+
+    def closure():
+        opt.zero_grad()
+        loss = head(model(X)).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        closure()
+        opt.step(closure)
+    assert all("ssam_mask" in opt.sam_state[p] for p in head.parameters())
