@@ -54,6 +54,15 @@ def grads_of(params: list[Tensor], what: str) -> list[Tensor]:
     return [p.grad for p in params]
 
 
+def known_on_host(flag: Tensor) -> Optional[bool]:
+    """A device flag's value where reading it costs nothing (a CPU tensor), else None: the
+    caller then selects on the device instead of branching (no synchronisation). Under
+    ``torch.compile`` always None: a data-dependent branch would break the graph."""
+    if flag.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return bool(flag)
+
+
 def norm_of(gram: Tensor, i: int) -> Tensor:
     """``||g_i||`` from a Gram matrix (fp64, clamped at 0 against rounding)."""
     return gram[i, i].clamp_min(0).sqrt()

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._sam_family import graded, refuse_dtensor, unscale_factor
+from ._sam_family import graded, known_on_host, refuse_dtensor, unscale_factor
 from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM, _buckets, kept_buffers
 
@@ -118,11 +118,15 @@ class FriendlySAM(SAM):
         return directions, seen
 
     def _update_means(self, seen: list[Tensor], inv_scale, finite: Tensor) -> None:
-        """``m <- lmbda m + (1 - lmbda) g / S`` where the first-pass gradient is finite, formed in
-        the buffer of ``d`` (spent by the ascent) and selected in place."""
+        """``m <- lmbda m + (1 - lmbda) g / S`` where the first-pass gradient is finite: in place
+        when the flag is free to read (CPU); on an accelerator formed in the buffer of ``d``
+        (spent by the ascent) and selected in place, without a synchronisation."""
+        on_host = known_on_host(finite)
+        if on_host is False:
+            return
         for (device, dtype, _), bucket in _buckets(seen).items():
             momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
-            out = kept_buffers(self._directions, bucket, device, dtype)
+            out = momenta if on_host else kept_buffers(self._directions, bucket, device, dtype)
             inverse = (
                 torch.ones((), dtype=torch.float64, device=device)
                 if inv_scale is None
@@ -131,9 +135,10 @@ class FriendlySAM(SAM):
             weighted_sum([momenta, [p.grad for p in bucket]],
                          torch.stack([torch.full_like(inverse, self.lmbda), (1 - self.lmbda) * inverse]),
                          out=out, backend=self.backend)  # fmt: skip
-            flag = finite.to(device)
-            for m, new in zip(momenta, out):
-                torch.where(flag, new, m, out=m)
+            if not on_host:
+                flag = finite.to(device)
+                for m, new in zip(momenta, out):
+                    torch.where(flag, new, m, out=m)
 
     @staticmethod
     def _loss_scale(inv_scale, device) -> Tensor:

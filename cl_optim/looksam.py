@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._sam_family import graded, keep_grads, norm_of, refuse_dtensor
+from ._sam_family import graded, keep_grads, known_on_host, norm_of, refuse_dtensor
 from .multitask.aggregators import gram_unchecked as gram  # aligned by construction
 from .multitask.aggregators import weighted_sum_unchecked as weighted_sum
 from .sam import SAM
@@ -132,10 +132,15 @@ class LookSAM(SAM):
             pair = [[first[i] for i in index], [second[i] for i in index]]
             g = gram(pair, backend=self.backend)
             coefficients = torch.stack([-g[0, 1] / (g[0, 0] + self.perturb_eps), torch.ones_like(g[0, 1])])
-            weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)  # into g's dead buffer
             # A non-finite pass (the step is skipped) keeps the last g_v: a NaN one would make every
             # later reuse step non-finite too. The Gram is finite exactly when both gradients are.
             finite = torch.isfinite(g).all()
+            on_host = known_on_host(finite)  # CPU: branch for free; else select on the device
+            if on_host is not None:
+                if on_host:
+                    weighted_sum(pair, coefficients, out=[g_v[i] for i in index], backend=self.backend)
+                continue
+            weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)  # into g's dead buffer
             for i in index:  # in place: no temporary per parameter
                 torch.where(finite.to(g_v[i].device), first[i], g_v[i], out=g_v[i])
 

@@ -39,7 +39,20 @@ def _scaler(scale=2.0**10):
     return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10_000)
 
 
-def test_friendly_sam_survives_one_overflow():
+@pytest.fixture(params=["host", "device"])
+def flag_reads(request, monkeypatch):
+    """Both ways a variant treats a device flag: read on the host where that is free (CPU), or
+    selected on the device without a read (an accelerator's path, forced here on the CPU)."""
+    if request.param == "device":
+        import cl_optim.friendly_sam
+        import cl_optim.looksam
+
+        for module in (cl_optim.friendly_sam, cl_optim.looksam):
+            monkeypatch.setattr(module, "known_on_host", lambda flag: None)
+    return request.param
+
+
+def test_friendly_sam_survives_one_overflow(flag_reads):
     model = _model()
     opt = cl_optim.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     closure = _closure(model, opt)
@@ -345,3 +358,16 @@ def test_ssam_masks_cover_a_group_added_later():
         closure()
         opt.step(closure)
     assert all("ssam_mask" in opt.sam_state[p] for p in head.parameters())
+
+
+def test_looksam_keeps_its_direction_through_a_nonfinite_pass(flag_reads):
+    model = _model()
+    opt = cl_optim.LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.1)
+    closure = _closure(model, opt)
+    for step in range(6):
+        closure()
+        if step == 2:  # a SAM step
+            model.weight.grad[0, 0] = float("nan")
+        opt.step(closure)
+        assert torch.isfinite(opt.sam_state[model.weight]["looksam_gv"]).all()
+        assert bool(opt.last_step_skipped) == (step == 2)
