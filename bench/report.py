@@ -26,6 +26,14 @@ MAIN_BASELINE = {
     "sgd_ewc": "autograd_penalty",
     "fisher_empirical": "loop_bs1",
     "fisher_exact": "loop_bs1",
+    # The SAM variants (bench_sam_family.py): the library that implements the same rule. INFTY's
+    # LookSAM skips its correction (less work, not the algorithm); MSAM and RWP have no comparator.
+    "gsam_adamw": "pytorch_optimizer",
+    "wsam_adamw": "pytorch_optimizer",
+    "looksam_adamw_k5": "pytorch_optimizer",
+    "fsam_adamw": "pytorch_optimizer",
+    "gam_adamw": "infty",
+    "cflat_adamw": "infty",
 }
 
 
@@ -49,7 +57,8 @@ def markdown(csv_path: Path) -> str:
             continue
         base = MAIN_BASELINE.get(op)
         keys = [key for key in table if key[0] == op]
-        any_row = next(iter(table[keys[0]].values()))
+        # the header names the newest run of the op (older rows of other sets may remain)
+        any_row = max((row for key in keys for row in table[key].values()), key=lambda row: row["timestamp"])
         lines.append(
             f"**{op}** — {any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
             f"({any_row['git_sha']}, {any_row['timestamp'][:10]})\n"
