@@ -44,7 +44,8 @@ from torch import nn
 
 import cl_optim
 
-METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc", "large_lr")
+METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
+           "large_lr")  # fmt: skip
 # The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
 SAM_FAMILY = {
     "sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
