@@ -262,12 +262,15 @@ def _infty(cls, args, repeat=1):
     return provider if cls is not None else None
 
 
+WRITTEN = "written_combination"  # an `also` option: the provider without the COMBINE term
+
 VARIANTS = {
     "gsam": Variant(
         36, 2,
         lambda params, backend: cl_optim.GSAM(params, cl_optim.AdamW, rho=0.05, alpha=0.4, backend=backend, **ADAMW),
         _po_gsam,
         _infty(InftyGSAM, {"rho": 0.05, "alpha": 0.4}),
+        also={"written": {WRITTEN: True}},
     ),
     "wsam": Variant(
         28, 2,
@@ -282,7 +285,8 @@ VARIANTS = {
         _po_looksam,
         _infty(InftyLookSAM, {"rho": 0.05, "k": LOOKSAM_K, "alpha": 0.7}, repeat=LOOKSAM_K),
         iterations=LOOKSAM_K,
-        also={"layerwise": {"layerwise": True}},  # per-tensor norms, as pytorch_optimizer and INFTY
+        # per-tensor norms, as pytorch_optimizer and INFTY; the combination written into .grad
+        also={"layerwise": {"layerwise": True}, "written": {WRITTEN: True}},
     ),
     "fsam": Variant(
         32, 2,
@@ -299,6 +303,7 @@ VARIANTS = {
                                              **ADAMW),
         infty=_infty(InftyGAM, {"rho": 0.02, "norm_rho": 0.2, "grad_beta_1": 0.6, "grad_beta_2": 0.5,
                                 "grad_beta_3": 0.4, "grad_gamma": 0.03}),
+        also={"written": {WRITTEN: True}},
     ),
     "cflat": Variant(
         84, 4,
@@ -312,7 +317,10 @@ VARIANTS = {
 
 
 def _ours(variant: Variant, params, feed, backend, **options):
+    written = options.pop(WRITTEN, False)
     opt = variant.ours(params, backend, **options)
+    if written:  # the final combination written into .grad, then the update reads it (no COMBINE)
+        opt._FUSE_COMBINATION = False
     if isinstance(opt, cl_optim.MSAM):
         return lambda: (feed(), opt.step())  # no second pass: the gradient at the perturbed point
 
@@ -337,6 +345,8 @@ def family_cases(args) -> list[Case]:
     for set_name in [s for s in args.sets if s in SETS]:
         shapes = PARAM_SETS[set_name](args.quick)
         for name, variant in VARIANTS.items():
+            if name not in getattr(args, "variants", VARIANTS):
+                continue
             providers = {}
             for provider, make in (
                 ("pytorch_optimizer", variant.pytorch_optimizer),
@@ -387,7 +397,9 @@ def paired(cases: list[Case], args) -> list:
     for case in cases:
         if ours not in case.providers:
             continue
-        for base in [b for b in case.baselines if b in case.providers]:
+        written = f"{ours}_written"  # what the COMBINE term saves: the same optimizer without it
+        others = [b for b in case.baselines if b in case.providers]
+        for base in others + ([written] if written in case.providers else []):
             ratios = paired_ratios(case.providers[ours](), case.providers[base](), args.device, rounds)
             q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
             median = statistics.median(ratios)
@@ -403,8 +415,13 @@ def paired(cases: list[Case], args) -> list:
     return append_rows(args.csv, out)
 
 
+def _options(parser) -> None:
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the variants to run (all by default)")  # fmt: skip
+
+
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, extra=_options)
     cases = family_cases(args)
     rows = run(
         cases, args.device, args.csv, "bench_sam_family: one iteration of each SAM variant, optimizer side"

@@ -409,12 +409,15 @@ def append_rows(csv_path: Path, rows: list) -> list:
     return rows
 
 
-def parse_args(description: str, argv=None):
+def parse_args(description: str, argv=None, extra: Optional[Callable] = None):
+    """The common options; ``extra(parser)`` adds a script's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smaller sets and fewer cases (under a minute)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     return args

@@ -147,8 +147,9 @@ class OpInputs:
 
 
 def check_step_terms(in_: OpInputs, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
-                     found_inf, clip_coef) -> None:  # fmt: skip
+                     found_inf, clip_coef, combine_from=None, combine_coef=None) -> None:  # fmt: skip
     in_.aligned("restore_from", restore_from, LIKE, optional=True, written=False)
+    check_combine(in_, combine_from, combine_coef)
     in_.aligned("fisher", fisher, FP32, optional=True, written=True)
     in_.aligned("ewc_precision", ewc_precision, FP32, optional=True, written=False, absent_ok=True)
     in_.aligned("ewc_anchor", ewc_anchor, FP32, optional=True, written=False, absent_ok=True)
@@ -163,6 +164,39 @@ def check_step_terms(in_: OpInputs, restore_from, fisher, ewc_precision, ewc_anc
     in_.scalar("grad_scale", grad_scale)
     in_.scalar("found_inf", found_inf)
     in_.scalar("clip_coef", clip_coef)
+
+
+def check_combine(in_: OpInputs, combine_from, combine_coef) -> None:
+    """COMBINE: ``combine_coef`` a dense 1-D floating-point tensor of ``K + 1`` entries on the
+    lead's device, ``combine_from`` ``K`` lists aligned with the lead (source-major); both absent
+    switch the term off."""
+    sources = list(combine_from) if combine_from else []
+    if combine_coef is None:
+        if sources:
+            raise RuntimeError(f"{in_.op}: combine_from has {len(sources)} entries but combine_coef is None")
+        return
+    if not isinstance(combine_coef, Tensor) or combine_coef.dim() != 1:
+        got = tuple(combine_coef.shape) if isinstance(combine_coef, Tensor) else type(combine_coef).__name__
+        raise RuntimeError(f"{in_.op}: combine_coef must be a 1-D tensor (K + 1 coefficients), got {got}")
+    if not combine_coef.dtype.is_floating_point or combine_coef.layout != torch.strided:
+        raise RuntimeError(
+            f"{in_.op}: combine_coef must be a dense floating-point tensor, got {combine_coef.dtype}"
+        )
+    k = combine_coef.numel() - 1
+    if k < 0:
+        raise RuntimeError(f"{in_.op}: combine_coef is empty (it needs K + 1 coefficients)")
+    if len(sources) != k * in_.n:
+        raise RuntimeError(
+            f"{in_.op}: combine_from has {len(sources)} entries for {k} sources of {in_.n} {in_.lead_name} "
+            "(source-major, K*n; K = len(combine_coef) - 1)"
+        )
+    for j in range(k):
+        in_.aligned(f"combine_from (source {j + 1})", sources[j * in_.n : (j + 1) * in_.n], LIKE,
+                    optional=False, written=False)  # fmt: skip
+    if in_.n and combine_coef.device != in_.device:
+        raise RuntimeError(
+            f"{in_.op}: combine_coef is on {combine_coef.device}, {in_.lead_name}[0] on {in_.device}"
+        )
 
 
 def check_sam_weights(in_: OpInputs, weighted, params, fisher) -> None:
@@ -187,22 +221,22 @@ def check_sam_weights(in_: OpInputs, weighted, params, fisher) -> None:
 
 
 def check_sgd_step_(params, grads, momentum_buffers, buffer_ready, restore_from, fisher, ewc_precision,
-                    ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, **limits) -> OpInputs:  # fmt: skip
+                    ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, combine_from=None, combine_coef=None,
+                    **limits) -> OpInputs:  # fmt: skip
     in_ = OpInputs("sgd_step_", "params", params, written=True, **limits)
     in_.aligned("grads", grads, LIKE, optional=False, written=False)
     # None: a buffer the Python backends start from the gradient (the C++ ops take buffer_ready).
     in_.aligned("momentum_buffers", momentum_buffers, LIKE, optional=True, written=True, absent_ok=True)
     if momentum_buffers and buffer_ready is not None:
         in_.count("buffer_ready", len(buffer_ready), optional=False)
-    check_step_terms(
-        in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef
-    )
+    check_step_terms(in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf,
+                     clip_coef, combine_from, combine_coef)  # fmt: skip
     return in_
 
 
 def check_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, restore_from, fisher,
-                      ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef,
-                      steps_on_lead_device: bool = False, **limits) -> OpInputs:  # fmt: skip
+                      ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, combine_from=None,
+                      combine_coef=None, steps_on_lead_device: bool = False, **limits) -> OpInputs:  # fmt: skip
     in_ = OpInputs("adamw_step_", "params", params, written=True, **limits)
     in_.aligned("grads", grads, LIKE, optional=False, written=False)
     in_.aligned("exp_avgs", exp_avgs, LIKE, optional=False, written=True)
@@ -221,9 +255,8 @@ def check_adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
                 f"adamw_step_: steps[{i}] is {s.dtype} on {s.device}; the kernels count steps in fp32 on the "
                 f"parameters' device ({in_.device})"
             )
-    check_step_terms(
-        in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef
-    )
+    check_step_terms(in_, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf,
+                     clip_coef, combine_from, combine_coef)  # fmt: skip
     return in_
 
 

@@ -269,8 +269,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
         skip_nonfinite: bool = False,
+        combine: Optional[tuple[dict, Tensor]] = None,
     ) -> Optional[Tensor]:
         """One step with the RESTORE term, AMP and a skip flag; returns the skip flag it used.
+
+        ``combine``: ``(sources, coefficients)``, the COMBINE term (a SAM variant's final
+        combination, read by the update instead of written into ``.grad`` first): ``sources``
+        maps ``id(param)`` to its ``K`` source tensors, ``coefficients`` holds ``K + 1`` values on
+        the device, the first for ``.grad``; a parameter not in ``sources`` is updated with its
+        ``.grad`` as it is.
 
         ``restore`` maps ``id(param)`` to its save buffer (ids: hashing tensors is a Python call
         per lookup, which adds up over thousands of small tensors).
@@ -313,13 +320,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         # replaced parameter) and the running Fisher (which refuses one of another shape).
         restored = 0  # parameters of `restore` that the buckets restore
         prepared = []
+        sources, coefficients = combine if combine is not None else (None, None)
         for group, whole_bucket, backend in plan:
             device = whole_bucket[0].device
-            for bucket, saves in _split_by_restore(whole_bucket, restore):
+            for bucket, saves, combined in _split_by_terms(whole_bucket, restore, sources):
                 restored += 0 if saves is None else len(saves)
-                prepared.append(
-                    (group, bucket, backend, self._terms_of(bucket, saves, grad_scale, found_inf, device))
-                )
+                terms = self._terms_of(bucket, saves, grad_scale, found_inf, device)
+                if combined:
+                    k = len(sources[id(bucket[0])])
+                    terms.combine_from = [[sources[id(p)][j] for p in bucket] for j in range(k)]
+                    terms.combine_coef = coefficients.to(device)
+                prepared.append((group, bucket, backend, terms))
         for group, bucket, backend, terms in prepared:
             self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
             sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
@@ -359,20 +370,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise state_shape_error(key, value, p)
 
 
-def _split_by_restore(bucket: list[Tensor], restore: Optional[dict]) -> list[tuple]:
-    """``(parameters, their save buffers or None)``: a bucket whose parameters were all perturbed
-    (or none, or no restore at all) stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers) is
-    stepped as two calls rather than with a copy of each unperturbed parameter as its own save."""
-    if restore is None:
-        return [(bucket, None)]
-    saves = [restore.get(id(p)) for p in bucket]
-    if all(save is not None for save in saves):
-        return [(bucket, saves)]
-    if all(save is None for save in saves):
-        return [(bucket, None)]
-    moved = [i for i, save in enumerate(saves) if save is not None]
-    kept = [i for i, save in enumerate(saves) if save is None]
-    return [([bucket[i] for i in moved], [saves[i] for i in moved]), ([bucket[i] for i in kept], None)]
+def _split_by_terms(bucket: list[Tensor], restore: Optional[dict], sources: Optional[dict]) -> list[tuple]:
+    """``(parameters, their save buffers or None, combined)``: a bucket whose parameters all have
+    a save buffer (or none does, or there is no restore at all), and all or none COMBINE sources,
+    stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers, a parameter without a first-pass
+    gradient) is stepped as up to four calls rather than with a copy of each unperturbed parameter
+    as its own save."""
+    saves = [None] * len(bucket) if restore is None else [restore.get(id(p)) for p in bucket]
+    combined = [False] * len(bucket) if sources is None else [id(p) in sources for p in bucket]
+    keys = list(zip((save is not None for save in saves), combined))
+    if all(key == keys[0] for key in keys):
+        has_save, is_combined = keys[0]
+        return [(bucket, saves if has_save else None, is_combined)]
+    out = []
+    for key in dict.fromkeys(keys):
+        index = [i for i, k in enumerate(keys) if k == key]
+        out.append(([bucket[i] for i in index], [saves[i] for i in index] if key[0] else None, key[1]))
+    return out
 
 
 def _check_param(p: Tensor) -> None:

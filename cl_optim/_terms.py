@@ -3,6 +3,8 @@
 A step of ``cl_optim.SGD`` / ``cl_optim.AdamW`` runs, per element and in fp32 whatever the
 parameter dtype, in this order:
 
+0. COMBINE     ``g <- c_0*g + c_1*x_1 + ... + c_K*x_K``, rounded to the gradient's dtype (the SAM
+               variants' final combination, read here instead of written into ``.grad`` first)
 1. RESTORE     ``p <- save``                      (SAM: back to the unperturbed weights)
 2. AMP         ``g <- g / grad_scale``; the update is skipped when ``found_inf`` is non-zero
 3. FISHER_EMA  ``F <- beta*F + (1-beta)*g**2``    (the task gradient, before clipping and EWC)
@@ -45,6 +47,8 @@ class StepTerms:
     ewc_precision: Optional[list[Optional[Tensor]]] = None  # EWC: A, fp32; None = no term there
     ewc_anchor: Optional[list[Optional[Tensor]]] = None  # EWC: mu, fp32
     ewc_lam: Union[float, list[float]] = 0.0  # EWC: lambda, one value or one per tensor
+    combine_from: Optional[list[list[Tensor]]] = None  # COMBINE: K source lists, each aligned
+    combine_coef: Optional[Tensor] = None  # COMBINE: K + 1 coefficients (fp64), the first for .grad
 
     _LISTS = ("restore_from", "fisher", "ewc_precision", "ewc_anchor")
 
@@ -54,6 +58,8 @@ class StepTerms:
         for name in self._LISTS:
             if picked[name] is not None:
                 picked[name] = [picked[name][i] for i in index]
+        if self.combine_from is not None:
+            picked["combine_from"] = [[source[i] for i in index] for source in self.combine_from]
         if isinstance(self.ewc_lam, list):
             picked["ewc_lam"] = [self.ewc_lam[i] for i in index]
         return StepTerms(**picked)
@@ -65,12 +71,14 @@ class StepTerms:
         picked = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in self._LISTS:
             picked[name] = local_list(picked[name])
+        if self.combine_from is not None:
+            picked["combine_from"] = [local_list(source) for source in self.combine_from]
         return StepTerms(**picked)
 
     def to(self, device: torch.device) -> StepTerms:
         """Move the device scalars next to the parameters they act on."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("grad_scale", "found_inf", "clip_coef"):
+        for name in ("grad_scale", "found_inf", "clip_coef", "combine_coef"):
             if moved[name] is not None:
                 # Non-blocking only towards an accelerator: a CPU kernel (or skip_update) reads the
                 # value on the host right away, before a non-blocking copy from the GPU has landed.
@@ -104,7 +112,13 @@ class StepTerms:
             grad_scale=self.grad_scale,
             found_inf=self.found_inf,
             clip_coef=self.clip_coef,
+            combine_from=self.combine_sources(),
+            combine_coef=self.combine_coef,
         )
+
+    def combine_sources(self) -> list[Tensor]:
+        """COMBINE's sources as the ops take them: K lists of n tensors one after the other."""
+        return [t for source in self.combine_from for t in source] if self.combine_from else []
 
 
 def kernel_terms(terms: StepTerms, n: int) -> dict:
@@ -122,6 +136,8 @@ def kernel_terms(terms: StepTerms, n: int) -> dict:
         found_inf=terms.found_inf,
         clip_coef=_as_tensor(terms.clip_coef),
         fisher_beta=float(terms.fisher_beta),
+        combine_from=terms.combine_sources(),
+        combine_coef=terms.combine_coef,
     )
 
 
@@ -141,10 +157,17 @@ def restore_foreach_(params: list[Tensor], terms: StepTerms) -> None:
 
 
 def task_grad_forloop(i: int, param: Tensor, grad: Tensor, terms: StepTerms, maximize: bool) -> Tensor:
-    """Steps 2-6 for tensor ``i``: the gradient the base update sees, in ``param``'s (opmath) dtype.
+    """Steps 0 and 2-6 for tensor ``i``: the gradient the base update sees, in ``param``'s (opmath)
+    dtype.
 
     ``param`` is the opmath view of the (restored) parameter. ``grad`` is never modified.
     """
+    if terms.combine_coef is not None:
+        c = terms.combine_coef.to(param.dtype)
+        combined = grad.to(param.dtype) * c[0]
+        for k, source in enumerate(terms.combine_from or []):
+            combined = combined + c[k + 1] * source[i].to(param.dtype)
+        grad = combined.to(grad.dtype)  # as if written into .grad
     g = grad.to(param.dtype)
     if terms.grad_scale is not None:
         g = g * terms.inv_scale()
@@ -163,9 +186,15 @@ def task_grad_forloop(i: int, param: Tensor, grad: Tensor, terms: StepTerms, max
 def task_grads_foreach(
     params: list[Tensor], grads: list[Tensor], terms: StepTerms, maximize: bool
 ) -> list[Tensor]:
-    """Steps 2-6 for a whole (device, dtype) bucket with ``torch._foreach_*``; same math as above."""
+    """Steps 0 and 2-6 for a whole (device, dtype) bucket with ``torch._foreach_*``; same math as above."""
     dtype = params[0].dtype
     g = [grad.to(dtype) for grad in grads]
+    if terms.combine_coef is not None:
+        c = terms.combine_coef.to(dtype)
+        g = torch._foreach_mul(g, c[0])
+        for k, source in enumerate(terms.combine_from or []):
+            g = torch._foreach_add(g, torch._foreach_mul([x.to(dtype) for x in source], c[k + 1]))
+        g = [x.to(grads[0].dtype).to(dtype) for x in g]  # as if written into .grad
     if terms.grad_scale is not None:
         g = torch._foreach_mul(g, terms.inv_scale())
     if terms.fisher is not None:

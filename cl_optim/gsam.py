@@ -9,15 +9,18 @@ the first-pass gradient ``g1`` orthogonal to ``g2`` (the official rule, with its
     grad  = g2 - alpha * g1_v  =  (1 + alpha cos ||g1|| / (||g2|| + eps)) g2 - alpha g1
 
 The three reductions ``<g1, g2>``, ``||g1||^2``, ``||g2||^2`` are one ``task_gram`` pass over the
-pair (fp64, deterministic), and the combination one ``task_combine_`` pass written into ``.grad``
-(:mod:`cl_optim.multitask.fused`, on every backend), with no host read. ``g1`` is kept in one buffer
+pair (fp64, deterministic), with no host read. The combination is read by the restore+update
+pass itself where the base is a cl_optim optimizer and the parameters fp32/fp64 (the COMBINE
+term of the fused step, on every backend); otherwise it is one ``task_combine_`` pass written
+into ``.grad``. ``g1`` is kept in one buffer
 per parameter, allocated once. The paper schedules ``rho`` with the learning rate:
 ``rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) / (lr_max - lr_min)`` per group (``rho_min=``;
 ``lr_max`` defaults to each group's learning rate when the optimizer is built).
 
-Bytes per parameter beyond SAM's (fp32): the copy of ``g1`` (8), the Gram pass (8), the combine
-(12): 28, against the official code's separate passes (the inner product, two norms and the
-in-place update read ``g1``/``g2`` five times).
+Bytes per parameter beyond SAM's (fp32): the copy of ``g1`` (8), the Gram pass (8), ``g1`` read
+by the update (4): 20 (28 with the combination written into ``.grad``), against the official
+code's separate passes (the inner product, two norms and the in-place update read ``g1``/``g2``
+five times).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from torch import Tensor
 
 from ._sam_family import graded, keep_grads, refuse_dtensor
 from .multitask.aggregators import gram_unchecked as task_gram_of  # aligned by construction
-from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM
 
 __all__ = ["GSAM"]
@@ -134,6 +136,7 @@ class GSAM(SAM):
         eps = self.perturb_eps
         cosine = gram[0, 1] / (first_norm * second_norm + eps)
         coefficients = torch.stack([
-            torch.full_like(cosine, -self.alpha), 1 + self.alpha * cosine * first_norm / (second_norm + eps)
+            1 + self.alpha * cosine * first_norm / (second_norm + eps), torch.full_like(cosine, -self.alpha)
         ])  # fmt: skip
-        weighted_sum(pair, coefficients, out=pair[1], backend=self.backend)  # into .grad
+        # for .grad (g2) and g1; read by the update where the base is fused (COMBINE), else written
+        self._combine_into_update(params, [pair[0]], coefficients, torch.stack([second_norm, first_norm]))

@@ -15,7 +15,8 @@ official implementations do.
 ``g_v`` is persistent (one tensor per parameter, in ``sam_state``, saved in ``state_dict``); ``g`` is kept on SAM steps only. The reductions are one fused ``task_gram``
 pass over the pair and the combinations one ``task_combine_`` pass. Bytes per fp32 parameter:
 SAM steps as SAM plus keep ``g`` (8), the Gram (8) and ``g_v`` (12); reuse steps the Gram (8)
-and the combination (12) before the base update.
+and ``g_v`` read by the update (4; the COMBINE term of a fused cl_optim base with fp32/fp64
+parameters and global norms, else the combination written into ``.grad`` first, 12).
 """
 
 from __future__ import annotations
@@ -153,12 +154,14 @@ class LookSAM(SAM):
 
     # ---------------------------------------------------------------------------- reuse steps
 
-    def _base_step(self) -> None:
+    def _base_step(self, update_fisher: bool = True) -> None:
         with torch.no_grad():
+            if update_fisher:  # from the batch gradient g, as on SAM steps, before g_v joins it
+                self._running_fisher_from_grads()
             params = [p for p in graded(self.param_groups) if GV_KEY in self.sam_state.get(p, {})]
             if params and self.alpha != 0.0:
                 self._add_reused_direction(params)
-        super()._base_step()
+        super()._base_step(update_fisher=False)
 
     def _add_reused_direction(self, params: list[Tensor]) -> None:
         """``.grad <- g + alpha ||g|| / (||g_v|| + eps) g_v`` (a scaled gradient scales both norms
@@ -171,6 +174,9 @@ class LookSAM(SAM):
             g = gram(pair, backend=self.backend)
             weight = self.alpha * norm_of(g, 0) / (norm_of(g, 1) + self.perturb_eps)
             coefficients = torch.stack([torch.ones_like(weight), weight])
+            if not self.layerwise:  # one combination: the update reads g_v (COMBINE) where it can
+                norms = torch.stack([norm_of(g, 0), norm_of(g, 1)])
+                return self._combine_into_update(params, [pair[1]], coefficients, norms)
             weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)
 
     def _norm_scopes(self, params: list[Tensor]) -> list[list[int]]:

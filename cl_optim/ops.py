@@ -3,7 +3,9 @@
 The schemas live here, with fake implementations so that ``torch.compile`` can trace through an
 optimizer step; the compiled backends register their kernels against them (``csrc/bindings.cpp``
 for the CPU). Lists that may be empty switch a term off: an empty ``restore_from`` is no RESTORE,
-an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC. The scalars that change
+an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC, a ``None``
+``combine_coef`` no COMBINE (``combine_from`` then empty; otherwise ``K`` source lists of n
+tensors one after the other, source-major, and ``K + 1`` coefficients, the first for ``grads``). The scalars that change
 every step and may live on the device — ``grad_scale``, ``found_inf``, ``clip_coef``, SAM's
 ``scale`` and ``finite`` — are 0-dim tensors (``None``: the term is off), so no step needs a host
 read of them: a non-zero ``found_inf`` makes the step restore the weights (RESTORE) and change
@@ -22,13 +24,14 @@ LIBRARY = "cl_optim"
 SCHEMAS = {
     "sgd_step_": (
         "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] buffer_ready, "
-        "Tensor[] restore_from, Tensor(c!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, "
+        "Tensor[] restore_from, Tensor[] combine_from, Tensor? combine_coef, Tensor(c!)[] fisher, Tensor?[] ewc_precision, Tensor?[] ewc_anchor, "
         "float[] ewc_lam, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, float fisher_beta, bool maximize, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov) -> ()"
     ),
     "adamw_step_": (
         "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor[] restore_from, Tensor(f!)[] fisher, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor[] restore_from, Tensor[] combine_from, "
+        "Tensor? combine_coef, Tensor(f!)[] fisher, "
         "Tensor?[] ewc_precision, Tensor?[] ewc_anchor, float[] ewc_lam, Tensor? grad_scale, Tensor? found_inf, "
         "Tensor? clip_coef, float fisher_beta, bool maximize, float lr, float beta1, float beta2, float eps, "
         "float weight_decay) -> ()"

@@ -515,7 +515,43 @@ class SAM(torch.optim.Optimizer):
     # (LookSAM's g_v, F-SAM's mean, WSAM's decoupled descent) set False.
     _LOCAL_ACCUMULATION = True
 
+    # False: a variant's final combination is always written into .grad (bench/bench_sam_family.py
+    # sets it on an instance to measure what the COMBINE term saves).
+    _FUSE_COMBINATION = True
+
+    def _combine_into_update(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor,
+                             norms: Optional[Tensor] = None) -> None:  # fmt: skip
+        """A variant's final combination ``.grad <- c_0 .grad + c_1 x_1 + ... + c_K x_K`` for
+        ``params`` (``sources``: K lists aligned with them, ``coefficients``: K + 1 on the device).
+
+        With a fused cl_optim base, fp32/fp64 parameters and ``norms`` (the fp64 norms of ``.grad``
+        and of each source), the update reads the sources itself (the COMBINE term: the
+        combination is never written, 8 bytes per parameter fewer). The check of the combined
+        gradient that the written form has (``skip_nonfinite``) becomes a bound: the step is skipped
+        unless ``sum_k |c_k| ||x_k||`` — a bound of every partial sum of every element — is at most
+        half the dtype's largest value, so the combination cannot overflow. Otherwise (a torch.optim
+        base, low precision, no norms, accumulation) it is written into ``.grad`` now."""
+        fused = (
+            self._FUSE_COMBINATION
+            and norms is not None
+            and isinstance(self.base_optimizer, FusedOptimizer)
+            and not self._run.get("accumulate")
+            and not self._run.get("micro_summed")  # earlier micro-batches are added to .grad unscaled
+            and all(p.dtype in (torch.float32, torch.float64) for p in params)
+        )
+        if not fused:
+            from .multitask.aggregators import weighted_sum_unchecked
+
+            grads = [p.grad for p in params]
+            weighted_sum_unchecked([grads, *sources], coefficients, out=grads, backend=self.backend)
+            return
+        largest = min(torch.finfo(p.dtype).max for p in params)
+        bounded = (coefficients.abs().to(norms.dtype) * norms).sum() <= largest / 2  # NaN: False
+        by_param = {id(p): [source[i] for source in sources] for i, p in enumerate(params)}
+        self._run["combine"] = (by_param, coefficients, bounded)
+
     def _second_step(self, zero_grad: bool = False) -> None:
+        combine = self._run.pop("combine", None)  # from _combine_into_update, for this update only
         if self._run["pending"] is None:
             raise RuntimeError("second_step() called without a pending first_step(); nothing was changed")
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (AMP hand-over)
@@ -533,6 +569,9 @@ class SAM(torch.optim.Optimizer):
         skip = self._run["pass1_nonfinite"]
         # No GradScaler checked the second pass: one more read of it, on the device.
         check_second_pass = found_inf is None and self.skip_nonfinite
+        if combine is not None and self.skip_nonfinite:  # the combination's check, as a bound
+            unbounded = ~combine[2]
+            skip = unbounded if skip is None else skip | unbounded.to(skip.device)
         if found_inf is not None and self._run["grad_scaler"] is not None:
             _report_overflow(self._run["grad_scaler"], self, skip)
         if isinstance(self.base_optimizer, FusedOptimizer):
@@ -544,6 +583,7 @@ class SAM(torch.optim.Optimizer):
                     grad_scale=grad_scale,
                     found_inf=found_inf,
                     skip_nonfinite=check_second_pass,
+                    combine=combine[:2] if combine is not None else None,
                 )
             except BaseException:
                 # Refused before anything was written (every bucket is checked first): put the
@@ -661,19 +701,25 @@ class SAM(torch.optim.Optimizer):
         skip = self._run["pass1_nonfinite"]
         self._run["pass1_nonfinite"] = micro_skip if skip is None else skip | micro_skip.to(skip.device)
 
-    def _base_step(self) -> None:
+    def _base_step(self, update_fisher: bool = True) -> None:
         """The base optimizer's update with the gradient there now, nothing perturbed or restored
         (the non-SAM steps of interval SAM, LookSAM's reuse steps); AMP and the non-finite skip as
-        in ``second_step``."""
+        in ``second_step``. ``update_fisher=False``: the caller moved the running Fisher already."""
         with torch.no_grad():
-            if self.fisher_ema is not None:  # the running Fisher moves every step, as a cl_optim base's
-                plan = self._ascent_plan(selected_only=False)
-                self._fisher_from_grads(plan, getattr(self, "grad_scale", None))
+            if update_fisher:
+                self._running_fisher_from_grads()
             self._run["pending"] = []
             self._run["first_pass"] = None  # a variant's first-pass gradients belong to a SAM step
             self._run["pass1_nonfinite"] = None
             self._run["grad_scaler"] = None
             self._second_step()
+
+    def _running_fisher_from_grads(self) -> None:
+        """The running Fisher moves every step, as a cl_optim base's: on a step without an ascent,
+        from the batch gradient there now."""
+        if self.fisher_ema is not None:
+            plan = self._ascent_plan(selected_only=False)
+            self._fisher_from_grads(plan, getattr(self, "grad_scale", None))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

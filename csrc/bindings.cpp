@@ -9,10 +9,10 @@ using OptionalTensor = std::optional<at::Tensor>;
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
 void sgd_step_cpu(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, at::TensorList, at::TensorList,
-                  const OptionalTensors&, const OptionalTensors&, c10::ArrayRef<double>, const OptionalTensor&,
+                  const OptionalTensor&, at::TensorList, const OptionalTensors&, const OptionalTensors&, c10::ArrayRef<double>, const OptionalTensor&,
                   const OptionalTensor&, const OptionalTensor&, double, bool, double, double, double, double, bool);
 void adamw_step_cpu(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    at::TensorList, at::TensorList, const OptionalTensors&, const OptionalTensors&,
+                    at::TensorList, at::TensorList, const OptionalTensor&, at::TensorList, const OptionalTensors&, const OptionalTensors&,
                     c10::ArrayRef<double>, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
                     bool, double, double, double, double, double);
 at::Tensor grad_sq_norm_cpu(at::TensorList, at::TensorList, at::TensorList, c10::IntArrayRef, double);

@@ -104,18 +104,55 @@ struct StepInputs {
   }
 };
 
+void task_combine_cuda_op(at::TensorList out, at::TensorList grads, const at::Tensor& coefficients, bool accumulate);
+
+// COMBINE as the step kernels take it: up to kMaxFusedSources sources read in the kernel (their
+// coefficients as fp32 on the device, `n_sources` -1 when off); with more, the combination is
+// formed first by task_combine_ (one more pass) into `storage`, `grads` points there and the
+// term is off.
+struct CombineInputs {
+  at::Tensor coef;
+  int n_sources = -1;
+  at::TensorList sources;
+  std::vector<at::Tensor> storage;
+
+  CombineInputs(int64_t k, at::TensorList& grads, at::TensorList combine_from, const OptionalTensor& combine_coef,
+                at::Device device) {
+    if (!combine_coef.has_value() || !combine_coef->defined()) return;
+    if (k <= cuda::kMaxFusedSources) {
+      coef = combine_coef->to(device, at::kFloat).contiguous();
+      n_sources = static_cast<int>(k);
+      sources = combine_from;
+      return;
+    }
+    for (const at::Tensor& g : grads) storage.push_back(at::empty_like(g));
+    std::vector<at::Tensor> tasks(grads.begin(), grads.end());
+    tasks.insert(tasks.end(), combine_from.begin(), combine_from.end());
+    task_combine_cuda_op(storage, tasks, *combine_coef, false);
+    grads = storage;
+  }
+  // Source j of tensor i (n tensors), or null.
+  const at::Tensor* source(int j, int64_t i, int64_t n) const {
+    return j < n_sources ? &sources[j * n + i] : nullptr;
+  }
+};
+
 void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                      c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList fisher,
+                      c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList combine_from,
+                      const OptionalTensor& combine_coef, at::TensorList fisher,
                       const OptionalTensors& ewc_precision, const OptionalTensors& ewc_anchor,
                       c10::ArrayRef<double> ewc_lam, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                       const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double momentum,
                       double dampening, double weight_decay, bool nesterov) {
   const OpInputs in = check_sgd_step(c10::DeviceType::CUDA, params, grads, momentum_buffers, buffer_ready, restore_from,
-                                     fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+                                     combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
+                                     grad_scale, found_inf, clip_coef);
   const int64_t n = in.size();
   if (n == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
+  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->numel() - 1 : 0;
+  const CombineInputs combine(k, grads, combine_from, combine_coef, device);
   const bool has_momentum = !momentum_buffers.empty();
   const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
@@ -123,6 +160,8 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
   cuda::SgdDeviceArgs args{float_ptr(inv_scale),
                            float_ptr(skip),
                            float_ptr(clip),
+                           combine.coef.defined() ? combine.coef.data_ptr<float>() : nullptr,
+                           combine.n_sources,
                            static_cast<float>(lr),
                            maximize ? -1.f : 1.f,
                            static_cast<float>(fisher_beta),
@@ -135,17 +174,21 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
   std::map<std::pair<bool, bool>, Launch> launches;
   for (int64_t i = 0; i < n; ++i) {
     const bool ready = has_momentum && buffer_ready[i] != 0;
-    auto& launch = launches.try_emplace({ready, terms.ewc[i]}, 7).first->second;
+    auto& launch = launches.try_emplace({ready, terms.ewc[i]}, cuda::kSgdLists).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
                          mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
-    void* addresses[7] = {ws.use(params[i], true, i),
-                          ws.use(grads[i], false, i),
-                          has_momentum ? ws.use(momentum_buffers[i], true, i) : nullptr,
-                          terms.save ? ws.use(restore_from[i], false, i) : nullptr,
-                          terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
-                          a.has_value() ? ws.use(*a, false, i) : nullptr,
-                          mu.has_value() ? ws.use(*mu, false, i) : nullptr};
-    for (int l = 0; l < 7; ++l) launch.lists[l].push_back(addresses[l]);
+    void* addresses[cuda::kSgdLists] = {ws.use(params[i], true, i),
+                                        ws.use(grads[i], false, i),
+                                        has_momentum ? ws.use(momentum_buffers[i], true, i) : nullptr,
+                                        terms.save ? ws.use(restore_from[i], false, i) : nullptr,
+                                        terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
+                                        a.has_value() ? ws.use(*a, false, i) : nullptr,
+                                        mu.has_value() ? ws.use(*mu, false, i) : nullptr};
+    for (int j = 0; j < cuda::kMaxFusedSources; ++j) {
+      const at::Tensor* x = combine.source(j, i, n);
+      addresses[7 + j] = x ? ws.use(*x, false, i) : nullptr;
+    }
+    for (int l = 0; l < cuda::kSgdLists; ++l) launch.lists[l].push_back(addresses[l]);
     launch.sizes.push_back(params[i].numel());
     launch.scalars.push_back(terms.lam[i]);
   }
@@ -158,18 +201,21 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
 
 void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                        at::TensorList restore_from, at::TensorList fisher, const OptionalTensors& ewc_precision,
+                        at::TensorList restore_from, at::TensorList combine_from, const OptionalTensor& combine_coef,
+                        at::TensorList fisher, const OptionalTensors& ewc_precision,
                         const OptionalTensors& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                         const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
                         const OptionalTensor& clip_coef, double fisher_beta, bool maximize, double lr, double beta1,
                         double beta2, double eps, double weight_decay) {
   const OpInputs in = check_adamw_step(c10::DeviceType::CUDA, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                       steps, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
-                                       found_inf, clip_coef);
+                                       steps, restore_from, combine_from, combine_coef, fisher, ewc_precision,
+                                       ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
   const int64_t n = in.size();
   if (n == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
+  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->numel() - 1 : 0;
+  const CombineInputs combine(k, grads, combine_from, combine_coef, device);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
@@ -184,6 +230,8 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   cuda::AdamWDeviceArgs args{float_ptr(inv_scale),
                              float_ptr(skip),
                              float_ptr(clip),
+                             combine.coef.defined() ? combine.coef.data_ptr<float>() : nullptr,
+                             combine.n_sources,
                              maximize ? -1.f : 1.f,
                              static_cast<float>(fisher_beta),
                              static_cast<float>(1.0 - lr * weight_decay),
@@ -197,20 +245,24 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   Workspace ws(device, params);
   std::map<bool, Launch> launches;  // by EWC coverage, a kernel flag
   for (int64_t i = 0; i < n; ++i) {
-    auto& launch = launches.try_emplace(terms.ewc[i], 10).first->second;
+    auto& launch = launches.try_emplace(terms.ewc[i], cuda::kAdamWLists).first->second;
     const OptionalTensor a = terms.ewc[i] ? ewc_precision.get(i) : OptionalTensor(),
                          mu = terms.ewc[i] ? ewc_anchor.get(i) : OptionalTensor();
-    void* addresses[10] = {ws.use(params[i], true, i),
-                           ws.use(grads[i], false, i),
-                           ws.use(exp_avgs[i], true, i),
-                           ws.use(exp_avg_sqs[i], true, i),
-                           amsgrad ? ws.use(max_exp_avg_sqs[i], true, i) : nullptr,
-                           terms.save ? ws.use(restore_from[i], false, i) : nullptr,
-                           terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
-                           a.has_value() ? ws.use(*a, false, i) : nullptr,
-                           mu.has_value() ? ws.use(*mu, false, i) : nullptr,
-                           steps[i].data_ptr()};
-    for (int l = 0; l < 10; ++l) launch.lists[l].push_back(addresses[l]);
+    void* addresses[cuda::kAdamWLists] = {ws.use(params[i], true, i),
+                                          ws.use(grads[i], false, i),
+                                          ws.use(exp_avgs[i], true, i),
+                                          ws.use(exp_avg_sqs[i], true, i),
+                                          amsgrad ? ws.use(max_exp_avg_sqs[i], true, i) : nullptr,
+                                          terms.save ? ws.use(restore_from[i], false, i) : nullptr,
+                                          terms.fisher ? ws.use(fisher[i], true, i) : nullptr,
+                                          a.has_value() ? ws.use(*a, false, i) : nullptr,
+                                          mu.has_value() ? ws.use(*mu, false, i) : nullptr,
+                                          steps[i].data_ptr()};
+    for (int j = 0; j < cuda::kMaxFusedSources; ++j) {
+      const at::Tensor* x = combine.source(j, i, n);
+      addresses[10 + j] = x ? ws.use(*x, false, i) : nullptr;
+    }
+    for (int l = 0; l < cuda::kAdamWLists; ++l) launch.lists[l].push_back(addresses[l]);
     launch.sizes.push_back(params[i].numel());
     launch.scalars.push_back(terms.lam[i]);
   }

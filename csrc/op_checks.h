@@ -60,6 +60,7 @@ class OpInputs {
   }
 
   int64_t size() const { return n_; }
+  const char* op() const { return op_; }
   at::Device device() const { return device_; }
   at::ScalarType dtype() const { return dtype_; }
 
@@ -128,12 +129,43 @@ class OpInputs {
 // The optional terms of an SGD/AdamW step: empty lists switch a term off; otherwise one entry per
 // parameter, the running Fisher and the EWC buffers fp32, precision and anchor given together,
 // one lambda per parameter.
-inline void check_step_terms(const OpInputs& in, at::TensorList restore_from, at::TensorList fisher,
+// COMBINE: `combine_coef` a dense 1-D floating-point tensor of K + 1 entries on the lead's device (the
+// first multiplies the gradient), `combine_from` K lists aligned with the lead, one after the other;
+// no coefficients and no sources switch the term off. Returns K (0 when off).
+inline int64_t check_combine(const OpInputs& in, at::TensorList combine_from,
+                             const std::optional<at::Tensor>& combine_coef) {
+  const char* op = in.op();
+  if (!combine_coef.has_value() || !combine_coef->defined()) {
+    TORCH_CHECK(combine_from.empty(), op, ": combine_from has ", combine_from.size(),
+                " entries but combine_coef is None");
+    return 0;
+  }
+  const at::Tensor& c = *combine_coef;
+  TORCH_CHECK(c.dim() == 1, op, ": combine_coef must be a 1-D tensor (K + 1 coefficients), got ", c.sizes());
+  TORCH_CHECK(at::isFloatingType(c.scalar_type()) && c.layout() == at::kStrided, op,
+              ": combine_coef must be a dense floating-point tensor, got ", c.scalar_type());
+  const int64_t k = c.numel() - 1;
+  TORCH_CHECK(k >= 0, op, ": combine_coef is empty (it needs K + 1 coefficients)");
+  TORCH_CHECK(static_cast<int64_t>(combine_from.size()) == k * in.size(), op, ": combine_from has ",
+              combine_from.size(), " entries for ", k, " sources of ", in.size(),
+              " params (source-major, K*n; K = len(combine_coef) - 1)");
+  for (int64_t j = 0; j < k; ++j) {
+    const std::string name = "combine_from (source " + std::to_string(j + 1) + ")";
+    in.aligned(name.c_str(), combine_from.slice(j * in.size(), in.size()), Want::kLike, false, false);
+  }
+  TORCH_CHECK(in.size() == 0 || c.device() == in.device(), op, ": combine_coef is on ", c.device(), ", params[0] on ",
+              in.device());
+  return k;
+}
+
+inline void check_step_terms(const OpInputs& in, at::TensorList restore_from, at::TensorList combine_from,
+                             const std::optional<at::Tensor>& combine_coef, at::TensorList fisher,
                              const c10::List<std::optional<at::Tensor>>& ewc_precision,
                              const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                              const std::optional<at::Tensor>& clip_coef) {
   in.aligned("restore_from", restore_from, Want::kLike, true, false);
+  check_combine(in, combine_from, combine_coef);
   in.aligned("fisher", fisher, Want::kFloat, true, true);
   in.aligned("ewc_precision", ewc_precision, Want::kFloat, false);
   in.aligned("ewc_anchor", ewc_anchor, Want::kFloat, false);
@@ -168,7 +200,8 @@ inline void check_sam_weights(const OpInputs& in, c10::IntArrayRef weighted, at:
 
 inline OpInputs check_sgd_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
                                at::TensorList momentum_buffers, c10::IntArrayRef buffer_ready,
-                               at::TensorList restore_from, at::TensorList fisher,
+                               at::TensorList restore_from, at::TensorList combine_from,
+                               const std::optional<at::Tensor>& combine_coef, at::TensorList fisher,
                                const c10::List<std::optional<at::Tensor>>& ewc_precision,
                                const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                                const std::optional<at::Tensor>& grad_scale,
@@ -178,14 +211,15 @@ inline OpInputs check_sgd_step(c10::DeviceType device_type, at::TensorList param
   in.aligned("grads", grads, Want::kLike, false, false);
   in.aligned("momentum_buffers", momentum_buffers, Want::kLike, true, true);
   if (!momentum_buffers.empty()) in.count("buffer_ready", buffer_ready.size(), false);
-  check_step_terms(in, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+  check_step_terms(in, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
   return in;
 }
 
 // `steps_on_device`: the CUDA kernels count on the device (fp32 there), the CPU ones on the host.
 inline OpInputs check_adamw_step(c10::DeviceType device_type, at::TensorList params, at::TensorList grads,
                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                                 at::TensorList steps, at::TensorList restore_from, at::TensorList fisher,
+                                 at::TensorList steps, at::TensorList restore_from, at::TensorList combine_from,
+                                 const std::optional<at::Tensor>& combine_coef, at::TensorList fisher,
                                  const c10::List<std::optional<at::Tensor>>& ewc_precision,
                                  const c10::List<std::optional<at::Tensor>>& ewc_anchor,
                                  c10::ArrayRef<double> ewc_lam, const std::optional<at::Tensor>& grad_scale,
@@ -212,7 +246,7 @@ inline OpInputs check_adamw_step(c10::DeviceType device_type, at::TensorList par
                   "; the CPU kernels count steps in an fp32 (as torch keeps it) or fp64 CPU tensor");
     }
   }
-  check_step_terms(in, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
+  check_step_terms(in, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef);
   return in;
 }
 

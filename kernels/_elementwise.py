@@ -2,7 +2,7 @@
 
 It is the math of ``csrc/include/cl_optim/elementwise.h`` (the C++/CUDA header) in Triton, in
 the same order of operations, so that both compiled GPU backends give the oracle's numbers: fp32
-registers whatever the parameter dtype; RESTORE -> AMP unscale -> FISHER_EMA -> CLIP -> maximize
+registers whatever the parameter dtype; COMBINE -> RESTORE -> AMP unscale -> FISHER_EMA -> CLIP -> maximize
 -> EWC -> the base update. Terms that read memory are ``tl.constexpr`` flags; hyper-parameters
 are runtime values (a learning-rate schedule never recompiles).
 """
@@ -52,18 +52,29 @@ def task_grad(g, p, fisher, precision, anchor, lam, inv_scale, clip_coef, sign, 
 
 @triton.jit
 def restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_ptr, clip_ptr, sign, beta,
-                       one_minus_beta, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
+                       one_minus_beta, combine_ptr, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
                        EWC: tl.constexpr, AMP: tl.constexpr, CLIP: tl.constexpr, P_LIST: tl.constexpr,
                        G_LIST: tl.constexpr, SAVE_LIST: tl.constexpr, FISHER_LIST: tl.constexpr,
-                       EWC_LIST: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                       EWC_LIST: tl.constexpr, N_SOURCES: tl.constexpr, SOURCE_LIST: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
     """The first half of every fused step, shared by the SGD and AdamW kernels: RESTORE (the weight
     read from the save buffer), then the task gradient with its optional terms. The lists are
-    given by index; the EWC anchor follows the precision. Returns ``(p, g, fisher, new fisher)``."""
+    given by index; the EWC anchor follows the precision, COMBINE's sources follow one another
+    from ``SOURCE_LIST`` (``N_SOURCES`` of them; -1: no COMBINE). Returns ``(p, g, fisher, new
+    fisher)``."""
     if SAVE:
         p = load_tensor(addresses, SAVE_LIST, n_tensors, t, offsets, mask, P_DTYPE)
     else:
         p = load_tensor(addresses, P_LIST, n_tensors, t, offsets, mask, P_DTYPE)
     g = load_tensor(addresses, G_LIST, n_tensors, t, offsets, mask, P_DTYPE)
+    if N_SOURCES >= 0:
+        # COMBINE: 0 + c_0 g + c_1 x_1 + ... in fp32, rounded to the gradient's dtype (as task_combine_
+        # writes a combination into .grad).
+        acc = 0.0 + tl.load(combine_ptr) * g
+        for j in tl.static_range(N_SOURCES):
+            x = load_tensor(addresses, SOURCE_LIST + j, n_tensors, t, offsets, mask, P_DTYPE)
+            acc = acc + tl.load(combine_ptr + 1 + j) * x
+        g = acc.to(P_DTYPE).to(tl.float32)
     f = tl.zeros((BLOCK,), dtype=tl.float32)
     a = tl.zeros((BLOCK,), dtype=tl.float32)
     mu = tl.zeros((BLOCK,), dtype=tl.float32)

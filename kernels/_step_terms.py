@@ -53,10 +53,24 @@ class StepInputs:
     skip: bool
     clip: Tensor
     clipped: bool
+    sources: list  # COMBINE: K lists aligned with the parameters
+    combine_coef: Tensor  # COMBINE: K + 1 fp32 coefficients on the device (a placeholder when off)
+    combining: bool
 
 
 def step_inputs(
-    views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf, clip_coef
+    views,
+    n,
+    device,
+    restore_from,
+    fisher,
+    ewc_precision,
+    ewc_anchor,
+    grad_scale,
+    found_inf,
+    clip_coef,
+    combine_from=None,
+    combine_coef=None,
 ):
     covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
     scale, amp = inv_scale(grad_scale, device)
@@ -74,4 +88,14 @@ def step_inputs(
         skip=has_skip,
         clip=clip,
         clipped=clipped,
+        sources=[
+            views(list(combine_from[j * n : (j + 1) * n]))
+            for j in range(len(combine_from or []) // max(n, 1))
+        ],
+        combine_coef=(
+            torch.ones(1, dtype=torch.float32, device=device)
+            if combine_coef is None
+            else combine_coef.to(device=device, dtype=torch.float32)
+        ),
+        combining=combine_coef is not None,
     )

@@ -17,16 +17,16 @@ from ._types import triton_dtype
 
 @triton.jit
 def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, step_sizes, bias2_sqrts,
-                  inv_scale_ptr, found_inf_ptr, clip_ptr, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                  inv_scale_ptr, found_inf_ptr, clip_ptr, combine_ptr, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
                   sign, beta, one_minus_beta, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
                   EWC: tl.constexpr, AMSGRAD: tl.constexpr, AMP: tl.constexpr, SKIP: tl.constexpr,
-                  CLIP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                  CLIP: tl.constexpr, N_SOURCES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher,
-    # 7 EWC precision, 8 EWC anchor.
+    # 7 EWC precision, 8 EWC anchor, 9... COMBINE's sources (N_SOURCES = -1: no COMBINE).
     t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
     p, g, f, f_new = restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_ptr, clip_ptr, sign,
-                                        beta, one_minus_beta, P_DTYPE, SAVE, FISHER, EWC, AMP, CLIP, 0, 1, 5, 6, 7,
-                                        BLOCK)  # fmt: skip
+                                        beta, one_minus_beta, combine_ptr, P_DTYPE, SAVE, FISHER, EWC, AMP, CLIP, 0,
+                                        1, 5, 6, 7, N_SOURCES, 9, BLOCK)  # fmt: skip
     m = load_tensor(addresses, 2, n_tensors, t, offsets, mask, P_DTYPE)
     v = load_tensor(addresses, 3, n_tensors, t, offsets, mask, P_DTYPE)
     p_new = p * decay
@@ -61,9 +61,9 @@ def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, 
         store_tensor(addresses, 6, n_tensors, t, offsets, mask, f_new, tl.float32)
 
 
-def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, restore_from, fisher, ewc_precision,
-                ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef, fisher_beta, maximize, lr, beta1, beta2,
-                eps, weight_decay) -> None:  # fmt: skip
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, restore_from, combine_from,
+                combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef,
+                fisher_beta, maximize, lr, beta1, beta2, eps, weight_decay) -> None:  # fmt: skip
     n = len(params)
     if n == 0:
         return
@@ -83,12 +83,13 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     m, v = views(exp_avgs, written=True), views(exp_avg_sqs, written=True)
     vmax = views(max_exp_avg_sqs, written=True) if max_exp_avg_sqs else None
     terms = step_inputs(views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf,
-                        clip_coef)  # fmt: skip
+                        clip_coef, combine_from, combine_coef)  # fmt: skip
     none = [None] * n
     for is_covered, index in split_by(terms.covered).items():
         lists = [pick(params_c, index), pick(grads_c, index), pick(m, index), pick(v, index),
                  pick(vmax or none, index), pick(terms.saves, index), pick(terms.fishers, index),
-                 pick(terms.precision, index), pick(terms.anchor, index)]  # fmt: skip
+                 pick(terms.precision, index), pick(terms.anchor, index),
+                 *(pick(source, index) for source in terms.sources)]  # fmt: skip
         table = pointer_table(lists)
         if not table.num_chunks:
             continue
@@ -97,10 +98,10 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
         _adamw_kernel[(table.num_chunks,)](
             table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,
             step_sizes[picked], bias2_sqrts[picked], terms.inv_scale, terms.found_inf, terms.clip,
-            float(1.0 - lr * weight_decay),
+            terms.combine_coef, float(1.0 - lr * weight_decay),
             float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), -1.0 if maximize else 1.0,
             float(fisher_beta), float(1.0 - fisher_beta), P_DTYPE=triton_dtype(params[0].dtype), SAVE=bool(restore_from),
             FISHER=bool(fisher), EWC=is_covered, AMSGRAD=vmax is not None, AMP=terms.amp, SKIP=terms.skip,
-            CLIP=terms.clipped, BLOCK=BLOCK,
+            CLIP=terms.clipped, N_SOURCES=len(terms.sources) if terms.combining else -1, BLOCK=BLOCK,
         )  # fmt: skip
     views.finish()

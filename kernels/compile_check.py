@@ -54,7 +54,8 @@ TABLE = {
 
 
 # The option terms of a step, as the public API combines them: none, each alone, SAM's restore
-# with its skip flag, GradScaler's unscale with its skip flag, and all together.
+# with its skip flag, GradScaler's unscale with its skip flag, the SAM variants' COMBINE with a
+# restore (GSAM and LookSAM 1 source, GAM 3; 0 scales the gradient alone), and all together.
 _TERMS = [
     {},
     {"SAVE": True, "SKIP": True},
@@ -62,14 +63,17 @@ _TERMS = [
     {"FISHER": True},
     {"EWC": True},
     {"CLIP": True},
-    {"SAVE": True, "SKIP": True, "AMP": True, "FISHER": True, "EWC": True, "CLIP": True},
+    {"N_SOURCES": 0},
+    {"SAVE": True, "SKIP": True, "N_SOURCES": 1},
+    {"SAVE": True, "SKIP": True, "N_SOURCES": 3},
+    {"SAVE": True, "SKIP": True, "AMP": True, "FISHER": True, "EWC": True, "CLIP": True, "N_SOURCES": 2},
 ]
 _STEP_FLAGS = ("SAVE", "FISHER", "EWC", "AMP", "SKIP", "CLIP")
 
 
 def _terms(**base):
     for terms in _TERMS:
-        yield {**dict.fromkeys(_STEP_FLAGS, False), **base, **terms}
+        yield {**dict.fromkeys(_STEP_FLAGS, False), "N_SOURCES": -1, **base, **terms}
 
 
 # kernel -> (argument types, constexpr dicts): every specialisation the launchers can produce
@@ -82,6 +86,7 @@ SPECIALISATIONS = {
             "inv_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32",
             "clip_ptr": "*fp32",
+            "combine_ptr": "*fp32",
             "lr": "fp32",
             "momentum": "fp32",
             "one_minus_dampening": "fp32",
@@ -106,6 +111,7 @@ SPECIALISATIONS = {
             "inv_scale_ptr": "*fp32",
             "found_inf_ptr": "*fp32",
             "clip_ptr": "*fp32",
+            "combine_ptr": "*fp32",
             "decay": "fp32",
             "one_minus_beta1": "fp32",
             "beta2": "fp32",

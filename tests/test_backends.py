@@ -64,8 +64,9 @@ LOWP_ATOL = {torch.float32: 0.0, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: bool, device: str = "cpu",
-                    zoo_sizes: tuple = ZOO_SIZES, n_steps: int = STEPS):  # fmt: skip
-    """``n_steps`` steps of the functional op with every optional term switched on (or none)."""
+                    zoo_sizes: tuple = ZOO_SIZES, n_steps: int = STEPS, combine: bool = True):  # fmt: skip
+    """``n_steps`` steps of the functional op with every optional term switched on (or none),
+    COMBINE included."""
     groups = clone_groups(make_zoo(torch.float32, sizes=zoo_sizes), dtype)
     # the grad-less one is not stepped; on CUDA, the same values (the transposed one stays strided)
     params = [_on(p.detach(), device) for p in zoo_params(groups) if p.numel() != 5]
@@ -88,8 +89,15 @@ def _functional_run(kind: str, backend: str, dtype: torch.dtype, with_terms: boo
             with torch.no_grad():
                 for p in params:
                     p.add_(0.01)  # a perturbation RESTORE must undo
+            # COMBINE: the gradient the step sees is 0.6 g - 0.3 x1 + 0.5 x2 (two more gradients)
+            sources = [[g.to(dtype).to(device) for g in zoo_grads(params, 100 + 10 * k + step, scale=8.0)]
+                       for k in range(2)]  # fmt: skip
             terms = StepTerms(
                 restore_from=saves,
+                combine_from=sources if combine else None,
+                combine_coef=torch.tensor([0.6, -0.3, 0.5], dtype=torch.float64, device=device)
+                if combine
+                else None,
                 grad_scale=torch.tensor(8.0, device=device),
                 found_inf=torch.tensor(1.0 if step == min(4, n_steps - 2) else 0.0, device=device),
                 fisher=fisher,
@@ -399,3 +407,65 @@ def _check_task_ops(backend, dtype, device, zoo_sizes=ZOO_SIZES, compare=None):
                 assert torch.equal(o.cpu(), w)
             else:
                 compare(o.cpu(), w)
+
+
+def combine_equals_the_unfused_form(
+    backend: str, kind: str, dtype: torch.dtype, zoo_sizes: tuple = ZOO_SIZES
+):
+    """COMBINE (``g <- c0 g + c1 x1 + c2 x2`` read inside the step) against the form it replaces:
+    ``task_combine_`` into the gradients on the same backend, then the step without it. Bitwise:
+    both round the combination to the gradient's dtype once, and every other term is the same."""
+    from cl_optim.multitask.fused import task_combine_
+
+    def run(fused: bool):
+        groups = clone_groups(make_zoo(torch.float32, sizes=zoo_sizes), dtype)
+        params = [p.detach() for p in zoo_params(groups) if p.numel() != 5]
+        n = len(params)
+        gen = torch.Generator().manual_seed(5)
+        fisher = [torch.rand(p.shape, generator=gen) for p in params]
+        precision = [torch.rand(p.shape, generator=gen) for p in params]
+        anchor = [torch.randn(p.shape, generator=gen) for p in params]
+        buffers, m, v = (
+            [None] * n,
+            [torch.zeros_like(p) for p in params],
+            [torch.zeros_like(p) for p in params],
+        )
+        steps = [torch.tensor(0.0) for _ in params]
+        coef = torch.tensor([0.6, -0.3, 0.5], dtype=torch.float64)
+        for step in range(3):
+            grads = [g.to(dtype) for g in zoo_grads(params, step, scale=8.0)]
+            sources = [
+                [g.to(dtype) for g in zoo_grads(params, 100 + 10 * k + step, scale=8.0)] for k in range(2)
+            ]
+            if not fused:
+                task_combine_(grads, [grads, *sources], coef, backend=backend)
+            saves = [p.clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0.01)
+            terms = StepTerms(
+                restore_from=saves, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0), fisher=fisher,
+                fisher_beta=0.95, clip_coef=torch.tensor(0.7), ewc_precision=precision, ewc_anchor=anchor,
+                ewc_lam=0.5, combine_from=sources if fused else None, combine_coef=coef if fused else None,
+            )  # fmt: skip
+            with torch.no_grad():
+                if kind == "sgd":
+                    sgd_step_(params, grads, buffers, terms, lr=0.05, momentum=0.9, dampening=0.1, nesterov=False,
+                              weight_decay=1e-2, maximize=False, backend=backend)  # fmt: skip
+                else:
+                    adamw_step_(params, grads, m, v, None, steps, terms, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                                weight_decay=1e-2, maximize=False, backend=backend)  # fmt: skip
+        return params + (buffers if kind == "sgd" else m + v) + fisher
+
+    fused, unfused = run(True), run(False)
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
+    start = make_zoo(torch.float32, sizes=zoo_sizes)[0]["params"][2].detach().to(dtype)
+    assert fused[2].shape == start.shape and not torch.equal(fused[2], start)  # it moved
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["forloop", *CANDIDATES])
+def test_combine_term_equals_the_combination_written_into_grad(backend, dtype, kind):
+    combine_equals_the_unfused_form(backend, kind, dtype)

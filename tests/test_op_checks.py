@@ -54,7 +54,8 @@ def _valid(op: str) -> dict:
     fp32 = lambda seed: _tensors(seed=seed, positive=True)  # noqa: E731
     scalars = dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0), clip_coef=torch.tensor(0.5))
     terms = dict(restore_from=_tensors(seed=3), fisher=fp32(4), ewc_precision=fp32(5), ewc_anchor=_tensors(seed=6),
-                 ewc_lam=[0.5, 1.0, 2.0], **scalars)  # fmt: skip
+                 ewc_lam=[0.5, 1.0, 2.0], combine_from=_tensors(seed=10) + _tensors(seed=11),
+                 combine_coef=torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), **scalars)  # fmt: skip
     if op == "sgd_step_":
         return dict(params=p, grads=g, momentum_buffers=_tensors(seed=7), buffer_ready=[1, 1, 1], **terms,
                     fisher_beta=0.9, maximize=False, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01,
@@ -168,9 +169,15 @@ def _call_kernel(library: str, op: str, args: dict):
 
 
 def _step_terms(a: dict) -> StepTerms:
+    # COMBINE's sources as StepTerms holds them: K lists (the last takes what is left, so a short
+    # flat list reaches the checks as a short last source)
+    flat, n = a["combine_from"], len(a["params"])
+    k = max(len(flat) + n - 1, 0) // n if flat else 0
+    sources = [flat[j * n : (j + 1) * n] for j in range(k - 1)] + [flat[(k - 1) * n :]] if k else None
     return StepTerms(restore_from=a["restore_from"], grad_scale=a["grad_scale"], found_inf=a["found_inf"],
                      fisher=a["fisher"], fisher_beta=a["fisher_beta"], clip_coef=a["clip_coef"],
-                     ewc_precision=a["ewc_precision"], ewc_anchor=a["ewc_anchor"], ewc_lam=a["ewc_lam"])  # fmt: skip
+                     ewc_precision=a["ewc_precision"], ewc_anchor=a["ewc_anchor"], ewc_lam=a["ewc_lam"],
+                     combine_from=sources, combine_coef=a["combine_coef"])  # fmt: skip
 
 
 def _call_python(backend: str, op: str, a: dict):
@@ -273,6 +280,60 @@ def test_a_mismatched_task_list_is_refused_and_nothing_changes(backend, op, name
     expected = _spoil_task_list(args, name, how)
     snapshot = _snapshot(args)
     with pytest.raises((RuntimeError, NotImplementedError), match=expected):
+        BACKENDS[backend](op, args)
+    _assert_unchanged(snapshot)
+
+
+def _combine_cases():
+    for op in ("sgd_step_", "adamw_step_"):
+        for source in (1, 2):
+            for how in MISMATCHES:
+                if how != "expanded":  # read-only
+                    yield op, source, how
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("op,source,how", list(_combine_cases()))
+def test_a_mismatched_combine_source_is_refused_and_nothing_changes(backend, op, source, how):
+    """COMBINE's sources (K lists one after the other in ``combine_from``) are checked as aligned lists."""
+    args = _valid(op)
+    n, flat = len(SHAPES), args["combine_from"]
+    args["combine_from"] = (
+        flat[: (source - 1) * n]
+        + _spoil(flat[(source - 1) * n : source * n], how, False)
+        + (flat[source * n :])
+    )
+    snapshot = _snapshot(args)
+    if how == "sparse":
+        expected = r"not|layout|sparse"
+    elif how == "short":
+        expected = r"combine_from has 5 entries for 2 sources"
+    else:
+        expected = rf"combine_from \(source {source}\)\[1\]"
+    with pytest.raises((RuntimeError, NotImplementedError), match=expected):
+        BACKENDS[backend](op, args)
+    _assert_unchanged(snapshot)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("op", ["sgd_step_", "adamw_step_"])
+@pytest.mark.parametrize(
+    "bad,expected",
+    [("two_dim", r"combine_coef must be a 1-D tensor"), ("integer", r"combine_coef must be a dense floating"),
+     ("one_too_many", r"combine_from has 6 entries for 3 sources"), ("empty", r"combine_coef is empty"),
+     ("sources_without_coef", r"combine_from has 6 entries but combine_coef is None")],
+)  # fmt: skip
+def test_bad_combine_coefficients_are_refused_and_nothing_changes(backend, op, bad, expected):
+    args = _valid(op)
+    args["combine_coef"] = {
+        "two_dim": args["combine_coef"].reshape(1, 3),
+        "integer": torch.tensor([1, 2, 3]),
+        "one_too_many": torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64),
+        "empty": torch.zeros(0, dtype=torch.float64),
+        "sources_without_coef": None,
+    }[bad]
+    snapshot = _snapshot(args)
+    with pytest.raises(RuntimeError, match=expected):
         BACKENDS[backend](op, args)
     _assert_unchanged(snapshot)
 

@@ -30,12 +30,17 @@ def _ewc(params):
     return [torch.rand(p.shape) for p in params], [torch.randn(p.shape) for p in params], [0.5] * len(params)
 
 
-def _sgd_args(dtype=torch.float32, found_inf=0.0):
+def _sgd_args(dtype=torch.float32, found_inf=0.0, combine=True):
     params, grads, bufs = _tensors(dtype=dtype), _tensors(dtype=dtype), _tensors(dtype=dtype)
     precision, anchor, lam = _ewc(params)
     restore = [p.clone() + 1 for p in params]
     fisher = [torch.rand(p.shape) for p in params]
-    return (params, grads, bufs, [1, 0, 1], restore, fisher, precision, anchor, lam, torch.tensor(8.0),
+    # COMBINE: two sources, three coefficients
+    sources = (
+        [t * 0.5 for t in _tensors(dtype=dtype)] + [t - 1 for t in _tensors(dtype=dtype)] if combine else []
+    )
+    coef = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) if combine else None
+    return (params, grads, bufs, [1, 0, 1], restore, sources, coef, fisher, precision, anchor, lam, torch.tensor(8.0),
             torch.tensor(found_inf), torch.tensor(0.7), 0.9, False, 0.1, 0.9, 0.1, 1e-2, False)  # fmt: skip
 
 
@@ -45,8 +50,8 @@ def _adamw_args(amsgrad=True):
     vmax = [t.clone() for t in v] if amsgrad else []
     steps = [torch.tensor(float(i)) for i in range(3)]
     precision, anchor, lam = _ewc(params)
-    return (params, grads, m, v, vmax, steps, [], [], precision, anchor, lam, None, None, None, 0.0, True, 1e-3,
-            0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
+    return (params, grads, m, v, vmax, steps, [], [], None, [], precision, anchor, lam, None, None, None, 0.0, True,
+            1e-3, 0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
 
 
 def _task_lists(num_tasks, dtype=torch.float32):
@@ -83,6 +88,7 @@ def _sam_perturb_args(kinds, grad_scale, finite):
         ("sgd_step_", _sgd_args(found_inf=1.0)),
         ("adamw_step_", _adamw_args()),
         ("adamw_step_", _adamw_args(amsgrad=False)),
+        ("sgd_step_", _sgd_args(combine=False)),
         ("grad_sq_norm", (_tensors(), _tensors(), [], [1, 0, 1], 0.01)),
         ("grad_sq_norm", (_tensors(), [], [t.abs() for t in _tensors()], [2, 3, 0], 0.5)),
         ("sam_perturb_", _sam_perturb_args([1, 1, 0], torch.tensor(2.0), torch.tensor(True))),
@@ -98,6 +104,7 @@ def _sam_perturb_args(kinds, grad_scale, finite):
         "sgd_skipped",
         "adamw_amsgrad",
         "adamw",
+        "sgd_without_combine",
         "grad_sq_norm",
         "grad_sq_norm_fisher",
         "sam_perturb",
@@ -120,7 +127,7 @@ def test_ops_trace_without_graph_breaks():
     steps = [torch.tensor(0.0) for _ in params]
 
     def step(params, grads, m, v):
-        ops.adamw_step_(params, grads, m, v, [], steps, [], [], [], [], [], None, None, None, 0.0, False, 1e-3,
+        ops.adamw_step_(params, grads, m, v, [], steps, [], [], None, [], [], [], [], None, None, None, 0.0, False, 1e-3,
                         0.9, 0.999, 1e-8, 1e-2)  # fmt: skip
         return ops.grad_sq_norm(grads, [], [], [], 0.0)
 

@@ -263,3 +263,57 @@ def test_ssam_fisher_mask(sparsity):
     opt2.load_state_dict(state)
     assert all(torch.equal(opt2.sam_state[q]["ssam_mask"], m) and opt2.sam_state[q]["ssam_mask"].dtype == torch.uint8
                for q, m in zip(params2, packed))  # fmt: skip
+
+
+FUSED_BASES = {"sgd": cl_optim.SGD, "adamw": cl_optim.AdamW}
+
+
+@pytest.mark.parametrize("backend", ["forloop", "foreach", "cpp"])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["gsam", "looksam", "looksam_layerwise", "gam"])
+def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, monkeypatch):
+    """With a cl_optim base (fp64 here) the final combination is the COMBINE term of the
+    restore+update pass, never written into ``.grad``: the reference's numbers (GSAM: those of
+    GSAM over torch's optimizer, checked against INFTY and the official rule in test_gsam.py)
+    on every CPU backend; LookSAM's per-tensor norms keep the written form."""
+    if backend == "cpp":
+        from cl_optim._backend import resolve
+
+        try:
+            resolve("cpp", torch.device("cpu"), torch.float64)
+        except RuntimeError as error:  # pragma: no cover - CI builds it (CL_OPTIM_REQUIRE_CPP)
+            pytest.skip(str(error))
+    hyper = {
+        "gsam": dict(rho=0.1, alpha=0.4),
+        "looksam": dict(rho=0.1, k=3, alpha=0.7, layerwise=False),
+        "looksam_layerwise": dict(rho=0.1, k=3, alpha=0.7, layerwise=True),
+        "gam": dict(rho=0.05, grad_norm_rho=0.2, grad_beta_1=0.6, grad_beta_2=-0.5, grad_beta_3=0.4,
+                    grad_gamma=0.3),
+    }[name]  # fmt: skip
+    cls = {"gsam": cl_optim.GSAM, "gam": cl_optim.GAM}.get(name, cl_optim.LookSAM)
+    combined = []
+    original = cl_optim.SGD._fused_step if base == "sgd" else cl_optim.AdamW._fused_step
+
+    def spy(self, *args, combine=None, **kwargs):
+        combined.append(combine is not None)
+        return original(self, *args, combine=combine, **kwargs)
+
+    monkeypatch.setattr(FUSED_BASES[base], "_fused_step", spy)
+
+    def make(p, _, **k):
+        return cls(p, FUSED_BASES[base], **hyper, backend=backend, **k)
+
+    opt, params, passes = run_mine(make, base)
+    if name == "gsam":
+        monkeypatch.undo()
+        ref_opt, ref_params, ref_passes = run_mine(lambda p, b, **k: cls(p, b, **hyper, **k), base)
+        assert passes == ref_passes
+        for mine, theirs in zip(params, ref_params):
+            torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
+    else:
+        ref = reference(name.replace("_layerwise", ""), base, **hyper)
+        check_against(opt, params, passes, ref, base)
+    # COMBINE on every step but LookSAM's SAM steps (their update uses g_s) and its per-tensor form
+    expected = {"gsam": [True] * STEPS, "gam": [True] * STEPS, "looksam_layerwise": [False] * STEPS,
+                "looksam": [t % 3 != 0 for t in range(STEPS)]}[name]  # fmt: skip
+    assert combined == expected

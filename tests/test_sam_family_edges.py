@@ -371,3 +371,63 @@ def test_looksam_keeps_its_direction_through_a_nonfinite_pass(flag_reads):
         opt.step(closure)
         assert torch.isfinite(opt.sam_state[model.weight]["looksam_gv"]).all()
         assert bool(opt.last_step_skipped) == (step == 2)
+
+
+@pytest.mark.parametrize("base", [cl_optim.SGD, torch.optim.SGD], ids=["fused", "torch"])
+def test_a_combination_that_would_overflow_skips_the_step(base):
+    """GSAM's combination 1.4 g2 - 0.4 g1 of two finite fp32 gradients near the largest float
+    overflows. Written into .grad (a torch.optim base) the second-pass check sees the inf; read by
+    the fused update (COMBINE) it is never formed, and the bound sum |c_k| ||x_k|| stands in for
+    the check: either way the step is skipped and the weights are restored."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = cl_optim.GSAM([p], base, rho=0.1, alpha=0.4, lr=0.1)
+    p.grad = torch.full((2,), 3.3e38)
+    opt.first_step(zero_grad=True)
+    p.grad = torch.full((2,), 3.3e38)  # cos = 1: coefficients 1.4 and -0.4
+    opt.second_step()
+    assert bool(opt.last_step_skipped)
+    assert torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_the_bound_lets_a_large_finite_combination_through():
+    """Gradients of 1e30: far from the bound, the fused step is made (no false skip)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = cl_optim.GSAM([p], cl_optim.SGD, rho=0.1, alpha=0.4, lr=1e-30)
+    p.grad = torch.full((2,), 1e30)
+    opt.first_step(zero_grad=True)
+    p.grad = torch.full((2,), 1e30)
+    opt.second_step()
+    assert not bool(opt.last_step_skipped)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.0, -3.0]))
+
+
+def test_looksam_reuse_steps_move_the_running_fisher_with_the_batch_gradient():
+    """On a reuse step the running Fisher takes g**2 of the batch gradient (as SAM steps take the
+    first pass's), not of g + alpha ||g||/||g_v|| g_v: the same over a fused base (where the update
+    reads g_v itself) and over torch's SGD (where the combination is written into .grad)."""
+    fishers = []
+    for base in (cl_optim.SGD, torch.optim.SGD):
+        model = _model()
+        opt = cl_optim.LookSAM(model.parameters(), base, rho=0.1, k=3, alpha=0.7, fisher_ema=0.9, lr=0.1)
+        grads = []
+        for _ in range(3):  # a SAM step, then two reuse steps
+            opt.zero_grad()
+            F.mse_loss(model(X), Y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+
+            def closure(opt=opt, model=model):
+                opt.zero_grad()
+                loss = F.mse_loss(model(X), Y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        fisher = opt.running_fisher()
+        fishers.append([fisher[p] for p in model.parameters()])
+        # the last step was a reuse step: F = 0.9 F_before + 0.1 g**2 of its batch gradient
+        expected_tail = [0.1 * g**2 for g in grads[-1]]
+        for f, tail, g1, g2 in zip(fishers[-1], expected_tail, grads[0], grads[1]):
+            before = 0.9 * (0.9 * 0.1 * g1**2 + 0.1 * g2**2)
+            torch.testing.assert_close(f, before + tail)
+    for a, b in zip(*fishers):
+        torch.testing.assert_close(a, b)

@@ -22,6 +22,7 @@ from test_backends import (  # noqa: E402
     _check_norm_and_perturb,
     _check_task_ops,
     _functional_run,
+    combine_equals_the_unfused_form,
 )
 
 import cl_optim  # noqa: E402
@@ -85,12 +86,21 @@ def test_step_kernels_match_forloop(kind, dtype, with_terms):
         assert_state_close(got[name], oracle[name], reference.get(name), dtype, LOWP_ATOL[dtype])
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_combine_term_equals_the_combination_written_into_grad(kind, dtype):
+    """Bitwise, bf16 included: the same kernels' rounding on both sides."""
+    combine_equals_the_unfused_form("triton", kind, dtype, zoo_sizes=SMALL_ZOO)
+
+
 @pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])
 @pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adamw", "adamw_amsgrad"])
 def test_bf16_step_kernels_are_within_one_ulp_of_forloop(kind, with_terms):
     """bf16: one step from the same state, each written value within one ulp of the oracle's
-    (several steps would compound the interpreter's truncation bias, which the GPU does not have)."""
-    run = dict(zoo_sizes=SMALL_ZOO, n_steps=1)
+    (several steps would compound the interpreter's truncation bias, which the GPU does not have).
+    Without COMBINE, whose bf16 gradient is a second truncated rounding: it is checked bitwise
+    against task_combine_ on this backend (tests/test_backends.py)."""
+    run = dict(zoo_sizes=SMALL_ZOO, n_steps=1, combine=False)
     oracle = _functional_run(kind, "forloop", torch.bfloat16, with_terms, **run)
     got = _functional_run(kind, "triton", torch.bfloat16, with_terms, **run)
     assert got.keys() == oracle.keys()

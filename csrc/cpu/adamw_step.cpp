@@ -32,7 +32,7 @@ CLO_CPU_CLONES void adamw_chunk(scalar_t* __restrict__ pp, const scalar_t* __res
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList restore_from,
-                    at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& ewc_precision,
+                    at::TensorList combine_from, const std::optional<at::Tensor>& combine_coef, at::TensorList fisher, const c10::List<std::optional<at::Tensor>>& ewc_precision,
                     const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& clip_coef, double fisher_beta, bool maximize, double lr,
@@ -40,8 +40,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   // Every tensor is checked against its parameter before anything is read or written (the step
   // counts included: a rejected call counts nothing).
   const int64_t n = check_adamw_step(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                     steps, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
-                                     found_inf, clip_coef)
+                                     steps, restore_from, combine_from, combine_coef, fisher, ewc_precision,
+                                     ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef)
                         .size();
   if (n == 0 || skip_step(found_inf, params, restore_from)) return;
   // Count this step, then torch.optim.AdamW's bias corrections of it, in double on the host.
@@ -67,8 +67,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true, i));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,
-                       fisher_beta, maximize);
+  StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
+                       grad_scale, clip_coef, fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -93,13 +93,26 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const float* __restrict__ ewc_a = terms.precision_ptr(t);
       const float* __restrict__ ewc_mu = terms.anchor_ptr(t);
       const opmath_t lam = static_cast<opmath_t>(terms.lam_of(t));
-      // Compile-time flags: each combination is its own branch-free, vectorisable loop.
-      with_flags(
-          [&](auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {
-            adamw_chunk<SAVE(), FISHER(), EWC(), AMSGRAD()>(pp, gp, mp, vp, xp, save, fp, ewc_a, ewc_mu, lam, c.begin,
-                                                            c.end, gt, ap_);
-          },
-          save != nullptr, fp != nullptr, ewc, xp != nullptr);
+      // Elements [begin, end) of the pointers shifted by `shift`, the gradient read from `grad`.
+      const auto run = [&](const scalar_t* grad, int64_t shift, int64_t begin, int64_t end) {
+        // Compile-time flags: each combination is its own branch-free, vectorisable loop.
+        with_flags(
+            [&](auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {
+              adamw_chunk<SAVE(), FISHER(), EWC(), AMSGRAD()>(
+                  shifted(pp, shift), grad, shifted(mp, shift), shifted(vp, shift), shifted(xp, shift),
+                  shifted(save, shift), shifted(fp, shift), shifted(ewc_a, shift), shifted(ewc_mu, shift), lam, begin,
+                  end, gt, ap_);
+            },
+            save != nullptr, fp != nullptr, ewc, xp != nullptr);
+      };
+      if (!terms.combining()) return run(gp, 0, c.begin, c.end);
+      // COMBINE: the combined gradient of a sub-block, formed in L1, then the step over it.
+      alignas(64) scalar_t combined[kCombineBlock];
+      for (int64_t b = c.begin; b < c.end; b += kCombineBlock) {
+        const int64_t len = std::min(kCombineBlock, c.end - b);
+        terms.combine<scalar_t, opmath_t>(combined, gp, t, b, len);
+        run(combined, b, 0, len);
+      }
     });
   });
   ws.finish();

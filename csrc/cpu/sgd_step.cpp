@@ -26,7 +26,8 @@ CLO_CPU_CLONES void sgd_chunk(scalar_t* __restrict__ pp, const scalar_t* __restr
 }  // namespace
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList fisher,
+                  c10::IntArrayRef buffer_ready, at::TensorList restore_from, at::TensorList combine_from,
+                  const std::optional<at::Tensor>& combine_coef, at::TensorList fisher,
                   const c10::List<std::optional<at::Tensor>>& ewc_precision,
                   const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
@@ -34,7 +35,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double momentum, double dampening, double weight_decay, bool nesterov) {
   // Every tensor is checked against its parameter before anything is read or written.
   const int64_t n = check_sgd_step(c10::DeviceType::CPU, params, grads, momentum_buffers, buffer_ready, restore_from,
-                                   fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, found_inf, clip_coef)
+                                   combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale,
+                                   found_inf, clip_coef)
                         .size();
   if (n == 0) return;
   const bool has_momentum = !momentum_buffers.empty();
@@ -54,8 +56,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true, i));
     sizes.push_back(params[i].numel());
   }
-  StepTermInputs terms(ws, n, restore_from, fisher, ewc_precision, ewc_anchor, ewc_lam, grad_scale, clip_coef,
-                       fisher_beta, maximize);
+  StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
+                       grad_scale, clip_coef, fisher_beta, maximize);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -75,13 +77,25 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
       const float* __restrict__ mp = terms.anchor_ptr(t);
       const opmath_t lam = static_cast<opmath_t>(terms.lam_of(t));
       const bool ready = has_momentum && buffer_ready[t] != 0;
-      // Compile-time flags: each combination is its own branch-free, vectorisable loop.
-      with_flags(
-          [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
-            sgd_chunk<SAVE(), FISHER(), EWC(), MOMENTUM(), READY()>(pp, gp, bp, save, fp, ap, mp, lam, c.begin, c.end,
-                                                                    gt, sp);
-          },
-          save != nullptr, fp != nullptr, ewc, bp != nullptr, ready);
+      // Elements [begin, end) of the pointers shifted by `shift`, the gradient read from `grad`.
+      const auto run = [&](const scalar_t* grad, int64_t shift, int64_t begin, int64_t end) {
+        // Compile-time flags: each combination is its own branch-free, vectorisable loop.
+        with_flags(
+            [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
+              sgd_chunk<SAVE(), FISHER(), EWC(), MOMENTUM(), READY()>(
+                  shifted(pp, shift), grad, shifted(bp, shift), shifted(save, shift), shifted(fp, shift),
+                  shifted(ap, shift), shifted(mp, shift), lam, begin, end, gt, sp);
+            },
+            save != nullptr, fp != nullptr, ewc, bp != nullptr, ready);
+      };
+      if (!terms.combining()) return run(gp, 0, c.begin, c.end);
+      // COMBINE: the combined gradient of a sub-block, formed in L1, then the step over it.
+      alignas(64) scalar_t combined[kCombineBlock];
+      for (int64_t b = c.begin; b < c.end; b += kCombineBlock) {
+        const int64_t len = std::min(kCombineBlock, c.end - b);
+        terms.combine<scalar_t, opmath_t>(combined, gp, t, b, len);
+        run(combined, b, 0, len);
+      }
     });
   });
   ws.finish();

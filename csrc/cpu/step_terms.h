@@ -5,6 +5,7 @@
 #include <cl_optim/elementwise.h>
 
 #include "../op_checks.h"
+#include "combine.h"
 #include "multi_tensor.h"
 
 namespace cl_optim {
@@ -26,13 +27,25 @@ inline bool skip_step(const std::optional<at::Tensor>& found_inf, at::TensorList
   return true;
 }
 
+// `p + by`, or nullptr for an absent tensor (a flag keeps it unread).
+template <typename T>
+inline T* shifted(T* p, int64_t by) {
+  return p == nullptr ? nullptr : p + by;
+}
+
 struct StepTermInputs {
   std::vector<at::Tensor> restore, fisher, precision, anchor;
   std::vector<double> lam;
   double inv_scale, clip_coef, fisher_beta;
   bool maximize;
+  // COMBINE: the K source lists (entry j * n + t is source j + 1 of tensor t) and the K + 1
+  // coefficients, read on the host (a CPU tensor: free); empty coefficients: the term is off.
+  int64_t n_tensors;
+  std::vector<at::Tensor> sources;
+  std::vector<double> combine_coef;
 
-  StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList fisher_in,
+  StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList combine_from,
+                 const std::optional<at::Tensor>& combine_coef_in, at::TensorList fisher_in,
                  const c10::List<std::optional<at::Tensor>>& ewc_precision,
                  const c10::List<std::optional<at::Tensor>>& ewc_anchor, c10::ArrayRef<double> ewc_lam,
                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& clip_coef_in,
@@ -40,8 +53,14 @@ struct StepTermInputs {
       : inv_scale(inv_scale_of(grad_scale)),
         clip_coef(scalar_or(clip_coef_in, 1.0)),
         fisher_beta(fisher_beta_in),
-        maximize(maximize_in) {
+        maximize(maximize_in),
+        n_tensors(n) {
     for (size_t i = 0; i < restore_from.size(); ++i) restore.push_back(ws.use(restore_from[i], false, i));
+    if (combine_coef_in.has_value() && combine_coef_in->defined()) {
+      const at::Tensor c = combine_coef_in->to(at::kDouble).contiguous();
+      combine_coef.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+      for (size_t i = 0; i < combine_from.size(); ++i) sources.push_back(ws.use(combine_from[i], false, i % n));
+    }
     for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.use(fisher_in[i], true, i));
     for (size_t i = 0; i < ewc_precision.size(); ++i) {
       std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
@@ -54,6 +73,21 @@ struct StepTermInputs {
       }
       lam.push_back(ewc_lam[i]);
     }
+  }
+
+  bool combining() const { return !combine_coef.empty(); }
+
+  // COMBINE of elements [begin, begin + len) of tensor t (len <= kCombineBlock) into `out`:
+  // 0 + c_0 g + c_1 x_1 + ... in opmath, rounded to the gradient's dtype, as task_combine_ writes it.
+  template <typename scalar_t, typename opmath_t>
+  void combine(scalar_t* out, const scalar_t* grad, int64_t t, int64_t begin, int64_t len) const {
+    alignas(64) opmath_t acc[kCombineBlock];
+    combine_start<scalar_t, opmath_t>(acc, nullptr, len, false);
+    combine_add<scalar_t, opmath_t>(acc, grad + begin, static_cast<opmath_t>(combine_coef[0]), len);
+    for (size_t j = 1; j < combine_coef.size(); ++j)
+      combine_add<scalar_t, opmath_t>(acc, sources[(j - 1) * n_tensors + t].data_ptr<scalar_t>() + begin,
+                                      static_cast<opmath_t>(combine_coef[j]), len);
+    combine_store<scalar_t, opmath_t>(out, acc, len);
   }
 
   template <typename scalar_t>

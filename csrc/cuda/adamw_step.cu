@@ -11,7 +11,7 @@ namespace cl_optim::cuda {
 // corrections come from the step count on the device (list 9), counted by the glue before the
 // launch: no host read of it, so AMP's skip (which does not count the step) needs no sync.
 template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool AMSGRAD>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<10> meta, AdamWDeviceArgs args) {
+__global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<kAdamWLists> meta, AdamWDeviceArgs args) {
   int t;
   int64_t begin, end;
   chunk_range(meta, t, begin, end);
@@ -45,8 +45,10 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<10> meta
       continue;
     }
     float pv;
+    const float g_in = args.n_sources >= 0 ? combined_grad(meta, 10, t, i, g, args.combine_coef, args.n_sources)
+                                           : load_as<float>(g[i]);
     const float gv =
-        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
+        restored_task_grad_of<SAVE, FISHER, EWC>(p, save, g_in, fisher, precision, anchor, i, ewc_lam, terms, pv);
     float mv = load_as<float>(m[i]), vv = load_as<float>(v[i]), xv = AMSGRAD ? load_as<float>(vmax[i]) : 0.f;
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
     p[i] = store_as<scalar_t>(pv);  // round to nearest even for bf16/fp16
@@ -61,7 +63,8 @@ void adamw_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& 
                      bool amsgrad, cudaStream_t stream) {
   auto run = [&](auto tag, auto SAVE, auto FISHER, auto EWC, auto AMSGRAD) {
     using scalar_t = decltype(tag);
-    multi_tensor_apply<10>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<10>& meta, int blocks) {
+    multi_tensor_apply<kAdamWLists>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<kAdamWLists>& meta,
+                                                                  int blocks) {
       adamw_kernel<scalar_t, SAVE(), FISHER(), EWC(), AMSGRAD()><<<blocks, kThreads, 0, stream>>>(meta, args);
       check(cudaGetLastError(), "adamw_kernel launch");
     });

@@ -19,23 +19,32 @@ using Lists = std::vector<std::vector<void*>>;
 // Elements per block-chunk of every multi-tensor launch; reductions leave one partial per chunk.
 constexpr int kChunkElements = 16384;
 
+// The lists of the step kernels: SGD 7, AdamW 10, each followed by the COMBINE sources.
+constexpr int kSgdLists = 7 + 3;
+constexpr int kAdamWLists = 10 + 3;
+
 inline int64_t chunk_count(const std::vector<int64_t>& sizes) {
   int64_t chunks = 0;
   for (int64_t size : sizes) chunks += (size + kChunkElements - 1) / kChunkElements;
   return chunks;
 }
 
+// COMBINE sources the step kernels read themselves; with more, the glue forms the combination first.
+constexpr int kMaxFusedSources = 3;
+
 struct SgdDeviceArgs {
   const float* inv_scale;  // AMP: 1/grad_scale, or null
   const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
   const float* clip_coef;  // CLIP, or null
+  const float* combine_coef;  // COMBINE: n_sources + 1 coefficients (fp32), or null
+  int n_sources;              // COMBINE: sources in lists 7.. (-1: off)
   float lr, sign, fisher_beta;
   float momentum, one_minus_dampening, weight_decay;
   bool nesterov;
 };
 
-// Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher, 5 EWC precision, 6 EWC anchor.
-// `ready` (momentum buffers started) is one value per call: the glue launches the tensors of a
+// Lists: 0 param, 1 grad, 2 momentum buffer, 3 save, 4 fisher, 5 EWC precision, 6 EWC anchor,
+// 7-9 COMBINE sources. `ready` (momentum buffers started) is one value per call: the glue launches the tensors of a
 // first step apart.
 void sgd_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes, const std::vector<float>& ewc_lam,
                    const SgdDeviceArgs& args, bool save, bool fisher, bool ewc, bool momentum, bool ready,
@@ -45,13 +54,16 @@ struct AdamWDeviceArgs {
   const float* inv_scale;  // AMP: 1/grad_scale, or null
   const float* found_inf;  // AMP: skip the update (after RESTORE) when non-zero, or null
   const float* clip_coef;  // CLIP, or null
+  const float* combine_coef;  // COMBINE: n_sources + 1 coefficients (fp32), or null
+  int n_sources;              // COMBINE: sources in lists 10.. (-1: off)
   float sign, fisher_beta;
   float decay, one_minus_beta1, beta2, one_minus_beta2, eps;
   double lr_exact, beta1_exact, beta2_exact;  // the bias corrections, formed in double
 };
 
 // Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher,
-// 7 EWC precision, 8 EWC anchor, 9 step (fp32 scalar on the device, already counted).
+// 7 EWC precision, 8 EWC anchor, 9 step (fp32 scalar on the device, already counted), 10-12
+// COMBINE sources.
 void adamw_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes,
                      const std::vector<float>& ewc_lam, const AdamWDeviceArgs& args, bool save, bool fisher, bool ewc,
                      bool amsgrad, cudaStream_t stream);

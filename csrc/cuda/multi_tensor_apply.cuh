@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <cl_optim/elementwise.h>
+
 #include "launchers.h"
 
 namespace cl_optim::cuda {
@@ -31,12 +33,12 @@ struct TensorListMeta {
   int block_to_chunk[kMaxBlocks];
 };
 
-// The whole meta is one kernel argument. Above 4 KB (the AdamW kernel's 10 lists make ~5.1 KB)
+// The whole meta is one kernel argument. Above 4 KB (the AdamW kernel's 13 lists make ~6 KB)
 // that needs CUDA 12.1+ (large kernel parameters, up to 32764 bytes; driver r530+): refused at
 // build time with an older toolkit instead of failing to launch.
-static_assert(sizeof(TensorListMeta<10>) <= 32764, "the multi-tensor meta exceeds CUDA's kernel-parameter limit");
+static_assert(sizeof(TensorListMeta<kAdamWLists>) <= 32764, "the multi-tensor meta exceeds CUDA's kernel-parameter limit");
 #if defined(CUDART_VERSION) && CUDART_VERSION < 12010
-static_assert(sizeof(TensorListMeta<10>) <= 4096,
+static_assert(sizeof(TensorListMeta<kAdamWLists>) <= 4096,
               "the AdamW kernel's argument block exceeds 4 KB: build with CUDA 12.1 or newer (large kernel parameters)");
 #endif
 
@@ -101,6 +103,20 @@ __device__ __forceinline__ void chunk_range(const TensorListMeta<kLists>& meta, 
   tensor = meta.block_to_tensor[blockIdx.x];
   begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
   end = begin + kChunk < meta.sizes[tensor] ? begin + kChunk : meta.sizes[tensor];
+}
+
+// COMBINE at element i of tensor t: 0 + c_0 g + c_1 x_1 + ... in fp32 (sources in lists first..,
+// each product and sum rounded as the oracle rounds them: no FMA), rounded to the gradient's dtype
+// as task_combine_ writes a combination into .grad. `n_sources` is the same for every thread.
+template <typename scalar_t, int kLists>
+__device__ __forceinline__ float combined_grad(const TensorListMeta<kLists>& meta, int first, int t, int64_t i,
+                                               const scalar_t* g, const float* coef, int n_sources) {
+  float acc = __fadd_rn(0.f, __fmul_rn(coef[0], load_as<float>(g[i])));
+  for (int j = 0; j < n_sources; ++j) {
+    const auto* x = static_cast<const scalar_t*>(meta.addresses[first + j][t]);
+    acc = __fadd_rn(acc, __fmul_rn(coef[j + 1], load_as<float>(x[i])));
+  }
+  return load_as<float>(store_as<scalar_t>(acc));
 }
 
 // Device scalars (lr, loss scale, found_inf, SAM scale) are read by pointer: a step needs no

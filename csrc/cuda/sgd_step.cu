@@ -9,7 +9,7 @@ namespace cl_optim::cuda {
 
 // Lists and arguments: launchers.h. scalars[0][t]: the EWC lambda of tensor t.
 template <typename scalar_t, bool SAVE, bool FISHER, bool EWC, bool MOMENTUM, bool READY>
-__global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, SgdDeviceArgs args) {
+__global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<kSgdLists> meta, SgdDeviceArgs args) {
   int t;
   int64_t begin, end;
   chunk_range(meta, t, begin, end);
@@ -33,8 +33,10 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<7> meta, S
       continue;
     }
     float pv;
+    const float g_in = args.n_sources >= 0 ? combined_grad(meta, 7, t, i, g, args.combine_coef, args.n_sources)
+                                           : load_as<float>(g[i]);
     const float gv =
-        restored_task_grad<SAVE, FISHER, EWC>(p, save, g, fisher, precision, anchor, i, ewc_lam, terms, pv);
+        restored_task_grad_of<SAVE, FISHER, EWC>(p, save, g_in, fisher, precision, anchor, i, ewc_lam, terms, pv);
     float bv = MOMENTUM ? load_as<float>(buf[i]) : 0.f;
     sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
     if (MOMENTUM) buf[i] = store_as<scalar_t>(bv);
@@ -49,7 +51,8 @@ void sgd_step_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& si
     using scalar_t = decltype(tag);
     with_flags(
         [&](auto SAVE, auto FISHER, auto EWC, auto MOMENTUM, auto READY) {
-          multi_tensor_apply<7>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<7>& meta, int blocks) {
+          multi_tensor_apply<kSgdLists>(lists, sizes, ewc_lam, {}, [&](const TensorListMeta<kSgdLists>& meta,
+                                                                       int blocks) {
             sgd_kernel<scalar_t, SAVE(), FISHER(), EWC(), MOMENTUM(), READY()><<<blocks, kThreads, 0, stream>>>(meta, args);
             check(cudaGetLastError(), "sgd_kernel launch");
           });

@@ -107,17 +107,25 @@ CLO_HD T task_grad(T g, T p, float& fisher, T precision, T anchor, T ewc_lam, co
 }
 
 // The first half of every fused step at element i, shared by the SGD and AdamW loops and kernels:
-// RESTORE (read the weight from `save`), then the task gradient with its optional terms. Sets
-// `p` (op-math) and returns the gradient the base update sees. Pointers a flag switches off are
-// never read.
+// RESTORE (read the weight from `save`), then the task gradient with its optional terms, from the
+// gradient value `grad` (COMBINE's combination where that term is on). Sets `p` (op-math) and
+// returns the gradient the base update sees. Pointers a flag switches off are never read.
 template <bool SAVE, bool FISHER, bool EWC, typename T, typename S>
-CLO_HD T restored_task_grad(const S* param, const S* save, const S* grad, float* fisher, const float* precision,
-                            const float* anchor, int64_t i, T ewc_lam, const GradTerms<T>& terms, T& p) {
+CLO_HD T restored_task_grad_of(const S* param, const S* save, T grad, float* fisher, const float* precision,
+                               const float* anchor, int64_t i, T ewc_lam, const GradTerms<T>& terms, T& p) {
   p = load_as<T>(SAVE ? save[i] : param[i]);
   float unused = 0.f;
   float& f = FISHER ? fisher[i] : unused;
-  return task_grad<FISHER, EWC>(load_as<T>(grad[i]), p, f, EWC ? static_cast<T>(precision[i]) : T(0),
+  return task_grad<FISHER, EWC>(grad, p, f, EWC ? static_cast<T>(precision[i]) : T(0),
                                 EWC ? static_cast<T>(anchor[i]) : T(0), ewc_lam, terms);
+}
+
+// The same with the gradient read from `grad` at element i.
+template <bool SAVE, bool FISHER, bool EWC, typename T, typename S>
+CLO_HD T restored_task_grad(const S* param, const S* save, const S* grad, float* fisher, const float* precision,
+                            const float* anchor, int64_t i, T ewc_lam, const GradTerms<T>& terms, T& p) {
+  return restored_task_grad_of<SAVE, FISHER, EWC>(param, save, load_as<T>(grad[i]), fisher, precision, anchor, i,
+                                                  ewc_lam, terms, p);
 }
 
 template <typename T>
