@@ -531,13 +531,14 @@ class SAM(torch.optim.Optimizer):
         unless ``sum_k |c_k| ||x_k||`` — a bound of every partial sum of every element — is at most
         half the dtype's largest value, so the combination cannot overflow. Otherwise (a torch.optim
         base, low precision, no norms, accumulation) it is written into ``.grad`` now."""
+        dtypes = {p.dtype for p in params}
         fused = (
             self._FUSE_COMBINATION
             and norms is not None
             and isinstance(self.base_optimizer, FusedOptimizer)
             and not self._run.get("accumulate")
             and not self._run.get("micro_summed")  # earlier micro-batches are added to .grad unscaled
-            and all(p.dtype in (torch.float32, torch.float64) for p in params)
+            and dtypes <= {torch.float32, torch.float64}
         )
         if not fused:
             from .multitask.aggregators import weighted_sum_unchecked
@@ -545,7 +546,7 @@ class SAM(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             weighted_sum_unchecked([grads, *sources], coefficients, out=grads, backend=self.backend)
             return
-        largest = min(torch.finfo(p.dtype).max for p in params)
+        largest = min(torch.finfo(dtype).max for dtype in dtypes)
         bounded = (coefficients.abs().to(norms.dtype) * norms).sum() <= largest / 2  # NaN: False
         by_param = {id(p): [source[i] for source in sources] for i, p in enumerate(params)}
         self._run["combine"] = (by_param, coefficients, bounded)
