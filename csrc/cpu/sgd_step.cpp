@@ -88,14 +88,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             },
             save != nullptr, fp != nullptr, ewc, bp != nullptr, ready);
       };
-      if (!terms.combining()) return run(gp, 0, c.begin, c.end);
-      // COMBINE: the combined gradient of a sub-block, formed in L1, then the step over it.
-      alignas(64) scalar_t combined[kCombineBlock];
-      for (int64_t b = c.begin; b < c.end; b += kCombineBlock) {
-        const int64_t len = std::min(kCombineBlock, c.end - b);
-        terms.combine<scalar_t, opmath_t>(combined, gp, t, b, len);
-        run(combined, b, 0, len);
-      }
+      terms.over_chunk<scalar_t, opmath_t>(gp, t, c.begin, c.end, run);
     });
   });
   ws.finish();

@@ -90,6 +90,20 @@ struct StepTermInputs {
     combine_store<scalar_t, opmath_t>(out, acc, len);
   }
 
+  // Runs `run(grad, shift, begin, end)` over elements [begin, end) of tensor t's chunk, the other
+  // pointers shifted by `shift`: the chunk with .grad as it is, or with COMBINE a sub-block at a
+  // time, its combined gradient formed in L1 first.
+  template <typename scalar_t, typename opmath_t, typename Run>
+  void over_chunk(const scalar_t* grad, int64_t t, int64_t begin, int64_t end, const Run& run) const {
+    if (!combining()) return run(grad, 0, begin, end);
+    alignas(64) scalar_t combined[kCombineBlock];
+    for (int64_t b = begin; b < end; b += kCombineBlock) {
+      const int64_t len = std::min(kCombineBlock, end - b);
+      combine<scalar_t, opmath_t>(combined, grad, t, b, len);
+      run(combined, b, 0, len);
+    }
+  }
+
   template <typename scalar_t>
   const scalar_t* save(int64_t t) const {
     return restore.empty() ? nullptr : restore[t].data_ptr<scalar_t>();
