@@ -52,25 +52,24 @@ Bytes floor of a row (B/param, fp32, per timed call) = AdamW's update (28 per it
 the restore read; ``bench_sam.py``) + the variant's bytes beyond it at the floor of a fully fused
 design (DESIGN.md §11, the column the plain SAM rows' 48 = 20 + 28 also use) + 8 per gradient
 write (the copies are timed, so they are in the floor). DESIGN.md §11's "as implemented" bytes
-are listed beside them (the module docstrings' figures are close: WSAM's and FriendlySAM's count
-one combine less, 56 and 44; C-Flat's says "about 120"):
+are listed beside them (with the COMBINE term where the variant uses it over a fused base):
 
 ======== ====================== ============================ ====== ===========
 variant  beyond the base: floor beyond the base: implemented writes row floor
 ======== ====================== ============================ ====== ===========
-gsam     36                     52                           2      80
+gsam     36                     44                           2      80
 wsam     28                     68                           2      72
-looksam  36 + 4 x 12 = 84       52 + 4 x 20 = 132            6      272 (per 5)
-fsam     32                     48                           2      76
+looksam  36 + 4 x 12 = 84       52 + 4 x 12 = 100            6      272 (per 5)
+fsam     32                     64                           2      76
 msam     12                     28                           1      48
-gam      104                    144                          4      164
+gam      104                    136                          4      164
 cflat    84                     124                          4      144
-rwp      20                     40 (64 counted from rwp.py)  2      64
+rwp      20                     64                           2      64
 ======== ====================== ============================ ====== ===========
 
-RWP's first step as written moves 64 B beyond the base, not DESIGN.md's 40: keep ``g`` 8, the
-restore copy 8, row norms 4, ``randn`` 4, scaling the noise 8, adding it 12, the check of ``g``
-4, the mix 12, the second-pass check 4.
+The ``cl_optim_cpp_written`` rows (GSAM, LookSAM, GAM) are the same optimizer with its final
+combination written into ``.grad`` by ``task_combine_`` first (8 B/param more); the paired rounds
+compare the two.
 
 LookSAM's rows (``looksam_adamw_k5``) are times of 5 consecutive iterations, one SAM step and
 four reuse steps; every other row is one iteration. The paired rounds give the speed-up of the
