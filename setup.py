@@ -50,6 +50,7 @@ setup(
         "cl_optim.fisher",
         "cl_optim.landscape",
         "cl_optim.multitask",
+        "cl_optim.merge",
         "cl_optim.integrations",
         "cl_optim.kernels",
         "cl_optim._csrc",

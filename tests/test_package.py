@@ -81,3 +81,15 @@ def test_the_first_build_is_announced(tmp_path, capsys, monkeypatch):
     (tmp_path / "cl_optim_cpu.so").write_bytes(b"")
     _announce(tmp_path / "cl_optim_cpu.so", "the C++ CPU kernels", "about 30 s")  # built: silent
     assert capsys.readouterr().err == ""
+
+
+def test_every_subpackage_is_installed():
+    """setup.py lists its packages by hand: a new subpackage missing there would be absent from a
+    non-editable install (cl_optim.merge was, before this test)."""
+    listed = set(re.findall(r'"(cl_optim(?:\.\w+)*)"', (ROOT / "setup.py").read_text()))
+    found = {
+        "cl_optim." + ".".join(d.relative_to(ROOT / "cl_optim").parts)
+        for d in (ROOT / "cl_optim").rglob("*")
+        if d.is_dir() and (d / "__init__.py").exists() and "__pycache__" not in d.parts
+    }
+    assert found <= listed, f"not in setup.py's packages: {sorted(found - listed)}"
