@@ -143,7 +143,7 @@ def test_bad_inputs_are_refused_with_their_names():
         task_arithmetic([1, 2], experts)
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "ties", "fisher", "learned"])
+@pytest.mark.parametrize("name", ["arithmetic", "ties", "fisher", "learned", "align"])
 def test_the_docstring_examples_run(name):
     import doctest
     import importlib
