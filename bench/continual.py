@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from continual_plots import plot, plot_flatness  # bench/ is on sys.path when this script runs
+from cl_methods import METHODS as DATA_METHODS  # bench/ is on sys.path when this script runs
+from cl_methods import Method
+from continual_plots import plot, plot_flatness
 from flatness import FirstTaskMonitor, consecutive_barrier, edge_of_stability_lr, measure_seen_tasks
 from harness import device_name
 from torch import nn
@@ -45,7 +47,8 @@ from torch import nn
 import cl_optim
 
 METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
-           "large_lr")  # fmt: skip
+           "large_lr", "replay", "lwf", "align")  # fmt: skip
+BENCHMARKS = ("permuted", "split", "class_incremental")
 # The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
 SAM_FAMILY = {
     "sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
@@ -123,15 +126,26 @@ def make_tasks(x, y, kind: str, n_tasks: int, seed: int, train_fraction=0.7, max
                 }
             )
     else:
+        # split: a 2-way head per task (task identity at test time); class_incremental: the same
+        # digit pairs, one shared 10-way head, the digits' own labels, no task identity
+        shared = kind == "class_incremental"
         pairs = [(2 * t, 2 * t + 1) for t in range(min(n_tasks, 5))]
         for t, (a, b) in enumerate(pairs):
 
             def select(part, a=a, b=b):
                 mask = (part[1] == a) | (part[1] == b)
-                return torch.tensor(part[0][mask]), torch.tensor((part[1][mask] == b).astype(np.int64))
+                labels = part[1][mask] if shared else (part[1][mask] == b)
+                return torch.tensor(part[0][mask]), torch.tensor(labels.astype(np.int64))
 
+            head, classes = (0, 10) if shared else (t, 2)
             tasks.append(
-                {"name": f"{a}v{b}", "head": t, "classes": 2, "train": select(train), "test": select(test)}
+                {
+                    "name": f"{a}v{b}",
+                    "head": head,
+                    "classes": classes,
+                    "train": select(train),
+                    "test": select(test),
+                }
             )
     return tasks
 
@@ -199,16 +213,18 @@ def run_method(method, tasks, args, device, progress):
         )
         extra.update(lr=lr, first_task_sharpness_at_finetune=top)
     opt, ewc = build_optimizer(method, model, args, lr=extra.get("lr"))
+    hooks = DATA_METHODS[method]() if method in DATA_METHODS else Method()  # what each batch trains on
+    if method == "replay":
+        hooks = DATA_METHODS[method](seed=args.seed)
     if method == "large_lr":
         monitor = FirstTaskMonitor(model, tasks[0], opt, device)
     is_sam = isinstance(opt, cl_optim.SAM)
-    loss_fn = nn.CrossEntropyLoss()
     matrix, flatness, barriers, step_seconds, steps = [], [], [], 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
     previous = None
     try:
         for i, task in enumerate(tasks):
-            step_seconds, steps = train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress,
+            step_seconds, steps = train_task(model, opt, ewc, task, hooks, gen, args, device, progress,
                                              is_sam, step_seconds, steps, monitor)  # fmt: skip
             matrix.append([accuracy(model, t, device) for t in tasks])
             if args.flatness:
@@ -242,9 +258,10 @@ def run_method(method, tasks, args, device, progress):
     return result
 
 
-def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_sam, step_seconds, steps,
+def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam, step_seconds, steps,
                monitor=None):  # fmt: skip
-    """One task's epochs, then (EWC) its Fisher; returns the running step time and count."""
+    """One task's epochs, then (EWC) its Fisher; returns the running step time and count. The
+    method's ``hooks`` (bench/cl_methods) give each batch's loss."""
     model.active = task["head"]
     x, y = (t.to(device) for t in task["train"])
     nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)  # read once, at the end
@@ -252,18 +269,19 @@ def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_s
         order = torch.randperm(len(x), generator=gen).to(device)
         for start in range(0, len(x), args.batch_size):
             batch = order[start : start + args.batch_size]
+            batch_loss = hooks.batch_loss(model, x[batch], y[batch], task)
             opt.zero_grad()
-            loss = loss_fn(model(x[batch]), y[batch])
+            loss = batch_loss()
             nonfinite_loss |= ~torch.isfinite(loss.detach())
             loss.backward()
             closure_seconds = [0.0]
 
-            def closure(batch=batch, closure_seconds=closure_seconds):
+            def closure(batch_loss=batch_loss, closure_seconds=closure_seconds):
                 # SAM and its variants call it as often as they need (LookSAM: on SAM steps only,
                 # C-Flat: three times); its forward/backward is not optimizer time.
                 start = time.perf_counter()
                 opt.zero_grad()
-                loss = loss_fn(model(x[batch]), y[batch])
+                loss = batch_loss()
                 loss.backward()
                 closure_seconds[0] += time.perf_counter() - start
                 return loss
@@ -277,6 +295,7 @@ def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_s
                 torch.cuda.synchronize()
             step_seconds += time.perf_counter() - tic - closure_seconds[0]
             steps += 1
+            hooks.after_batch(x[batch], y[batch], task)
             progress.update(1)
             if monitor is not None:  # outside the timed step
                 monitor.step()
@@ -294,6 +313,7 @@ def train_task(model, opt, ewc, task, loss_fn, gen, args, device, progress, is_s
         n = min(args.fisher_samples, len(x))
         data = [(x[s : s + 250], y[s : s + 250]) for s in range(0, n, 250)]
         ewc.consolidate(cl_optim.fisher.estimate(model, data, estimator="exact"))
+    hooks.after_task(model, task)
     return step_seconds, steps
 
 
@@ -323,9 +343,7 @@ def parse_args(argv=None):
         description="cl_optim continual-learning benchmark (digits, no download)"
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument(
-        "--benchmarks", nargs="+", default=["permuted", "split"], choices=["permuted", "split"]
-    )
+    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     parser.add_argument("--tasks", type=int, default=5, help="tasks per benchmark (split has at most 5)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per task")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -380,9 +398,10 @@ def check_args(parser, args) -> None:
     need(0 <= args.lam < math.inf, f"--lam must be finite and >= 0, got {args.lam}")
     need(0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}")
     need(0 <= args.rho < math.inf, f"--rho must be finite and >= 0, got {args.rho}")
-    if "split" in args.benchmarks and args.tasks > 5:
+    if ("split" in args.benchmarks or "class_incremental" in args.benchmarks) and args.tasks > 5:
         print(
-            f"note: split has 5 tasks (digit pairs); --tasks {args.tasks} applies to permuted only",
+            f"note: split and class_incremental have 5 tasks (digit pairs); --tasks {args.tasks} applies to "
+            "permuted only",
             file=sys.stderr,
         )
     need(args.data_dir is None or args.data_dir.is_dir(), f"--data-dir {args.data_dir} is not a directory")

@@ -28,7 +28,7 @@ def _quick(tmp_path, *extra):
 
 def test_quick_run_writes_a_complete_result(tmp_path):
     record = _quick(tmp_path)
-    assert set(record["results"]) == {"permuted", "split"}
+    assert set(record["results"]) == {"permuted", "split", "class_incremental"}
     for bench, methods in record["results"].items():
         assert set(methods) == set(continual.METHODS)
         for result in methods.values():
@@ -40,8 +40,16 @@ def test_quick_run_writes_a_complete_result(tmp_path):
             assert result["optimizer_ms_per_step"] > 0 and result["steps"] > 0
             # every method learns the task it trains on, in 3 epochs (chance: 0.1 and 0.5); large_lr
             # trains at the edge of stability, where plain SGD may not (what the job measures)
-            if result is not methods["large_lr"]:
-                assert matrix.diagonal().min() > (0.4 if bench == "permuted" else 0.8)
+            # class_incremental: one shared head, where a penalty (EWC) or a reused direction
+            # (LookSAM) slows the new classes down (what the scenario shows); still far above chance.
+            # LwF there keeps the old model's answers on the new digits and learns the second
+            # pair not at all in 3 epochs (the known failure of distillation without exemplars;
+            # about fine-tuning's average in van de Ven et al.'s class-incremental split MNIST)
+            exempt = result is methods["large_lr"] or (
+                bench == "class_incremental" and result is methods["lwf"]
+            )
+            if not exempt:
+                assert matrix.diagonal().min() > (0.8 if bench == "split" else 0.4)
             # the flatness of every seen task after every task, and the barriers between solutions
             assert [len(row["sharpness"]) for row in result["flatness"]] == [1, 2, 3]
             assert all(len(row["trace"]) == len(row["sharpness"]) for row in result["flatness"])

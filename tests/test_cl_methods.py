@@ -1,0 +1,99 @@
+"""The main job's data-side methods (bench/cl_methods): each loss against its formula written out."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cl_methods import Align, LwF, Method, Replay  # noqa: E402
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self, classes=(2, 2)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU())
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, c) for c in classes)
+        self.active = 0
+
+    def forward(self, x):
+        return self.heads[self.active](self.trunk(x))
+
+
+def _task(head, labels, n=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen)
+    y = torch.tensor([labels[i % len(labels)] for i in range(n)])
+    return {"name": f"t{head}", "head": head, "train": (x, y)}
+
+
+def test_plain_method_is_the_cross_entropy():
+    model, task = TwoHeads(), _task(0, [0, 1])
+    x, y = task["train"]
+    assert torch.equal(Method().batch_loss(model, x, y, task)(), F.cross_entropy(model(x), y))
+
+
+def test_replay_keeps_a_reservoir_and_trains_each_sample_through_its_head():
+    model, replay = TwoHeads(), Replay(capacity=10, seed=0)
+    first, second = _task(0, [0, 1], n=30, seed=1), _task(1, [0, 1], n=30, seed=2)
+    replay.after_batch(*first["train"], first)
+    assert len(replay.x) == 10 and replay.seen == 30 and set(replay.head) == {0}
+    # every stored sample is one of the stream's
+    assert all(any(torch.equal(s, x) for x in first["train"][0]) for s in replay.x)
+    model.active = 1
+    x, y = second["train"][0][:4], second["train"][1][:4]
+    loss = replay.batch_loss(model, x, y, second)
+    value = loss()
+    assert torch.equal(loss(), value)  # the replayed samples are drawn once per batch, not per pass
+    # the mean of 8 per-sample losses: the batch's four through head 1, four replayed through head 0
+    total = F.cross_entropy(model(x), y, reduction="sum")
+    model.active = 0
+    replayed = F.cross_entropy(model(torch.stack(replay.x)), torch.stack(replay.y), reduction="none")
+    model.active = 1
+    assert (total + 4 * replayed.min()) / 8 - 1e-6 <= value <= (total + 4 * replayed.max()) / 8 + 1e-6
+    assert not torch.isclose(value, F.cross_entropy(model(x), y))  # the buffer is in it
+    assert model.active == 1
+
+
+def test_lwf_is_the_cross_entropy_at_the_teacher_and_distills_only_trained_classes():
+    model = TwoHeads(classes=(4,))
+    task0, task1 = _task(0, [0, 1]), _task(0, [2, 3], seed=3)
+    lwf = LwF()
+    lwf.after_task(model, task0)
+    assert lwf.classes == {0: [0, 1]}
+    x, y = task1["train"]
+    # at the teacher's own weights the distillation term is 0
+    torch.testing.assert_close(lwf.batch_loss(model, x, y, task1)(), F.cross_entropy(model(x), y))
+    # moved weights: CE + T^2 KL over the columns of classes 0 and 1 only, written out
+    with torch.no_grad():
+        model.heads[0].weight.add_(0.3)
+    got = lwf.batch_loss(model, x, y, task1)()
+    t = 2.0
+    teacher = lwf.teacher
+    p_old = F.softmax(teacher(x)[:, :2] / t, -1)
+    log_new = F.log_softmax(model(x)[:, :2] / t, -1)
+    kl = (p_old * (p_old.log() - log_new)).sum(1).mean()
+    torch.testing.assert_close(got, F.cross_entropy(model(x), y) + t * t * kl)
+
+
+def test_align_pulls_the_features_towards_the_previous_network():
+    model = TwoHeads()
+    task0, task1 = _task(0, [0, 1]), _task(1, [0, 1], seed=4)
+    align = Align(lam=0.5)
+    align.after_task(model, task0)
+    x, y = task1["train"]
+    model.active = 1
+    torch.testing.assert_close(align.batch_loss(model, x, y, task1)(), F.cross_entropy(model(x), y))
+    old = copy.deepcopy(model.trunk)
+    with torch.no_grad():
+        model.trunk[0].bias.add_(0.2)
+    got = align.batch_loss(model, x, y, task1)()
+    want = F.cross_entropy(model(x), y) + 0.5 * (model.trunk(x) - old(x)).pow(2).sum(1).mean()
+    torch.testing.assert_close(got, want)
