@@ -1,23 +1,25 @@
 """The continual-learning main job: what cl_optim's optimizers do against forgetting.
 
-Two task sequences built from scikit-learn's 8x8 digits (shipped with the package, no download):
+Three task sequences built from scikit-learn's 8x8 digits (shipped with the package, no download):
 
 * permuted: ``--tasks`` tasks, each a fixed permutation of the 64 pixels (the first is the
   identity), all ten classes, one shared 10-way head (domain-incremental, as permuted MNIST);
-* split: the ten classes in pairs (0/1, 2/3, ...), one 2-way head per task (task-incremental).
+* split: the ten classes in pairs (0/1, 2/3, ...), one 2-way head per task (task-incremental);
+* class_incremental: the same pairs, one shared 10-way head, no task identity at test time.
 
 An MLP (64-256-256, ReLU) is trained on the tasks in order with each method, all through
 cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact
 Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam``, the flat-region
-variants ``gsam`` (GSAM), ``looksam`` (LookSAM, k = 5, alpha = 0.2), ``cflat`` (C-Flat) and ``cflat_ewc``, and ``large_lr``
-(plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``). After each
+variants ``gsam`` (GSAM), ``looksam`` (LookSAM, k = 5, alpha = 0.2), ``cflat`` (C-Flat) and ``cflat_ewc``, ``large_lr``
+(plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``), and
+``replay``, ``lwf`` and ``align``, which change what is trained on (``bench/cl_methods/``). After each
 task it records the test accuracy on every task and, with ``cl_optim.landscape``, the top Hessian
 eigenvalue and trace of every seen task's loss and the loss barrier from the previous task's
 solution; it reports per method the accuracy matrix, average final accuracy, average forgetting
 (best earlier accuracy minus final, tasks 1..T-1) and the optimizer-side time per step. Writes a
 JSON file and two PNG plots (accuracy; flatness).
 
-    python bench/continual.py                      # defaults: about a minute on 2 cores
+    python bench/continual.py                      # defaults: about 100 s on 2 cores
     python bench/continual.py --methods finetune ewc --lam 1000 --epochs 5
     python bench/continual.py --data-dir ~/data/mnist   # MNIST / Fashion-MNIST IDX files
 """
