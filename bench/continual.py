@@ -230,7 +230,8 @@ def run_method(method, tasks, args, device, progress):
                                              is_sam, step_seconds, steps, monitor)  # fmt: skip
             matrix.append([accuracy(model, t, device) for t in tasks])
             if args.flatness:
-                flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed))
+                light = dict(samples=64, probes=4) if args.quick else {}  # a smoke run within 30 s
+                flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed, **light))
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if previous is not None:
                     barriers.append(consecutive_barrier(model, previous, state, tasks[i - 1], task, device))
@@ -250,6 +251,7 @@ def run_method(method, tasks, args, device, progress):
         "backward_transfer": -float(np.mean(forgetting)) if forgetting else 0.0,
         "optimizer_ms_per_step": 1e3 * step_seconds / max(1, steps),
         "steps": steps,
+        "parameters": sum(p.numel() for p in model.parameters()),  # grows with growth methods
         "backends": backends_of(opt),
         **extra,
     }

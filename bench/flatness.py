@@ -42,16 +42,17 @@ def _on_head(model, task, fn):
         model.active = active
 
 
-def measure_seen_tasks(model, tasks, device, seed) -> dict:
-    """Top eigenvalue and trace of each seen task's loss at the current weights."""
+def measure_seen_tasks(model, tasks, device, seed, samples=SUBSET, probes=PROBES) -> dict:
+    """Top eigenvalue and trace of each seen task's loss at the current weights (``--quick``:
+    fewer samples and probes)."""
     sharpness, trace = [], []
     for task in tasks:
-        data = task_data(task, device)
+        data = task_data(task, device, samples)
         gen = torch.Generator().manual_seed(seed)
         values, _ = _on_head(model, task, lambda d=data, g=gen: landscape.hessian_eigenvalues(
             model, d, tol=1e-3, max_iter=40, mode="eval", generator=g))  # fmt: skip
         estimate, _ = _on_head(model, task, lambda d=data, g=gen: landscape.hessian_trace(
-            model, d, n_probes=PROBES, mode="eval", generator=g))  # fmt: skip
+            model, d, n_probes=probes, mode="eval", generator=g))  # fmt: skip
         sharpness.append(float(values[0]))
         trace.append(float(estimate))
     return {"sharpness": sharpness, "trace": trace}

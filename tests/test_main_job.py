@@ -29,6 +29,10 @@ def _quick(tmp_path, *extra):
 def test_quick_run_writes_a_complete_result(tmp_path):
     record = _quick(tmp_path)
     assert set(record["results"]) == {"permuted", "split", "class_incremental"}
+    tasks = {
+        bench: continual.make_tasks(*continual.load_digits_dataset()[:2], bench, 3, 0)
+        for bench in record["results"]
+    }
     for bench, methods in record["results"].items():
         assert set(methods) == set(continual.METHODS)
         for result in methods.values():
@@ -38,6 +42,9 @@ def test_quick_run_writes_a_complete_result(tmp_path):
             forgetting = [matrix[j:2, j].max() - matrix[2, j] for j in range(2)]
             assert np.isclose(result["average_forgetting"], np.mean(forgetting))
             assert result["optimizer_ms_per_step"] > 0 and result["steps"] > 0
+            assert result["parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + sum(
+                256 * t["classes"] + t["classes"] for t in {t["head"]: t for t in tasks[bench]}.values()
+            )
             # every method learns the task it trains on, in 3 epochs (chance: 0.1 and 0.5); large_lr
             # trains at the edge of stability, where plain SGD may not (what the job measures)
             # class_incremental: one shared head, where a penalty (EWC) or a reused direction
