@@ -839,6 +839,7 @@ class SAM(torch.optim.Optimizer):
 
     def _abort(self) -> None:
         """Put the weights back after a failed second pass; no update is made."""
+        self._run.pop("combine", None)  # a combination of this step must not reach a later update
         if self._run["pending"] is not None:
             self._restore()
             self._run["pending"] = None
