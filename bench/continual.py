@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from cl_methods import METHODS as DATA_METHODS  # bench/ is on sys.path when this script runs
 from cl_methods import Method
-from continual_plots import plot, plot_flatness
+from continual_plots import plot, plot_flatness, plot_summary
 from flatness import FirstTaskMonitor, consecutive_barrier, edge_of_stability_lr, measure_seen_tasks
 from harness import device_name
 from torch import nn
@@ -538,10 +538,12 @@ def main(argv=None):
     write_record(args, record)
     png = args.out.with_suffix(".png")
     plot(results, tasks_by_bench, png)
+    summary_png = args.out.with_name(args.out.stem + "_summary.png")
+    plot_summary(results, tasks_by_bench, summary_png)
     flat_png = args.out.with_name(args.out.stem + "_flatness.png")
     if args.flatness:
         plot_flatness(results, tasks_by_bench, flat_png)
-    print(f"\nwrote {os.path.relpath(args.out)}, {os.path.relpath(png)}"
+    print(f"\nwrote {os.path.relpath(args.out)}, {os.path.relpath(png)}, {os.path.relpath(summary_png)}"
           f"{', ' + os.path.relpath(flat_png) if args.flatness else ''} ({record['seconds']:.0f} s)")  # fmt: skip
     return record
 

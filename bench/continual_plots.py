@@ -54,6 +54,31 @@ def plot(results, tasks_by_bench, path):
     plt.close(fig)
 
 
+def plot_summary(results, tasks_by_bench, path):
+    """One panel per scenario, a line per method: the mean accuracy over the tasks seen so far,
+    after each task (a diverged method's line ends where it diverged)."""
+    plt = _pyplot()
+    benches = list(results)
+    fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 4.2), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, bench in zip(axes[0], benches):
+        for k, (method, result) in enumerate(results[bench].items()):
+            matrix = result["accuracy_matrix"]
+            seen = [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(matrix)]
+            ax.plot(range(len(seen)), seen, marker="o", markersize=3, linestyle=styles[k // 10 % len(styles)],
+                    label=method + (" (diverged)" if "diverged" in result else ""))  # fmt: skip
+        n = len(tasks_by_bench[bench])
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(range(n))
+        ax.set_xlabel("after training task")
+        ax.set_title(bench)
+    axes[0][0].set_ylabel("mean accuracy over the tasks seen")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_flatness(results, tasks_by_bench, path):
     """Per scenario: the mean top Hessian eigenvalue of the seen tasks' losses after each task, one
     line per method; and large_lr's first-task sharpness against its stability threshold."""

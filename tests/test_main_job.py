@@ -67,6 +67,7 @@ def test_quick_run_writes_a_complete_result(tmp_path):
             abs(row["threshold"] - 2 / large["lr"]) < 1e-9 for row in large["sharpness_curve"]
         )
     assert (tmp_path / "run_flatness.png").stat().st_size > 10_000
+    assert (tmp_path / "run_summary.png").stat().st_size > 10_000
     assert record["git_sha"] and record["versions"]["torch"]
 
 
