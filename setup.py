@@ -51,6 +51,7 @@ setup(
         "cl_optim.landscape",
         "cl_optim.multitask",
         "cl_optim.merge",
+        "cl_optim.heads",
         "cl_optim.integrations",
         "cl_optim.kernels",
         "cl_optim._csrc",
