@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cl_methods import METHODS as DATA_METHODS  # bench/ is on sys.path when this script runs
-from cl_methods import Method
+from cl_methods import SCENARIOS, Method, ProgressiveMLP
 from continual_plots import plot, plot_flatness, plot_summary
 from flatness import FirstTaskMonitor, consecutive_barrier, edge_of_stability_lr, measure_seen_tasks
 from harness import device_name
@@ -49,7 +49,7 @@ from torch import nn
 import cl_optim
 
 METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
-           "large_lr", "replay", "lwf", "align")  # fmt: skip
+           "large_lr", "replay", "lwf", "align", "pnn")  # fmt: skip
 BENCHMARKS = ("permuted", "split", "class_incremental")
 # The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
 SAM_FAMILY = {
@@ -207,7 +207,12 @@ def backends_of(opt) -> dict:
 def run_method(method, tasks, args, device, progress):
     torch.manual_seed(args.seed)
     heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
-    model = MultiHeadMLP(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
+    if method == "pnn":  # a column per task, the first one now (the others as their tasks start)
+        model = ProgressiveMLP(tasks[0]["train"][0].shape[1])
+        model.add_column(tasks[0]["classes"])
+        model = model.to(device)
+    else:
+        model = MultiHeadMLP(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
     extra, monitor = {}, None
     if method == "large_lr":
         lr, top = edge_of_stability_lr(
@@ -226,10 +231,15 @@ def run_method(method, tasks, args, device, progress):
     previous = None
     try:
         for i, task in enumerate(tasks):
+            hooks.before_task(model, task, opt)
             step_seconds, steps = train_task(model, opt, ewc, task, hooks, gen, args, device, progress,
                                              is_sam, step_seconds, steps, monitor)  # fmt: skip
-            matrix.append([accuracy(model, t, device) for t in tasks])
-            if args.flatness:
+            # PNN answers a task only once its column exists: chance before, as an untrained head
+            matrix.append([accuracy(model, t, device) if t["head"] < len(getattr(model, "columns", tasks)) else
+                           _chance(t) for t in tasks])  # fmt: skip
+            # PNN: its earlier tasks' losses do not depend on any trainable parameter (frozen
+            # columns), and its state grows: no curvature or barrier to compare
+            if args.flatness and method != "pnn":
                 light = dict(samples=64, probes=4) if args.quick else {}  # a smoke run within 30 s
                 flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed, **light))
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -255,11 +265,17 @@ def run_method(method, tasks, args, device, progress):
         "backends": backends_of(opt),
         **extra,
     }
-    if args.flatness:
+    if args.flatness and method != "pnn":
         result.update(flatness=flatness, barriers=barriers)
     if monitor is not None:
         result["sharpness_curve"] = monitor.history
     return result
+
+
+def _chance(task) -> float:
+    """The accuracy of always answering the task's most frequent test class."""
+    labels = task["test"][1]
+    return float(torch.bincount(labels).max()) / len(labels)
 
 
 def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam, step_seconds, steps,
@@ -458,8 +474,10 @@ def main(argv=None):
         for kind in args.benchmarks
     }
     total = sum(
-        len(args.methods) * args.epochs * sum(-(-len(t["train"][0]) // args.batch_size) for t in tasks)
-        for tasks in tasks_by_bench.values()
+        sum(kind in SCENARIOS.get(m, (kind,)) for m in args.methods)
+        * args.epochs
+        * sum(-(-len(t["train"][0]) // args.batch_size) for t in tasks)
+        for kind, tasks in tasks_by_bench.items()
     )
     from tqdm import tqdm
 
@@ -485,6 +503,8 @@ def main(argv=None):
         for kind, tasks in tasks_by_bench.items():
             results[kind] = {}
             for method in args.methods:
+                if kind not in SCENARIOS.get(method, (kind,)):
+                    continue  # e.g. PNN: task-incremental only
                 progress.set_postfix_str(f"{kind}/{method}")
                 tic = time.time()
                 results[kind][method] = result = run_method(method, tasks, args, device, progress)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cl_methods import Align, LwF, Method, Replay  # noqa: E402
+from cl_methods import Align, LwF, Method, Progressive, ProgressiveMLP, Replay  # noqa: E402
 
 
 class TwoHeads(torch.nn.Module):
@@ -97,3 +97,50 @@ def test_align_pulls_the_features_towards_the_previous_network():
     got = align.batch_loss(model, x, y, task1)()
     want = F.cross_entropy(model(x), y) + 0.5 * (model.trunk(x) - old(x)).pow(2).sum(1).mean()
     torch.testing.assert_close(got, want)
+
+
+def test_pnn_uses_its_laterals_and_freezes_the_earlier_columns():
+    """Mammoth's MLP PNN never uses its adapters; here column 1's output moves when column 0's
+    activations do, the gradient reaches the adapters, and column 0 neither trains nor changes."""
+    torch.manual_seed(0)
+    net = ProgressiveMLP(5, hidden=16)
+    net.add_column(2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    Progressive().before_task(net, {"head": 1, "classes": 3}, opt)
+    assert len(net.columns) == 2 and len(opt.param_groups) == 2
+    assert not any(p.requires_grad for p in net.columns[0].parameters())
+    assert all(p.requires_grad for p in net.columns[1].parameters())
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    net.active = 1
+    out = net(x)
+    assert out.shape == (8, 3)
+    F.cross_entropy(out, y).backward()
+    lateral = net.columns[1].lateral2
+    assert lateral.project.weight.grad.abs().sum() > 0 and lateral.scales.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.columns[0].parameters())
+    # column 1 reads column 0: a change there changes column 1's answer
+    with torch.no_grad():
+        net.columns[0].layer1.weight.add_(0.5)
+    assert not torch.allclose(net(x), out)
+    # and column 0 alone answers task 0, whatever column 1 does
+    net.active = 0
+    before = net(x).detach()
+    opt.step()
+    with torch.no_grad():
+        net.columns[1].layer1.weight.add_(1.0)
+    assert torch.equal(net(x), before)
+
+
+def test_pnn_grows_its_parameters_with_laterals_from_every_earlier_column():
+    net = ProgressiveMLP(4, hidden=8)
+    sizes = []
+    for _ in range(3):
+        net.add_column(2)
+        sizes.append(sum(p.numel() for p in net.parameters()))
+    column = 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
+
+    def lateral(n, out):
+        return n + n * 8 * 64 + 64 + 64 * out
+
+    assert sizes == [column, 2 * column + lateral(1, 8) + lateral(1, 2),
+                     3 * column + lateral(1, 8) + lateral(1, 2) + lateral(2, 8) + lateral(2, 2)]  # fmt: skip

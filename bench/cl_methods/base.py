@@ -21,6 +21,9 @@ class Method:
     def batch_loss(self, model: nn.Module, x: Tensor, y: Tensor, task: dict) -> Callable[[], Tensor]:
         return lambda: F.cross_entropy(model(x), y)
 
+    def before_task(self, model: nn.Module, task: dict, opt) -> None:
+        """Called when a task starts, before its first batch (a growth method adds parameters)."""
+
     def after_batch(self, x: Tensor, y: Tensor, task: dict) -> None:
         """Called once per batch, after the step."""
 
