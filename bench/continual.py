@@ -12,7 +12,8 @@ cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode 
 Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam``, the flat-region
 variants ``gsam`` (GSAM), ``looksam`` (LookSAM, k = 5, alpha = 0.2), ``cflat`` (C-Flat) and ``cflat_ewc``, ``large_lr``
 (plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``), and
-``replay``, ``lwf`` and ``align``, which change what is trained on (``bench/cl_methods/``). After each
+``replay``, ``lwf``, ``align`` and ``pnn`` (split only), which change what is trained on or grow
+the network (``bench/cl_methods/``). After each
 task it records the test accuracy on every task and, with ``cl_optim.landscape``, the top Hessian
 eigenvalue and trace of every seen task's loss and the loss barrier from the previous task's
 solution; it reports per method the accuracy matrix, average final accuracy, average forgetting
