@@ -50,7 +50,7 @@ from torch import nn
 import cl_optim
 
 METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
-           "large_lr", "replay", "lwf", "align", "pnn")  # fmt: skip
+           "large_lr", "replay", "lwf", "align", "pnn", "pronc")  # fmt: skip
 BENCHMARKS = ("permuted", "split", "class_incremental")
 # The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
 SAM_FAMILY = {
@@ -181,12 +181,13 @@ def build_optimizer(method, model, args, lr=None):
     return cl_optim.SGD(model.parameters(), **kwargs), ewc
 
 
-def accuracy(model, task, device):
+def accuracy(model, task, device, hooks=None):
     model.eval()
     model.active = task["head"]
     x, y = task["test"]
     with torch.no_grad():
-        pred = model(x.to(device)).argmax(1).cpu()
+        logits = hooks.logits(model, x.to(device)) if hooks is not None else model(x.to(device))
+        pred = logits.argmax(1).cpu()
     model.train()
     return float((pred == y).float().mean())
 
@@ -222,7 +223,7 @@ def run_method(method, tasks, args, device, progress):
         extra.update(lr=lr, first_task_sharpness_at_finetune=top)
     opt, ewc = build_optimizer(method, model, args, lr=extra.get("lr"))
     hooks = DATA_METHODS[method]() if method in DATA_METHODS else Method()  # what each batch trains on
-    if method == "replay":
+    if method in ("replay", "pronc"):
         hooks = DATA_METHODS[method](seed=args.seed)
     if method == "large_lr":
         monitor = FirstTaskMonitor(model, tasks[0], opt, device)
@@ -236,8 +237,8 @@ def run_method(method, tasks, args, device, progress):
             step_seconds, steps = train_task(model, opt, ewc, task, hooks, gen, args, device, progress,
                                              is_sam, step_seconds, steps, monitor)  # fmt: skip
             # PNN answers a task only once its column exists: chance before, as an untrained head
-            matrix.append([accuracy(model, t, device) if t["head"] < len(getattr(model, "columns", tasks)) else
-                           _chance(t) for t in tasks])  # fmt: skip
+            matrix.append([accuracy(model, t, device, hooks) if t["head"] < len(getattr(model, "columns", tasks))
+                           else _chance(t) for t in tasks])  # fmt: skip
             # PNN: its earlier tasks' losses do not depend on any trainable parameter (frozen
             # columns), and its state grows: no curvature or barrier to compare
             if args.flatness and method != "pnn":

@@ -144,3 +144,52 @@ def test_pnn_grows_its_parameters_with_laterals_from_every_earlier_column():
 
     assert sizes == [column, 2 * column + lateral(1, 8) + lateral(1, 2),
                      3 * column + lateral(1, 8) + lateral(1, 2) + lateral(2, 8) + lateral(2, 2)]  # fmt: skip
+
+
+def test_pronc_fixes_an_etf_after_the_first_task_and_extends_it():
+    from cl_methods import ProNC
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU())
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 6)])
+            self.active = 0
+
+        def forward(self, x):
+            return self.heads[0](self.trunk(x))
+
+    net, method = Net(), ProNC(main=2.0, distill=3.0)
+    first, second = _task(0, [0, 1], n=20, seed=5), _task(0, [2, 3], n=20, seed=6)
+    x0, y0 = first["train"]
+    torch.testing.assert_close(method.batch_loss(net, x0, y0, first)(), F.cross_entropy(net(x0), y0))
+    method.after_task(net, first)  # (no after_batch: an empty replay buffer keeps the loss exact)
+    assert method.order == [0, 1] and method.etf.classes == 2
+    method.before_task(net, second, None)
+    assert method.order == [0, 1, 2, 3] and method.etf.classes == 4
+    m = method.etf.prototypes
+    torch.testing.assert_close(m.T @ m, torch.full((4, 4), -1 / 3).fill_diagonal_(1.0), rtol=0, atol=1e-6)
+    # predictions: the seen classes' prototypes only
+    logits = method.logits(net, x0)
+    assert torch.isinf(logits[:, 4:]).all() and torch.isfinite(logits[:, :4]).all()
+    torch.testing.assert_close(logits[:, :4], net.trunk(x0) @ m)
+    # a later task's loss: cross-entropy + 2 DR to the prototypes + 3 DR to the old features (0 at
+    # the teacher's own weights), written out; the ETF columns follow the class order
+    x1, y1 = second["train"]
+    value = method.batch_loss(net, x1, y1, second)()
+    want = F.cross_entropy(net(x1), y1) + 2.0 * dr_loss_ref(net.trunk(x1), y1, m)
+    torch.testing.assert_close(value, want)
+    with torch.no_grad():
+        net.trunk[0].bias.add_(0.3)  # away from the teacher: the distillation term appears
+    moved = net.trunk(x1)
+    old = method.teacher.trunk(x1)
+    gap = (moved / moved.norm(dim=1, keepdim=True) * old / old.norm(dim=1, keepdim=True)).sum(1) - 1
+    want = F.cross_entropy(net(x1), y1) + 2.0 * dr_loss_ref(moved, y1, m) + 3.0 * 0.5 * gap.pow(2).mean()
+    torch.testing.assert_close(method.batch_loss(net, x1, y1, second)(), want)
+
+
+def dr_loss_ref(features, targets, prototypes):
+    unit = features / features.norm(dim=1, keepdim=True)
+    return 0.5 * ((unit * prototypes.T[targets]).sum(1) - 1).pow(2).mean()

@@ -6,11 +6,23 @@ from .align import Align
 from .base import Method
 from .lwf import LwF
 from .pnn import Progressive, ProgressiveMLP
+from .pronc import ProNC
 from .replay import Replay
 
-METHODS = {"replay": Replay, "lwf": LwF, "align": Align, "pnn": Progressive}
+METHODS = {"replay": Replay, "lwf": LwF, "align": Align, "pnn": Progressive, "pronc": ProNC}
 # Scenarios a method runs in (all by default): PNN picks its column by the task, so it needs task
-# identity at test time, which only the split scenario gives.
-SCENARIOS = {"pnn": ("split",)}
+# identity at test time, which only the split scenario gives; ProNC's growing frame of class
+# prototypes is for new classes on one shared head.
+SCENARIOS = {"pnn": ("split",), "pronc": ("class_incremental",)}
 
-__all__ = ["METHODS", "SCENARIOS", "Align", "LwF", "Method", "Progressive", "ProgressiveMLP", "Replay"]
+__all__ = [
+    "METHODS",
+    "SCENARIOS",
+    "Align",
+    "LwF",
+    "Method",
+    "ProNC",
+    "Progressive",
+    "ProgressiveMLP",
+    "Replay",
+]

@@ -30,6 +30,10 @@ class Method:
     def after_task(self, model: nn.Module, task: dict) -> None:
         """Called once the task's training (and any Fisher) is done."""
 
+    def logits(self, model: nn.Module, x: Tensor) -> Tensor:
+        """What the method predicts from (the accuracy's argmax): the active head's outputs."""
+        return model(x)
+
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The model as it is now, in eval mode, with no gradients: the previous task's network."""
