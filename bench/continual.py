@@ -50,7 +50,7 @@ from torch import nn
 import cl_optim
 
 METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
-           "large_lr", "replay", "lwf", "align", "pnn", "pronc")  # fmt: skip
+           "large_lr", "replay", "lwf", "align", "pnn", "pronc", "combined")  # fmt: skip
 BENCHMARKS = ("permuted", "split", "class_incremental")
 # The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
 SAM_FAMILY = {
@@ -62,6 +62,7 @@ SAM_FAMILY = {
     "looksam": lambda params, **kw: cl_optim.LookSAM(params, cl_optim.SGD, k=5, alpha=0.2, **kw),
     "cflat": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
     "cflat_ewc": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
+    "combined": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),  # growth + SAM + ...
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +210,7 @@ def backends_of(opt) -> dict:
 def run_method(method, tasks, args, device, progress):
     torch.manual_seed(args.seed)
     heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
-    if method == "pnn":  # a column per task, the first one now (the others as their tasks start)
+    if method in ("pnn", "combined"):  # a column per task, the first now (the others as their tasks start)
         model = ProgressiveMLP(tasks[0]["train"][0].shape[1])
         model.add_column(tasks[0]["classes"])
         model = model.to(device)
@@ -241,7 +242,7 @@ def run_method(method, tasks, args, device, progress):
                            else _chance(t) for t in tasks])  # fmt: skip
             # PNN: its earlier tasks' losses do not depend on any trainable parameter (frozen
             # columns), and its state grows: no curvature or barrier to compare
-            if args.flatness and method != "pnn":
+            if args.flatness and method not in ("pnn", "combined"):
                 light = dict(samples=64, probes=4) if args.quick else {}  # a smoke run within 30 s
                 flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed, **light))
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -267,7 +268,7 @@ def run_method(method, tasks, args, device, progress):
         "backends": backends_of(opt),
         **extra,
     }
-    if args.flatness and method != "pnn":
+    if args.flatness and method not in ("pnn", "combined"):
         result.update(flatness=flatness, barriers=barriers)
     if monitor is not None:
         result["sharpness_curve"] = monitor.history

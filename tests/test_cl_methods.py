@@ -12,7 +12,7 @@ import torch.nn.functional as F
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cl_methods import Align, LwF, Method, Progressive, ProgressiveMLP, Replay  # noqa: E402
+from cl_methods import Align, Combined, LwF, Method, Progressive, ProgressiveMLP, Replay  # noqa: E402
 
 
 class TwoHeads(torch.nn.Module):
@@ -193,3 +193,31 @@ def test_pronc_fixes_an_etf_after_the_first_task_and_extends_it():
 def dr_loss_ref(features, targets, prototypes):
     unit = features / features.norm(dim=1, keepdim=True)
     return 0.5 * ((unit * prototypes.T[targets]).sum(1) - 1).pow(2).mean()
+
+
+def test_combined_weighs_the_task_loss_and_the_alignment_by_learned_uncertainty():
+    """exp(-s1) CE + s1 + exp(-s2) ||f_new - f_prev||^2 + s2 on a PNN; s1, s2 join the optimizer
+    and get gradients; the first task is plain cross-entropy."""
+    torch.manual_seed(0)
+    net = ProgressiveMLP(5, hidden=16)
+    net.add_column(2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    method = Combined()
+    task0, task1 = {**_task(0, [0, 1]), "classes": 2}, {**_task(1, [0, 1], seed=7), "classes": 2}
+    x, y = task0["train"]
+    method.before_task(net, task0, opt)
+    torch.testing.assert_close(method.batch_loss(net, x, y, task0)(), F.cross_entropy(net(x), y))
+    method.before_task(net, task1, opt)
+    assert len(opt.param_groups) == 3  # column 1, then its two loss weights
+    s = method.log_vars[1]
+    with torch.no_grad():
+        s.copy_(torch.tensor([0.3, -0.2]))
+    net.active = 1
+    x, y = task1["train"]
+    value = method.batch_loss(net, x, y, task1)()
+    logits, new, previous = net.forward_all(x)
+    want = (torch.exp(torch.tensor(-0.3)) * F.cross_entropy(logits, y) + 0.3
+            + torch.exp(torch.tensor(0.2)) * (new - previous).pow(2).sum(1).mean() - 0.2)  # fmt: skip
+    torch.testing.assert_close(value, want)
+    value.backward()
+    assert s.grad is not None and (s.grad != 0).all()

@@ -44,9 +44,10 @@ def test_quick_run_writes_a_complete_result(tmp_path):
             assert np.isclose(result["average_forgetting"], np.mean(forgetting))
             assert result["optimizer_ms_per_step"] > 0 and result["steps"] > 0
             mlp = 64 * 256 + 256 + 256 * 256 + 256
-            if method == "pnn":  # three columns; the second and third with laterals (2 of them each)
+            if method in ("pnn", "combined"):  # three columns; the second and third with laterals
                 lateral = lambda n, out: n + (n * 256 * 64 + 64) + 64 * out  # noqa: E731
                 columns = 3 * (mlp + 256 * 2 + 2) + sum(lateral(n, 256) + lateral(n, 2) for n in (1, 2))
+                # combined: two loss weights per later task, which the count of model parameters excludes
                 assert result["parameters"] == columns
                 assert matrix[1, 0] == matrix[0, 0] and matrix[2, 0] == matrix[0, 0]  # frozen: no forgetting
                 assert matrix[2, 1] == matrix[1, 1] and result["average_forgetting"] == 0.0
@@ -68,7 +69,7 @@ def test_quick_run_writes_a_complete_result(tmp_path):
                 assert matrix.diagonal().min() > (0.8 if bench == "split" else 0.4)
             # the flatness of every seen task after every task, and the barriers between solutions
             # (not for PNN, whose earlier tasks depend on no trainable parameter)
-            if method == "pnn":
+            if method in ("pnn", "combined"):
                 assert "flatness" not in result
                 continue
             assert [len(row["sharpness"]) for row in result["flatness"]] == [1, 2, 3]

@@ -4,16 +4,24 @@ training loop through :class:`base.Method`."""
 
 from .align import Align
 from .base import Method
+from .combined import Combined
 from .lwf import LwF
 from .pnn import Progressive, ProgressiveMLP
 from .pronc import ProNC
 from .replay import Replay
 
-METHODS = {"replay": Replay, "lwf": LwF, "align": Align, "pnn": Progressive, "pronc": ProNC}
+METHODS = {
+    "replay": Replay,
+    "lwf": LwF,
+    "align": Align,
+    "pnn": Progressive,
+    "pronc": ProNC,
+    "combined": Combined,
+}
 # Scenarios a method runs in (all by default): PNN picks its column by the task, so it needs task
 # identity at test time, which only the split scenario gives; ProNC's growing frame of class
 # prototypes is for new classes on one shared head.
-SCENARIOS = {"pnn": ("split",), "pronc": ("class_incremental",)}
+SCENARIOS = {"pnn": ("split",), "combined": ("split",), "pronc": ("class_incremental",)}
 
 __all__ = [
     "METHODS",

@@ -80,11 +80,16 @@ class ProgressiveMLP(nn.Module):
         return list(column.parameters())
 
     def forward(self, x):
+        return self.forward_all(x)[0]
+
+    def forward_all(self, x):
+        """``(logits, penultimate features of the active column, those of the one before or None)``."""
         earlier = []
         for column in self.columns[: self.active]:
             h1, h2, _ = column(x, earlier)
             earlier.append((h1, h2))
-        return self.columns[self.active](x, earlier)[2]
+        _, h2, logits = self.columns[self.active](x, earlier)
+        return logits, h2, earlier[-1][1] if earlier else None
 
 
 class Progressive(Method):
