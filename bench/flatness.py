@@ -42,7 +42,7 @@ def _on_head(model, task, fn):
         model.active = active
 
 
-def measure_seen_tasks(model, tasks, device, seed, samples=SUBSET, probes=PROBES) -> dict:
+def measure_seen_tasks(model, tasks, device, seed, samples=SUBSET, probes=PROBES, tol=1e-3) -> dict:
     """Top eigenvalue and trace of each seen task's loss at the current weights (``--quick``:
     fewer samples and probes)."""
     sharpness, trace = [], []
@@ -50,7 +50,7 @@ def measure_seen_tasks(model, tasks, device, seed, samples=SUBSET, probes=PROBES
         data = task_data(task, device, samples)
         gen = torch.Generator().manual_seed(seed)
         values, _ = _on_head(model, task, lambda d=data, g=gen: landscape.hessian_eigenvalues(
-            model, d, tol=1e-3, max_iter=40, mode="eval", generator=g))  # fmt: skip
+            model, d, tol=tol, max_iter=40, mode="eval", generator=g))  # fmt: skip
         estimate, _ = _on_head(model, task, lambda d=data, g=gen: landscape.hessian_trace(
             model, d, n_probes=probes, mode="eval", generator=g))  # fmt: skip
         sharpness.append(float(values[0]))
