@@ -182,6 +182,7 @@ def parse_args(argv=None):
 def run_seed(args, seed: int) -> dict:
     """Every measurement of one seed (data split, initialisation, training order)."""
     tic = time.time()
+    seeded = argparse.Namespace(**{**vars(args), "seed": seed})  # what merges and alignment read
     pre, tasks, all_train, _ = split_data(seed)
     model = train(mlp(seed), pre, args.pretrain_epochs, args.lr, seed)
     base = copy.deepcopy(model.state_dict())
@@ -196,11 +197,10 @@ def run_seed(args, seed: int) -> dict:
         row = {"individual": {"per_task": [r["accuracy"] for r in own],
                               "accuracy": float(np.mean([r["accuracy"] for r in own])),
                               "task_aware": float(np.mean([r["task_aware"] for r in own]))}}  # fmt: skip
-        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
         for name, state in merges(model, base, experts, tasks, seeded).items():
             row[name] = accuracies(model, state, tasks)
         results[trainer] = row
-    results["alignment"] = alignment(all_train, argparse.Namespace(**{**vars(args), "seed": seed}))
+    results["alignment"] = alignment(all_train, seeded)
     print(f"[seed {seed}] done ({time.time() - tic:.1f} s)", file=sys.stderr, flush=True)
     return results
 

@@ -172,10 +172,10 @@ class LookSAM(SAM):
         for index in self._norm_scopes(params):
             pair = [[grads[i] for i in index], [g_v[i] for i in index]]
             g = gram(pair, backend=self.backend)
-            weight = self.alpha * norm_of(g, 0) / (norm_of(g, 1) + self.perturb_eps)
+            norms = torch.stack([norm_of(g, 0), norm_of(g, 1)])  # ||g||, ||g_v||
+            weight = self.alpha * norms[0] / (norms[1] + self.perturb_eps)
             coefficients = torch.stack([torch.ones_like(weight), weight])
             if not self.layerwise:  # one combination: the update reads g_v (COMBINE) where it can
-                norms = torch.stack([norm_of(g, 0), norm_of(g, 1)])
                 return self._combine_into_update(params, [pair[1]], coefficients, norms)
             weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)
 

@@ -26,18 +26,13 @@ class Combined(Progressive):
     def __init__(self):
         self.log_vars: dict = {}  # task head -> (s_ce, s_align)
 
-    def _weights(self, model, head, opt=None):
-        if head not in self.log_vars:
-            weights = torch.nn.Parameter(torch.zeros(2, device=next(model.columns[head].parameters()).device))
-            self.log_vars[head] = weights
-            if opt is not None:
-                opt.add_param_group({"params": [weights]})
-        return self.log_vars[head]
-
     def before_task(self, model, task, opt) -> None:
         super().before_task(model, task, opt)
-        if task["head"] > 0:  # the first task has no earlier column to align with
-            self._weights(model, task["head"], opt)
+        head = task["head"]
+        if head > 0 and head not in self.log_vars:  # the first task has no earlier column to align with
+            weights = torch.nn.Parameter(torch.zeros(2, device=next(model.columns[head].parameters()).device))
+            self.log_vars[head] = weights
+            opt.add_param_group({"params": [weights]})
 
     def batch_loss(self, model, x, y, task):
         if task["head"] == 0:

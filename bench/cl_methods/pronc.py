@@ -31,8 +31,7 @@ class ProNC(Replay):
         self.main, self.distill = main, distill
         self.etf = None
         self.order: list[int] = []  # class label of each ETF column
-        self.teacher = None
-        self.gen = torch.Generator().manual_seed(seed)
+        self.teacher = None  # the ETF's random directions come from Replay's seeded generator
 
     def _columns(self, y):
         index = torch.full((max(self.order) + 1,), -1, dtype=torch.long)

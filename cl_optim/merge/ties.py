@@ -59,16 +59,16 @@ def ties(
     total = sum(base[key].numel() for key in keys)
     keep = max(1, round(float(density) * total))
 
+    theta0 = [base[key].detach().to(opmath(base[key].dtype)) for key in keys]
+
     def task_vector(k: int) -> list[Tensor]:
-        return [experts[k][key].detach().to(opmath(base[key].dtype)) - base[key].detach().to(opmath(base[key].dtype))
-                for key in keys]  # fmt: skip
+        return [experts[k][key].detach().to(t0.dtype) - t0 for key, t0 in zip(keys, theta0)]
 
     # Trim: each task vector's threshold (its keep-th largest magnitude over the whole model).
     thresholds = []
     for k in range(len(experts)):
-        magnitudes = torch.cat([t.abs().reshape(-1).to(base[keys[0]].device) for t in task_vector(k)])
-        thresholds.append(torch.kthvalue(magnitudes.cpu() if magnitudes.is_cuda else magnitudes,
-                                         total - keep + 1).values.item())  # fmt: skip
+        magnitudes = torch.cat([t.abs().reshape(-1).to(theta0[0].device) for t in task_vector(k)])
+        thresholds.append(torch.kthvalue(magnitudes, total - keep + 1).values.item())
         del magnitudes
 
     def trimmed(k: int) -> list[Tensor]:
@@ -92,8 +92,6 @@ def ties(
             acc.add_(torch.where(agree, t, torch.zeros_like(t)))
             count.add_(agree.to(count.dtype))
     merged = {}
-    for key, acc, count in zip(keys, agreeing_sum, agreeing_count):
-        mean = acc / count.clamp_min(1)
-        theta0 = base[key].detach()
-        merged[key] = (theta0.to(mean.dtype) + float(scale) * mean).to(theta0.dtype)
+    for key, t0, acc, count in zip(keys, theta0, agreeing_sum, agreeing_count):
+        merged[key] = (t0 + float(scale) * (acc / count.clamp_min(1))).to(base[key].dtype)
     return assemble(base, merged)
