@@ -8,17 +8,18 @@ Three task sequences built from scikit-learn's 8x8 digits (shipped with the pack
 * class_incremental: the same pairs, one shared 10-way head, no task identity at test time.
 
 An MLP (64-256-256, ReLU) is trained on the tasks in order with each method, all through
-cl_optim's public API: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact
-Fisher), ``online_ewc`` (Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam``, the flat-region
-variants ``gsam`` (GSAM), ``looksam`` (LookSAM, k = 5, alpha = 0.2), ``cflat`` (C-Flat) and ``cflat_ewc``, ``large_lr``
-(plain SGD at the edge of stability measured on the first task, ``bench/flatness.py``), and
-``replay``, ``lwf``, ``align`` and ``pnn`` (split only), which change what is trained on or grow
-the network (``bench/cl_methods/``). After each
-task it records the test accuracy on every task and, with ``cl_optim.landscape``, the top Hessian
-eigenvalue and trace of every seen task's loss and the loss barrier from the previous task's
-solution; it reports per method the accuracy matrix, average final accuracy, average forgetting
-(best earlier accuracy minus final, tasks 1..T-1) and the optimizer-side time per step. Writes a
-JSON file and two PNG plots (accuracy; flatness).
+cl_optim's public API, one file per method under ``bench/cl_methods/`` sharing the training loop
+here: ``finetune`` (SGD with momentum), ``ewc`` (separate-mode EWC, exact Fisher), ``online_ewc``
+(Schwarz et al.), ``sam`` (SAM over SGD), ``ewc_sam``, the flat-region variants ``gsam`` (GSAM),
+``looksam`` (LookSAM, k = 5, alpha = 0.2), ``cflat`` (C-Flat) and ``cflat_ewc``, ``large_lr``
+(plain SGD at the edge of stability measured on the first task), ``replay``, ``lwf``, ``align``,
+``pnn`` and ``combined`` (split only; a column per task) and ``pronc`` (class-incremental only).
+After each task it records the test accuracy on every task and, with ``cl_optim.landscape``, the
+top Hessian eigenvalue and trace of every seen task's loss and the loss barrier from the previous
+task's solution (``bench/flatness.py``); it reports per method the accuracy matrix, average final
+accuracy, average forgetting (best earlier accuracy minus final, tasks 1..T-1) and the
+optimizer-side time per step. Writes a JSON file and three PNG plots (accuracy per method; mean
+accuracy per scenario, methods as lines; flatness).
 
     python bench/continual.py                      # defaults: about 100 s on 2 cores
     python bench/continual.py --methods finetune ewc --lam 1000 --epochs 5
@@ -28,11 +29,9 @@ JSON file and two PNG plots (accuracy; flatness).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
-import struct
 import subprocess
 import sys
 import time
@@ -40,154 +39,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cl_methods import METHODS as DATA_METHODS  # bench/ is on sys.path when this script runs
-from cl_methods import SCENARIOS, Method, ProgressiveMLP
+
+# bench/ is on sys.path when this script runs
+from cl_methods import METHODS as METHOD_CLASSES
+from cl_methods import SCENARIOS
+from continual_data import load_digits_dataset, load_idx_dataset, make_tasks
 from continual_plots import plot, plot_flatness, plot_summary
-from flatness import FirstTaskMonitor, consecutive_barrier, edge_of_stability_lr, measure_seen_tasks
+from flatness import consecutive_barrier, measure_seen_tasks
 from harness import device_name
-from torch import nn
 
 import cl_optim
 
-METHODS = ("finetune", "ewc", "online_ewc", "sam", "ewc_sam", "gsam", "looksam", "cflat", "cflat_ewc",
-           "large_lr", "replay", "lwf", "align", "pnn", "pronc", "combined")  # fmt: skip
+METHODS = tuple(METHOD_CLASSES)  # bench/cl_methods: a file per method
 BENCHMARKS = ("permuted", "split", "class_incremental")
-# The flat-region methods and the SAM variant behind each (rho from --rho; defaults of the papers).
-SAM_FAMILY = {
-    "sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
-    "ewc_sam": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),
-    "gsam": lambda params, **kw: cl_optim.GSAM(params, cl_optim.SGD, alpha=0.4, **kw),
-    # alpha 0.2, not the paper's 0.7 (ViTs at batch 4096): at batch 32 the reused direction is mostly
-    # noise scaled up to 0.7 ||g||, and task 2v3 of a quick split run ends at 0.57 accuracy (0.2: 0.98).
-    "looksam": lambda params, **kw: cl_optim.LookSAM(params, cl_optim.SGD, k=5, alpha=0.2, **kw),
-    "cflat": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
-    "cflat_ewc": lambda params, **kw: cl_optim.CFlat(params, cl_optim.SGD, lamb=0.2, **kw),
-    "combined": lambda params, **kw: cl_optim.SAM(params, cl_optim.SGD, **kw),  # growth + SAM + ...
-}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------------------------ data
-
-
-def load_digits_dataset():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = digits.data.astype(np.float32) / 16.0
-    return x, digits.target.astype(np.int64), "sklearn digits 8x8"
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an unsigned-byte IDX file")
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
-
-
-def load_idx_dataset(data_dir: Path):
-    """MNIST or Fashion-MNIST in the standard IDX files (optionally .gz), train and test joined."""
-
-    def find(stem):
-        for name in (stem, stem + ".gz"):
-            if (data_dir / name).exists():
-                return data_dir / name
-        raise FileNotFoundError(f"{data_dir}: no {stem}[.gz]")
-
-    parts = []
-    for split in ("train", "t10k"):
-        images = _read_idx(find(f"{split}-images-idx3-ubyte")).astype(np.float32) / 255.0
-        labels = _read_idx(find(f"{split}-labels-idx1-ubyte")).astype(np.int64)
-        parts.append((images.reshape(len(images), -1), labels))
-    x = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    return x, y, f"IDX files in {data_dir}"
-
-
-def make_tasks(x, y, kind: str, n_tasks: int, seed: int, train_fraction=0.7, max_train=None):
-    """Lists of task dicts: train/test tensors, the head each task uses and its class count."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    x, y = x[order], y[order]
-    split = int(train_fraction * len(x))
-    train, test = (x[:split], y[:split]), (x[split:], y[split:])
-    if max_train is not None:
-        train = (train[0][:max_train], train[1][:max_train])
-    tasks = []
-    if kind == "permuted":
-        for t in range(n_tasks):
-            perm = np.arange(x.shape[1]) if t == 0 else rng.permutation(x.shape[1])
-            tasks.append(
-                {
-                    "name": f"perm{t}",
-                    "head": 0,
-                    "classes": 10,
-                    "train": (torch.tensor(train[0][:, perm]), torch.tensor(train[1])),
-                    "test": (torch.tensor(test[0][:, perm]), torch.tensor(test[1])),
-                }
-            )
-    else:
-        # split: a 2-way head per task (task identity at test time); class_incremental: the same
-        # digit pairs, one shared 10-way head, the digits' own labels, no task identity
-        shared = kind == "class_incremental"
-        pairs = [(2 * t, 2 * t + 1) for t in range(min(n_tasks, 5))]
-        for t, (a, b) in enumerate(pairs):
-
-            def select(part, a=a, b=b):
-                mask = (part[1] == a) | (part[1] == b)
-                labels = part[1][mask] if shared else (part[1][mask] == b)
-                return torch.tensor(part[0][mask]), torch.tensor(labels.astype(np.int64))
-
-            head, classes = (0, 10) if shared else (t, 2)
-            tasks.append(
-                {
-                    "name": f"{a}v{b}",
-                    "head": head,
-                    "classes": classes,
-                    "train": select(train),
-                    "test": select(test),
-                }
-            )
-    return tasks
-
-
-# ----------------------------------------------------------------------------------- model
-
-
-class MultiHeadMLP(nn.Module):
-    def __init__(self, inputs: int, heads: list[int], hidden: int = 256):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in heads)
-        self.active = 0
-
-    def forward(self, x):
-        return self.heads[self.active](self.trunk(x))
-
-
-def build_optimizer(method, model, args, lr=None):
-    if method == "large_lr":  # plain SGD (no momentum) at the learning rate given, the edge of stability
-        return cl_optim.SGD(model.parameters(), lr=lr, backend=args.backend), None
-    ewc = None
-    if method in ("ewc", "ewc_sam", "cflat_ewc"):
-        ewc = cl_optim.EWC(model, lam=args.lam, mode="separate")
-    elif method == "online_ewc":
-        ewc = cl_optim.EWC(model, lam=args.lam, mode="online", gamma=args.gamma)
-    kwargs = dict(lr=args.lr, momentum=0.9, ewc=ewc, backend=args.backend)
-    if method in SAM_FAMILY:
-        return SAM_FAMILY[method](model.parameters(), rho=args.rho, **kwargs), ewc
-    return cl_optim.SGD(model.parameters(), **kwargs), ewc
-
-
-def accuracy(model, task, device, hooks=None):
+def accuracy(model, task, device, method=None):
     model.eval()
     model.active = task["head"]
     x, y = task["test"]
     with torch.no_grad():
-        logits = hooks.logits(model, x.to(device)) if hooks is not None else model(x.to(device))
+        logits = method.logits(model, x.to(device)) if method is not None else model(x.to(device))
         pred = logits.argmax(1).cpu()
     model.train()
     return float((pred == y).float().mean())
@@ -207,42 +80,28 @@ def backends_of(opt) -> dict:
     return {"update": dict(opt.backends_used)}
 
 
-def run_method(method, tasks, args, device, progress):
+def run_method(name, tasks, args, device, progress):
+    """Train the method ``name`` (bench/cl_methods) on ``tasks`` in order; its result fields."""
     torch.manual_seed(args.seed)
+    method = METHOD_CLASSES[name].from_args(args)
     heads = sorted({t["head"]: t["classes"] for t in tasks}.items())
-    if method in ("pnn", "combined"):  # a column per task, the first now (the others as their tasks start)
-        model = ProgressiveMLP(tasks[0]["train"][0].shape[1])
-        model.add_column(tasks[0]["classes"])
-        model = model.to(device)
-    else:
-        model = MultiHeadMLP(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
-    extra, monitor = {}, None
-    if method == "large_lr":
-        lr, top = edge_of_stability_lr(
-            model, tasks[0], device, args.seed, args.lr, args.epochs, args.batch_size
-        )
-        extra.update(lr=lr, first_task_sharpness_at_finetune=top)
-    opt, ewc = build_optimizer(method, model, args, lr=extra.get("lr"))
-    hooks = DATA_METHODS[method]() if method in DATA_METHODS else Method()  # what each batch trains on
-    if method in ("replay", "pronc"):
-        hooks = DATA_METHODS[method](seed=args.seed)
-    if method == "large_lr":
-        monitor = FirstTaskMonitor(model, tasks[0], opt, device)
+    model = method.make_model(tasks[0]["train"][0].shape[1], [c for _, c in heads]).to(device)
+    extra = method.prepare(model, tasks, args, device)
+    opt, ewc = method.optimizer(model, args)
     is_sam = isinstance(opt, cl_optim.SAM)
+    measure = args.flatness and method.measures_flatness
     matrix, flatness, barriers, step_seconds, steps = [], [], [], 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
     previous = None
     try:
         for i, task in enumerate(tasks):
-            hooks.before_task(model, task, opt)
-            step_seconds, steps = train_task(model, opt, ewc, task, hooks, gen, args, device, progress,
-                                             is_sam, step_seconds, steps, monitor)  # fmt: skip
+            method.before_task(model, task, opt)
+            step_seconds, steps = train_task(model, opt, ewc, task, method, gen, args, device, progress,
+                                             is_sam, step_seconds, steps)  # fmt: skip
             # PNN answers a task only once its column exists: chance before, as an untrained head
-            matrix.append([accuracy(model, t, device, hooks) if t["head"] < len(getattr(model, "columns", tasks))
+            matrix.append([accuracy(model, t, device, method) if t["head"] < len(getattr(model, "columns", tasks))
                            else _chance(t) for t in tasks])  # fmt: skip
-            # PNN: its earlier tasks' losses do not depend on any trainable parameter (frozen
-            # columns), and its state grows: no curvature or barrier to compare
-            if args.flatness and method not in ("pnn", "combined"):
+            if measure:
                 light = dict(samples=64, probes=4, tol=1e-2) if args.quick else {}  # a smoke run within 30 s
                 flatness.append(measure_seen_tasks(model, tasks[: i + 1], device, args.seed, **light))
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -268,10 +127,9 @@ def run_method(method, tasks, args, device, progress):
         "backends": backends_of(opt),
         **extra,
     }
-    if args.flatness and method not in ("pnn", "combined"):
+    if measure:
         result.update(flatness=flatness, barriers=barriers)
-    if monitor is not None:
-        result["sharpness_curve"] = monitor.history
+    result.update(method.report())
     return result
 
 
@@ -281,10 +139,9 @@ def _chance(task) -> float:
     return float(torch.bincount(labels).max()) / len(labels)
 
 
-def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam, step_seconds, steps,
-               monitor=None):  # fmt: skip
+def train_task(model, opt, ewc, task, method, gen, args, device, progress, is_sam, step_seconds, steps):
     """One task's epochs, then (EWC) its Fisher; returns the running step time and count. The
-    method's ``hooks`` (bench/cl_methods) give each batch's loss."""
+    ``method`` (bench/cl_methods) gives each batch's loss."""
     model.active = task["head"]
     x, y = (t.to(device) for t in task["train"])
     nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)  # read once, at the end
@@ -292,7 +149,7 @@ def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam
         order = torch.randperm(len(x), generator=gen).to(device)
         for start in range(0, len(x), args.batch_size):
             batch = order[start : start + args.batch_size]
-            batch_loss = hooks.batch_loss(model, x[batch], y[batch], task)
+            batch_loss = method.batch_loss(model, x[batch], y[batch], task)
             opt.zero_grad()
             loss = batch_loss()
             nonfinite_loss |= ~torch.isfinite(loss.detach())
@@ -318,10 +175,9 @@ def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam
                 torch.cuda.synchronize()
             step_seconds += time.perf_counter() - tic - closure_seconds[0]
             steps += 1
-            hooks.after_batch(x[batch], y[batch], task)
+            method.after_step()  # outside the timed step
+            method.after_batch(x[batch], y[batch], task)
             progress.update(1)
-            if monitor is not None:  # outside the timed step
-                monitor.step()
     with torch.no_grad():
         outputs_finite = bool(torch.isfinite(model(x[: args.batch_size])).all())
     if (
@@ -336,7 +192,7 @@ def train_task(model, opt, ewc, task, hooks, gen, args, device, progress, is_sam
         n = min(args.fisher_samples, len(x))
         data = [(x[s : s + 250], y[s : s + 250]) for s in range(0, n, 250)]
         ewc.consolidate(cl_optim.fisher.estimate(model, data, estimator="exact"))
-    hooks.after_task(model, task)
+    method.after_task(model, task)
     return step_seconds, steps
 
 

@@ -1,7 +1,9 @@
-"""The main job's data-side methods (bench/cl_methods): each loss against its formula written out."""
+"""The main job's methods (bench/cl_methods): each loss against its formula written out, and what
+each optimizer-side method builds."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import pathlib
 import sys
@@ -9,10 +11,22 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import cl_optim
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cl_methods import Align, Combined, LwF, Method, Progressive, ProgressiveMLP, Replay  # noqa: E402
+from cl_methods import (  # noqa: E402
+    METHODS,
+    SCENARIOS,
+    Align,
+    Combined,
+    LwF,
+    Method,
+    Progressive,
+    ProgressiveMLP,
+    Replay,
+)
 
 
 class TwoHeads(torch.nn.Module):
@@ -221,3 +235,75 @@ def test_combined_weighs_the_task_loss_and_the_alignment_by_learned_uncertainty(
     torch.testing.assert_close(value, want)
     value.backward()
     assert s.grad is not None and (s.grad != 0).all()
+
+
+ARGS = argparse.Namespace(
+    lr=0.02, rho=0.07, lam=300.0, gamma=0.8, backend="forloop", seed=3, epochs=1, batch_size=32
+)
+# name -> (optimizer class, its hyperparameters beyond the shared ones, EWC mode or None)
+OPTIMIZER_SIDE = {
+    "finetune": (cl_optim.SGD, {}, None),
+    "ewc": (cl_optim.SGD, {}, "separate"),
+    "online_ewc": (cl_optim.SGD, {}, "online"),
+    "sam": (cl_optim.SAM, {}, None),
+    "ewc_sam": (cl_optim.SAM, {}, "separate"),
+    "gsam": (cl_optim.GSAM, {"alpha": 0.4}, None),
+    "looksam": (cl_optim.LookSAM, {"k": 5, "alpha": 0.2}, None),
+    "cflat": (cl_optim.CFlat, {"lamb": 0.2}, None),
+    "cflat_ewc": (cl_optim.CFlat, {"lamb": 0.2}, "separate"),
+    "combined": (cl_optim.SAM, {}, None),
+}
+
+
+def test_every_method_is_a_class_of_its_own_file():
+    """A file per method (the EWC and SAM combinations next to the method they add the penalty to)."""
+    assert METHODS["finetune"] is Method and list(METHODS)[0] == "finetune"
+    shared_file = {"online_ewc": "ewc", "ewc_sam": "sam", "cflat_ewc": "cflat"}
+    for name, cls in list(METHODS.items())[1:]:
+        assert cls.__module__ == f"cl_methods.{shared_file.get(name, name)}", (name, cls.__module__)
+    assert len(set(METHODS.values())) == len(METHODS)
+    assert SCENARIOS == {"pnn": ("split",), "combined": ("split",), "pronc": ("class_incremental",)}
+
+
+def test_optimizer_side_methods_build_the_optimizer_and_penalty_they_name():
+    for name, (kind, options, ewc_mode) in OPTIMIZER_SIDE.items():
+        method = METHODS[name].from_args(ARGS)
+        model = method.make_model(6, [2, 2])
+        opt, ewc = method.optimizer(model, ARGS)
+        assert type(opt) is kind, name
+        group = opt.param_groups[0]
+        assert group["lr"] == 0.02 and group["momentum"] == 0.9, name
+        base = opt.base_optimizer if isinstance(opt, cl_optim.SAM) else opt
+        assert isinstance(base, cl_optim.SGD), name
+        if isinstance(opt, cl_optim.SAM):
+            assert group["rho"] == 0.07, name
+        for option, value in options.items():
+            assert getattr(opt, option) == value, (name, option)
+        if ewc_mode is None:
+            assert ewc is None, name
+        else:
+            assert ewc.mode == ewc_mode and ewc.lam == 300.0 and base.ewc is ewc, name
+            if ewc_mode == "online":
+                assert ewc.gamma == 0.8
+        # every trainable parameter is optimized (a PNN: its first column)
+        optimized = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert optimized == {id(p) for p in model.parameters() if p.requires_grad}, name
+
+
+def test_large_lr_trains_plain_sgd_at_the_measured_edge_and_monitors_the_first_task():
+    torch.manual_seed(0)
+    method = METHODS["large_lr"].from_args(ARGS)
+    model = method.make_model(5, [2])
+    task = {**_task(0, [0, 1], n=64), "classes": 2}
+    extra = method.prepare(model, [task], ARGS, torch.device("cpu"))
+    assert extra["lr"] == 2.0 / extra["first_task_sharpness_at_finetune"] > 0
+    opt, ewc = method.optimizer(model, ARGS)
+    assert ewc is None and type(opt) is cl_optim.SGD
+    assert opt.param_groups[0]["lr"] == extra["lr"] and opt.param_groups[0]["momentum"] == 0
+    for _ in range(25):  # the monitor measures every 25 steps
+        opt.zero_grad()
+        F.cross_entropy(model(task["train"][0]), task["train"][1]).backward()
+        opt.step()
+        method.after_step()
+    curve = method.report()["sharpness_curve"]
+    assert len(curve) == 1 and abs(curve[0]["threshold"] - 2.0 / extra["lr"]) < 1e-9

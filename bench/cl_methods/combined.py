@@ -2,7 +2,7 @@
 weights + representation alignment — for task-incremental scenarios.
 
 A PNN (:mod:`.pnn`: a frozen column per earlier task, laterals into the new one), trained with SAM
-(the optimizer is chosen in bench/continual.py), on the new task's cross-entropy and an alignment
+(:mod:`.sam`: the job's SGD with momentum at ``--rho``), on the new task's cross-entropy and an alignment
 term, the squared distance of the new column's penultimate features to the previous column's on
 the same inputs (what the earlier column learnt, offered as a target the new one may leave),
 weighted by homoscedastic uncertainty (Kendall, Gal & Cipolla 2018)::
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .pnn import Progressive
+from .sam import SAM
 
 
-class Combined(Progressive):
+class Combined(Progressive, SAM):  # the columns of Progressive, the optimizer of SAM
     def __init__(self):
         self.log_vars: dict = {}  # task head -> (s_ce, s_align)
 

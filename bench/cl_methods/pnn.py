@@ -95,6 +95,17 @@ class ProgressiveMLP(nn.Module):
 class Progressive(Method):
     """Adds a column when a task starts (its parameters join the optimizer as a new group)."""
 
+    # The column is picked by the task: task identity at test time, which only split gives. The
+    # earlier tasks' losses do not depend on any trainable parameter (frozen columns) and the
+    # parameter set grows: no curvature or barrier to compare.
+    scenarios = ("split",)
+    measures_flatness = False
+
+    def make_model(self, inputs, heads):
+        model = ProgressiveMLP(inputs)
+        model.add_column(heads[0])  # the first task's column now, the others as their tasks start
+        return model
+
     def before_task(self, model, task, opt) -> None:
         if task["head"] < len(model.columns):
             return  # the first column came with the model

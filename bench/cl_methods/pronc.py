@@ -26,12 +26,18 @@ from .replay import Replay
 
 
 class ProNC(Replay):
+    scenarios = ("class_incremental",)  # a growing frame of class prototypes on one shared head
+
     def __init__(self, main: float = 18.0, distill: float = 170.0, seed: int = 0):
         super().__init__(capacity=200, seed=seed)
         self.main, self.distill = main, distill
         self.etf = None
         self.order: list[int] = []  # class label of each ETF column
         self.teacher = None  # the ETF's random directions come from Replay's seeded generator
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(seed=args.seed)
 
     def _columns(self, y):
         index = torch.full((max(self.order) + 1,), -1, dtype=torch.long)

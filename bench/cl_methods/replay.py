@@ -20,6 +20,10 @@ class Replay(Method):
         self.seen = 0
         self.gen = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(seed=args.seed)
+
     def batch_loss(self, model, x, y, task):
         n = min(len(x), len(self.x))
         if n == 0:
