@@ -17,6 +17,8 @@ gsam      GSAM(rho=0.05, alpha=0.4)              GSAM(alpha=0.4), rho 0.05 from 
 wsam      WSAM(rho=0.05, gamma=0.9, decouple)    WSAM (per-tensor path: its          —
                                                  foreach=True also reaches the fused
                                                  base, which refuses fused+foreach)
+wsam_     WSAM(..., decouple=False)              WSAM(decouple=False)                —
+coupled
 looksam   LookSAM(rho=0.05, k=5, alpha=0.7)      LookSAM(k=5), foreach=True          looksam.LookSAM
 fsam      FriendlySAM(rho=0.05, sigma=1,         FriendlySAM, foreach=True           —
           lmbda=0.9)
@@ -57,19 +59,24 @@ are listed beside them (with the COMBINE term where the variant uses it over a f
 ======== ====================== ============================ ====== ===========
 variant  beyond the base: floor beyond the base: implemented writes row floor
 ======== ====================== ============================ ====== ===========
-gsam     36                     44                           2      80
-wsam     28                     68                           2      72
+gsam     36                     40                           2      80
+wsam     28                     76                           2      72
+wsam_c.  28                     36                           2      72
 looksam  36 + 4 x 12 = 84       52 + 4 x 12 = 100            6      272 (per 5)
 fsam     32                     64                           2      76
 msam     12                     28                           1      48
-gam      104                    136                          4      164
-cflat    84                     124                          4      144
-rwp      20                     64                           2      64
+gam      104                    132                          4      164
+cflat    84                     116                          4      144
+rwp      20                     56                           2      64
 ======== ====================== ============================ ====== ===========
 
-The ``cl_optim_cpp_written`` rows (GSAM, LookSAM, GAM) are the same optimizer with its final
-combination written into ``.grad`` by ``task_combine_`` first (8 B/param more); the paired rounds
-compare the two.
+(``wsam`` is the decoupled form, the paper's and pytorch_optimizer's default; ``wsam_coupled``
+steps the base with the combined gradient, against pytorch_optimizer's ``decouple=False``.)
+
+The ``cl_optim_cpp_written`` rows (GSAM, coupled WSAM, LookSAM, GAM, C-Flat, RWP) are the same
+optimizer with its final combination written into ``.grad`` by ``task_combine_`` first (8 B/param
+more, and the check of the last gradient where the COMBINE form's bound stands in for it); the
+paired rounds compare the two.
 
 LookSAM's rows (``looksam_adamw_k5``) are times of 5 consecutive iterations, one SAM step and
 four reuse steps; every other row is one iteration. The paired rounds give the speed-up of the
@@ -218,10 +225,14 @@ def _po_gsam(params, feed):
     return lambda: opt.step(feed)  # its step calls the closure for both passes
 
 
-def _po_wsam(params, feed):
+def _po_wsam(params, feed, decouple=True):
     opt = pytorch_optimizer.WSAM(torch.nn.Module(), params, torch.optim.AdamW, rho=0.05, gamma=0.9,
-                                 decouple=True, fused=True, **ADAMW)  # fmt: skip
+                                 decouple=decouple, fused=True, **ADAMW)  # fmt: skip
     return _two_pass(opt, feed)  # its step(closure) calls the closure for both passes: the same
+
+
+def _po_wsam_coupled(params, feed):
+    return _po_wsam(params, feed, decouple=False)
 
 
 def _po_looksam(params, feed):
@@ -277,6 +288,13 @@ VARIANTS = {
                                               backend=backend, **ADAMW),
         _po_wsam,
     ),
+    "wsam_coupled": Variant(
+        28, 2,
+        lambda params, backend, **options: cl_optim.WSAM(params, cl_optim.AdamW, rho=0.05, gamma=0.9, decouple=False,
+                                                         backend=backend, **options, **ADAMW),
+        _po_wsam_coupled,
+        also={"written": {WRITTEN: True}},
+    ),
     "looksam": Variant(
         84, 6,
         lambda params, backend, **options: cl_optim.LookSAM(params, cl_optim.AdamW, rho=0.05, k=LOOKSAM_K,
@@ -306,11 +324,16 @@ VARIANTS = {
     ),
     "cflat": Variant(
         84, 4,
-        lambda params, backend: cl_optim.CFlat(params, cl_optim.AdamW, rho=0.2, lamb=0.2, backend=backend, **ADAMW),
+        lambda params, backend, **options: cl_optim.CFlat(params, cl_optim.AdamW, rho=0.2, lamb=0.2, backend=backend,
+                                                          **options, **ADAMW),
         infty=_infty(InftyCFlat, {"rho": 0.2, "lamb": 0.2}),
+        also={"written": {WRITTEN: True}},
     ),
     "rwp": Variant(
-        20, 2, lambda params, backend: cl_optim.RWP(params, cl_optim.AdamW, rho=0.01, alpha=0.5, backend=backend, **ADAMW)
+        20, 2,
+        lambda params, backend, **options: cl_optim.RWP(params, cl_optim.AdamW, rho=0.01, alpha=0.5, backend=backend,
+                                                        **options, **ADAMW),
+        also={"written": {WRITTEN: True}},
     ),
 }  # fmt: skip
 

@@ -30,6 +30,7 @@ MAIN_BASELINE = {
     # LookSAM skips its correction (less work, not the algorithm); MSAM and RWP have no comparator.
     "gsam_adamw": "pytorch_optimizer",
     "wsam_adamw": "pytorch_optimizer",
+    "wsam_coupled_adamw": "pytorch_optimizer",
     "looksam_adamw_k5": "pytorch_optimizer",
     "fsam_adamw": "pytorch_optimizer",
     "gam_adamw": "infty",

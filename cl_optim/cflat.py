@@ -7,7 +7,8 @@ the ascent on ``||grad L||``, ``g3`` SAM's from there) it updates with
 
     grad = g1 + lamb * (g3 - g2)
 
-(one fused ``task_combine_`` into ``.grad``). ``grad_norm_rho`` is the radius of the
+(read by a fused cl_optim base's restore+update pass as its COMBINE term, bounded by the
+ascents' norms; written into ``.grad`` by one fused ``task_combine_`` otherwise). ``grad_norm_rho`` is the radius of the
 gradient-norm ascent (GAM's name); it defaults to ``rho`` (the paper's single radius, ``w + rho
 h/||h||``); INFTY 0.1.2 ascends there with radius 1 whatever its settings, so
 ``grad_norm_rho=1.0`` gives its numbers.
@@ -23,7 +24,8 @@ norm shuts it and leaves ``A`` as it was (the base step then skips); ``A`` is sa
 
 Buffers: the restore copy, ``g1``, ``g2`` and ``g0`` (which, dead after ``h``, holds the third
 ascent's scratch copy): 4 against 5 in the official code. Bytes per fp32 parameter beyond the
-base update: about 120 (three copies in, three norms, three ascents, the combination).
+base update: about 116 (three copies in, three norms, three ascents, ``h``, the two kept
+gradients read by the update and the norm of ``g3``; 124 with the combination written).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
+
 from ._gradient_norm_sam import GradientNormSAM
 from ._sam_family import graded, unscale_factor
-from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam_ops import grad_sq_norm
 
 __all__ = ["CFlat"]
@@ -104,9 +107,15 @@ class CFlat(GradientNormSAM):
         return energy <= 0
 
     def _combine(self, params, g0, g1, g2) -> None:
-        grads = [p.grad for p in params]
-        coefficients = self._constant((1.0, -self.lamb, self.lamb), grads[0].device)
-        weighted_sum([g1, g2, grads], coefficients, out=grads, backend=self.backend)
+        """``lamb g3 + g1 - lamb g2``: read by a fused base's update (COMBINE) where the three
+        ascents' norms bound the sources (``||g1|| <= ||g0|| + ||h||``, ``||g2||``), else written."""
+        device = params[0].grad.device
+        coefficients = self._constant((self.lamb, 1.0, -self.lamb), device)  # .grad (g3), g1, g2
+        norms = [self._ascent_norm(i) for i in range(3)]  # ||g0||, ||h||, ||g2||
+        source_norms = None
+        if all(norm is not None for norm in norms):
+            source_norms = torch.stack([norms[0] + norms[1], norms[2]])
+        self._combine_into_update(params, [g1, g2], coefficients, source_norms)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -20,7 +20,8 @@ radii are only set by them); INFTY 0.1.2's GAM ascends along ``h`` with radius 1
 
 Bytes per fp32 parameter beyond the base update: keep g0, g1, g2 (24), the restore copy and
 two more copies (24), three norms and three ascents (12 + 48), the Gram (16) and the three kept
-gradients read by the update (12; 20 with the combination written into ``.grad``): about 136,
+gradients read by the update (12; 20 with the combination written into ``.grad``, and then a
+check of it, 4): about 132,
 against about 250 in the official per-tensor Python.
 """
 
@@ -84,5 +85,5 @@ class GAM(GradientNormSAM):
         coefficients = c * (1 + self.grad_gamma * cosine * pro_m_norm / (d_norm + eps)) - self.grad_gamma * a
         # .grad first: read by the update where the base is fused (COMBINE), else written
         order = [3, 0, 1, 2]
-        norms = g.diagonal().clamp_min(0).sqrt()[order]
-        self._combine_into_update(params, tasks[:3], coefficients[order], norms)
+        norms = g.diagonal().clamp_min(0).sqrt()
+        self._combine_into_update(params, tasks[:3], coefficients[order], norms[:3], grad_norm=norms[3])

@@ -18,7 +18,8 @@ per parameter, allocated once. The paper schedules ``rho`` with the learning rat
 ``lr_max`` defaults to each group's learning rate when the optimizer is built).
 
 Bytes per parameter beyond SAM's (fp32): the copy of ``g1`` (8), the Gram pass (8), ``g1`` read
-by the update (4): 20 (28 with the combination written into ``.grad``), against the official
+by the update (4), less SAM's check of the second pass (4: the Gram's norm of ``g2`` bounds the
+combination): 16 (28 with the combination written into ``.grad``), against the official
 code's separate passes (the inner product, two norms and the in-place update read ``g1``/``g2``
 five times).
 """
@@ -139,4 +140,4 @@ class GSAM(SAM):
             1 + self.alpha * cosine * first_norm / (second_norm + eps), torch.full_like(cosine, -self.alpha)
         ])  # fmt: skip
         # for .grad (g2) and g1; read by the update where the base is fused (COMBINE), else written
-        self._combine_into_update(params, [pair[0]], coefficients, torch.stack([second_norm, first_norm]))
+        self._combine_into_update(params, [pair[0]], coefficients, first_norm, grad_norm=second_norm)

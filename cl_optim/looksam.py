@@ -176,7 +176,9 @@ class LookSAM(SAM):
             weight = self.alpha * norms[0] / (norms[1] + self.perturb_eps)
             coefficients = torch.stack([torch.ones_like(weight), weight])
             if not self.layerwise:  # one combination: the update reads g_v (COMBINE) where it can
-                return self._combine_into_update(params, [pair[1]], coefficients, norms)
+                return self._combine_into_update(
+                    params, [pair[1]], coefficients, norms[1], grad_norm=norms[0]
+                )
             weighted_sum(pair, coefficients, out=pair[0], backend=self.backend)
 
     def _norm_scopes(self, params: list[Tensor]) -> list[list[int]]:

@@ -13,8 +13,9 @@ The noise is drawn per parameter, in parameter order, with ``torch.randn(shape,
 generator=generator)`` (the global generator by default; give one on the parameters' device for
 a reproducible run, and its state is saved in ``state_dict``; ``torch.compile`` traces
 ``first_step`` whole with the global generator, and breaks the graph at a given one). No global norm, so no reduction
-orders the passes. The restore copy and ``g`` are one buffer each; the mix is one fused
-``task_combine_`` pass into ``.grad`` and the restore is fused into the base update.
+orders the passes. The restore copy and ``g`` are one buffer each; with a fused cl_optim base the mix is
+read by the restore+update pass (its COMBINE term, bounded by the norm of ``g`` taken with the
+first pass's finiteness check), otherwise written into ``.grad`` by one fused ``task_combine_``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, keep_grads, refuse_dtensor
-from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
 from .sam import SAM, _buckets, kept_buffers
 
 __all__ = ["RWP"]
@@ -93,16 +93,19 @@ class RWP(SAM):
             noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
             p.add_(noise.mul_(_row_norms(p).mul_(rho_of[id(p)])))
         self._run["first_pass"] = params
-        # g enters the mix: skip on its inf/NaN
-        self._perturbed(perturbed, self._nonfinite_gradient(), grad_scaler, zero_grad)
+        # g enters the mix: skip on its inf/NaN; its norm bounds the mix (COMBINE)
+        sq_norm = self._gradient_sq_norm()
+        self._run["clean_norm"] = sq_norm.sqrt()
+        self._perturbed(perturbed, ~torch.isfinite(sq_norm), grad_scaler, zero_grad)
 
     def _second_step(self, zero_grad: bool = False) -> None:
         params = self._second_pass_params()
+        clean_norm = self._run.pop("clean_norm", None)
         if params:
             clean = [self._clean_grads[id(p)] for p in params]
-            grads = [p.grad for p in params]
-            coefficients = self._constant((self.alpha, 1.0 - self.alpha), grads[0].device)
-            weighted_sum([grads, clean], coefficients, out=grads, backend=self.backend)
+            coefficients = self._constant((self.alpha, 1.0 - self.alpha), params[0].grad.device)
+            # read by a fused base's update (COMBINE), the norm of g over every parameter bounding it
+            self._combine_into_update(params, [clean], coefficients, clean_norm)
         super()._second_step(zero_grad)
 
     def state_dict(self) -> dict:

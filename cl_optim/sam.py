@@ -225,7 +225,7 @@ class SAM(torch.optim.Optimizer):
         state["_micro_sums"] = {}
         state["_norm_module"] = None  # a weak reference: the copy selects new groups by name
         state["_constants"] = {}
-        state["_run"] = {**self._run, "grad_scaler": None}
+        state["_run"] = {**self._run, "grad_scaler": None, "ascent_norms": []}
         return state
 
     @property
@@ -303,6 +303,7 @@ class SAM(torch.optim.Optimizer):
         plan = self._ascent_plan()
         if self.mask is not None:
             self._refresh_masks(plan)
+        self._run["ascent_norms"] = []
         perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler)
         self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
@@ -363,7 +364,9 @@ class SAM(torch.optim.Optimizer):
         the weights before it are copied into the buffers of ``store``. Returns the moved
         parameters and the device flag "the norm was finite" (when it is not, nothing moves).
         ``update_fisher``: the running Fisher of ``fisher_ema`` takes this step's ``.grad`` (the
-        first ascent only)."""
+        first ascent only). The step's ``_run["ascent_norms"]`` gets the fp64 norm of the direction
+        where it is a plain one (no ASAM or Fisher weights), else None: a variant's bound on the
+        norms of what it combines."""
         if not plan:
             return [], torch.ones((), dtype=torch.bool)
         if directions is not None:
@@ -400,6 +403,8 @@ class SAM(torch.optim.Optimizer):
         # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
         norm = torch.stack(sq_norms).sum().sqrt()
         finite = torch.isfinite(norm)
+        plain = all(weighted is None for weighted, _ in weights)
+        self._run.setdefault("ascent_norms", []).append(norm if plain else None)
         fisher_flag = finite if update_fisher else torch.zeros_like(finite)
 
         perturbed = []
@@ -520,21 +525,25 @@ class SAM(torch.optim.Optimizer):
     _FUSE_COMBINATION = True
 
     def _combine_into_update(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor,
-                             norms: Optional[Tensor] = None) -> None:  # fmt: skip
+                             source_norms: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None) -> None:  # fmt: skip
         """A variant's final combination ``.grad <- c_0 .grad + c_1 x_1 + ... + c_K x_K`` for
         ``params`` (``sources``: K lists aligned with them, ``coefficients``: K + 1 on the device).
 
-        With a fused cl_optim base, fp32/fp64 parameters and ``norms`` (the fp64 norms of ``.grad``
-        and of each source), the update reads the sources itself (the COMBINE term: the
-        combination is never written, 8 bytes per parameter fewer). The check of the combined
-        gradient that the written form has (``skip_nonfinite``) becomes a bound: the step is skipped
-        unless ``sum_k |c_k| ||x_k||`` — a bound of every partial sum of every element — is at most
-        half the dtype's largest value, so the combination cannot overflow. Otherwise (a torch.optim
-        base, low precision, no norms, accumulation) it is written into ``.grad`` now."""
+        With a fused cl_optim base, fp32/fp64 parameters and ``source_norms`` (fp64 upper bounds
+        of the norm of each source: a reduction the variant made anyway, or the ascent norms it
+        had), the update reads the sources itself (the COMBINE term: the combination is never
+        written, 8 bytes per parameter fewer). The check of the combined gradient that the written
+        form has (``skip_nonfinite``) becomes a bound: the step is skipped unless
+        ``sum_k |c_k| ||x_k||`` — a bound of every partial sum of every element — is at most half
+        the dtype's largest value, so the combination cannot overflow. ``grad_norm`` is the norm of
+        ``.grad`` where the variant has it; otherwise the update takes it in the pass that checks
+        the last gradient for infs anyway (one more read only where a GradScaler made that check).
+        Otherwise (a torch.optim base, low precision, no norms, accumulation) it is written into
+        ``.grad`` now."""
         dtypes = {p.dtype for p in params}
         fused = (
             self._FUSE_COMBINATION
-            and norms is not None
+            and source_norms is not None
             and isinstance(self.base_optimizer, FusedOptimizer)
             and not self._run.get("accumulate")
             and not self._run.get("micro_summed")  # earlier micro-batches are added to .grad unscaled
@@ -546,10 +555,35 @@ class SAM(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             weighted_sum_unchecked([grads, *sources], coefficients, out=grads, backend=self.backend)
             return
-        largest = min(torch.finfo(dtype).max for dtype in dtypes)
-        bounded = (coefficients.abs().to(norms.dtype) * norms).sum() <= largest / 2  # NaN: False
         by_param = {id(p): [source[i] for source in sources] for i, p in enumerate(params)}
-        self._run["combine"] = (by_param, coefficients, bounded)
+        self._run["combine"] = (by_param, coefficients, source_norms, grad_norm, params)
+
+    def _ascent_norm(self, index: int) -> Optional[Tensor]:
+        """The fp64 norm of this step's ascent ``index`` (0: the first), where it is a plain norm
+        (no ASAM or Fisher weights) and the first ascent moved every parameter of the first pass
+        (not SAM-ON's subset; SSAM-F's mask is fine: its norm is the whole gradient's), so it
+        bounds the norm of the direction over any parameters a variant combines; else None."""
+        norms = self._run.get("ascent_norms") or []
+        pending, first_pass = self._run.get("pending") or [], self._run.get("first_pass") or []
+        if index >= len(norms) or norms[index] is None or len(pending) != len(first_pass):
+            return None
+        return norms[index]
+
+    def _combination_bound(self, combine: tuple, check_last_pass: bool) -> tuple[Tensor, bool]:
+        """``(unbounded, check_last_pass)``: the device flag "the combination may overflow" (NaN
+        norms included), and whether the update must still check the last gradient for infs —
+        not where the combined parameters are all that have one, as a bounded combination has a
+        finite ``.grad`` (its norm is part of the bound)."""
+        _, coefficients, source_norms, grad_norm, params = combine
+        if grad_norm is None:
+            buckets = [(bucket, resolve(self.backend, device, dtype))
+                       for (device, dtype, _), bucket in _buckets(params).items()]  # fmt: skip
+            grad_norm = gradient_sq_norm(buckets, source_norms.device).sqrt()
+        norms = torch.cat([grad_norm.reshape(1).to(source_norms), source_norms.reshape(-1)])
+        largest = min(torch.finfo(p.dtype).max for p in params)
+        bound = (coefficients.abs().to(norms.dtype) * norms).sum()
+        graded_count = sum(p.grad is not None for group in self.param_groups for p in group["params"])
+        return ~(bound <= largest / 2), check_last_pass and graded_count != len(params)
 
     def _second_step(self, zero_grad: bool = False) -> None:
         combine = self._run.pop("combine", None)  # from _combine_into_update, for this update only
@@ -571,7 +605,7 @@ class SAM(torch.optim.Optimizer):
         # No GradScaler checked the second pass: one more read of it, on the device.
         check_second_pass = found_inf is None and self.skip_nonfinite
         if combine is not None and self.skip_nonfinite:  # the combination's check, as a bound
-            unbounded = ~combine[2]
+            unbounded, check_second_pass = self._combination_bound(combine, check_second_pass)
             skip = unbounded if skip is None else skip | unbounded.to(skip.device)
         if found_inf is not None and self._run["grad_scaler"] is not None:
             _report_overflow(self._run["grad_scaler"], self, skip)
@@ -821,12 +855,16 @@ class SAM(torch.optim.Optimizer):
 
     def _nonfinite_gradient(self) -> Tensor:
         """Device flag: some gradient has an inf or a NaN (a foreign base optimizer's second pass)."""
+        return ~torch.isfinite(self._gradient_sq_norm())
+
+    def _gradient_sq_norm(self) -> Tensor:
+        """fp64 squared norm of every ``.grad`` (:func:`gradient_sq_norm`), on the first one's device."""
         buckets = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for (device, dtype, _), bucket in _buckets(params).items():
                 buckets.append((bucket, resolve(self.backend, device, dtype)))
-        return nonfinite_gradient(buckets, buckets[0][0][0].device)
+        return gradient_sq_norm(buckets, buckets[0][0][0].device)
 
     def _restore_map(self) -> dict:
         """``id(param) -> save buffer`` for the pending perturbation."""
@@ -880,14 +918,21 @@ def _same(tensors):
     return tensors
 
 
-def nonfinite_gradient(buckets: list, home: torch.device) -> Tensor:
-    """Device flag: some gradient of ``buckets`` (``(parameters, backend)`` pairs) has an inf or a
-    NaN — one fp64-accumulated norm per bucket (summed across ranks for DTensor shards), no host read."""
+def gradient_sq_norm(buckets: list, home: torch.device) -> Tensor:
+    """The squared norm of the gradients of ``buckets`` (``(parameters, backend)`` pairs) on
+    ``home``: one fp64-accumulated pass per bucket (summed across ranks for DTensor shards), no host
+    read. Non-finite exactly where some gradient has an inf or a NaN (fp64 squares of fp32 values
+    cannot overflow)."""
     sq_norms = [
         all_reduce_over_shards_(grad_sq_norm(kernel_grads(bucket), backend=backend), bucket[0]).to(home)
         for bucket, backend in buckets
     ]
-    return ~torch.isfinite(torch.stack(sq_norms).sum())
+    return torch.stack(sq_norms).sum()
+
+
+def nonfinite_gradient(buckets: list, home: torch.device) -> Tensor:
+    """Device flag: some gradient of ``buckets`` has an inf or a NaN (:func:`gradient_sq_norm`)."""
+    return ~torch.isfinite(gradient_sq_norm(buckets, home))
 
 
 def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:

@@ -9,10 +9,15 @@ With ``g1`` the gradient at ``w`` and ``g2`` the one at ``w + e``:
   ``w <- w - lr * a * (g2 - g1)``, so Adam's scaling does not touch it;
 * ``decouple=False``: the base optimizer steps with ``g1 + a (g2 - g1)``.
 
-``g1`` is kept in one buffer per parameter (allocated once); the sharpness direction is written
-into it by one fused ``task_combine_`` pass, and the decoupled descent is one more pass per group
-after the update. Bytes per fp32 parameter beyond SAM's: keep ``g1`` (8), the combination (12),
-and with ``decouple`` the descent (12): 32, against pytorch_optimizer's three buffers.
+``g1`` is kept in one buffer per parameter (allocated once). Coupled, the update's gradient
+``a g2 + (1 - a) g1`` is read by a fused cl_optim base's restore+update pass (its COMBINE term,
+bounded by the first ascent's norm ``||g1||``; written into ``.grad`` otherwise): beyond SAM's
+bytes only keeping ``g1`` (8) and reading it (4). Decoupled, the sharpness direction is written
+into ``g1``'s buffer by one fused ``task_combine_`` pass, ``.grad`` becomes ``g1`` by another, and
+the descent is one more pass per group after the update: keep ``g1`` (8), the two combinations
+(24), the descent with its finiteness guard (20): 52 bytes per fp32 parameter, against
+pytorch_optimizer's three buffers. (Its descent could be folded into the update as a second
+combination applied to the weights; not done.)
 """
 
 from __future__ import annotations
@@ -88,13 +93,9 @@ class WSAM(SAM):
         kept = [self._first_grads[id(p)] for p in params]
         grads = [p.grad for p in params]
         home = grads[0].device
-        if not self.decouple:  # g1 + a (g2 - g1), into .grad
-            weighted_sum(
-                [kept, grads],
-                self._constant((1.0 - a, a), home),
-                out=grads,
-                backend=self.backend,
-            )
+        if not self.decouple:  # a g2 + (1 - a) g1: read by a fused base's update (COMBINE), else written
+            coefficients = self._constant((a, 1.0 - a), home)  # .grad (g2), g1
+            self._combine_into_update(params, [kept], coefficients, self._ascent_norm(0))  # ||g1||
             return super()._second_step(zero_grad)
         # kept <- g2 - g1 (the sharpness direction); .grad <- g2 - (g2 - g1) = g1, the base's gradient.
         weighted_sum(

@@ -270,12 +270,15 @@ FUSED_BASES = {"sgd": cl_optim.SGD, "adamw": cl_optim.AdamW}
 
 @pytest.mark.parametrize("backend", ["forloop", "foreach", "cpp"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-@pytest.mark.parametrize("name", ["gsam", "looksam", "looksam_layerwise", "gam"])
+@pytest.mark.parametrize(
+    "name", ["gsam", "looksam", "looksam_layerwise", "gam", "cflat", "rwp", "wsam", "wsam_decoupled"]
+)
 def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, monkeypatch):
     """With a cl_optim base (fp64 here) the final combination is the COMBINE term of the
     restore+update pass, never written into ``.grad``: the reference's numbers (GSAM: those of
     GSAM over torch's optimizer, checked against INFTY and the official rule in test_gsam.py)
-    on every CPU backend; LookSAM's per-tensor norms keep the written form."""
+    on every CPU backend; LookSAM's per-tensor norms and WSAM's decoupled descent keep the
+    written form."""
     if backend == "cpp":
         from cl_optim._backend import resolve
 
@@ -289,8 +292,14 @@ def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, m
         "looksam_layerwise": dict(rho=0.1, k=3, alpha=0.7, layerwise=True),
         "gam": dict(rho=0.05, grad_norm_rho=0.2, grad_beta_1=0.6, grad_beta_2=-0.5, grad_beta_3=0.4,
                     grad_gamma=0.3),
+        "cflat": dict(rho=0.1, lamb=0.5, grad_norm_rho=0.1),
+        "rwp": dict(rho=0.05, alpha=0.4),
+        "wsam": dict(rho=0.1, gamma=0.7, decouple=False),
+        "wsam_decoupled": dict(rho=0.1, gamma=0.7, decouple=True),
     }[name]  # fmt: skip
-    cls = {"gsam": cl_optim.GSAM, "gam": cl_optim.GAM}.get(name, cl_optim.LookSAM)
+    cls = {"gsam": cl_optim.GSAM, "gam": cl_optim.GAM, "cflat": cl_optim.CFlat, "rwp": cl_optim.RWP,
+           "wsam": cl_optim.WSAM, "wsam_decoupled": cl_optim.WSAM}.get(name, cl_optim.LookSAM)  # fmt: skip
+    extra = (lambda: dict(generator=torch.Generator().manual_seed(3))) if name == "rwp" else dict
     combined = []
     original = cl_optim.SGD._fused_step if base == "sgd" else cl_optim.AdamW._fused_step
 
@@ -301,7 +310,7 @@ def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, m
     monkeypatch.setattr(FUSED_BASES[base], "_fused_step", spy)
 
     def make(p, _, **k):
-        return cls(p, FUSED_BASES[base], **hyper, backend=backend, **k)
+        return cls(p, FUSED_BASES[base], **hyper, backend=backend, **extra(), **k)
 
     opt, params, passes = run_mine(make, base)
     if name == "gsam":
@@ -311,9 +320,11 @@ def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, m
         for mine, theirs in zip(params, ref_params):
             torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
     else:
-        ref = reference(name.replace("_layerwise", ""), base, **hyper)
+        seed = dict(generator_seed=3) if name == "rwp" else {}
+        ref = reference(name.replace("_layerwise", "").replace("_decoupled", ""), base, **hyper, **seed)
         check_against(opt, params, passes, ref, base)
-    # COMBINE on every step but LookSAM's SAM steps (their update uses g_s) and its per-tensor form
-    expected = {"gsam": [True] * STEPS, "gam": [True] * STEPS, "looksam_layerwise": [False] * STEPS,
-                "looksam": [t % 3 != 0 for t in range(STEPS)]}[name]  # fmt: skip
+    # COMBINE on every step but LookSAM's SAM steps (their update uses g_s), its per-tensor form
+    # and WSAM's decoupled form (the update's gradient is g1 itself)
+    expected = {"looksam_layerwise": [False] * STEPS, "wsam_decoupled": [False] * STEPS,
+                "looksam": [t % 3 != 0 for t in range(STEPS)]}.get(name, [True] * STEPS)  # fmt: skip
     assert combined == expected

@@ -431,3 +431,101 @@ def test_looksam_reuse_steps_move_the_running_fisher_with_the_batch_gradient():
             torch.testing.assert_close(f, before + tail)
     for a, b in zip(*fishers):
         torch.testing.assert_close(a, b)
+
+
+def _scripted(opt, p, grads):
+    """``opt.step`` with a closure that hands out the next gradient of ``grads`` (the first is the
+    user's backward) and counts its calls."""
+    queue = [torch.tensor(g, dtype=torch.float32) for g in grads]
+    p.grad = queue.pop(0)
+
+    def closure():
+        p.grad = queue.pop(0)
+        return torch.zeros(())
+
+    opt.step(closure)
+    assert not queue  # every pass ran
+
+
+COMBINED_VARIANTS = {
+    # name: (constructor, gradients of its passes that overflow when combined, finite large ones)
+    "cflat": (lambda p: cl_optim.CFlat([p], cl_optim.SGD, rho=0.1, lamb=0.5, lr=1e-30),
+              [[1.0, 1.0], [3.3e38, 3.3e38], [-3.3e38, -3.3e38], [3.3e38, 3.3e38]],  # 0.5 g3 + g1 - 0.5 g2
+              [[1.0, 1.0], [1e30, -1e30], [2e30, 1e30], [-1e30, 3e30]]),
+    "wsam": (lambda p: cl_optim.WSAM([p], cl_optim.SGD, rho=0.1, gamma=0.9, decouple=False, lr=1e-30),
+             [[-3.3e38, -3.3e38], [3.3e38, 3.3e38]],  # 9 g2 - 8 g1
+             [[1e30, -1e30], [2e30, 1e30]]),
+    "rwp": (lambda p: cl_optim.RWP([p], cl_optim.SGD, rho=0.01, alpha=0.5, lr=1e-30,
+                                   generator=torch.Generator().manual_seed(0)),
+            None,  # a convex mix never overflows
+            [[1e30, -1e30], [2e30, 1e30]]),
+}  # fmt: skip
+
+
+def _spy_combine(opt) -> list:
+    """Whether each update of ``opt``'s fused base got a COMBINE term."""
+    combined = []
+    original = opt.base_optimizer._fused_step
+
+    def spy(*args, combine=None, **kwargs):
+        combined.append(combine is not None)
+        return original(*args, combine=combine, **kwargs)
+
+    opt.base_optimizer._fused_step = spy
+    return combined
+
+
+@pytest.mark.parametrize("name", sorted(COMBINED_VARIANTS))
+def test_the_combination_read_by_the_update_is_bounded_like_the_written_one(name):
+    """C-Flat, coupled WSAM and RWP hand their final combination to a fused base's update
+    (COMBINE), bounded by norms they had anyway (the ascents', the first pass's check) and the
+    last gradient's: finite gradients whose combination overflows skip the step with the weights
+    restored, as the written form's check would; large finite ones far from the bound step."""
+    make, overflowing, large = COMBINED_VARIANTS[name]
+    if overflowing is not None:
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = make(p)
+        _scripted(opt, p, overflowing)
+        assert bool(opt.last_step_skipped)
+        assert torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make(p)
+    combined = _spy_combine(opt)
+    _scripted(opt, p, large)
+    assert combined == [True] and not bool(opt.last_step_skipped)
+    assert not torch.equal(p.detach(), torch.tensor([1.0, -2.0]))  # lr 1e-30 times ~1e30: it moved
+
+
+@pytest.mark.parametrize("sam_on", [False, True], ids=["asam", "sam_on"])
+def test_an_asam_or_sam_on_ascent_norm_is_no_bound_and_the_combination_is_written(sam_on):
+    """The ascents' norms bound C-Flat's sources only where they are plain norms over every
+    parameter: ASAM's weighted norm or SAM-ON's subset leaves the combination written into .grad."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    kwargs = dict(only_norm_layers=model) if sam_on else dict(adaptive=True)
+    opt = cl_optim.CFlat(model.parameters(), cl_optim.SGD, rho=0.1, lr=0.1, **kwargs)
+    combined = _spy_combine(opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(X), Y)
+        loss.backward()
+        return loss
+
+    closure()
+    opt.step(closure)
+    assert combined == [False]
+
+
+def test_the_last_pass_check_stays_for_a_gradient_outside_the_combination():
+    """A bounded combination stands in for the check of the last gradient only over the parameters
+    it combines: a parameter that gets its first gradient in the second pass, non-finite, still
+    skips the step (GSAM combines the first pass's parameters)."""
+    a, b = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))
+    opt = cl_optim.GSAM([a, b], cl_optim.SGD, rho=0.1, alpha=0.4, lr=0.1)
+    combined = _spy_combine(opt)
+    a.grad = torch.tensor([0.3, 0.4])
+    opt.first_step(zero_grad=True)
+    a.grad, b.grad = torch.tensor([0.2, 0.1]), torch.tensor([float("nan")])
+    opt.second_step()
+    assert combined == [True] and bool(opt.last_step_skipped)
+    assert torch.equal(a.detach(), torch.tensor([1.0, -2.0])) and torch.equal(b.detach(), torch.tensor([0.5]))
