@@ -115,8 +115,7 @@ class GradientNormSAM(SAM):
         g0 = [self._kept["g0"][id(p)] for p in params]
         g1 = keep_grads(self._kept["g1"], self._checked(params, "the second pass"))
         # Back at w (exactly), then ascend along h = g1 - g0, written into .grad.
-        for p in self._run["pending"]:
-            p.copy_(self._saved[id(p)])
+        self._restore()
         grads = [p.grad for p in params]
         weighted_sum(
             [g0, g1],

@@ -269,15 +269,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
         skip_nonfinite: bool = False,
-        combine: Optional[tuple[dict, Tensor]] = None,
+        combine: Optional[tuple[list, list, Tensor]] = None,
     ) -> Optional[Tensor]:
         """One step with the RESTORE term, AMP and a skip flag; returns the skip flag it used.
 
-        ``combine``: ``(sources, coefficients)``, the COMBINE term (a SAM variant's final
-        combination, read by the update instead of written into ``.grad`` first): ``sources``
-        maps ``id(param)`` to its ``K`` source tensors, ``coefficients`` holds ``K + 1`` values on
-        the device, the first for ``.grad``; a parameter not in ``sources`` is updated with its
-        ``.grad`` as it is.
+        ``combine``: ``(params, sources, coefficients)``, the COMBINE term (a SAM variant's final
+        combination, read by the update instead of written into ``.grad`` first): ``sources`` holds
+        ``K`` lists aligned with ``params``, ``coefficients`` ``K + 1`` values on the device, the
+        first for ``.grad``; a parameter not in ``params`` is updated with its ``.grad`` as it is.
 
         ``restore`` maps ``id(param)`` to its save buffer (ids: hashing tensors is a Python call
         per lookup, which adds up over thousands of small tensors).
@@ -320,16 +319,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         # replaced parameter) and the running Fisher (which refuses one of another shape).
         restored = 0  # parameters of `restore` that the buckets restore
         prepared = []
-        sources, coefficients = combine if combine is not None else (None, None)
+        combination = None if combine is None else _Combination(*combine)
         for group, whole_bucket, backend in plan:
             device = whole_bucket[0].device
-            for bucket, saves, combined in _split_by_terms(whole_bucket, restore, sources):
+            for bucket, saves, combined in _split_by_terms(whole_bucket, restore, combination):
                 restored += 0 if saves is None else len(saves)
                 terms = self._terms_of(bucket, saves, grad_scale, found_inf, device)
                 if combined:
-                    k = len(sources[id(bucket[0])])
-                    terms.combine_from = [[sources[id(p)][j] for p in bucket] for j in range(k)]
-                    terms.combine_coef = coefficients.to(device)
+                    terms.combine_from = combination.sources_of(bucket)
+                    terms.combine_coef = combination.coefficients.to(device)
                 prepared.append((group, bucket, backend, terms))
         for group, bucket, backend, terms in prepared:
             self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
@@ -370,14 +368,49 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise state_shape_error(key, value, p)
 
 
-def _split_by_terms(bucket: list[Tensor], restore: Optional[dict], sources: Optional[dict]) -> list[tuple]:
+class _Combination:
+    """The COMBINE term of one step: ``params``, ``sources`` (K lists aligned with them) and the
+    ``K + 1`` coefficients. The usual bucket is ``params`` itself, in order: its source lists are
+    the given ones (found by comparing ids at C speed, no per-parameter lookup)."""
+
+    def __init__(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor):
+        self.ids = list(map(id, params))
+        self.sources, self.coefficients = sources, coefficients
+        self._position: Optional[dict] = None
+
+    def position(self) -> dict:
+        if self._position is None:
+            self._position = {key: i for i, key in enumerate(self.ids)}
+        return self._position
+
+    def covers(self, bucket: list[Tensor]) -> Optional[list[bool]]:
+        """Whether each parameter of ``bucket`` is combined (None: all are, in order)."""
+        if list(map(id, bucket)) == self.ids:
+            return None
+        position = self.position()
+        return [id(p) in position for p in bucket]
+
+    def sources_of(self, bucket: list[Tensor]) -> list[list[Tensor]]:
+        if list(map(id, bucket)) == self.ids:
+            return self.sources
+        index = [self.position()[id(p)] for p in bucket]
+        return [[source[i] for i in index] for source in self.sources]
+
+
+def _split_by_terms(
+    bucket: list[Tensor], restore: Optional[dict], combination: Optional[_Combination]
+) -> list[tuple]:
     """``(parameters, their save buffers or None, combined)``: a bucket whose parameters all have
     a save buffer (or none does, or there is no restore at all), and all or none COMBINE sources,
     stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers, a parameter without a first-pass
     gradient) is stepped as up to four calls rather than with a copy of each unperturbed parameter
     as its own save."""
     saves = [None] * len(bucket) if restore is None else [restore.get(id(p)) for p in bucket]
-    combined = [False] * len(bucket) if sources is None else [id(p) in sources for p in bucket]
+    covered = None if combination is None else combination.covers(bucket)
+    if combination is not None and covered is None:
+        combined = [True] * len(bucket)
+    else:
+        combined = [False] * len(bucket) if combination is None else covered
     keys = list(zip((save is not None for save in saves), combined))
     if all(key == keys[0] for key in keys):
         has_save, is_combined = keys[0]
