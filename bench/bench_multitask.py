@@ -32,6 +32,7 @@ import sys
 
 import torch
 from harness import (
+    DEFAULT_SETS,
     PARAM_SETS,
     Case,
     _versions,
@@ -242,7 +243,7 @@ def main(argv=None):
         tasks = values
         del parser_args[at : at + 1 + len(values)]
     args = parse_args(__doc__.splitlines()[0], parser_args)
-    if args.sets == list(PARAM_SETS):
+    if args.sets == list(DEFAULT_SETS):
         args.sets = ["resnet18", "transformer"]
     device = args.device
     backends = cl_optim_backends(device)

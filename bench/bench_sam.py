@@ -18,7 +18,10 @@ for-loop backends and INFTY's LookSAM and GAM are slow on ``many_small``).
 
 from __future__ import annotations
 
-import pytorch_optimizer
+try:  # the baseline; a machine without it (a lent GPU's image) still measures cl_optim's rows
+    import pytorch_optimizer
+except ImportError:
+    pytorch_optimizer = None
 import torch
 from bench_sam_family import family_cases, paired
 from harness import PARAM_SETS, Case, cl_optim_backends, make_params, numel, parse_args, run
@@ -54,11 +57,14 @@ def cases(args):
                     cl_optim.SAM(make_params(shapes, args.device), torch_cls, rho=0.05, fused=True, **kwargs)
                 ),
             }
+            if pytorch_optimizer is None:
+                del providers["pytorch_optimizer"]
             for backend in cl_optim_backends(args.device):
                 providers[f"cl_optim_{backend}"] = lambda backend=backend, ours_cls=ours_cls, kwargs=kwargs, shapes=shapes: _iteration(
                     cl_optim.SAM(make_params(shapes, args.device), ours_cls, rho=0.05, backend=backend, **kwargs)
                 )  # fmt: skip
-            case = Case(op, set_name, numel(shapes), floor, providers, ["pytorch_optimizer"])
+            baseline = "pytorch_optimizer" if pytorch_optimizer is not None else "cl_optim+torch_fused"
+            case = Case(op, set_name, numel(shapes), floor, providers, [baseline])
             if args.quick:
                 case.min_reps, case.budget_s = 2, 0.2
             out.append(case)

@@ -91,7 +91,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import pytorch_optimizer
 import torch
 from harness import (
     PARAM_SETS,
@@ -108,6 +107,11 @@ from harness import (
 )
 
 import cl_optim
+
+try:  # a baseline; a machine without it (a lent GPU's image) still measures cl_optim's rows
+    import pytorch_optimizer
+except ImportError:
+    pytorch_optimizer = None
 
 try:  # INFTY is optional (it pulls torchvision): `pip install --no-deps infty==0.1.2`
     from infty.optim.geometry_reshaping.c_flat import C_Flat as InftyCFlat
@@ -363,6 +367,8 @@ def family_cases(args) -> list[Case]:
     backends = cl_optim_backends(args.device)
     if InftyGSAM is None:
         print("INFTY is not installed: no INFTY provider (`pip install --no-deps infty==0.1.2`)")
+    if pytorch_optimizer is None:
+        print("pytorch_optimizer is not installed: no pytorch_optimizer provider")
     out = []
     for set_name in [s for s in args.sets if s in SETS]:
         shapes = PARAM_SETS[set_name](args.quick)
@@ -371,7 +377,7 @@ def family_cases(args) -> list[Case]:
                 continue
             providers = {}
             for provider, make in (
-                ("pytorch_optimizer", variant.pytorch_optimizer),
+                ("pytorch_optimizer", variant.pytorch_optimizer if pytorch_optimizer is not None else None),
                 ("infty", variant.infty),
             ):
                 if make is not None:

@@ -72,7 +72,10 @@ PARAM_SETS = {
     "resnet18": lambda quick: _resnet18_shapes(),
     "transformer": lambda quick: _transformer_shapes(layers=2 if quick else 6),
     "many_small": lambda quick: [(4096,)] * (500 if quick else 2000),
+    # A 100M-parameter step for GPUs (bench/gpu_check.py): named only, never a default set.
+    "huge": lambda quick: [(100_000_000,)],
 }
+DEFAULT_SETS = [name for name in PARAM_SETS if name != "huge"]
 
 
 def make_params(shapes, device, dtype=torch.float32, seed=0):
@@ -414,7 +417,7 @@ def parse_args(description: str, argv=None, extra: Optional[Callable] = None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smaller sets and fewer cases (under a minute)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
+    parser.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), choices=list(PARAM_SETS))
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     if extra is not None:
         extra(parser)

@@ -64,3 +64,50 @@ def test_quick_landscape_benchmark_writes_its_rows(tmp_path):
         float(r["p50"]) for r in written if r["metric"] == "relative_error" and r["provider"] == "cl_optim"
     ]
     assert errors and max(errors[:1]) < 1e-3  # the top eigenvalue at tol 1e-3 is within 1e-3
+
+
+def test_gpu_check_dry_run_lists_the_plan_and_every_piece_starts(capsys):
+    """What CI runs: every benchmark imports and parses its GPU arguments, the GPU tests collect."""
+    gpu_check = _load("gpu_check")
+    assert gpu_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("environment", "build", "gpu_tests", "bench_step_100m", "bench_sam", "bench_fisher"):
+        assert f"  {name} " in out
+    assert "dry run: every piece starts" in out
+    assert gpu_check.main(["--dry-run", "--only", "bench_ewc"]) == 0
+    out = capsys.readouterr().out
+    assert "bench_ewc" in out and "bench_sam " not in out and "build" in out  # the required steps stay
+
+
+def test_gpu_check_keeps_going_past_failures_and_stops_at_its_budget(tmp_path, monkeypatch):
+    """A failed or timed-out step does not stop the next; the budget's end skips the rest; a
+    failed required step skips everything after it; the summary says which, step by step."""
+    gpu_check = _load("gpu_check")
+    py = sys.executable
+
+    def plan(out, python=py):
+        return [
+            gpu_check.Step("first", [py, "-c", "print('hello')"], 10, required=True),
+            gpu_check.Step("fails", [py, "-c", "raise SystemExit(3)"], 10),
+            gpu_check.Step("sleeps", [py, "-c", "import time; time.sleep(60)"], 2),
+            gpu_check.Step("too_late", [py, "-c", "print('never')"], 10),
+        ]
+
+    monkeypatch.setattr(gpu_check, "steps", plan)
+    assert gpu_check.main(["--out", str(tmp_path), "--budget-s", "6"]) == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| first | ok |" in summary and "| fails | failed |" in summary and "exit code 3" in summary
+    assert "| sleeps | timed out |" in summary and "| too_late | skipped |" in summary
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "hello" in log and "never" not in log
+
+    def broken(out, python=py):
+        return [
+            gpu_check.Step("build", [py, "-c", "raise SystemExit(1)"], 10, required=True),
+            gpu_check.Step("after", [py, "-c", "print('never')"], 10),
+        ]
+
+    monkeypatch.setattr(gpu_check, "steps", broken)
+    assert gpu_check.main(["--out", str(tmp_path), "--budget-s", "60"]) == 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| build | failed |" in summary and "| after | skipped | 0.0 | build did not succeed |" in summary
