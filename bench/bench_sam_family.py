@@ -81,12 +81,12 @@ paired rounds compare the two.
 LookSAM's rows (``looksam_adamw_k5``) are times of 5 consecutive iterations, one SAM step and
 four reuse steps; every other row is one iteration. The paired rounds give the speed-up of the
 fastest cl_optim backend against each other library, each pair timed back to back (median and
-p25/p75 of the per-round ratios; 3 rounds with ``--quick``, 9 otherwise).
+p25/p75 of the per-round ratios, rounds until their half-range is within ±10% of the median or
+15 s, 2 s with ``--quick``; the machine's load while they ran recorded and flagged: ``paired.py``).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -101,7 +101,7 @@ from harness import (
     device_name,
     make_params,
     numel,
-    paired_ratios,
+    paired_rows,
     parse_args,
     run,
 )
@@ -398,6 +398,7 @@ def family_cases(args) -> list[Case]:
             case = Case(op_name(name, variant), set_name, numel(shapes), variant.floor, providers,
                         ["pytorch_optimizer", "infty"])  # fmt: skip
             case.min_reps, case.budget_s = (2, 0.2) if args.quick else (5, 1.5)
+            case.paired = False  # paired() below: against the libraries and the written form
             out.append(case)
     return out
 
@@ -415,31 +416,20 @@ def _factory(make, shapes, device, variant, name):
 
 
 def paired(cases: list[Case], args) -> list:
-    """The fastest cl_optim backend against each other library of a case, in paired rounds."""
-    backend = cl_optim_backends(args.device)[0]
-    ours = f"cl_optim_{backend}"
-    rounds = 3 if args.quick else 9
+    """The fastest cl_optim backend against each other library of a case and against the same
+    optimizer with its combination written, in paired rounds (``harness.paired_rows``)."""
+    ours = f"cl_optim_{cl_optim_backends(args.device)[0]}"
     versions, dev, out = _versions(), device_name(args.device), []
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    print(f"\npaired rounds ({rounds}): speed-up of {ours}, median [p25, p75] of per-round ratios")
+    stamp = {"device": dev, **versions, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    print(f"\npaired rounds: speed-up of {ours}, median [p25, p75] of per-round ratios, ±half the range")
     for case in cases:
         if ours not in case.providers:
             continue
         written = f"{ours}_written"  # what the COMBINE term saves: the same optimizer without it
-        others = [b for b in case.baselines if b in case.providers]
-        for base in others + ([written] if written in case.providers else []):
-            ratios = paired_ratios(case.providers[ours](), case.providers[base](), args.device, rounds)
-            q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-            median = statistics.median(ratios)
-            print(
-                f"  {case.op:<18} {case.param_set:<12} {median:6.2f}x vs {base:<18} [{q[0]:.2f}, {q[2]:.2f}]"
-            )
-            out.append({
-                "op": case.op, "provider": ours, "param_set": case.param_set,
-                "metric": f"paired_speedup_vs_{base}", "unit": "x", "p50": f"{median:.6g}", "p20": f"{q[0]:.6g}",
-                "p80": f"{q[2]:.6g}", "device": dev, **{k: versions[k] for k in ("torch", "triton", "cl_optim", "git_sha")},
-                "timestamp": stamp,
-            })  # fmt: skip
+        against = [b for b in case.baselines if b in case.providers] + (
+            [written] if written in case.providers else []
+        )
+        out += paired_rows(case, None, args.device, stamp, ours=ours, against=against)
     return append_rows(args.csv, out)
 
 

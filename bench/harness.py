@@ -5,8 +5,11 @@ for each parameter set, a list of providers — callables that make one optimize
 hands them to :func:`run`. Per row it measures the median and p20/p80 time, the effective GB/s on
 the op's bytes floor (DESIGN.md §3), the fraction of a bandwidth ceiling measured in the same run
 (the fastest of a copy and a STREAM-like triad over the same total size), the speed-up against
-each baseline, the peak extra memory of a step, and on CUDA the kernel launches per step. Rows
-are appended to a long-format CSV naming the device, versions and git sha.
+each baseline, the peak extra memory of a step, and on CUDA the kernel launches per step; then
+the fastest cl_optim provider against each baseline in paired rounds (``paired.py``: the median
+of per-round speed-ups and its quartiles, rounds until ±10% or a budget, the machine's load while
+they ran, flagged when other work shared it), with the bytes a step moves next to the last-level
+cache. Rows are appended to a long-format CSV naming the device, versions and git sha.
 
 cl_optim's providers are one per backend that ``cl_optim`` can run on the device, found in its
 registry, so a new backend appears in every table without editing the scripts.
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
+from paired import Paired, last_level_cache, paired_speedup
 
 import cl_optim
 from cl_optim._backend import _REGISTRY, BACKENDS
@@ -140,25 +144,11 @@ def time_step(
 
 
 def paired_ratios(base: Callable[[], None], provider: Callable[[], None], device, rounds: int) -> list[float]:
-    """Per-round time ratios provider/base, each pair timed back to back with the order alternating,
-    after one warm-up of each: a machine that slows down for a while slows both sides of a round."""
-    base(), provider()
-    ratios = []
-    for r in range(rounds):
-        times = {}
-        order = (
-            (("base", base), ("provider", provider))
-            if r % 2 == 0
-            else (("provider", provider), ("base", base))
-        )
-        for name, fn in order:
-            synchronize(device)
-            tic = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name] = time.perf_counter() - tic
-        ratios.append(times["provider"] / times["base"])
-    return ratios
+    """Exactly ``rounds`` per-round time ratios provider/base, each pair timed back to back with the
+    order alternating (:func:`paired.paired_speedup` with a fixed count: the scripts that report
+    their own quantiles)."""
+    result = paired_speedup(provider, base, device, min_rounds=rounds, max_rounds=rounds, budget_s=0.0)
+    return result.ratios
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -271,6 +261,7 @@ class Case:
     unit_count: Optional[Union[int, dict]] = None
     min_reps: int = 5
     budget_s: float = 1.5
+    paired: bool = True  # run() pairs the fastest cl_optim provider with each baseline (paired.py)
 
 
 def _versions():
@@ -389,6 +380,8 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
                 f"{case.op:<16} {case.param_set:<12} {name:<22} {1e3 * p50:9.3f} "
                 f"[{1e3 * p20:7.3f},{1e3 * p80:8.3f}] {gbs} {frac} {speed:>20} {memory}"
             )
+        if case.paired:
+            rows += paired_rows(case, results, device, {"device": dev, **versions, "timestamp": stamp})
     if ceilings:
         for elements, ceiling in ceilings.items():
             print(f"bandwidth ceiling over {elements / 1e6:.1f}M fp32 elements: {ceiling / 1e9:.1f} GB/s")
@@ -398,6 +391,65 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
     per_unit = " (fisher rows: ms per sample)" if any(case.unit_count for case in cases) else ""
     print(f"+MiB: {memory_note}; ceil: effective GB/s over the ceiling{per_unit}")
     return append_rows(csv_path, rows)
+
+
+def cache_of(device: torch.device) -> Optional[int]:
+    """Bytes of the last-level cache that a step's working set competes for (a GPU's L2)."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+    return last_level_cache()
+
+
+def paired_rows(case: Case, results: Optional[dict], device: torch.device, stamp: dict,
+                ours: Optional[str] = None, against: Optional[list[str]] = None) -> list[dict]:  # fmt: skip
+    """``ours`` (by default the fastest cl_optim provider of ``results``) against each provider of
+    ``against`` (by default the case's baselines) in paired rounds (:mod:`paired`: median of
+    per-round speed-ups, its quartiles, rounds until ±10% or the budget, the machine's load while
+    it ran), printed and as rows; with the bytes a step moves next to the last-level cache, so a
+    cache-resident ratio can be told from a bandwidth-bound one."""
+    if ours is None:
+        candidates = [name for name in results if name.startswith("cl_optim")]
+        if not candidates:
+            return []
+        ours = min(candidates, key=lambda name: statistics.median(results[name]["times"]))
+    against = [
+        b for b in (case.baselines if against is None else against) if b in case.providers and b != ours
+    ]
+    rows = []
+
+    def row(metric, unit, p50, p20=None, p80=None):
+        p20, p80 = (p50 if p20 is None else p20), (p50 if p80 is None else p80)
+        rows.append({"op": case.op, "provider": ours, "param_set": case.param_set, "metric": metric, "unit": unit,
+                     "p50": f"{p50:.6g}", "p20": f"{p20:.6g}", "p80": f"{p80:.6g}", **stamp})  # fmt: skip
+
+    cache = cache_of(device)
+    moved = None if case.bytes_per_element is None else case.bytes_per_element * case.elements
+    where = ""
+    if moved is not None:
+        row("bytes_per_step", "B", moved)
+        if cache:
+            row("last_level_cache", "B", cache)
+            state = "cache-resident" if moved <= cache else "beyond the last-level cache"
+            where = f"; {moved / 2**20:.0f} MiB a step, cache {cache / 2**20:.0f} MiB: {state}"
+    quick = case.budget_s < 1.0
+    for base in against:
+        result: Paired = paired_speedup(case.providers[base](), case.providers[ours](), device,
+                                        min_rounds=3 if quick else 5, budget_s=2.0 if quick else 15.0)  # fmt: skip
+        if isinstance(case.unit_count, dict):  # per unit (a Fisher sample): the calls do different counts
+            scale = case.unit_count[ours] / case.unit_count[base]
+            result.ratios = [r * scale for r in result.ratios]
+        q25, q75 = result.quartiles
+        row(f"paired_speedup_vs_{base}", "x", result.median, q25, q75)
+        row(f"paired_spread_vs_{base}", "ratio", result.spread)
+        row(f"paired_rounds_vs_{base}", "count", len(result.ratios))
+        row(f"paired_loaded_vs_{base}", "flag", float(result.loaded))
+        for key in ("other_cores", "steal", "own_cores"):
+            if result.load.get(key) is not None:
+                row(
+                    f"paired_{key}_vs_{base}", "cores" if key.endswith("cores") else "ratio", result.load[key]
+                )
+        print(f"  paired: {case.op} {case.param_set} {ours} vs {base}: {result.describe()}{where}")
+    return rows
 
 
 def append_rows(csv_path: Path, rows: list) -> list:

@@ -76,14 +76,27 @@ def markdown(csv_path: Path) -> str:
                 if "fraction_of_ceiling" in metrics
                 else "-"
             )
-            speed = metrics.get(f"speedup_vs_{base}")
-            speed = f"{float(speed['p50']):.2f}x" if speed else "—"
+            speed = _speedup(metrics, base)
             lines.append(
                 f"| {key[1]} | {key[2]} | {float(t['p50']):.3g} [{float(t['p20']):.3g}, {float(t['p80']):.3g}] "
                 f"| {gbs} | {frac} | {speed} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _speedup(metrics: dict, base: str) -> str:
+    """The speed-up over ``base``: from paired rounds where the run made them (median, ±half the
+    interquartile range, "loaded" when other work shared the machine), else the ratio of two
+    medians timed apart, marked as such."""
+    paired = metrics.get(f"paired_speedup_vs_{base}")
+    if paired is not None:
+        spread = metrics.get(f"paired_spread_vs_{base}")
+        text = f"{float(paired['p50']):.2f}x" + (f" ±{float(spread['p50']):.0%}" if spread else "")
+        loaded = metrics.get(f"paired_loaded_vs_{base}")
+        return text + (" (loaded)" if loaded and float(loaded["p50"]) else "")
+    speed = metrics.get(f"speedup_vs_{base}")
+    return f"{float(speed['p50']):.2f}x (unpaired)" if speed else "—"
 
 
 def _fisher_cost(table) -> list:
@@ -116,6 +129,18 @@ def _fisher_cost(table) -> list:
     return lines + [""]
 
 
+def _footprint(metrics: dict) -> str:
+    """A step's bytes against the last-level cache: whether the ratio is cache-resident."""
+    moved, cache = metrics.get("bytes_per_step"), metrics.get("last_level_cache")
+    if moved is None:
+        return "-"
+    moved = float(moved["p50"])
+    text = f"{moved / 2**20:.0f} MiB"
+    if cache is not None:
+        text += " (in cache)" if moved <= float(cache["p50"]) else " (beyond the LLC)"
+    return text
+
+
 def compact(csv_path: Path) -> str:
     """One row per (op, set): the main baseline, torch's best, and cl_optim's fastest backend."""
     with csv_path.open() as f:
@@ -125,8 +150,8 @@ def compact(csv_path: Path) -> str:
         f"{any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
         f"({any_row['git_sha']}, {any_row['timestamp'][:10]}). Median time of the optimizer-side step "
         "(Fisher: per sample).\n",
-        "| op | set | baseline | baseline time | fastest cl_optim | cl_optim time | speed-up | cl_optim of ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "| op | set | baseline | baseline time | fastest cl_optim | cl_optim time | speed-up | cl_optim of ceiling | a step's bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for op, param_set in dict.fromkeys((key[0], key[1]) for key in table):
         base = MAIN_BASELINE.get(op)
@@ -141,9 +166,14 @@ def compact(csv_path: Path) -> str:
         time = float(metrics["time"]["p50"])
         frac = metrics.get("fraction_of_ceiling")
         frac = f"{float(frac['p50']):.0%}" if frac else "-"
+        speed = (
+            _speedup(metrics, base)
+            if f"paired_speedup_vs_{base}" in metrics
+            else f"{base_time / time:.2f}x (unpaired)"
+        )
         lines.append(
             f"| {op} | {param_set} | {base} | {base_time:.3g} {unit} | {name} | {time:.3g} {unit} "
-            f"| {base_time / time:.2f}x | {frac} |"
+            f"| {speed} | {frac} | {_footprint(metrics)} |"
         )
     return "\n".join(lines)
 

@@ -111,3 +111,69 @@ def test_gpu_check_keeps_going_past_failures_and_stops_at_its_budget(tmp_path, m
     assert gpu_check.main(["--out", str(tmp_path), "--budget-s", "60"]) == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "| build | failed |" in summary and "| after | skipped | 0.0 | build did not succeed |" in summary
+
+
+def test_paired_rounds_converge_on_a_clear_ratio_and_report_a_wide_one():
+    """Paired rounds stop once the half-range of the per-round speed-ups is within ±10%, and a
+    spread that stays wide is reported as such (sleeps stand in for two providers)."""
+    import time
+
+    paired = _load("paired")
+    result = paired.paired_speedup(lambda: time.sleep(0.004), lambda: time.sleep(0.002), "cpu", budget_s=5.0)
+    assert 1.5 < result.median < 2.5 and result.converged and 5 <= len(result.ratios) < 41
+    assert "x [" in result.describe() and "wide" not in result.describe()
+    delays = iter([0.001, 0.006] * 50)  # the provider alternates between fast and slow
+    wide = paired.paired_speedup(lambda: time.sleep(0.003), lambda: time.sleep(next(delays)), "cpu",
+                                 min_rounds=4, max_rounds=8, budget_s=0.05)  # fmt: skip
+    assert not wide.converged and "wide" in wide.describe() and len(wide.ratios) >= 4
+    fixed = _load("harness").paired_ratios(lambda: None, lambda: None, "cpu", 7)
+    assert len(fixed) == 7  # the fixed-count form the scripts with their own quantiles use
+
+
+def test_load_is_read_from_the_machine_and_flagged():
+    """Other processes' CPU time and steal per second of wall time, from /proc/stat and this
+    process's own CPU time; a quarter of a core of other work, or 5% steal, flags the row."""
+    paired = _load("paired")
+    start = paired.Snapshot(wall=0.0, own_cpu=1.0, machine=(100.0, 2.0), loadavg=0.5)
+    quiet = paired.load_between(
+        start, paired.Snapshot(wall=2.0, own_cpu=4.0, machine=(103.2, 2.0), loadavg=0.6)
+    )
+    assert abs(quiet["own_cores"] - 1.5) < 1e-12 and abs(quiet["other_cores"] - 0.1) < 1e-12
+    assert quiet["steal"] == 0.0 and not paired.is_loaded(quiet)
+    busy = paired.load_between(
+        start, paired.Snapshot(wall=2.0, own_cpu=4.0, machine=(105.0, 2.0), loadavg=1.9)
+    )
+    assert abs(busy["other_cores"] - 1.0) < 1e-12 and paired.is_loaded(busy)
+    stolen = paired.load_between(
+        start, paired.Snapshot(wall=2.0, own_cpu=4.0, machine=(103.0, 2.2), loadavg=1.0)
+    )
+    assert abs(stolen["steal"] - 0.1) < 1e-12 and paired.is_loaded(stolen)
+    now = paired.Snapshot.now()
+    if now.machine is not None:  # Linux: the real counters move forward
+        later = paired.load_between(now, paired.Snapshot.now())
+        assert later["other_cores"] >= 0 and later["own_cores"] >= 0
+        sizes = paired.cache_sizes()
+        assert sizes and paired.last_level_cache() == max(sizes.values()) > 0
+
+
+def test_the_report_prefers_paired_speedups_and_marks_the_others(tmp_path):
+    report = _load("report")
+    base = {"op": "adamw", "param_set": "large", "unit": "x", "device": "cpu", "torch": "2", "triton": "3",
+            "cl_optim": "0.1", "git_sha": "abc", "timestamp": "2026-12-02T00:00:00"}  # fmt: skip
+    rows = [
+        {**base, "provider": "torch_fused", "metric": "time", "unit": "ms", "p50": "10", "p20": "9", "p80": "11"},
+        {**base, "provider": "cl_optim_cpp", "metric": "time", "unit": "ms", "p50": "5", "p20": "4", "p80": "6"},
+        {**base, "provider": "cl_optim_cpp", "metric": "speedup_vs_torch_fused", "p50": "2", "p20": "1", "p80": "3"},
+        {**base, "provider": "cl_optim_cpp", "metric": "paired_speedup_vs_torch_fused", "p50": "1.8", "p20": "1.7", "p80": "1.9"},
+        {**base, "provider": "cl_optim_cpp", "metric": "paired_spread_vs_torch_fused", "p50": "0.06", "p20": "0.06", "p80": "0.06"},
+        {**base, "provider": "cl_optim_cpp", "metric": "paired_loaded_vs_torch_fused", "p50": "1", "p20": "1", "p80": "1"},
+        {**base, "provider": "cl_optim_cpp", "metric": "bytes_per_step", "p50": str(2**30), "p20": "0", "p80": "0"},
+        {**base, "provider": "cl_optim_cpp", "metric": "last_level_cache", "p50": str(2**29), "p20": "0", "p80": "0"},
+    ]  # fmt: skip
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = report.compact(path)
+    assert "| 1.80x ±6% (loaded) |" in table and "1024 MiB (beyond the LLC)" in table
