@@ -23,7 +23,7 @@ try:  # the baseline; a machine without it (a lent GPU's image) still measures c
 except ImportError:
     pytorch_optimizer = None
 import torch
-from bench_sam_family import family_cases, paired
+from bench_sam_family import _options, family_cases, paired
 from harness import PARAM_SETS, Case, cl_optim_backends, make_params, numel, parse_args, run
 
 import cl_optim
@@ -72,7 +72,7 @@ def cases(args):
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, extra=_options)
     all_cases = cases(args) + family_cases(args)
     rows = run(
         all_cases, args.device, args.csv, "bench_sam: one iteration of SAM and its variants, optimizer side"
