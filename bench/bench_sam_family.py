@@ -423,7 +423,7 @@ def paired(cases: list[Case], args) -> list:
     stamp = {"device": dev, **versions, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(f"\npaired rounds: speed-up of {ours}, median [p25, p75] of per-round ratios, ±half the range")
     for case in cases:
-        if ours not in case.providers:
+        if ours not in case.providers or case.paired:  # run() has paired it (bench_sam.py's plain SAM rows)
             continue
         written = f"{ours}_written"  # what the COMBINE term saves: the same optimizer without it
         against = [b for b in case.baselines if b in case.providers] + (
