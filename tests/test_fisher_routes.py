@@ -539,3 +539,33 @@ def test_the_mc_labels_follow_the_documented_draw():
             drawn += [(x, labels[:, m]) for m in range(2)]
     want = _loop(model, drawn)  # each draw a separate "sample" with weight 1/2 of a sample...
     _assert_matches(got, want)  # ... and the mean over 2N equals the mc mean over N samples x 2 draws
+
+
+def test_a_conv_chunk_counts_its_patches_against_the_memory_cap(monkeypatch):
+    """The conv rule's chunk holds im2col patches (Cin * k values per output position) next to its
+    per-sample gradients: the two together stay within ``memory_cap`` (the patches alone are far
+    larger than the gradients here), and the estimate is the same at any cap."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 2)
+    )
+    data = [(torch.randn(16, 3, 16, 16), torch.randint(2, (16,)))]
+    whole = fisher.estimate(model, data, estimator="empirical", verify=False)
+    seen = []
+    unfold = F.unfold
+
+    def spy(x, *args, **kwargs):
+        patches = unfold(x, *args, **kwargs)
+        seen.append((x.shape[0], patches.numel() * 4))
+        return patches
+
+    monkeypatch.setattr(F, "unfold", spy)
+    cap = 64 * 1024  # per sample: 27 * 256 * 4 = 27 KiB of patches, 432 B of gradients
+    capped = fisher.estimate(model, data, estimator="empirical", memory_cap=cap, verify=False)
+    grads_per_sample = 4 * 27 * 4
+    assert seen and all(patch_bytes + b * grads_per_sample <= cap for b, patch_bytes in seen)
+    assert sum(b for b, _ in seen) == 16 and max(b for b, _ in seen) == 2  # 2 samples a chunk
+    for name in whole:
+        torch.testing.assert_close(capped[name], whole[name], rtol=1e-5, atol=1e-8)

@@ -101,7 +101,8 @@ def estimate(
             refused: it couples the samples of a batch.
         loss_scale: multiplies the backward seeds (an fp16 model's gradients may underflow) and
             is divided out of the squares; the result does not depend on it.
-        memory_cap: bytes one chunk of materialised per-sample gradients may take.
+        memory_cap: bytes one chunk of materialised per-sample gradients may take (with a
+            convolution's im2col patches, which count too).
         verify: check the per-layer computation on the first 2 samples of the first batch against
             the model run one sample at a time; a layer that differs moves to a slower exact way,
             with a warning naming it. Its cost is in ``meta["verify"]``.

@@ -100,7 +100,7 @@ def add_linear_squares_(
         per_sample = d.shape[2] * x.shape[2] * 4
         for part in chunks(x.shape[0], per_sample, cap):
             grads = torch.bmm(d[part].transpose(1, 2), x[part])  # (b, out, in)
-            weight.add_(grads.square().sum(0))
+            weight.add_(grads.square_().sum(0))  # squared in place: the chunk is all it holds
     if bias is not None:
         bias.add_(d.sum(1).square().sum(0))
 
@@ -177,11 +177,14 @@ def _conv(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, la
     stride = module.stride if two_d else (1, module.stride[0])
     d = d.reshape(batch, module.out_channels, -1)  # (B, Cout, L)
     if "weight" in acc:
-        per_sample = module.out_channels * x.shape[1] * math.prod(kernel) * 4
+        # A chunk holds its per-sample gradients and its im2col patches (Cin * k values per output
+        # position): both count against the cap (the patches alone are L times the input).
+        columns = x.shape[1] * math.prod(kernel)
+        per_sample = (module.out_channels + d.shape[2]) * columns * 4
         for part in chunks(batch, per_sample, cap):
             patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
             grads = torch.bmm(d[part], patches.transpose(1, 2))  # (b, Cout, Cin * k)
-            acc["weight"].add_(grads.square().sum(0).view_as(acc["weight"]))
+            acc["weight"].add_(grads.square_().sum(0).view_as(acc["weight"]))
     if "bias" in acc:
         acc["bias"].add_(d.sum(2).square().sum(0))
 
