@@ -17,7 +17,9 @@ process's CPU time (Linux; elsewhere the load fields are None):
 * ``loadavg``: the 1-minute load average before and after.
 
 A measurement is flagged ``loaded`` when other work took at least a quarter of a core or steal at
-least 5% of the time: its ratio may be off, and the row says so.
+least 5% of the time, beyond the counters' resolution (10 ms ticks: a window under a second
+cannot tell a stray tick from load, and is not flagged on it): its ratio may be off, and the row
+says so.
 """
 
 from __future__ import annotations
@@ -82,13 +84,17 @@ def load_between(start: Snapshot, end: Snapshot) -> dict:
         busy = end.machine[0] - start.machine[0]
         out["other_cores"] = max(0.0, busy - own) / wall
         out["steal"] = (end.machine[1] - start.machine[1]) / wall
+        # The counters tick at 100 Hz: a window of a few ms reads one stray tick as a busy core.
+        # Two ticks (one per counter) of uncertainty, per second of wall time.
+        out["resolution"] = 2.0 / os.sysconf("SC_CLK_TCK") / wall
     return out
 
 
 def is_loaded(load: dict) -> bool:
-    other, steal = load.get("other_cores"), load.get("steal")
-    return (other is not None and other >= LOADED_OTHER_CORES) or (
-        steal is not None and steal >= LOADED_STEAL
+    """Other work or steal past its threshold by more than the counters' resolution."""
+    other, steal, resolution = load.get("other_cores"), load.get("steal"), load.get("resolution", 0.0)
+    return (other is not None and other - resolution >= LOADED_OTHER_CORES) or (
+        steal is not None and steal - resolution >= LOADED_STEAL
     )
 
 

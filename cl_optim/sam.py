@@ -40,6 +40,7 @@ from ._distributed import all_reduce_over_shards_, kernel_grads, local_list
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
+    _check_param,
     _merge_found_inf,
     bucket_indices,
     check_fisher_ema,
@@ -287,6 +288,7 @@ class SAM(torch.optim.Optimizer):
         one host read of the scale). SAM's and ASAM's perturbations do not depend on the scale.
         """
         with torch.no_grad():  # a block, not @torch.no_grad(): see _run
+            self._run["ascent_norms"] = []  # this step's (every variant's first step comes here)
             self._first_step(zero_grad, grad_scaler)
 
     def _first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
@@ -303,7 +305,6 @@ class SAM(torch.optim.Optimizer):
         plan = self._ascent_plan()
         if self.mask is not None:
             self._refresh_masks(plan)
-        self._run["ascent_norms"] = []
         perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler)
         self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
@@ -577,15 +578,26 @@ class SAM(torch.optim.Optimizer):
         combination exist (a parameter that got its first gradient in the last pass)."""
         params, _, coefficients, source_norms, grad_norm = combine
         if grad_norm is None:
-            grad_norm = self._gradient_sq_norm().sqrt()
+            try:
+                grad_norm = self._gradient_sq_norm().sqrt()
+            except (RuntimeError, NotImplementedError):
+                for group in self.param_groups:  # the update's own message for a gradient it refuses
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            _check_param(p)
+                raise
             check_last_pass = False
         elif check_last_pass:
             graded = sum(p.grad is not None for group in self.param_groups for p in group["params"])
             check_last_pass = graded != len(params)
         norms = torch.cat([grad_norm.reshape(1).to(source_norms), source_norms.reshape(-1)])
         largest = min(torch.finfo(dtype).max for dtype in {p.dtype for p in params})
-        bound = (coefficients.abs().to(norms.dtype) * norms).sum()
-        return ~(bound <= largest / 2), check_last_pass
+        magnitudes = coefficients.abs().to(norms.dtype)
+        bound = (magnitudes * norms).sum()
+        # The kernel takes each coefficient in the parameters' opmath (fp32 for fp32): one past its
+        # range would be inf there, and inf * 0 = NaN, which the bound alone does not see.
+        in_range = (magnitudes <= largest).all()
+        return ~((bound <= largest / 2) & in_range), check_last_pass
 
     def _second_step(self, zero_grad: bool = False) -> None:
         combine = self._run.pop("combine", None)  # from _combine_into_update, for this update only
@@ -607,7 +619,11 @@ class SAM(torch.optim.Optimizer):
         # No GradScaler checked the second pass: one more read of it, on the device.
         check_second_pass = found_inf is None and self.skip_nonfinite
         if combine is not None and self.skip_nonfinite:  # the combination's check, as a bound
-            unbounded, check_second_pass = self._combination_bound(combine, check_second_pass)
+            try:  # its norm pass reads every gradient: a refused one must not leave w + e behind
+                unbounded, check_second_pass = self._combination_bound(combine, check_second_pass)
+            except BaseException:
+                self._abort()
+                raise
             skip = unbounded if skip is None else skip | unbounded.to(skip.device)
         if found_inf is not None and self._run["grad_scaler"] is not None:
             _report_overflow(self._run["grad_scaler"], self, skip)
@@ -877,14 +893,20 @@ class SAM(torch.optim.Optimizer):
         """The perturbed weights back from their copies, exactly: one foreach copy per (device,
         dtype) (a copy per tensor cost 3.7 us each, 7 ms a pass over 2000 small tensors)."""
         saved = self._saved
-        for bucket in _buckets(self._run["pending"]).values():
-            torch._foreach_copy_(bucket, [saved[id(p)] for p in bucket])
+        for (_, _, layout), bucket in _buckets(self._run["pending"]).items():
+            if layout is None:
+                torch._foreach_copy_(bucket, [saved[id(p)] for p in bucket])
+            else:  # DTensor (FSDP2) parameters: foreach copies have no sharding rule
+                for p in bucket:
+                    p.copy_(saved[id(p)])
 
     def _abort(self) -> None:
-        """Put the weights back after a failed second pass; no update is made."""
+        """Put the weights back after a failed second pass; no update is made. Under no_grad
+        whoever calls it (the integrations call it from an except block with grad enabled)."""
         self._run.pop("combine", None)  # a combination of this step must not reach a later update
         if self._run["pending"] is not None:
-            self._restore()
+            with torch.no_grad():
+                self._restore()
             self._run["pending"] = None
 
     def _foreign_update(self, skip, grad_scale, found_inf) -> None:

@@ -148,6 +148,11 @@ def test_load_is_read_from_the_machine_and_flagged():
         start, paired.Snapshot(wall=2.0, own_cpu=4.0, machine=(103.0, 2.2), loadavg=1.0)
     )
     assert abs(stolen["steal"] - 0.1) < 1e-12 and paired.is_loaded(stolen)
+    # one stray 10 ms tick in a 10 ms window reads as a whole busy core: within the resolution
+    short = paired.load_between(
+        start, paired.Snapshot(wall=0.01, own_cpu=1.0, machine=(100.01, 2.0), loadavg=0.5)
+    )
+    assert abs(short["other_cores"] - 1.0) < 1e-9 and not paired.is_loaded(short)
     now = paired.Snapshot.now()
     if now.machine is not None:  # Linux: the real counters move forward
         later = paired.load_between(now, paired.Snapshot.now())

@@ -529,3 +529,68 @@ def test_the_last_pass_check_stays_for_a_gradient_outside_the_combination():
     opt.second_step()
     assert combined == [True] and bool(opt.last_step_skipped)
     assert torch.equal(a.detach(), torch.tensor([1.0, -2.0])) and torch.equal(b.detach(), torch.tensor([0.5]))
+
+
+def test_a_step_keeps_only_its_own_ascent_norms():
+    """FriendlySAM and per-tensor LookSAM ascend from their own first step: the list of the step's
+    ascent norms is the step's, not one more entry per step for ever."""
+    for make in (
+        lambda ps: cl_optim.FriendlySAM(ps, cl_optim.SGD, lr=0.01),
+        lambda ps: cl_optim.LookSAM(ps, cl_optim.SGD, k=1, layerwise=True, lr=0.01),
+    ):
+        model = _model()
+        opt = make(model.parameters())
+        for _ in range(20):
+            _closure(model, opt)()
+            opt.step(_closure(model, opt))
+        assert len(opt._run["ascent_norms"]) <= len(list(model.parameters()))
+
+
+def test_a_gradient_the_bound_cannot_read_restores_the_weights_and_names_the_problem():
+    """The bound's norm pass reads every gradient before the update does: a sparse one (on a
+    parameter without a first-pass gradient) is refused with the update's message, w + e undone."""
+    for make in (
+        lambda ps: cl_optim.RWP(ps, cl_optim.SGD, rho=0.5, lr=0.1),
+        lambda ps: cl_optim.WSAM(ps, cl_optim.SGD, rho=0.5, decouple=False, lr=0.1),
+    ):
+        a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+        w = a.detach().clone()
+        opt = make([a, b])
+        a.grad = torch.ones(4)
+        opt.first_step(zero_grad=True)
+        a.grad, b.grad = torch.ones(4), torch.ones(4).to_sparse()
+        with pytest.raises(RuntimeError, match="sparse gradients"):
+            opt.second_step()
+        assert torch.equal(a.detach(), w) and opt._run["pending"] is None
+
+
+def test_a_coefficient_past_the_opmath_range_skips_the_step():
+    """The kernel takes each COMBINE coefficient in fp32 for fp32 parameters: LookSAM's reuse weight
+    alpha ||g|| / (||g_v|| + eps) with g_v = 0 and ||g|| = 1e27 is past it (inf there, inf * 0 a
+    NaN): skipped, as the written form's check skips it."""
+    for fuse in (True, False):
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt = cl_optim.LookSAM([w], cl_optim.SGD, k=2, lr=1e-30)
+        opt._FUSE_COMBINATION = fuse
+
+        def closure(opt=opt, w=w):
+            opt.zero_grad()
+            loss = (w * torch.tensor([1e27, 0.0, 0.0])).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(2):  # a SAM step (g_v = 0: g_s is parallel to g), then a reuse step
+            closure()
+            opt.step(closure)
+        assert bool(opt.last_step_skipped) and torch.isfinite(w).all(), fuse
+
+
+def test_abort_restores_with_grad_enabled():
+    """The integrations abort from an except block with autograd on: the restore is made anyway."""
+    model = _model()
+    w = model.weight.detach().clone()
+    opt = cl_optim.SAM(model.parameters(), cl_optim.SGD, lr=0.1)
+    F.mse_loss(model(X), Y).backward()
+    opt.first_step(zero_grad=True)
+    opt._abort()
+    assert torch.equal(model.weight.detach(), w) and opt._run["pending"] is None
