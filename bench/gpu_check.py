@@ -32,6 +32,7 @@ tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -175,6 +176,13 @@ def run_step(step: Step, remaining_s: float, log) -> None:
     # A process group of its own: a timed-out step is stopped with everything it started (ninja, nvcc).
     proc = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
+
+    def stop_step(signum, frame):  # gpu_check told to stop (a remote run's timeout): its step too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_step) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = proc.wait(timeout=cap)
         step.status = "ok" if code == 0 else "failed"
@@ -188,6 +196,9 @@ def run_step(step: Step, remaining_s: float, log) -> None:
             proc.wait()
         step.status = "timed out"
         step.detail = f"stopped at {cap:.0f} s" + (" (the budget's end)" if cap < step.cap_s else "")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     step.seconds = time.time() - tic
     log.write(f"===== {step.name}: {step.status} {step.detail} ({step.seconds:.1f} s)\n")
     log.flush()

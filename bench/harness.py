@@ -313,7 +313,7 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     dev = device_name(device)
     ceilings: dict[int, float] = {}
-    rows = []
+    rows, written = [], 0
     print(
         f"\n{title} — {dev}; torch {versions['torch']}, cl_optim {versions['cl_optim']} ({versions['git_sha']})"
     )
@@ -382,6 +382,10 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
             )
         if case.paired:
             rows += paired_rows(case, results, device, {"device": dev, **versions, "timestamp": stamp})
+        # Each case's rows as soon as it is measured: a run stopped part-way (gpu_check's budget)
+        # keeps what it measured.
+        append_rows(csv_path, rows[written:], quiet=True)
+        written = len(rows)
     if ceilings:
         for elements, ceiling in ceilings.items():
             print(f"bandwidth ceiling over {elements / 1e6:.1f}M fp32 elements: {ceiling / 1e9:.1f} GB/s")
@@ -390,7 +394,8 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
     )
     per_unit = " (fisher rows: ms per sample)" if any(case.unit_count for case in cases) else ""
     print(f"+MiB: {memory_note}; ceil: effective GB/s over the ceiling{per_unit}")
-    return append_rows(csv_path, rows)
+    print(f"{len(rows)} rows appended to {csv_path}")
+    return rows
 
 
 def cache_of(device: torch.device) -> Optional[int]:
@@ -454,7 +459,7 @@ def paired_rows(case: Case, results: Optional[dict], device: torch.device, stamp
     return rows
 
 
-def append_rows(csv_path: Path, rows: list) -> list:
+def append_rows(csv_path: Path, rows: list, quiet: bool = False) -> list:
     """Append long-format rows to the results CSV (its header first if the file is new)."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("a", newline="") as f:
@@ -462,7 +467,8 @@ def append_rows(csv_path: Path, rows: list) -> list:
         if f.tell() == 0:
             writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(rows)} rows appended to {csv_path}")
+    if not quiet:
+        print(f"{len(rows)} rows appended to {csv_path}")
     return rows
 
 

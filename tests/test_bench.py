@@ -182,3 +182,39 @@ def test_the_report_prefers_paired_speedups_and_marks_the_others(tmp_path):
         writer.writerows(rows)
     table = report.compact(path)
     assert "| 1.80x ±6% (loaded) |" in table and "1024 MiB (beyond the LLC)" in table
+
+
+def test_gpu_check_stopped_from_outside_stops_its_step(tmp_path):
+    """A remote run's timeout stops gpu_check with SIGTERM: the step it was running (its own
+    process group, so that a timed-out step is stopped whole) goes with it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    driver = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import gpu_check
+child = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+gpu_check.steps = lambda out, python=sys.executable: [gpu_check.Step("sleeps", [sys.executable, "-c", child], 100)]
+sys.exit(gpu_check.main(["--out", {str(tmp_path)!r}, "--budget-s", "100"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the step outlived gpu_check")
