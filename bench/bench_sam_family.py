@@ -426,10 +426,8 @@ def paired(cases: list[Case], args) -> list:
         if ours not in case.providers or case.paired:  # run() has paired it (bench_sam.py's plain SAM rows)
             continue
         written = f"{ours}_written"  # what the COMBINE term saves: the same optimizer without it
-        against = [b for b in case.baselines if b in case.providers] + (
-            [written] if written in case.providers else []
-        )
-        out += paired_rows(case, None, args.device, stamp, ours=ours, against=against)
+        # paired_rows keeps those the case provides
+        out += paired_rows(case, None, args.device, stamp, ours=ours, against=[*case.baselines, written])
     return append_rows(args.csv, out)
 
 

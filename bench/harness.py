@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
-from paired import Paired, last_level_cache, paired_speedup
+from paired import Paired, last_level_cache, paired_speedup, synchronize
 
 import cl_optim
 from cl_optim._backend import _REGISTRY, BACKENDS
@@ -98,11 +98,6 @@ def numel(shapes) -> int:
 
 
 # ------------------------------------------------------------------------------- measuring
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 _l2_flush: dict = {}

@@ -35,7 +35,8 @@ LOADED_OTHER_CORES = 0.25
 LOADED_STEAL = 0.05
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if getattr(device, "type", device) == "cuda":
         import torch
 
@@ -159,7 +160,7 @@ def paired_speedup(
     """Speed-up of ``provider`` over ``base`` in paired rounds (see the module docstring), after one
     warm-up call of each."""
     base(), provider()
-    _synchronize(device)
+    synchronize(device)
     result = Paired(target=target)
     start = Snapshot.now()
     for r in range(max_rounds):
@@ -170,10 +171,10 @@ def paired_speedup(
             else (("provider", provider), ("base", base))
         )
         for name, fn in order:
-            _synchronize(device)
+            synchronize(device)
             tic = time.perf_counter()
             fn()
-            _synchronize(device)
+            synchronize(device)
             times[name] = time.perf_counter() - tic
         result.base_s.append(times["base"])
         result.provider_s.append(times["provider"])

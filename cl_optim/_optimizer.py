@@ -383,10 +383,10 @@ class _Combination:
             self._position = {key: i for i, key in enumerate(self.ids)}
         return self._position
 
-    def covers(self, bucket: list[Tensor]) -> Optional[list[bool]]:
-        """Whether each parameter of ``bucket`` is combined (None: all are, in order)."""
+    def covers(self, bucket: list[Tensor]) -> list[bool]:
+        """Whether each parameter of ``bucket`` is combined."""
         if list(map(id, bucket)) == self.ids:
-            return None
+            return [True] * len(bucket)
         position = self.position()
         return [id(p) in position for p in bucket]
 
@@ -406,11 +406,7 @@ def _split_by_terms(
     gradient) is stepped as up to four calls rather than with a copy of each unperturbed parameter
     as its own save."""
     saves = [None] * len(bucket) if restore is None else [restore.get(id(p)) for p in bucket]
-    covered = None if combination is None else combination.covers(bucket)
-    if combination is not None and covered is None:
-        combined = [True] * len(bucket)
-    else:
-        combined = [False] * len(bucket) if combination is None else covered
+    combined = [False] * len(bucket) if combination is None else combination.covers(bucket)
     keys = list(zip((save is not None for save in saves), combined))
     if all(key == keys[0] for key in keys):
         has_save, is_combined = keys[0]

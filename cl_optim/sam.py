@@ -195,6 +195,7 @@ class SAM(torch.optim.Optimizer):
             "grad_scaler": None,  # the GradScaler given to first_step, told about a pass-1 overflow
             "last_step_skipped": None,
             "steps": torch.zeros((), dtype=torch.int64),
+            "ascent_norms": [],  # this step's ascent norms (SAM._ascend), reset by first_step
         }
         self.perturb_backends_used: dict[str, str] = {}
         self.interval, self.start_step = interval, start_step
@@ -405,7 +406,7 @@ class SAM(torch.optim.Optimizer):
         norm = torch.stack(sq_norms).sum().sqrt()
         finite = torch.isfinite(norm)
         plain = all(weighted is None for weighted, _ in weights)
-        self._run.setdefault("ascent_norms", []).append(norm if plain else None)
+        self._run["ascent_norms"].append(norm if plain else None)
         fisher_flag = finite if update_fisher else torch.zeros_like(finite)
 
         perturbed = []
