@@ -27,6 +27,7 @@ namespace cl_optim {
 // pointer. True for equal strides over a dense layout (contiguous, channels_last, any permutation
 // without gaps); a layout with gaps or repeats (a slice, an expanded view) is walked contiguously.
 inline bool walks_as(const at::Tensor& t, const at::Tensor& like) {
+  if (t.is_contiguous() && like.is_contiguous()) return true;  // the usual case, from cached flags
   if (like.is_non_overlapping_and_dense()) return t.strides() == like.strides();
   return t.is_contiguous();
 }

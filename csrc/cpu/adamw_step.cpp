@@ -48,23 +48,30 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   // Through the data pointer, not add_() / item(): two ATen calls per tensor would cost more than
   // the update itself on thousands of small tensors.
   std::vector<double> step_sizes(n), bias_correction2_sqrts(n);
+  double last_t = -1.0;  // the counts are usually all equal: the two pow() once, not per tensor
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& step = steps[i];
     const double t = step.scalar_type() == at::kFloat ? static_cast<double>(++*step.data_ptr<float>())
                                                       : ++*step.data_ptr<double>();
-    step_sizes[i] = lr / (1.0 - std::pow(beta1, t));
-    bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
+    if (i == 0 || t != last_t) {
+      step_sizes[i] = lr / (1.0 - std::pow(beta1, t));
+      bias_correction2_sqrts[i] = std::sqrt(1.0 - std::pow(beta2, t));
+      last_t = t;
+    } else {
+      step_sizes[i] = step_sizes[i - 1];
+      bias_correction2_sqrts[i] = bias_correction2_sqrts[i - 1];
+    }
   }
   const bool amsgrad = !max_exp_avg_sqs.empty();
   Workspace ws(params);
-  std::vector<at::Tensor> p, g, m, v, vmax;
+  std::vector<void*> p, g, m, v, vmax;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true, i));
-    g.push_back(ws.use(grads[i], false, i));
-    m.push_back(ws.use(exp_avgs[i], true, i));
-    v.push_back(ws.use(exp_avg_sqs[i], true, i));
-    if (amsgrad) vmax.push_back(ws.use(max_exp_avg_sqs[i], true, i));
+    p.push_back(ws.data(params[i], true, i));
+    g.push_back(ws.data(grads[i], false, i));
+    m.push_back(ws.data(exp_avgs[i], true, i));
+    v.push_back(ws.data(exp_avg_sqs[i], true, i));
+    if (amsgrad) vmax.push_back(ws.data(max_exp_avg_sqs[i], true, i));
     sizes.push_back(params[i].numel());
   }
   StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
@@ -82,11 +89,11 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                                       static_cast<opmath_t>(eps),
                                       static_cast<opmath_t>(step_sizes[t]),
                                       static_cast<opmath_t>(bias_correction2_sqrts[t])};
-      scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
-      scalar_t* __restrict__ mp = m[t].data_ptr<scalar_t>();
-      scalar_t* __restrict__ vp = v[t].data_ptr<scalar_t>();
-      scalar_t* __restrict__ xp = amsgrad ? vmax[t].data_ptr<scalar_t>() : nullptr;
+      scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
+      const scalar_t* __restrict__ gp = static_cast<const scalar_t*>(g[t]);
+      scalar_t* __restrict__ mp = static_cast<scalar_t*>(m[t]);
+      scalar_t* __restrict__ vp = static_cast<scalar_t*>(v[t]);
+      scalar_t* __restrict__ xp = amsgrad ? static_cast<scalar_t*>(vmax[t]) : nullptr;
       const scalar_t* __restrict__ save = terms.save<scalar_t>(t);
       float* __restrict__ fp = terms.fisher_ptr(t);
       const bool ewc = terms.has_ewc(t);

@@ -22,18 +22,18 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double w
   const int64_t n = check_fisher_accumulate(c10::DeviceType::CPU, fisher, grads).size();
   if (n == 0) return;
   Workspace ws(grads);
-  std::vector<at::Tensor> f, g;
+  std::vector<void*> f, g;
   for (int64_t i = 0; i < n; ++i) {
-    f.push_back(ws.use(fisher[i], true, i));
-    g.push_back(ws.use(grads[i], false, i));
+    f.push_back(ws.data(fisher[i], true, i));
+    g.push_back(ws.data(grads[i], false, i));
   }
   const auto chunks = make_chunks(numels(fisher));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fisher_accumulate_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t w = static_cast<opmath_t>(weight);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
-      float* __restrict__ fp = f[c.tensor].data_ptr<float>();
-      const scalar_t* __restrict__ gp = g[c.tensor].data_ptr<scalar_t>();
+      float* __restrict__ fp = static_cast<float*>(f[c.tensor]);
+      const scalar_t* __restrict__ gp = static_cast<scalar_t*>(g[c.tensor]);
       for (int64_t i = c.begin; i < c.end; ++i) fp[i] = fisher_accumulate<opmath_t>(fp[i], static_cast<opmath_t>(gp[i]), w);
     });
   });
@@ -46,22 +46,22 @@ void ewc_grad_add_cpu(at::TensorList grads, at::TensorList params, at::TensorLis
   const int64_t n = check_ewc_grad_add(c10::DeviceType::CPU, grads, params, precision, anchor, lam).size();
   if (n == 0) return;
   Workspace ws(params);
-  std::vector<at::Tensor> g, p, a, mu;
+  std::vector<void*> g, p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
-    g.push_back(ws.use(grads[i], true, i));
-    p.push_back(ws.use(params[i], false, i));
-    a.push_back(ws.use(precision[i], false, i));
-    mu.push_back(ws.use(anchor[i], false, i));
+    g.push_back(ws.data(grads[i], true, i));
+    p.push_back(ws.data(params[i], false, i));
+    a.push_back(ws.data(precision[i], false, i));
+    mu.push_back(ws.data(anchor[i], false, i));
   }
   const auto chunks = make_chunks(numels(grads));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "ewc_grad_add_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;
-      scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
-      const float* __restrict__ ap = a[t].data_ptr<float>();
-      const float* __restrict__ mp = mu[t].data_ptr<float>();
+      scalar_t* __restrict__ gp = static_cast<scalar_t*>(g[t]);
+      const scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
+      const float* __restrict__ ap = static_cast<float*>(a[t]);
+      const float* __restrict__ mp = static_cast<float*>(mu[t]);
       const opmath_t l = static_cast<opmath_t>(lam[t]);
       for (int64_t i = c.begin; i < c.end; ++i)
         gp[i] = static_cast<scalar_t>(ewc_pull<opmath_t>(static_cast<opmath_t>(gp[i]), static_cast<opmath_t>(pp[i]),
@@ -77,20 +77,20 @@ at::Tensor ewc_penalty_cpu(at::TensorList params, at::TensorList precision, at::
   const int64_t n = check_ewc_penalty(c10::DeviceType::CPU, params, precision, anchor, lam).size();
   if (n == 0) return at::zeros({}, at::TensorOptions().dtype(at::kDouble));
   Workspace ws(params);
-  std::vector<at::Tensor> p, a, mu;
+  std::vector<void*> p, a, mu;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], false, i));
-    a.push_back(ws.use(precision[i], false, i));
-    mu.push_back(ws.use(anchor[i], false, i));
+    p.push_back(ws.data(params[i], false, i));
+    a.push_back(ws.data(precision[i], false, i));
+    mu.push_back(ws.data(anchor[i], false, i));
   }
   const auto chunks = make_chunks(numels(params));
   std::vector<double> partial(chunks.size(), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "ewc_penalty", [&] {
     for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
       const int64_t t = c.tensor;
-      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
-      const float* __restrict__ ap = a[t].data_ptr<float>();
-      const float* __restrict__ mp = mu[t].data_ptr<float>();
+      const scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
+      const float* __restrict__ ap = static_cast<float*>(a[t]);
+      const float* __restrict__ mp = static_cast<float*>(mu[t]);
       double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int64_t i = c.begin; i < c.end; ++i)
         lanes[i & 7] += ewc_penalty_term<double>(static_cast<double>(pp[i]), ap[i], mp[i]);
@@ -112,12 +112,12 @@ at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, 
   const int64_t n = check_ewc_consolidate(c10::DeviceType::CPU, precision, anchor, fisher, params).size();
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kDouble));
   Workspace ws(params);
-  std::vector<at::Tensor> a, mu, f, p;
+  std::vector<void*> a, mu, f, p;
   for (int64_t i = 0; i < n; ++i) {
-    a.push_back(ws.use(precision[i], true, i));
-    mu.push_back(ws.use(anchor[i], true, i));
-    f.push_back(ws.use(fisher[i], false, i));
-    p.push_back(ws.use(params[i], false, i));
+    a.push_back(ws.data(precision[i], true, i));
+    mu.push_back(ws.data(anchor[i], true, i));
+    f.push_back(ws.data(fisher[i], false, i));
+    p.push_back(ws.data(params[i], false, i));
   }
   const auto chunks = make_chunks(numels(precision));
   std::vector<double> partial(chunks.size(), 0.0);
@@ -125,10 +125,10 @@ at::Tensor ewc_consolidate_cpu(at::TensorList precision, at::TensorList anchor, 
     const float d = static_cast<float>(decay), w = static_cast<float>(weight);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
       const int64_t t = c.tensor;
-      float* __restrict__ ap = a[t].data_ptr<float>();
-      float* __restrict__ mp = mu[t].data_ptr<float>();
-      const float* __restrict__ fp = f[t].data_ptr<float>();
-      const scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
+      float* __restrict__ ap = static_cast<float*>(a[t]);
+      float* __restrict__ mp = static_cast<float*>(mu[t]);
+      const float* __restrict__ fp = static_cast<float*>(f[t]);
+      const scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
       double gap = 0;
       with_flags(
           [&](auto WEIGHTED) {

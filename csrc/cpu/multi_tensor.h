@@ -49,19 +49,30 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
 // (its parameter) when that is dense, else contiguous. A tensor already in that layout is used in
 // place (a channels_last weight with channels_last state costs no copy); any other is worked on in
 // a copy of that layout, which finish() writes back when the op writes it.
+//
+// data() hands out raw data pointers, not tensor handles: a handle copied per tensor costs a
+// reference-count round trip through its Python object (and the GIL) when it is dropped, which
+// on thousands of small tensors cost more than their update.
 class Workspace {
  public:
   explicit Workspace(at::TensorList lead) : lead_(lead) {}
 
-  at::Tensor use(const at::Tensor& t, bool written, int64_t i) {
-    if (!t.defined()) return t;
+  // Where the kernels read (and, when `written`, write) entry i of a list: nullptr for an
+  // undefined tensor.
+  void* data(const at::Tensor& t, bool written, int64_t i) {
+    if (!t.defined()) return nullptr;
     const at::Tensor& like = lead_[i];
-    if (walks_as(t, like)) return t;
+    if (walks_as(t, like)) return written ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
     at::Tensor copy = like.is_non_overlapping_and_dense() ? at::empty_like(like, t.options())
                                                           : at::empty(t.sizes(), t.options());
     copy.copy_(t);
-    if (written) writes_.emplace_back(t, copy);
-    return copy;
+    void* out = copy.mutable_data_ptr();
+    if (written) {
+      writes_.emplace_back(t, std::move(copy));
+    } else {
+      reads_.push_back(std::move(copy));
+    }
+    return out;
   }
   void finish() {
     for (auto& [dst, src] : writes_) dst.copy_(src);
@@ -70,6 +81,7 @@ class Workspace {
  private:
   at::TensorList lead_;
   std::vector<std::pair<at::Tensor, at::Tensor>> writes_;
+  std::vector<at::Tensor> reads_;  // the copies read from, alive until the op returns
 };
 
 // The value of an optional one-element tensor on the CPU, or `fallback`.

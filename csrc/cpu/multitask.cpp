@@ -80,9 +80,9 @@ at::Tensor task_gram_cpu(at::TensorList grads, int64_t num_tasks) {
   if (n == 0) return at::zeros({num_tasks, num_tasks}, options);
   const int64_t pairs = num_tasks * (num_tasks + 1) / 2;
   Workspace ws(grads.slice(0, n));  // every task's tensor k walked as task 0's tensor k
-  std::vector<at::Tensor> g;
+  std::vector<void*> g;
   for (int64_t t = 0; t < num_tasks; ++t)
-    for (int64_t k = 0; k < n; ++k) g.push_back(ws.use(grads[t * n + k], false, k));
+    for (int64_t k = 0; k < n; ++k) g.push_back(ws.data(grads[t * n + k], false, k));
   std::vector<int64_t> sizes;
   for (int64_t k = 0; k < n; ++k) sizes.push_back(grads[k].numel());
   const auto chunks = make_chunks(sizes);
@@ -90,7 +90,7 @@ at::Tensor task_gram_cpu(at::TensorList grads, int64_t num_tasks) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "task_gram", [&] {
     for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
       std::vector<const scalar_t*> slices(num_tasks);
-      for (int64_t t = 0; t < num_tasks; ++t) slices[t] = g[t * n + c.tensor].data_ptr<scalar_t>();
+      for (int64_t t = 0; t < num_tasks; ++t) slices[t] = static_cast<scalar_t*>(g[t * n + c.tensor]);
       gram_chunk<scalar_t>(slices, c.begin, c.end, partial.data() + index * pairs);
     });
   });
@@ -114,29 +114,29 @@ void task_combine_cpu(at::TensorList out, at::TensorList grads, const at::Tensor
   const int64_t num_tasks = coefficients.numel();
   const at::Tensor a = coefficients.to(at::kDouble).contiguous();
   Workspace ws(out);
-  std::vector<at::Tensor> o, g;
+  std::vector<void*> o, g;
   std::vector<int64_t> sizes;
   for (int64_t k = 0; k < n; ++k) {
-    o.push_back(ws.use(out[k], true, k));
+    o.push_back(ws.data(out[k], true, k));
     sizes.push_back(out[k].numel());
   }
   // After out's: a task tensor that is out[k] itself (or a view of it in another layout) is
   // copied, or read in place, before anything is written.
   for (int64_t t = 0; t < num_tasks; ++t)
-    for (int64_t k = 0; k < n; ++k) g.push_back(ws.use(grads[t * n + k], false, k));
+    for (int64_t k = 0; k < n; ++k) g.push_back(ws.data(grads[t * n + k], false, k));
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(), "task_combine_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     std::vector<opmath_t> coef(num_tasks);
     for (int64_t t = 0; t < num_tasks; ++t) coef[t] = static_cast<opmath_t>(a.data_ptr<double>()[t]);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
-      scalar_t* op = o[c.tensor].data_ptr<scalar_t>();
+      scalar_t* op = static_cast<scalar_t*>(o[c.tensor]);
       alignas(64) opmath_t acc[kCombineBlock];
       for (int64_t s = c.begin; s < c.end; s += kCombineBlock) {
         const int64_t len = std::min(kCombineBlock, c.end - s);
         combine_start<scalar_t, opmath_t>(acc, op + s, len, accumulate);
         for (int64_t t = 0; t < num_tasks; ++t)
-          combine_add<scalar_t, opmath_t>(acc, g[t * n + c.tensor].data_ptr<scalar_t>() + s, coef[t], len);
+          combine_add<scalar_t, opmath_t>(acc, static_cast<scalar_t*>(g[t * n + c.tensor]) + s, coef[t], len);
         combine_store<scalar_t, opmath_t>(op + s, acc, len);
       }
     });

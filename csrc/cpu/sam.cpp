@@ -58,13 +58,13 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
   const auto out_dtype = at::TensorOptions().dtype(at::kDouble);
   if (n == 0) return at::zeros({}, out_dtype);
   Workspace ws(grads);
-  std::vector<at::Tensor> g, p, f;
+  std::vector<void*> g, p, f;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
     const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[i]);
-    g.push_back(ws.use(grads[i], false, i));
-    p.push_back(kind == kSamAsam ? ws.use(params[i], false, i) : at::Tensor());
-    f.push_back(kind == kSamFisherRunning ? ws.use(fisher[i], false, i) : at::Tensor());
+    g.push_back(ws.data(grads[i], false, i));
+    p.push_back(kind == kSamAsam ? ws.data(params[i], false, i) : nullptr);
+    f.push_back(kind == kSamFisherRunning ? ws.data(fisher[i], false, i) : nullptr);
     sizes.push_back(grads[i].numel());
   }
   const auto chunks = make_chunks(sizes);
@@ -73,9 +73,9 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, at::TensorList params, at::Ten
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t eta_t = static_cast<opmath_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t index) {
-      const scalar_t* gp = g[c.tensor].data_ptr<scalar_t>();
-      const scalar_t* pp = p[c.tensor].defined() ? p[c.tensor].data_ptr<scalar_t>() : nullptr;
-      const float* fp = f[c.tensor].defined() ? f[c.tensor].data_ptr<float>() : nullptr;
+      const scalar_t* gp = static_cast<const scalar_t*>(g[c.tensor]);
+      const scalar_t* pp = static_cast<const scalar_t*>(p[c.tensor]);
+      const float* fp = static_cast<const float*>(f[c.tensor]);
       const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[c.tensor]);
       with_sam_weight(kind, [&](auto KIND) {
         partial[index] = norm_chunk<KIND()>(gp, pp, fp, c.begin, c.end, eta_t);
@@ -100,13 +100,13 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const double inv_scale = inv_scale_of(grad_scale);
   const bool update_fisher = scalar_or(finite, 1.0) != 0.0;
   Workspace ws(params);
-  std::vector<at::Tensor> p, g, s, f;
+  std::vector<void*> p, g, s, f;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true, i));
-    g.push_back(ws.use(grads[i], false, i));
-    s.push_back(ws.use(saves[i], true, i));
-    if (!fisher.empty()) f.push_back(ws.use(fisher[i], true, i));
+    p.push_back(ws.data(params[i], true, i));
+    g.push_back(ws.data(grads[i], false, i));
+    s.push_back(ws.data(saves[i], true, i));
+    if (!fisher.empty()) f.push_back(ws.data(fisher[i], true, i));
     sizes.push_back(params[i].numel());
   }
   const auto chunks = make_chunks(sizes);
@@ -118,10 +118,10 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     const opmath_t scale_t = static_cast<opmath_t>(scale), eta_t = static_cast<opmath_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;
-      scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
-      scalar_t* __restrict__ sp = s[t].data_ptr<scalar_t>();
-      float* __restrict__ fp = f.empty() ? nullptr : f[t].data_ptr<float>();
+      scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
+      const scalar_t* __restrict__ gp = static_cast<const scalar_t*>(g[t]);
+      scalar_t* __restrict__ sp = static_cast<scalar_t*>(s[t]);
+      float* __restrict__ fp = f.empty() ? nullptr : static_cast<float*>(f[t]);
       const int kind = weighted.empty() ? kSamPlain : static_cast<int>(weighted[t]);
       with_sam_weight(kind, [&](auto KIND) {
         with_flags([&](auto FISHER) { perturb_chunk<KIND(), FISHER()>(pp, gp, sp, fp, c.begin, c.end, scale_t, eta_t, gt); },

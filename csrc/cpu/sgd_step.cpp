@@ -48,12 +48,12 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     return;
   }
   Workspace ws(params);
-  std::vector<at::Tensor> p, g, buf;
+  std::vector<void*> p, g, buf;
   std::vector<int64_t> sizes;
   for (int64_t i = 0; i < n; ++i) {
-    p.push_back(ws.use(params[i], true, i));
-    g.push_back(ws.use(grads[i], false, i));
-    if (has_momentum) buf.push_back(ws.use(momentum_buffers[i], true, i));
+    p.push_back(ws.data(params[i], true, i));
+    g.push_back(ws.data(grads[i], false, i));
+    if (has_momentum) buf.push_back(ws.data(momentum_buffers[i], true, i));
     sizes.push_back(params[i].numel());
   }
   StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
@@ -67,9 +67,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                                  nesterov};
     for_each_chunk(chunks, [&](const Chunk& c, int64_t) {
       const int64_t t = c.tensor;
-      scalar_t* __restrict__ pp = p[t].data_ptr<scalar_t>();
-      const scalar_t* __restrict__ gp = g[t].data_ptr<scalar_t>();
-      scalar_t* __restrict__ bp = has_momentum ? buf[t].data_ptr<scalar_t>() : nullptr;
+      scalar_t* __restrict__ pp = static_cast<scalar_t*>(p[t]);
+      const scalar_t* __restrict__ gp = static_cast<const scalar_t*>(g[t]);
+      scalar_t* __restrict__ bp = has_momentum ? static_cast<scalar_t*>(buf[t]) : nullptr;
       const scalar_t* __restrict__ save = terms.save<scalar_t>(t);
       float* __restrict__ fp = terms.fisher_ptr(t);
       const bool ewc = terms.has_ewc(t);

@@ -34,14 +34,15 @@ inline T* shifted(T* p, int64_t by) {
 }
 
 struct StepTermInputs {
-  std::vector<at::Tensor> restore, fisher, precision, anchor;
+  std::vector<void*> restore, fisher, precision, anchor;  // Workspace::data() pointers
   std::vector<double> lam;
+  std::vector<bool> has_term;  // EWC: whether tensor t has a precision and an anchor
   double inv_scale, clip_coef, fisher_beta;
   bool maximize;
   // COMBINE: the K source lists (entry j * n + t is source j + 1 of tensor t) and the K + 1
   // coefficients, read on the host (a CPU tensor: free); empty coefficients: the term is off.
   int64_t n_tensors;
-  std::vector<at::Tensor> sources;
+  std::vector<void*> sources;
   std::vector<double> combine_coef;
 
   StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList combine_from,
@@ -55,22 +56,19 @@ struct StepTermInputs {
         fisher_beta(fisher_beta_in),
         maximize(maximize_in),
         n_tensors(n) {
-    for (size_t i = 0; i < restore_from.size(); ++i) restore.push_back(ws.use(restore_from[i], false, i));
+    for (size_t i = 0; i < restore_from.size(); ++i) restore.push_back(ws.data(restore_from[i], false, i));
     if (combine_coef_in.has_value() && combine_coef_in->defined()) {
       const at::Tensor c = combine_coef_in->to(at::kDouble).contiguous();
       combine_coef.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
-      for (size_t i = 0; i < combine_from.size(); ++i) sources.push_back(ws.use(combine_from[i], false, i % n));
+      for (size_t i = 0; i < combine_from.size(); ++i) sources.push_back(ws.data(combine_from[i], false, i % n));
     }
-    for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.use(fisher_in[i], true, i));
+    for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.data(fisher_in[i], true, i));
     for (size_t i = 0; i < ewc_precision.size(); ++i) {
       std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
-      if (a.has_value()) {
-        precision.push_back(ws.use(*a, false, i));
-        anchor.push_back(ws.use(*mu, false, i));
-      } else {
-        precision.emplace_back();
-        anchor.emplace_back();
-      }
+      const bool term = a.has_value() && a->defined();
+      precision.push_back(term ? ws.data(*a, false, i) : nullptr);
+      anchor.push_back(term ? ws.data(*mu, false, i) : nullptr);
+      has_term.push_back(term);
       lam.push_back(ewc_lam[i]);
     }
   }
@@ -85,7 +83,7 @@ struct StepTermInputs {
     combine_start<scalar_t, opmath_t>(acc, nullptr, len, false);
     combine_add<scalar_t, opmath_t>(acc, grad + begin, static_cast<opmath_t>(combine_coef[0]), len);
     for (size_t j = 1; j < combine_coef.size(); ++j)
-      combine_add<scalar_t, opmath_t>(acc, sources[(j - 1) * n_tensors + t].data_ptr<scalar_t>() + begin,
+      combine_add<scalar_t, opmath_t>(acc, static_cast<const scalar_t*>(sources[(j - 1) * n_tensors + t]) + begin,
                                       static_cast<opmath_t>(combine_coef[j]), len);
     combine_store<scalar_t, opmath_t>(out, acc, len);
   }
@@ -106,12 +104,12 @@ struct StepTermInputs {
 
   template <typename scalar_t>
   const scalar_t* save(int64_t t) const {
-    return restore.empty() ? nullptr : restore[t].data_ptr<scalar_t>();
+    return restore.empty() ? nullptr : static_cast<const scalar_t*>(restore[t]);
   }
-  float* fisher_ptr(int64_t t) const { return fisher.empty() ? nullptr : fisher[t].data_ptr<float>(); }
-  bool has_ewc(int64_t t) const { return !precision.empty() && precision[t].defined(); }
-  const float* precision_ptr(int64_t t) const { return has_ewc(t) ? precision[t].data_ptr<float>() : nullptr; }
-  const float* anchor_ptr(int64_t t) const { return has_ewc(t) ? anchor[t].data_ptr<float>() : nullptr; }
+  float* fisher_ptr(int64_t t) const { return fisher.empty() ? nullptr : static_cast<float*>(fisher[t]); }
+  bool has_ewc(int64_t t) const { return !has_term.empty() && has_term[t]; }
+  const float* precision_ptr(int64_t t) const { return has_ewc(t) ? static_cast<const float*>(precision[t]) : nullptr; }
+  const float* anchor_ptr(int64_t t) const { return has_ewc(t) ? static_cast<const float*>(anchor[t]) : nullptr; }
   double lam_of(int64_t t) const { return has_ewc(t) ? lam[t] : 0.0; }
 
   // The scalar terms in op-math; 1 - beta is formed in double and rounded once, as the oracle does.
