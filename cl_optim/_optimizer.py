@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import any_dtensor, is_dtensor, kernel_grads, layout_key
+from ._plan import Bucket, BucketPlans
 from ._terms import StepTerms
 
 
@@ -205,6 +206,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.fisher_ema = fisher_ema
         # "(device)/(dtype)" -> backend name, for every bucket stepped so far.
         self.backends_used: dict[str, str] = {}
+        self._plans = BucketPlans()  # the buckets of each group, kept between steps (_plan.py)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -227,6 +229,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._plans = BucketPlans()
         # Groups loaded from a torch.optim state_dict lack cl_optim-only keys: fill them in.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -263,83 +266,106 @@ class FusedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _fused_step(
         self,
-        restore: Optional[dict] = None,
-        restore_params: Optional[list[Tensor]] = None,
+        restore: Optional[tuple[list[Tensor], list[Tensor]]] = None,
         skip: Optional[Tensor] = None,
         grad_scale: Optional[Tensor] = None,
         found_inf: Optional[Tensor] = None,
         skip_nonfinite: bool = False,
         combine: Optional[tuple[list, list, Tensor]] = None,
+        *,
+        trust_plan: bool = True,
     ) -> Optional[Tensor]:
         """One step with the RESTORE term, AMP and a skip flag; returns the skip flag it used.
+
+        ``restore``: ``(params, saves)``, the save buffer of each parameter to restore (SAM's
+        perturbed ones). Those without a gradient are restored by a plain copy, so no perturbed
+        weight is ever left behind, skipped or not; a parameter with a gradient but no save buffer
+        (it was not perturbed) is updated from its own value.
 
         ``combine``: ``(params, sources, coefficients)``, the COMBINE term (a SAM variant's final
         combination, read by the update instead of written into ``.grad`` first): ``sources`` holds
         ``K`` lists aligned with ``params``, ``coefficients`` ``K + 1`` values on the device, the
         first for ``.grad``; a parameter not in ``params`` is updated with its ``.grad`` as it is.
 
-        ``restore`` maps ``id(param)`` to its save buffer (ids: hashing tensors is a Python call
-        per lookup, which adds up over thousands of small tensors).
-
         ``grad_scale``/``found_inf`` follow GradScaler's hand-over; ``skip`` (a device flag, e.g.
-        SAM's non-finite first pass) skips the update like ``found_inf``. Parameters in
-        ``restore`` that have no gradient are restored by a plain copy, so no perturbed weight
-        is ever left behind, skipped or not; a parameter with a gradient but no save buffer (it
-        was not perturbed) is updated from its own value. ``skip_nonfinite``: skip too when a
-        gradient has an inf or a NaN (SAM's second pass without a GradScaler): one fp64-accumulated
-        norm per bucket, on the device, with the buckets planned here anyway.
+        SAM's non-finite first pass) skips the update like ``found_inf``. ``skip_nonfinite``: skip
+        too when a gradient has an inf or a NaN (SAM's second pass without a GradScaler): one
+        fp64-accumulated norm per bucket, on the device, with the buckets planned here anyway.
+
+        A step that is one op call on a plan used again trusts the op's checks of its input
+        (``_plan.py``); ``trust_plan=False``, the step made again after the op refused, checks
+        every parameter first.
         """
         # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
-        plan = []
+        planned, reused = [], True
         for index, group in enumerate(self.param_groups):
             try:  # values may have been changed in param_groups since they were checked
                 self.check_hyperparameters(group, on_device_too=False)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                grad = p.grad
-                if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype or p.is_complex():
-                    _check_param(p)  # raises, naming the problem
-            for (device, dtype, _), index in bucket_indices(params).items():
-                plan.append((group, [params[i] for i in index], resolve(self.backend, device, dtype)))
+            buckets, group_reused = self._plans.group_buckets(index, group, _check_params)
+            reused = reused and group_reused
+            for (device, dtype, _), bucket in buckets:
+                planned.append((group, bucket, resolve(self.backend, device, dtype)))
+        # The calls: a bucket whose parameters differ in their terms is stepped as several.
+        restoring = None if restore is None else _Aligned(restore[0], [restore[1]])
+        combination = None if combine is None else _Combination(*combine)
+        calls = [
+            (group, bucket, backend, saves, combined)
+            for group, whole_bucket, backend in planned
+            for bucket, saves, combined in _split_by_terms(whole_bucket, restoring, combination)
+        ]
+        # One call on plain tensors (a DTensor's gradient may be redistributed: collectives are not retried).
+        trusted = trust_plan and reused and len(calls) == 1 and not is_dtensor(calls[0][1][0])
+        if reused and not trusted:
+            for _, bucket, _ in planned:
+                _check_params(bucket)
         # Each op checks every tensor of its bucket before it writes anything; the state of the
         # buckets after the first is checked here too, so that no bucket is stepped before a later
         # one is found wrong.
-        for _, bucket, _ in plan[1:]:
+        for _, bucket, _ in planned[1:]:
             self._check_state_shapes(bucket)
-        if skip_nonfinite and plan:
+        given_skip, given_found_inf = skip, found_inf
+        if skip_nonfinite and planned:
             from .sam import nonfinite_gradient
 
-            nonfinite = nonfinite_gradient([(b, backend) for _, b, backend in plan], plan[0][1][0].device)
+            nonfinite = nonfinite_gradient(
+                [(b, backend) for _, b, backend in planned], planned[0][1][0].device
+            )
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)
 
-        # Every bucket's terms before the first is stepped: the EWC buffers (which refuse a grown or
+        # Every call's terms before the first is made: the EWC buffers (which refuse a grown or
         # replaced parameter) and the running Fisher (which refuses one of another shape).
-        restored = 0  # parameters of `restore` that the buckets restore
         prepared = []
-        combination = None if combine is None else _Combination(*combine)
-        for group, whole_bucket, backend in plan:
-            device = whole_bucket[0].device
-            for bucket, saves, combined in _split_by_terms(whole_bucket, restore, combination):
-                restored += 0 if saves is None else len(saves)
-                terms = self._terms_of(bucket, saves, grad_scale, found_inf, device)
-                if combined:
-                    terms.combine_from = combination.sources_of(bucket)
-                    terms.combine_coef = combination.coefficients.to(device)
-                prepared.append((group, bucket, backend, terms))
-        for group, bucket, backend, terms in prepared:
-            self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
-            sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
-            terms = terms.local() if sharded else terms
-            self._update_bucket(group, bucket, kernel_grads(bucket), terms, backend, sharded=sharded)
+        for group, bucket, backend, saves, combined in calls:
+            terms = self._terms_of(bucket, saves, grad_scale, found_inf, bucket[0].device)
+            if combined:
+                terms.combine_from = combination.lists_of(bucket)
+                terms.combine_coef = combination.coefficients.to(bucket[0].device)
+            prepared.append((group, bucket, backend, terms))
+        try:
+            for group, bucket, backend, terms in prepared:
+                self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
+                sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
+                terms = terms.local() if sharded else terms
+                self._update_bucket(group, bucket, kernel_grads(bucket), terms, backend, sharded=sharded,
+                                    trusted=trusted)  # fmt: skip
+        except Exception:
+            if not trusted:
+                raise
+            # The one call refused its input before writing anything: what the plan did not check
+            # is checked now (the error named, or a changed parameter stepped with new buckets).
+            self._plans.clear()
+            return self._fused_step(restore, given_skip, grad_scale, given_found_inf, skip_nonfinite, combine,
+                                    trust_plan=False)  # fmt: skip
 
-        if restore is not None and restored != len(restore):
-            stepped = {id(p) for _, bucket, _ in plan for p in bucket}
-            for param in restore_params:
+        restored = sum(0 if saves is None else len(saves) for _, _, _, saves, _ in calls)
+        if restore is not None and restored != len(restore[0]):
+            stepped = {id(p) for _, bucket, _ in planned for p in bucket}
+            for param, save in zip(*restore):
                 if id(param) not in stepped:
-                    param.copy_(restore[id(param)])
+                    param.copy_(save)
         return found_inf
 
     def _terms_of(self, bucket, saves, grad_scale, found_inf, device) -> StepTerms:
@@ -351,9 +377,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
         return terms
 
-    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):  # pragma: no cover
+    def _update_bucket(
+        self, group, params, grads, terms, backend, sharded=False, trusted=False
+    ):  # pragma: no cover
         """Step one bucket; ``sharded``: ``params`` are DTensors, ``grads`` and ``terms`` their local
-        shards already, and the state lists go down as local shards too."""
+        shards already, and the state lists go down as local shards too. ``trusted``: the step is
+        this one call on a plan used again, and the op's checks of the state stand in for Python's
+        (a refusal is retried untrusted: ``_fused_step``)."""
         raise NotImplementedError
 
     def _check_state_shapes(self, params: list[Tensor]) -> None:
@@ -368,14 +398,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise state_shape_error(key, value, p)
 
 
-class _Combination:
-    """The COMBINE term of one step: ``params``, ``sources`` (K lists aligned with them) and the
-    ``K + 1`` coefficients. The usual bucket is ``params`` itself, in order: its source lists are
-    the given ones (found by comparing ids at C speed, no per-parameter lookup)."""
+class _Aligned:
+    """Tensor lists aligned with a list of parameters (RESTORE's save buffers, COMBINE's sources),
+    looked up for a bucket. The usual bucket is the parameter list itself, in order: its lists are
+    the given ones, found by comparing ids at C speed, with no per-parameter lookup."""
 
-    def __init__(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor):
+    def __init__(self, params: list[Tensor], lists: list[list[Tensor]]):
         self.ids = list(map(id, params))
-        self.sources, self.coefficients = sources, coefficients
+        self.lists = lists
         self._position: Optional[dict] = None
 
     def position(self) -> dict:
@@ -383,30 +413,56 @@ class _Combination:
             self._position = {key: i for i, key in enumerate(self.ids)}
         return self._position
 
-    def covers(self, bucket: list[Tensor]) -> list[bool]:
-        """Whether each parameter of ``bucket`` is combined."""
-        if list(map(id, bucket)) == self.ids:
-            return [True] * len(bucket)
+    def covers(self, bucket_ids: list[int]) -> list[bool]:
+        """Whether each parameter (by id) has entries."""
+        if bucket_ids == self.ids:
+            return [True] * len(bucket_ids)
         position = self.position()
-        return [id(p) in position for p in bucket]
+        return [key in position for key in bucket_ids]
 
-    def sources_of(self, bucket: list[Tensor]) -> list[list[Tensor]]:
-        if list(map(id, bucket)) == self.ids:
-            return self.sources
-        index = [self.position()[id(p)] for p in bucket]
-        return [[source[i] for i in index] for source in self.sources]
+    def lists_of(self, bucket: list[Tensor]) -> list[list[Tensor]]:
+        """The lists for the parameters of ``bucket``, every one of which has entries."""
+        bucket_ids = _ids(bucket)
+        if bucket_ids == self.ids:
+            return self.lists
+        index = [self.position()[key] for key in bucket_ids]
+        return [[entries[i] for i in index] for entries in self.lists]
+
+
+class _Combination(_Aligned):
+    """The COMBINE term of one step: ``params``, ``sources`` (K lists aligned with them) and the
+    ``K + 1`` coefficients."""
+
+    def __init__(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor):
+        super().__init__(params, sources)
+        self.coefficients = coefficients
+
+
+def _ids(bucket: list[Tensor]) -> list[int]:
+    return bucket.ids if isinstance(bucket, Bucket) else list(map(id, bucket))
 
 
 def _split_by_terms(
-    bucket: list[Tensor], restore: Optional[dict], combination: Optional[_Combination]
+    bucket: list[Tensor], restore: Optional[_Aligned], combination: Optional[_Combination]
 ) -> list[tuple]:
     """``(parameters, their save buffers or None, combined)``: a bucket whose parameters all have
     a save buffer (or none does, or there is no restore at all), and all or none COMBINE sources,
     stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers, a parameter without a first-pass
     gradient) is stepped as up to four calls rather than with a copy of each unperturbed parameter
     as its own save."""
-    saves = [None] * len(bucket) if restore is None else [restore.get(id(p)) for p in bucket]
-    combined = [False] * len(bucket) if combination is None else combination.covers(bucket)
+    bucket_ids = _ids(bucket)
+    if (restore is None or restore.ids == bucket_ids) and (
+        combination is None or combination.ids == bucket_ids
+    ):
+        return [
+            (bucket, None if restore is None else restore.lists[0], combination is not None)
+        ]  # the usual case
+    if restore is None:
+        saves = [None] * len(bucket)
+    else:
+        position, restore_saves = restore.position(), restore.lists[0]
+        saves = [None if i is None else restore_saves[i] for i in map(position.get, bucket_ids)]
+    combined = [False] * len(bucket) if combination is None else combination.covers(bucket_ids)
     keys = list(zip((save is not None for save in saves), combined))
     if all(key == keys[0] for key in keys):
         has_save, is_combined = keys[0]
@@ -416,6 +472,14 @@ def _split_by_terms(
         index = [i for i, k in enumerate(keys) if k == key]
         out.append(([bucket[i] for i in index], [saves[i] for i in index] if key[0] else None, key[1]))
     return out
+
+
+def _check_params(params: list[Tensor]) -> None:
+    """Raise, naming the problem, for a parameter whose gradient the fused steps refuse."""
+    for p in params:
+        grad = p.grad
+        if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype or p.is_complex():
+            _check_param(p)
 
 
 def _check_param(p: Tensor) -> None:

@@ -144,30 +144,42 @@ class AdamW(FusedOptimizer):
         if not 0.0 <= weight_decay < math.inf:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
-    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):
+    def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         amsgrad = group["amsgrad"]
-        # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
-        # torch's fused AdamW; the other backends on the host, as torch's default.
-        step_device = params[0].device if backend in ("cuda", "triton") else torch.device("cpu")
         states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
-        for p, state in zip(params, states):
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != step_device:  # e.g. a state dict saved by the other kind
-                state["step"] = state["step"].to(step_device)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        lists = None
+        if (
+            trusted
+        ):  # the op checks the state (shapes, the step counts' device); a refusal comes back untrusted
+            try:
+                lists = [[s[key] for s in states] for key in keys]
+            except KeyError:  # a parameter's first step
+                lists = None
+        if lists is None:
+            # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
+            # torch's fused AdamW; the other backends on the host, as torch's default.
+            step_device = params[0].device if backend in ("cuda", "triton") else torch.device("cpu")
+            for p, state in zip(params, states):
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != step_device:  # e.g. a state dict saved by the other kind
+                    state["step"] = state["step"].to(step_device)
+                if amsgrad and "max_exp_avg_sq" not in state:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists = [[s[key] for s in states] for key in keys]
+        steps, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = lists
         beta1, beta2 = group["betas"]
         shards = local_list if sharded else (lambda tensors: tensors)
         adamw_step_(
             shards(params),
             grads,
-            shards([s["exp_avg"] for s in states]),
-            shards([s["exp_avg_sq"] for s in states]),
-            shards([s["max_exp_avg_sq"] for s in states]) if amsgrad else None,
-            [s["step"] for s in states],
+            shards(exp_avgs),
+            shards(exp_avg_sqs),
+            shards(max_exp_avg_sqs[0]) if amsgrad else None,
+            steps,
             terms,
             lr=group["lr"],
             beta1=beta1,

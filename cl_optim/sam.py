@@ -48,6 +48,7 @@ from ._optimizer import (
     keep_fp32_state,
     pad_state_,
 )
+from ._plan import Bucket, BucketPlans, PlanRefused
 from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 from .sam_select import fisher_keep_mask, norm_layer_parameters, unpack_mask
 
@@ -183,6 +184,7 @@ class SAM(torch.optim.Optimizer):
         self.sam_state: defaultdict = defaultdict(dict)
         self._micro_sums: dict[int, Tensor] = {}  # id(param) -> accumulated micro-batch gradient
         self._constants: dict = {}  # (device, values) -> fp64 tensor: made once, no copy per step
+        self._plans = BucketPlans()  # the ascent's buckets of each group, kept between steps (_plan.py)
         # What changes from step to step lives in one dict, changed item by item: torch.compile
         # keeps item writes of a compiled first_step/second_step, where it drops rebinding an
         # attribute of an Optimizer subclass (seen with torch 2.13). The step count is a tensor
@@ -227,6 +229,7 @@ class SAM(torch.optim.Optimizer):
         state["_micro_sums"] = {}
         state["_norm_module"] = None  # a weak reference: the copy selects new groups by name
         state["_constants"] = {}
+        state["_plans"] = BucketPlans()
         state["_run"] = {**self._run, "grad_scaler": None, "ascent_norms": []}
         return state
 
@@ -303,10 +306,17 @@ class SAM(torch.optim.Optimizer):
                 f"step {self.steps} is not a SAM step (interval={self.interval}, start_step={self.start_step}): "
                 "call step() for the base update (check is_sam_step first); nothing was changed"
             )
-        plan = self._ascent_plan()
+        plan, trusted = self._plan_ascent(selected_only=True, trust=True)
         if self.mask is not None:
             self._refresh_masks(plan)
-        perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler)
+        try:
+            perturbed, finite = self._ascend(plan, self._saved, grad_scaler=grad_scaler, trusted=trusted)
+        except PlanRefused:
+            # An op refused what the plan left unchecked, before anything moved: the Python checks
+            # name the problem now, or a parameter that changed gets new buckets.
+            self._plans.clear()
+            self._run["ascent_norms"] = []
+            perturbed, finite = self._ascend(self._ascent_plan(), self._saved, grad_scaler=grad_scaler)
         self._perturbed(perturbed, ~finite, grad_scaler, zero_grad)
 
     def _perturbed(self, params: list, nonfinite: Tensor, grad_scaler, zero_grad: bool) -> None:
@@ -327,29 +337,39 @@ class SAM(torch.optim.Optimizer):
         """Check every group and gradient, then bucket the parameters that the ascent moves
         (``selected_only=False``: every parameter with a gradient):
         ``(group, device, dtype, bucket, backend, layout)`` per (group, device, dtype)."""
-        plan = []
-        any_grad = False
+        return self._plan_ascent(selected_only, trust=False)[0]
+
+    def _plan_ascent(self, selected_only: bool, trust: bool) -> tuple[list, bool]:
+        """``(plan, trusted)``: :meth:`_ascent_plan`'s plan, from the kept bucket plans, and whether
+        the per-gradient checks were left to the ops (``trust``, a plan used again, one bucket:
+        ``_plan.py``); an op refusing then raises :class:`PlanRefused` from :meth:`_ascend`."""
+        groups, reused, any_grad = [], True, False
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
-            params = [p for p in group["params"] if p.grad is not None]
-            any_grad = any_grad or bool(params)
-            for p in params:
-                grad = p.grad
-                if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
-                    _check_sam_param(p)  # raises, naming the problem
+            any_grad = any_grad or any(p.grad is not None for p in group["params"])
             perturb = group.get("perturb", True) if selected_only else True
-            if perturb is False:
-                continue
-            if perturb is not True:  # SAM-ON: one flag per parameter of the group
-                chosen = {id(p) for p, flag in zip(group["params"], perturb) if flag}
-                params = [p for p in params if id(p) in chosen]
-            for (device, dtype, layout), bucket in _buckets(params).items():
+            select = (
+                None if perturb is True else [False] * len(group["params"]) if perturb is False else perturb
+            )
+            buckets, group_reused = self._plans.group_buckets(
+                (index, selected_only), group, _check_sam_params, select
+            )
+            reused = reused and group_reused
+            groups.append((group, buckets, group_reused))
+        if not any_grad:
+            raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
+        # One bucket of plain tensors (a DTensor's gradient may be redistributed: collectives are not retried).
+        only = [bucket for _, buckets, _ in groups for bucket in buckets]
+        trusted = trust and reused and len(only) == 1 and only[0][0][2] is None
+        plan = []
+        for group, buckets, group_reused in groups:
+            if group_reused and not trusted:  # the checks a new plan made
+                _check_sam_params([p for p in group["params"] if p.grad is not None])
+            for (device, dtype, layout), bucket in buckets:
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
                 plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype), layout))
-        if not any_grad:
-            raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
-        return plan
+        return plan, trusted
 
     def _ascend(
         self,
@@ -360,6 +380,7 @@ class SAM(torch.optim.Optimizer):
         grad_scaler=None,
         update_fisher: bool = True,
         directions: Optional[dict] = None,
+        trusted: bool = False,
     ) -> tuple:
         """``w <- w + rho * T**2 g / (||T g|| + eps)`` for the buckets of ``plan``, ``g`` the current
         ``.grad`` (or ``directions[id(p)]``), ``rho`` the group's value under the key ``radius``;
@@ -368,7 +389,8 @@ class SAM(torch.optim.Optimizer):
         ``update_fisher``: the running Fisher of ``fisher_ema`` takes this step's ``.grad`` (the
         first ascent only). The step's ``_run["ascent_norms"]`` gets the fp64 norm of the direction
         where it is a plain one (no ASAM or Fisher weights), else None: a variant's bound on the
-        norms of what it combines."""
+        norms of what it combines. ``trusted``: a plan from :meth:`_plan_ascent` whose checks were
+        left to the ops; their refusal, before anything moved, raises :class:`PlanRefused`."""
         if not plan:
             return [], torch.ones((), dtype=torch.bool)
         if directions is not None:
@@ -378,46 +400,49 @@ class SAM(torch.optim.Optimizer):
             update_fisher = False
         else:
             grads_of = kernel_grads
-        # One global norm over every group and device, accumulated in fp64 (davda54's convention:
-        # the norm is global, rho is per group).
-        home = plan[0][3][0].device
-        grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
-        weights = [_sam_weights(group, bucket) for group, _, _, bucket, _, _ in plan]
-        if grad_scale is not None and any(w is not None and FISHER_BATCH in w for w, _ in weights):
-            # 1/(1 + eta*(g/S)**2) = 1/(1 + (eta/S**2)*g**2): the batch Fisher of the unscaled gradient.
-            inv_scale_sq = float(grad_scale.double().reciprocal().square())
-            weights = [
-                (w, eta * inv_scale_sq if w is not None and FISHER_BATCH in w else eta) for w, eta in weights
-            ]
-        fishers = [
-            [fisher_buffer(self._fisher_home(p), p) for p in bucket] if self.fisher_ema is not None else None
-            for _, _, _, bucket, _, _ in plan
-        ]
-        # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
-        shards = [local_list if layout is not None else _same for *_, layout in plan]
-        sq_norms = [
-            all_reduce_over_shards_(
-                grad_sq_norm(grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
-                bucket[0],
-            ).to(home)
-            for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
-        ]  # fmt: skip
-        # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
-        norm = torch.stack(sq_norms).sum().sqrt()
-        finite = torch.isfinite(norm)
-        plain = all(weighted is None for weighted, _ in weights)
-        self._run["ascent_norms"].append(norm if plain else None)
-        fisher_flag = finite if update_fisher else torch.zeros_like(finite)
-
         perturbed = []
         try:
+            # One global norm over every group and device, accumulated in fp64 (davda54's convention:
+            # the norm is global, rho is per group).
+            home = plan[0][3][0].device
+            grad_scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
+            weights = [_sam_weights(group, bucket) for group, _, _, bucket, _, _ in plan]
+            if grad_scale is not None and any(w is not None and FISHER_BATCH in w for w, _ in weights):
+                # 1/(1 + eta*(g/S)**2) = 1/(1 + (eta/S**2)*g**2): the batch Fisher of the unscaled gradient.
+                inv_scale_sq = float(grad_scale.double().reciprocal().square())
+                weights = [
+                    (w, eta * inv_scale_sq if w is not None and FISHER_BATCH in w else eta)
+                    for w, eta in weights
+                ]
+            fishers = [
+                [fisher_buffer(self._fisher_home(p), p) for p in bucket]
+                if self.fisher_ema is not None
+                else None
+                for _, _, _, bucket, _, _ in plan
+            ]
+            # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
+            shards = [local_list if layout is not None else _same for *_, layout in plan]
+            sq_norms = [
+                all_reduce_over_shards_(
+                    grad_sq_norm(grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
+                    bucket[0],
+                ).to(home)
+                for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
+            ]  # fmt: skip
+            # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
+            norm = torch.stack(sq_norms).sum().sqrt()
+            finite = torch.isfinite(norm)
+            plain = all(weighted is None for weighted, _ in weights)
+            self._run["ascent_norms"].append(norm if plain else None)
+            fisher_flag = finite if update_fisher else torch.zeros_like(finite)
+
             for (group, device, dtype, bucket, backend, _), (weighted, eta), fisher, on in zip(
                 plan, weights, fishers, shards
             ):
                 self.perturb_backends_used[f"{device}/{dtype}"] = backend
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
                 scale = torch.where(finite, group[radius] / (norm + self.perturb_eps), torch.zeros_like(norm))
-                saves = kept_buffers(store, bucket, device, dtype)
+                saves = kept_buffers(store, bucket, device, dtype, trusted)
                 sam_perturb_(
                     on(bucket),
                     grads_of(bucket),
@@ -433,13 +458,15 @@ class SAM(torch.optim.Optimizer):
                 )
                 perturbed.extend(bucket)
                 self._after_ascent(group, bucket, saves)
-        except BaseException:
-            # Each op checks its inputs before it writes, and the inputs of every bucket were
-            # checked above: a failure here is unexpected. The weights of the buckets perturbed
-            # before it are put back (their running Fisher, with fisher_ema, has taken this step's
-            # update).
+        except BaseException as error:
+            # Each op checks its inputs before it writes, and (unless trusted) the inputs of every
+            # bucket were checked before: a failure here is unexpected. The weights of the buckets
+            # perturbed before it are put back (their running Fisher, with fisher_ema, has taken
+            # this step's update).
             for p in perturbed:
                 p.copy_(store[id(p)])
+            if trusted and not perturbed and isinstance(error, Exception):
+                raise PlanRefused() from error
             raise
         return perturbed, finite
 
@@ -606,7 +633,7 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("second_step() called without a pending first_step(); nothing was changed")
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (AMP hand-over)
         found_inf = getattr(self, "found_inf", None)
-        restore = self._restore_map()
+        restore = (self._run["pending"], self._pending_saves())
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             self._abort()
             raise RuntimeError(
@@ -632,7 +659,6 @@ class SAM(torch.optim.Optimizer):
             try:
                 flag = self.base_optimizer._fused_step(
                     restore=restore,
-                    restore_params=self._run["pending"],
                     skip=skip,
                     grad_scale=grad_scale,
                     found_inf=found_inf,
@@ -885,10 +911,9 @@ class SAM(torch.optim.Optimizer):
                 buckets.append((bucket, resolve(self.backend, device, dtype)))
         return gradient_sq_norm(buckets, buckets[0][0][0].device)
 
-    def _restore_map(self) -> dict:
-        """``id(param) -> save buffer`` for the pending perturbation."""
-        saved = self._saved
-        return {id(p): saved[id(p)] for p in self._run["pending"]}
+    def _pending_saves(self) -> list[Tensor]:
+        """The save buffer of each parameter of the pending perturbation, aligned with it."""
+        return list(map(self._saved.__getitem__, map(id, self._run["pending"])))
 
     def _restore(self) -> None:
         """The perturbed weights back from their copies, exactly: one foreach copy per (device,
@@ -929,9 +954,19 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
-def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype: torch.dtype,
+                 trusted: bool = False) -> list[Tensor]:  # fmt: skip
     """One buffer shaped as each parameter of a (device, dtype) bucket, kept in ``store`` by
-    ``id(param)`` and allocated again only when the parameter changed shape, dtype or device."""
+    ``id(param)`` and allocated again only when the parameter changed shape, dtype or device.
+
+    ``trusted`` (a planned :class:`Bucket` whose step leaves the checks to its op): the buffers
+    found for this bucket last time, while they are still the store's, without a per-parameter
+    check; one that no longer fits its parameter makes the op refuse, and the step is made again
+    untrusted."""
+    if trusted and isinstance(bucket, Bucket):
+        kept = bucket.buffers.get(id(store))
+        if kept is not None and kept[0] is store and list(map(id, map(store.get, bucket.ids))) == kept[2]:
+            return kept[1]
     index = -1 if device.type == "cpu" else device.index  # get_device(): an int, no device object
     buffers = []
     for p in bucket:
@@ -939,6 +974,8 @@ def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype:
         if buf is None or buf.shape != p.shape or buf.dtype is not dtype or buf.get_device() != index:
             buf = store[id(p)] = torch.empty_like(p, memory_format=torch.preserve_format)
         buffers.append(buf)
+    if isinstance(bucket, Bucket):
+        bucket.buffers[id(store)] = (store, buffers, list(map(id, buffers)))
     return buffers
 
 
@@ -999,6 +1036,14 @@ def _check_perturb(group: dict) -> None:
             f"Invalid perturb: {perturb!r}; a bool or one bool per parameter of the group "
             f"({len(group['params'])})"
         )
+
+
+def _check_sam_params(params: list[Tensor]) -> None:
+    """Raise, naming the problem, for a parameter whose gradient SAM refuses."""
+    for p in params:
+        grad = p.grad
+        if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
+            _check_sam_param(p)  # raises, naming the problem
 
 
 def _check_sam_param(p: Tensor) -> None:

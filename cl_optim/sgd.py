@@ -115,9 +115,11 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _update_bucket(self, group, params, grads, terms, backend, sharded=False):
+    def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
+        states = [self.state[p] for p in params] if momentum != 0 else None  # one hash per tensor
+        buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else None
+        first = [i for i, buf in enumerate(buffers) if buf is None] if momentum != 0 else []
         if sharded and buffers is not None:
             buffers = local_list(buffers)  # the step writes first-step buffers into this list
         sgd_step_(
@@ -133,10 +135,9 @@ class SGD(FusedOptimizer):
             maximize=group["maximize"],
             backend=backend,
         )
-        if buffers is not None:
-            for p, buf in zip(params, buffers):
-                if buf is not None and self.state[p].get("momentum_buffer") is None:
-                    self.state[p]["momentum_buffer"] = like_param(buf, p) if sharded else buf
+        for i in first:  # the buffers the step made (none when it was skipped)
+            if buffers[i] is not None:
+                states[i]["momentum_buffer"] = like_param(buffers[i], params[i]) if sharded else buffers[i]
 
 
 def sgd_step_(

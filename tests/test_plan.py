@@ -1,0 +1,258 @@
+"""Bucket plans kept between steps (cl_optim/_plan.py): the same numbers as planning every step,
+and every input that a reused plan leaves to the ops still refused by name, with nothing changed.
+
+The reference for each run is the same run with plans that are never reused (each step planned
+and checked parameter by parameter, as before the plans existed).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_op_checks import AVAILABLE
+
+import cl_optim
+import cl_optim.sam as sam_module
+from cl_optim._plan import Bucket, BucketPlans
+from cl_optim.sam import kept_buffers
+
+BACKENDS = [b for b in AVAILABLE if b != "triton"]
+
+
+def _params(n: int, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(3 + i % 4, 2, generator=g)) for i in range(n)]
+
+
+def _grads(params, step: int, skip_every: int = 0) -> None:
+    """A gradient per parameter, a fixed function of the step; with ``skip_every``, every
+    ``skip_every``-th parameter has none, another set each pass (the graded set changes)."""
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        if skip_every and (i + step) % skip_every == 0:
+            p.grad = None
+        else:
+            p.grad = torch.randn(p.shape, generator=g)
+
+
+def _sam_run(backend: str, base, groups: int, skip_every: int, steps: int = 5):
+    params = _params(12)
+    param_groups = [{"params": params[i::groups]} for i in range(groups)]
+    if groups > 1:
+        param_groups[1]["rho"] = 0.1
+    opt = cl_optim.SAM(param_groups, base, rho=0.05, backend=backend, lr=0.1, **_BASE_KWARGS[base])
+    for step in range(steps):
+        _grads(params, 2 * step, skip_every)
+        opt.first_step(zero_grad=True)
+        _grads(params, 2 * step + 1, skip_every)
+        opt.second_step(zero_grad=True)
+    return [p.detach().clone() for p in params], opt
+
+
+_BASE_KWARGS = {cl_optim.AdamW: dict(weight_decay=0.01), cl_optim.SGD: dict(momentum=0.9)}
+
+
+def _state_tensors(opt, params_count):
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in sorted(opt.state.get(p, {}).items()):
+                out.append((key, value.clone()))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", [cl_optim.AdamW, cl_optim.SGD], ids=["adamw", "sgd"])
+@pytest.mark.parametrize("groups,skip_every", [(1, 0), (1, 3), (2, 0)])
+def test_reused_plans_give_the_numbers_of_planning_every_step(backend, base, groups, skip_every, monkeypatch):
+    """One group (the trusted single call), gradients missing on some passes (a new plan each
+    time the set changes), two groups (reused plans, checked in Python): no op refuses a call,
+    and parameters and every state tensor equal bit for bit to the same run planned every step."""
+    refusals = []  # a trusted call refused (the plans dropped): none in a valid run
+    original_clear = BucketPlans.clear
+    monkeypatch.setattr(BucketPlans, "clear", lambda self: (refusals.append(1), original_clear(self)))
+    params, opt = _sam_run(backend, base, groups, skip_every)
+    assert not refusals
+    monkeypatch.setattr(BucketPlans, "clear", original_clear)
+    state = _state_tensors(opt, len(params))
+    with monkeypatch.context() as patch:
+        patch.setattr(BucketPlans, "group_buckets", _never(BucketPlans.group_buckets))
+        reference, reference_opt = _sam_run(backend, base, groups, skip_every)
+    for p, r in zip(params, reference):
+        assert torch.equal(p, r)
+    for (key, value), (ref_key, ref_value) in zip(
+        state, _state_tensors(reference_opt, len(params)), strict=True
+    ):
+        assert key == ref_key and torch.equal(value, ref_value), key
+
+
+def test_a_single_group_step_leaves_the_gradient_checks_to_its_op(monkeypatch):
+    """After the first step the plan is reused and one call makes each pass: SAM's and the base's
+    per-parameter gradient checks no longer run (what the plans save), two groups still run them."""
+    calls = []
+    sam_check, base_check = sam_module._check_sam_params, cl_optim._optimizer._check_params
+    monkeypatch.setattr(sam_module, "_check_sam_params", lambda ps: (calls.append("sam"), sam_check(ps)))
+    monkeypatch.setattr(
+        cl_optim._optimizer, "_check_params", lambda ps: (calls.append("base"), base_check(ps))
+    )
+    for groups, expected in ((1, ["sam", "base"]), (2, ["sam", "sam", "base", "base"] * 3)):
+        calls.clear()
+        _sam_run("cpp" if "cpp" in BACKENDS else "foreach", cl_optim.AdamW, groups, 0, steps=4)
+        first_step = ["sam"] * groups + ["base"] * groups
+        assert calls[: len(first_step)] == first_step
+        assert calls[len(first_step) :] == ([] if groups == 1 else expected), groups
+
+
+def _trained_sam(backend: str, base=cl_optim.AdamW):
+    layer = torch.nn.Linear(4, 3)
+    opt = cl_optim.SAM(layer.parameters(), base, rho=0.05, lr=0.1, backend=backend, **_BASE_KWARGS[base])
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        layer(x).square().sum().backward()
+        opt.first_step(zero_grad=True)
+        layer(x).square().sum().backward()
+        opt.second_step(zero_grad=True)
+    return layer, opt, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_swapped_behind_a_reused_plan_is_refused_by_name(backend):
+    """A gradient whose shape changed after backward (``.grad.data`` replaced): the reused plan did
+    not look, the op refuses, and the step made again with the Python checks names it — weights,
+    restore buffers and state untouched, on both passes and on a plain base step."""
+    layer, opt, x = _trained_sam(backend)
+    weight, state = layer.weight.detach().clone(), copy.deepcopy(opt.state[layer.weight])
+    layer(x).square().sum().backward()
+    layer.weight.grad.data = torch.randn(6, 2)
+    with pytest.raises(RuntimeError, match=r"SAM: a gradient of shape \[6, 2\]"):
+        opt.first_step()
+    assert torch.equal(layer.weight.detach(), weight) and opt._run["pending"] is None
+    layer.weight.grad = torch.randn(3, 4)
+    opt.first_step()
+    layer.weight.grad.data = torch.randn(6, 2)
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(6, 2\) for a parameter of shape \(3, 4\)"):
+        opt.second_step()
+    assert torch.equal(layer.weight.detach(), weight)  # put back, no update
+    for key, value in opt.state[layer.weight].items():
+        assert torch.equal(value, state[key]), key
+    base = cl_optim.AdamW(layer.parameters(), backend=backend)
+    for _ in range(2):
+        layer.weight.grad, layer.bias.grad = torch.ones(3, 4), torch.ones(3)
+        base.step()
+    before = layer.weight.detach().clone()
+    layer.weight.grad.data = torch.randn(12)
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(12,\)"):
+        base.step()
+    assert torch.equal(layer.weight.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grown_layer_behind_a_reused_plan_gets_new_buffers(backend):
+    """A head grown in place (same Parameter object, so the plan is reused) with its state padded:
+    the kept restore buffers no longer fit, the op refuses, and the step made again gives the
+    numbers of a run whose plans were never reused."""
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        layer, opt, x = _trained_sam(backend)
+        if not reuse:
+            for plans in (opt._plans, opt.base_optimizer._plans):
+                plans.group_buckets = _never(BucketPlans.group_buckets).__get__(plans)
+        layer.weight.data = torch.cat([layer.weight.data, torch.zeros(2, 4)])
+        layer.bias.data = torch.cat([layer.bias.data, torch.zeros(2)])
+        opt.pad_state_(layer.weight)
+        opt.pad_state_(layer.bias)
+        for _ in range(2):
+            layer(x).square().sum().backward()
+            opt.first_step(zero_grad=True)
+            layer(x).square().sum().backward()
+            opt.second_step(zero_grad=True)
+        results.append([t.detach().clone() for t in (layer.weight, layer.bias)])
+    for reused, fresh in zip(*results):
+        assert reused.shape[0] == 5 and torch.equal(reused, fresh)
+
+
+def test_a_reused_plan_of_two_groups_still_names_a_sparse_gradient():
+    """Several calls per pass: every gradient is checked in Python before the first call, so a
+    refusal never comes half-way (the first group stepped, the second not)."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    opt = cl_optim.AdamW([{"params": [a]}, {"params": [b], "lr": 0.5}])
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(3), torch.ones(4)
+        opt.step()
+    before = a.detach().clone(), b.detach().clone()
+    a.grad, b.grad = torch.ones(3), torch.ones(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+
+
+def test_kept_buffers_reuses_a_buckets_buffers_only_while_they_are_the_stores():
+    params = [torch.zeros(3), torch.zeros(2)]
+    bucket, store = Bucket(params), {}
+    first = kept_buffers(store, bucket, torch.device("cpu"), torch.float32)
+    assert kept_buffers(store, bucket, torch.device("cpu"), torch.float32, trusted=True) is first
+    store[id(params[1])] = torch.empty(2)  # another path replaced one (a grown, then shrunk, layer)
+    again = kept_buffers(store, bucket, torch.device("cpu"), torch.float32, trusted=True)
+    assert again is not first and again[1] is store[id(params[1])] and again[0] is first[0]
+    # Untrusted calls always check each buffer against its parameter.
+    params[0].data = torch.zeros(5)
+    checked = kept_buffers(store, bucket, torch.device("cpu"), torch.float32)
+    assert checked[0].shape == (5,) and store[id(params[0])] is checked[0]
+
+
+def test_plans_follow_new_groups_loaded_state_and_copies():
+    """add_param_group, load_state_dict (new group dicts) and a deepcopy each plan afresh."""
+    layer, opt, x = _trained_sam("foreach")
+    extra = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [extra]})
+    layer(x).square().sum().backward()
+    extra.grad = torch.ones(2)
+    opt.step(lambda: (opt.zero_grad(), layer(x).square().sum().backward(), extra.square().sum().backward()))
+    assert not torch.equal(extra.detach(), torch.ones(2))
+    clone = copy.deepcopy(opt)
+    assert clone._plans is not opt._plans and not clone._plans._plans
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    extra.grad = torch.ones(2)
+    opt.step(lambda: (opt.zero_grad(), layer(x).square().sum().backward(), extra.square().sum().backward()))
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_perturb_selection_changed_in_place_is_followed(backend, monkeypatch):
+    """SAM-ON's per-parameter ``perturb`` flags edited in place between steps: the plan keeps a
+    copy of the selection, so the next ascent moves the new selection (as planned afresh)."""
+
+    def run():
+        params = _params(6)
+        opt = cl_optim.SAM(params, cl_optim.SGD, rho=0.5, backend=backend, lr=0.1, momentum=0.9)
+        flags = opt.param_groups[0]["perturb"] = [True, False] * 3
+        moved = []
+        for step in range(4):
+            _grads(params, step)
+            before = [p.detach().clone() for p in params]
+            opt.first_step()
+            moved.append([not torch.equal(p, b) for p, b in zip(params, before)])
+            _grads(params, step + 10)
+            opt.second_step(zero_grad=True)
+            flags.reverse()  # in place: the same list object, other flags
+        return moved, [p.detach().clone() for p in params]
+
+    moved, params = run()
+    assert moved[0] == [True, False] * 3 and moved[1] == [False, True] * 3
+    monkeypatch.setattr(BucketPlans, "group_buckets", _never(BucketPlans.group_buckets))
+    reference_moved, reference = run()
+    assert moved == reference_moved and all(torch.equal(p, r) for p, r in zip(params, reference))
+
+
+def _never(group_buckets):
+    def fresh(self, *args, **kwargs):
+        self.clear()
+        return group_buckets(self, *args, **kwargs)
+
+    return fresh
