@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import any_dtensor, is_dtensor, kernel_grads, layout_key
-from ._plan import Bucket, BucketPlans
+from ._plan import Bucket, BucketPlans, bucket_grads
 from ._terms import StepTerms
 
 
@@ -297,40 +297,42 @@ class FusedOptimizer(torch.optim.Optimizer):
         every parameter first.
         """
         # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
-        planned, reused = [], True
+        planned, reused = [], True  # (group, bucket, backend, its gradients)
         for index, group in enumerate(self.param_groups):
             try:  # values may have been changed in param_groups since they were checked
                 self.check_hyperparameters(group, on_device_too=False)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
-            buckets, group_reused = self._plans.group_buckets(index, group, _check_params)
+            buckets, group_reused, group_grads = self._plans.group_buckets(index, group, _check_params)
             reused = reused and group_reused
             for (device, dtype, _), bucket in buckets:
-                planned.append((group, bucket, resolve(self.backend, device, dtype)))
+                backend = resolve(self.backend, device, dtype)
+                planned.append((group, bucket, backend, bucket_grads(bucket, group_grads)))
         # The calls: a bucket whose parameters differ in their terms is stepped as several.
         restoring = None if restore is None else _Aligned(restore[0], [restore[1]])
         combination = None if combine is None else _Combination(*combine)
         calls = [
-            (group, bucket, backend, saves, combined)
-            for group, whole_bucket, backend in planned
-            for bucket, saves, combined in _split_by_terms(whole_bucket, restoring, combination)
+            (group, bucket, backend, saves, combined, grads if bucket is whole else kernel_grads(bucket))
+            for group, whole, backend, grads in planned
+            for bucket, saves, combined in _split_by_terms(whole, restoring, combination)
         ]
         # One call on plain tensors (a DTensor's gradient may be redistributed: collectives are not retried).
         trusted = trust_plan and reused and len(calls) == 1 and not is_dtensor(calls[0][1][0])
         if reused and not trusted:
-            for _, bucket, _ in planned:
+            for _, bucket, _, _ in planned:
                 _check_params(bucket)
         # Each op checks every tensor of its bucket before it writes anything; the state of the
         # buckets after the first is checked here too, so that no bucket is stepped before a later
         # one is found wrong.
-        for _, bucket, _ in planned[1:]:
+        for _, bucket, _, _ in planned[1:]:
             self._check_state_shapes(bucket)
         given_skip, given_found_inf = skip, found_inf
         if skip_nonfinite and planned:
             from .sam import nonfinite_gradient
 
+            home = planned[0][1][0].device
             nonfinite = nonfinite_gradient(
-                [(b, backend) for _, b, backend in planned], planned[0][1][0].device
+                [(bucket, backend, grads) for _, bucket, backend, grads in planned], home
             )
             skip = nonfinite if skip is None else skip | nonfinite
         found_inf = _merge_found_inf(found_inf, skip)
@@ -338,19 +340,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Every call's terms before the first is made: the EWC buffers (which refuse a grown or
         # replaced parameter) and the running Fisher (which refuses one of another shape).
         prepared = []
-        for group, bucket, backend, saves, combined in calls:
+        for group, bucket, backend, saves, combined, grads in calls:
             terms = self._terms_of(bucket, saves, grad_scale, found_inf, bucket[0].device)
             if combined:
                 terms.combine_from = combination.lists_of(bucket)
                 terms.combine_coef = combination.coefficients.to(bucket[0].device)
-            prepared.append((group, bucket, backend, terms))
+            prepared.append((group, bucket, backend, terms, grads))
         try:
-            for group, bucket, backend, terms in prepared:
+            for group, bucket, backend, terms, grads in prepared:
                 self.backends_used[f"{bucket[0].device}/{bucket[0].dtype}"] = backend
                 sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
                 terms = terms.local() if sharded else terms
-                self._update_bucket(group, bucket, kernel_grads(bucket), terms, backend, sharded=sharded,
-                                    trusted=trusted)  # fmt: skip
+                self._update_bucket(group, bucket, grads, terms, backend, sharded=sharded, trusted=trusted)
         except Exception:
             if not trusted:
                 raise
@@ -360,9 +361,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return self._fused_step(restore, given_skip, grad_scale, given_found_inf, skip_nonfinite, combine,
                                     trust_plan=False)  # fmt: skip
 
-        restored = sum(0 if saves is None else len(saves) for _, _, _, saves, _ in calls)
+        restored = sum(0 if saves is None else len(saves) for _, _, _, saves, _, _ in calls)
         if restore is not None and restored != len(restore[0]):
-            stepped = {id(p) for _, bucket, _ in planned for p in bucket}
+            stepped = {id(p) for _, bucket, _, _ in planned for p in bucket}
             for param, save in zip(*restore):
                 if id(param) not in stepped:
                     param.copy_(save)

@@ -28,16 +28,31 @@ from torch import Tensor
 
 class Bucket(list):
     """The parameters of one (device, dtype, layout) bucket, a list handed to the ops as it is,
-    with their ids and the per-parameter buffers made for them (``buffers``: store id ->
+    with their ids, their positions in the group (``index``; ``whole``: the group itself, in
+    order), and the per-parameter buffers made for them (``buffers``: store id ->
     ``(store, buffers, buffer ids)``, :func:`cl_optim.sam.kept_buffers`), which live as long as
     the plan."""
 
-    __slots__ = ("buffers", "ids")
+    __slots__ = ("buffers", "ids", "index", "whole", "sharded")
 
-    def __init__(self, params: list[Tensor]):
+    def __init__(self, params: list[Tensor], index: list[int], group_size: int, sharded: bool):
         super().__init__(params)
         self.ids = list(map(id, params))
+        self.index = index
+        self.whole = len(index) == group_size  # positions are increasing: all of them, in order
+        self.sharded = sharded
         self.buffers: dict = {}
+
+
+def bucket_grads(bucket: list[Tensor], group_grads: Optional[list]) -> list[Tensor]:
+    """The gradients of a bucket for its op: from the group's ``.grad`` list fetched once this
+    pass (:meth:`BucketPlans.group_buckets`), or, for an unplanned list or DTensor shards,
+    :func:`cl_optim._distributed.kernel_grads`."""
+    if group_grads is None or not isinstance(bucket, Bucket) or bucket.sharded:
+        from ._distributed import kernel_grads
+
+        return kernel_grads(bucket)
+    return group_grads if bucket.whole else [group_grads[i] for i in bucket.index]
 
 
 class _GroupPlan:
@@ -63,19 +78,24 @@ class BucketPlans:
         group: dict,
         check: Callable[[list[Tensor]], None],
         select: Optional[list[bool]] = None,
-    ) -> tuple[list[tuple[tuple, Bucket]], bool]:
-        """``([((device, dtype, layout), bucket), ...], reused)`` for the parameters of ``group``
-        that have a gradient and, with ``select`` (one bool per parameter), are selected.
+    ) -> tuple[list[tuple[tuple, Bucket]], bool, list]:
+        """``([((device, dtype, layout), bucket), ...], reused, grads)`` for the parameters of
+        ``group`` that have a gradient and, with ``select`` (one bool per parameter), are
+        selected; ``grads`` is the group's ``.grad`` list, fetched once for this pass
+        (:func:`bucket_grads`: each bucket's; a ``.grad`` read per tensor costs about as much as
+        the rest of the planning).
 
         A new plan runs ``check`` on every parameter with a gradient (selected or not) first;
         ``reused=True`` says the plan was used again and ``check`` was not run: the caller runs
         it on the buckets unless it trusts the plan (see the module docstring). Under
         ``torch.compile`` nothing is kept (the traced step is planned once, when it compiles).
         """
+        from ._distributed import any_dtensor
         from ._optimizer import bucket_indices
 
         params = group["params"]
-        graded = [p.grad is not None for p in params]
+        grads = [p.grad for p in params]
+        graded = [g is not None for g in grads]
         ids = list(map(id, params))
         plan = self._plans.get(key)
         compiling = torch.compiler.is_compiling()
@@ -87,21 +107,22 @@ class BucketPlans:
             and plan.graded == graded
             and plan.select == select
         ):
-            return plan.buckets, True
-        with_grad = params if all(graded) else [p for p, has in zip(params, graded) if has]
-        check(with_grad)
-        chosen = (
-            with_grad
-            if select is None
-            else [p for p, has, keep in zip(params, graded, select) if has and keep]
-        )
-        make = list if compiling else Bucket  # dynamo traces plain lists, not list subclasses
-        buckets = [(bucket_key, make([chosen[i] for i in index])) for bucket_key, index in bucket_indices(chosen).items()]  # fmt: skip
-        if not compiling:
-            self._plans[key] = _GroupPlan(
-                group, ids, graded, None if select is None else list(select), buckets
-            )
-        return buckets, False
+            return plan.buckets, True, grads
+        positions = [i for i, has in enumerate(graded) if has]
+        check([params[i] for i in positions])
+        if select is not None:
+            positions = [i for i in positions if select[i]]
+        chosen = [params[i] for i in positions]
+        if compiling:  # dynamo traces plain lists, not list subclasses
+            buckets = [(bucket_key, [chosen[i] for i in index]) for bucket_key, index in bucket_indices(chosen).items()]  # fmt: skip
+            return buckets, False, grads
+        sharded = any_dtensor(chosen)
+        buckets = [
+            (bucket_key, Bucket([chosen[i] for i in index], [positions[i] for i in index], len(params), sharded))
+            for bucket_key, index in bucket_indices(chosen).items()
+        ]  # fmt: skip
+        self._plans[key] = _GroupPlan(group, ids, graded, None if select is None else list(select), buckets)
+        return buckets, False, grads
 
 
 class PlanRefused(Exception):

@@ -351,7 +351,7 @@ class SAM(torch.optim.Optimizer):
             select = (
                 None if perturb is True else [False] * len(group["params"]) if perturb is False else perturb
             )
-            buckets, group_reused = self._plans.group_buckets(
+            buckets, group_reused, _ = self._plans.group_buckets(
                 (index, selected_only), group, _check_sam_params, select
             )
             reused = reused and group_reused
@@ -422,12 +422,14 @@ class SAM(torch.optim.Optimizer):
             ]
             # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
             shards = [local_list if layout is not None else _same for *_, layout in plan]
+            directions_of = [grads_of(bucket) for _, _, _, bucket, _, _ in plan]  # read once for both ops
             sq_norms = [
                 all_reduce_over_shards_(
-                    grad_sq_norm(grads_of(bucket), on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
+                    grad_sq_norm(direction, on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
                     bucket[0],
                 ).to(home)
-                for (_, _, _, bucket, backend, _), (weighted, eta), fisher, on in zip(plan, weights, fishers, shards)
+                for (_, _, _, bucket, backend, _), direction, (weighted, eta), fisher, on
+                in zip(plan, directions_of, weights, fishers, shards)
             ]  # fmt: skip
             # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
             norm = torch.stack(sq_norms).sum().sqrt()
@@ -436,8 +438,8 @@ class SAM(torch.optim.Optimizer):
             self._run["ascent_norms"].append(norm if plain else None)
             fisher_flag = finite if update_fisher else torch.zeros_like(finite)
 
-            for (group, device, dtype, bucket, backend, _), (weighted, eta), fisher, on in zip(
-                plan, weights, fishers, shards
+            for (group, device, dtype, bucket, backend, _), direction, (weighted, eta), fisher, on in zip(
+                plan, directions_of, weights, fishers, shards
             ):
                 self.perturb_backends_used[f"{device}/{dtype}"] = backend
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
@@ -445,7 +447,7 @@ class SAM(torch.optim.Optimizer):
                 saves = kept_buffers(store, bucket, device, dtype, trusted)
                 sam_perturb_(
                     on(bucket),
-                    grads_of(bucket),
+                    direction,
                     on(saves),
                     scale.to(device),
                     weighted,
@@ -984,14 +986,15 @@ def _same(tensors):
 
 
 def gradient_sq_norm(buckets: list, home: torch.device) -> Tensor:
-    """The squared norm of the gradients of ``buckets`` (``(parameters, backend)`` pairs) on
+    """The squared norm of the gradients of ``buckets`` (``(parameters, backend)`` pairs, or
+    ``(parameters, backend, gradients)`` with the gradients fetched already) on
     ``home``: one fp64-accumulated pass per bucket (summed across ranks for DTensor shards), no host
     read. Non-finite exactly where some gradient has an inf or a NaN (fp64 squares of fp32 values
     cannot overflow)."""
     sq_norms = [
-        all_reduce_over_shards_(grad_sq_norm(kernel_grads(bucket), backend=backend), bucket[0]).to(home)
-        for bucket, backend in buckets
-    ]
+        all_reduce_over_shards_(grad_sq_norm(grads[0] if grads else kernel_grads(bucket), backend=backend), bucket[0]).to(home)
+        for bucket, backend, *grads in buckets
+    ]  # fmt: skip
     return torch.stack(sq_norms).sum()
 
 

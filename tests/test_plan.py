@@ -191,7 +191,7 @@ def test_a_reused_plan_of_two_groups_still_names_a_sparse_gradient():
 
 def test_kept_buffers_reuses_a_buckets_buffers_only_while_they_are_the_stores():
     params = [torch.zeros(3), torch.zeros(2)]
-    bucket, store = Bucket(params), {}
+    bucket, store = Bucket(params, [0, 1], 2, sharded=False), {}
     first = kept_buffers(store, bucket, torch.device("cpu"), torch.float32)
     assert kept_buffers(store, bucket, torch.device("cpu"), torch.float32, trusted=True) is first
     store[id(params[1])] = torch.empty(2)  # another path replaced one (a grown, then shrunk, layer)
