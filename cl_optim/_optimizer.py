@@ -341,7 +341,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # replaced parameter) and the running Fisher (which refuses one of another shape).
         prepared = []
         for group, bucket, backend, saves, combined, grads in calls:
-            terms = self._terms_of(bucket, saves, grad_scale, found_inf, bucket[0].device)
+            terms = self._terms_of(bucket, saves, grad_scale, found_inf, bucket[0].device, trusted)
             if combined:
                 terms.combine_from = combination.lists_of(bucket)
                 terms.combine_coef = combination.coefficients.to(bucket[0].device)
@@ -369,13 +369,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     param.copy_(save)
         return found_inf
 
-    def _terms_of(self, bucket, saves, grad_scale, found_inf, device) -> StepTerms:
+    def _terms_of(self, bucket, saves, grad_scale, found_inf, device, trusted: bool = False) -> StepTerms:
         terms = StepTerms(restore_from=saves, grad_scale=grad_scale, found_inf=found_inf).to(device)
         if self.fisher_ema is not None:
             terms.fisher = [fisher_buffer(self.state[p], p) for p in bucket]
             terms.fisher_beta = self.fisher_ema
         if self.ewc is not None:
-            terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket)
+            terms.ewc_precision, terms.ewc_anchor, terms.ewc_lam = self.ewc.step_terms(bucket, trusted)
         return terms
 
     def _update_bucket(

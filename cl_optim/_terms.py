@@ -131,7 +131,7 @@ def kernel_terms(terms: StepTerms, n: int) -> dict:
         fisher=list(terms.fisher) if terms.fisher is not None else [],
         ewc_precision=list(terms.ewc_precision) if has_ewc else [],
         ewc_anchor=list(terms.ewc_anchor) if has_ewc else [],
-        ewc_lam=[float(terms.lam(i)) for i in range(n)] if has_ewc else [],
+        ewc_lam=_lams(terms.ewc_lam, n) if has_ewc else [],
         grad_scale=terms.grad_scale,
         found_inf=terms.found_inf,
         clip_coef=_as_tensor(terms.clip_coef),
@@ -139,6 +139,11 @@ def kernel_terms(terms: StepTerms, n: int) -> dict:
         combine_from=terms.combine_sources(),
         combine_coef=terms.combine_coef,
     )
+
+
+def _lams(lam, n: int) -> list[float]:
+    """One float lambda per tensor, from one value or a list (no method call per tensor)."""
+    return list(map(float, lam)) if isinstance(lam, list) else [float(lam)] * n
 
 
 def _as_tensor(value) -> Optional[Tensor]:

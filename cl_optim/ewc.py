@@ -398,11 +398,21 @@ class EWC:
             total = total + value.cpu() + sum(0.5 * lam * e.constant for lam, e in zip(lams, bucket))
         return total
 
-    def step_terms(self, params: list[Tensor]):
+    def step_terms(self, params: list[Tensor], trusted: bool = False):
         """``(precisions, anchors, lams)`` aligned with ``params`` for the fused EWC term.
 
-        Entries are None (and lam 0) for parameters without importance.
+        Entries are None (and lam 0) for parameters without importance. ``trusted`` (an optimizer
+        step whose op checks the buffers' shapes itself, and asks again untrusted when it refuses:
+        ``_plan.py``): when every parameter is covered, the lists without the per-parameter check.
         """
+        if trusted:
+            entries = list(map(self._by_param.get, map(id, params)))
+            if all(entries):  # entries have no __bool__: False only for a missing one (None)
+                scale = self._scale()
+                precisions = [e.precision for e in entries]
+                anchors = [e.anchor if e.precision is not None else None for e in entries]
+                lams = [e.lam * scale if e.precision is not None else 0.0 for e in entries]
+                return precisions, anchors, lams
         precisions, anchors, lams = [], [], []
         for p in params:
             entry = self._by_param.get(id(p))

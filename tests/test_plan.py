@@ -256,3 +256,31 @@ def _never(group_buckets):
         return group_buckets(self, *args, **kwargs)
 
     return fresh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ewc_buffer_that_no_longer_fits_is_named_behind_a_reused_plan(backend):
+    """A trusted step takes the EWC lists without the per-parameter shape check; a layer grown
+    without ``ewc.pad_`` makes the op refuse, and the step made again names EWC's remedy."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 3)
+    ewc = cl_optim.EWC(head, lam=1.0)
+    ewc.consolidate({n: torch.ones_like(p) for n, p in head.named_parameters()})
+    opt = cl_optim.AdamW(head.parameters(), lr=0.1, ewc=ewc, backend=backend)
+    for _ in range(2):
+        head(torch.randn(2, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    head.weight.data = torch.cat([head.weight.data, torch.zeros(1, 4)])
+    head.bias.data = torch.cat([head.bias.data, torch.zeros(1)])
+    opt.pad_state_(head.weight)
+    opt.pad_state_(head.bias)
+    head(torch.randn(2, 4)).square().sum().backward()
+    before = head.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"call ewc.pad_\('weight', new_param\)"):
+        opt.step()
+    assert torch.equal(head.weight.detach(), before)
+    ewc.pad_("weight")
+    ewc.pad_("bias")
+    opt.step()  # runs once EWC has the grown shapes
+    assert not torch.equal(head.weight.detach(), before)
