@@ -7,8 +7,10 @@ Part 1, time per sample: a 784-400-400-10 MLP (478k parameters, the model of
 ``grad``, materialising per-sample gradients), and ``cl_optim`` (``cl_optim.fisher.estimate``).
 
 Part 2, cost relative to one batched forward+backward of the mean loss over the same data
-(empirical Fisher, one seed), as the median of paired rounds (the backward and the provider timed
-back to back, alternating) with the 20th-80th percentile of the per-round ratios: the MLP, a
+(empirical Fisher, one seed), from paired rounds by the harness's rule (the backward and the
+provider timed back to back, alternating; the median of the per-round ratios with their quartiles,
+at least 9 rounds and until ±10% or 15 s, 3 with ``--quick``; a wide spread or a loaded machine is
+marked and recorded): the MLP, a
 transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
 ``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
 probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
@@ -25,7 +27,7 @@ import time
 import warnings
 
 import torch
-from harness import Case, _versions, append_rows, device_name, paired_ratios, parse_args, run
+from harness import Case, _versions, append_rows, device_name, paired_details, paired_measure, parse_args, run
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -197,12 +199,13 @@ def _ours(model, data, shares, verify=True):
 
 
 def cost_table(args):
-    rounds = 5 if args.quick else 9
     versions, stamp, dev = _versions(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name(args.device)
     rows = []
     print(f"\nbench_fisher: cost of an empirical-Fisher estimate relative to one batched forward+backward, "
-          f"paired rounds ({rounds}) — {dev}")  # fmt: skip
-    print(f"{'model':<12} {'provider':<18} {'x backward p50':>15} {'[p20, p80]':>16}  routes / shares")
+          f"paired rounds — {dev}")  # fmt: skip
+    print(
+        f"{'model':<12} {'provider':<18} {'x backward p50':>15} {'[p25, p75]':>16}  spread; routes / shares"
+    )
     for name, (model, data) in _cost_models(args).items():
         model.eval()
         base = _backward(model, data)
@@ -225,35 +228,36 @@ def cost_table(args):
             }
             for provider, fn in providers.items():
                 try:
-                    ratios = paired_ratios(base, fn, args.device, rounds)
+                    # time(provider) / time(backward): the backward is the "provider" of the pair
+                    paired = paired_measure(fn, base, args.device, args.quick)
                 except Exception as error:  # noqa: BLE001 - torch.func cannot trace every model (LSTM on CPU)
                     print(
                         f"{name:<12} {provider:<18} {'failed':>15}  {type(error).__name__}: {str(error)[:60]}"
                     )
                     continue
                 if provider == "loop_bs1":
-                    ratios = [r * samples / loop_samples for r in ratios]
-                p50 = statistics.median(ratios)
-                p20, p80 = (statistics.quantiles(ratios, n=5)[i] for i in (0, 3))
-                note = ""
+                    paired.ratios = [r * samples / loop_samples for r in paired.ratios]
+                p50, (p20, p80) = paired.median, paired.quartiles
+                note = f"±{paired.spread:.0%}{'' if paired.converged else ' wide'}{' LOADED' if paired.loaded else ''}; "
                 if provider == "cl_optim" and shares:
-                    note = (f"{', '.join(routes)}; probe {statistics.median(s[1] for s in shares):.0%}, "
+                    note += (f"{', '.join(routes)}; probe {statistics.median(s[1] for s in shares):.0%}, "
                             f"self-check {statistics.median(s[0] for s in shares):.0%} of the estimate")  # fmt: skip
                 print(f"{name:<12} {provider:<18} {p50:14.2f}x [{p20:6.2f},{p80:7.2f}]  {note}")
-                rows.append(
-                    {
-                        "op": "fisher_cost", "provider": provider, "param_set": name, "metric": "x_backward",
-                        "unit": "ratio", "p50": f"{p50:.4g}", "p20": f"{p20:.4g}", "p80": f"{p80:.4g}",
-                        "device": dev, **versions, "timestamp": stamp,
-                    }
-                )  # fmt: skip
+                main_row = {
+                    "op": "fisher_cost", "provider": provider, "param_set": name, "metric": "x_backward",
+                    "unit": "ratio", "p50": f"{p50:.4g}", "p20": f"{p20:.4g}", "p80": f"{p80:.4g}",
+                    "device": dev, **versions, "timestamp": stamp,
+                }  # fmt: skip
+                rows.append(main_row)
+                for metric, unit, value in paired_details(paired, "backward"):
+                    rows.append({**main_row, "metric": metric, "unit": unit, "p50": f"{value:.4g}", "p20": f"{value:.4g}", "p80": f"{value:.4g}"})  # fmt: skip
                 if provider == "cl_optim" and shares:
                     for metric, values in (
                         ("self_check_share", [s[0] for s in shares]),
                         ("probe_share", [s[1] for s in shares]),
                     ):
                         v = statistics.median(values)
-                        rows.append({**rows[-1], "metric": metric, "p50": f"{v:.4g}", "p20": f"{min(values):.4g}", "p80": f"{max(values):.4g}"})  # fmt: skip
+                        rows.append({**main_row, "metric": metric, "p50": f"{v:.4g}", "p20": f"{min(values):.4g}", "p80": f"{max(values):.4g}"})  # fmt: skip
     return append_rows(args.csv, rows)
 
 

@@ -15,19 +15,20 @@ batches of 128 random samples with cross-entropy, in eval mode:
 * trace: ``cl_optim`` Hutchinson with 100 probes in blocks of 10, and PyHessian's ``trace``
   (Rademacher, stops at a relative change below 1e-3, at most 100).
 
-Times are medians of paired rounds against PyHessian (each pair timed back to back, the order
-alternating) with the 20th-80th percentile of the per-round ratios.
+Speed-ups against PyHessian come from paired rounds by the harness's rule (each pair timed back to
+back, the order alternating; the median of the per-round ratios with their quartiles, at least 9
+rounds and until ±10% or 15 s, 3 rounds with ``--quick``; a wide spread or a loaded machine is
+marked and recorded).
 
     python bench/bench_landscape.py [--quick] [--device cpu]
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
-from harness import _versions, append_rows, device_name, paired_ratios, parse_args
+from harness import _versions, append_rows, device_name, paired_details, paired_measure, parse_args
 from torch import nn
 
 import cl_optim
@@ -133,10 +134,9 @@ def _pyhessian(model, data):
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv)
-    rounds = 3 if args.quick else 7
     versions, stamp, dev = _versions(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name(args.device)
     rows = []
-    print(f"\nbench_landscape: Hessian measurements, paired rounds ({rounds}) against PyHessian — {dev}")
+    print(f"\nbench_landscape: Hessian measurements, paired rounds against PyHessian — {dev}")
     print(
         f"{'model':<6} {'what':<10} {'provider':<10} {'value':>10} {'rel error':>10} {'HVPs':>6} {'ms':>9} {'x vs pyhessian':>22}"
     )
@@ -186,15 +186,14 @@ def main(argv=None):
                     error = abs(value - exact_trace) / abs(exact_trace)
                 speed = ""
                 if loaded is not None and provider != "pyhessian":
-                    ratios = paired_ratios(providers["pyhessian"], fn, args.device, rounds)
-                    p50 = statistics.median(ratios)
-                    p20, p80 = (
-                        (statistics.quantiles(ratios, n=5)[i] for i in (0, 3))
-                        if len(ratios) > 1
-                        else (p50, p50)
-                    )
-                    speed = f"{1 / p50:.2f}x [{1 / p80:.2f}, {1 / p20:.2f}]"
-                    record(name, op, provider, "speedup_vs_pyhessian", "x", 1 / p50, 1 / p80, 1 / p20)
+                    paired = paired_measure(providers["pyhessian"], fn, args.device, args.quick)
+                    q25, q75 = paired.quartiles
+                    speed = f"{paired.median:.2f}x [{q25:.2f}, {q75:.2f}] ±{paired.spread:.0%}"
+                    speed += "" if paired.converged else " wide"
+                    speed += " LOADED" if paired.loaded else ""
+                    record(name, op, provider, "speedup_vs_pyhessian", "x", paired.median, q25, q75)
+                    for metric, unit, value in paired_details(paired, "pyhessian"):
+                        record(name, op, provider, metric, unit, value, value, value)
                 print(
                     f"{name:<6} {what:<10} {provider:<10} {value:10.4g} {error:10.2e} {hvps:6d} {1e3 * elapsed:9.1f} {speed:>22}"
                 )

@@ -27,8 +27,8 @@ profiler) or the allocator's peak above what was in use (CUDA).
 
 from __future__ import annotations
 
-import statistics
 import sys
+import time
 
 import torch
 from harness import (
@@ -41,7 +41,7 @@ from harness import (
     device_name,
     make_params,
     numel,
-    paired_ratios,
+    paired_rows,
     parse_args,
     run,
 )
@@ -264,27 +264,16 @@ def main(argv=None):
 
 
 def _paired(cases, device, fastest, args) -> list:
-    """The headline ratios again from paired rounds (each pair back to back, median of ratios)."""
-    versions, dev, out = _versions(), device_name(device), []
-    rounds = 3 if args.quick else 9
-    print(
-        f"\npaired rounds ({rounds}): speed-up of cl_optim_{fastest}, median [p25, p75] of per-round ratios"
-    )
+    """The headline ratios again in paired rounds (``harness.paired_rows``: median and quartiles of
+    per-round ratios, rounds until ±10% or the budget, the machine's load, the bytes against the
+    cache), the fastest cl_optim backend against each case's first baseline."""
+    ours = f"cl_optim_{fastest}"
+    stamp = {"device": device_name(device), **_versions(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    print(f"\npaired rounds: speed-up of {ours}, median [p25, p75] of per-round ratios, ±half the range")
+    out = []
     for case in cases:
-        base = case.baselines[0]
-        ours = f"cl_optim_{fastest}"
-        if base not in case.providers or ours not in case.providers:
-            continue
-        ratios = paired_ratios(case.providers[ours](), case.providers[base](), device, rounds)  # base/ours
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        median = statistics.median(ratios)
-        print(f"  {case.op:<22} {case.param_set:<12} {median:6.2f}x vs {base}  [{q[0]:.2f}, {q[2]:.2f}]")
-        out.append({
-            "op": case.op, "provider": ours, "param_set": case.param_set, "metric": f"paired_speedup_vs_{base}",
-            "unit": "x", "p50": f"{median:.6g}", "p20": f"{q[0]:.6g}", "p80": f"{q[2]:.6g}", "device": dev,
-            **{k: versions[k] for k in ("torch", "triton", "cl_optim", "git_sha")},
-            "timestamp": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })  # fmt: skip
+        if ours in case.providers:
+            out += paired_rows(case, None, device, stamp, ours=ours, against=case.baselines[:1])
     return append_rows(args.csv, out)
 
 

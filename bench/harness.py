@@ -138,12 +138,34 @@ def time_step(
     return times
 
 
-def paired_ratios(base: Callable[[], None], provider: Callable[[], None], device, rounds: int) -> list[float]:
-    """Exactly ``rounds`` per-round time ratios provider/base, each pair timed back to back with the
-    order alternating (:func:`paired.paired_speedup` with a fixed count: the scripts that report
-    their own quantiles)."""
-    result = paired_speedup(provider, base, device, min_rounds=rounds, max_rounds=rounds, budget_s=0.0)
-    return result.ratios
+def paired_measure(base: Callable[[], None], provider: Callable[[], None], device, quick: bool) -> Paired:
+    """``provider`` against ``base`` in paired rounds by the harness's rule (:mod:`paired`; ratios
+    time(base)/time(provider)): at least 9 rounds, then until ±10% or 15 s (``quick``: 3 rounds,
+    2 s). 9 rounds at least: a baseline that allocates per step (pytorch_optimizer's SAM: 39-61 ms
+    a round on the ResNet-18-like set) met ±10% within 5 rounds at 1.62x and 2.00x in two runs."""
+    return paired_speedup(
+        base, provider, device, min_rounds=3 if quick else 9, budget_s=2.0 if quick else 15.0
+    )
+
+
+def paired_details(result: Paired, against: str) -> list[tuple[str, str, float]]:
+    """``(metric, unit, value)`` of how a paired ratio was measured: its spread, rounds, whether
+    the machine was loaded and by how much (rows next to the ratio's own)."""
+    out = [
+        (f"paired_spread_vs_{against}", "ratio", result.spread),
+        (f"paired_rounds_vs_{against}", "count", float(len(result.ratios))),
+        (f"paired_loaded_vs_{against}", "flag", float(result.loaded)),
+    ]
+    for key in ("other_cores", "steal", "own_cores"):
+        if result.load.get(key) is not None:
+            out.append(
+                (
+                    f"paired_{key}_vs_{against}",
+                    "cores" if key.endswith("cores") else "ratio",
+                    result.load[key],
+                )
+            )
+    return out
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -433,23 +455,14 @@ def paired_rows(case: Case, results: Optional[dict], device: torch.device, stamp
             where = f"; {moved / 2**20:.0f} MiB a step, cache {cache / 2**20:.0f} MiB: {state}"
     quick = case.budget_s < 1.0
     for base in against:
-        # 9 rounds at least: a baseline that allocates per step (pytorch_optimizer's SAM: 39-61 ms a
-        # round on the ResNet-18-like set) met ±10% within 5 rounds at 1.62x and 2.00x in two runs.
-        result: Paired = paired_speedup(case.providers[base](), case.providers[ours](), device,
-                                        min_rounds=3 if quick else 9, budget_s=2.0 if quick else 15.0)  # fmt: skip
+        result = paired_measure(case.providers[base](), case.providers[ours](), device, quick)
         if isinstance(case.unit_count, dict):  # per unit (a Fisher sample): the calls do different counts
             scale = case.unit_count[ours] / case.unit_count[base]
             result.ratios = [r * scale for r in result.ratios]
         q25, q75 = result.quartiles
         row(f"paired_speedup_vs_{base}", "x", result.median, q25, q75)
-        row(f"paired_spread_vs_{base}", "ratio", result.spread)
-        row(f"paired_rounds_vs_{base}", "count", len(result.ratios))
-        row(f"paired_loaded_vs_{base}", "flag", float(result.loaded))
-        for key in ("other_cores", "steal", "own_cores"):
-            if result.load.get(key) is not None:
-                row(
-                    f"paired_{key}_vs_{base}", "cores" if key.endswith("cores") else "ratio", result.load[key]
-                )
+        for metric, unit, value in paired_details(result, base):
+            row(metric, unit, value)
         print(f"  paired: {case.op} {case.param_set} {ours} vs {base}: {result.describe()}{where}")
     return rows
 

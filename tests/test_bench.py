@@ -126,8 +126,11 @@ def test_paired_rounds_converge_on_a_clear_ratio_and_report_a_wide_one():
     wide = paired.paired_speedup(lambda: time.sleep(0.003), lambda: time.sleep(next(delays)), "cpu",
                                  min_rounds=4, max_rounds=8, budget_s=0.05)  # fmt: skip
     assert not wide.converged and "wide" in wide.describe() and len(wide.ratios) >= 4
-    fixed = _load("harness").paired_ratios(lambda: None, lambda: None, "cpu", 7)
-    assert len(fixed) == 7  # the fixed-count form the scripts with their own quantiles use
+    harness = _load("harness")
+    quick = harness.paired_measure(lambda: None, lambda: None, "cpu", quick=True)
+    assert len(quick.ratios) >= 3  # every script's rule: at least 3 rounds quick, 9 otherwise
+    details = dict((metric, value) for metric, _, value in harness.paired_details(quick, "base"))
+    assert details["paired_rounds_vs_base"] == len(quick.ratios) and "paired_loaded_vs_base" in details
 
 
 def test_load_is_read_from_the_machine_and_flagged():
