@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import any_dtensor, is_dtensor, kernel_grads, layout_key
-from ._plan import Bucket, BucketPlans, bucket_grads
+from ._plan import Bucket, BucketPlans, bucket_grads, refused_input
 from ._terms import StepTerms
 
 
@@ -297,30 +297,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         every parameter first.
         """
         # Plan every bucket (and fail on bad input or an unavailable backend) before writing anything.
-        planned, reused = [], True  # (group, bucket, backend, its gradients)
-        for index, group in enumerate(self.param_groups):
-            try:  # values may have been changed in param_groups since they were checked
-                self.check_hyperparameters(group, on_device_too=False)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
-            buckets, group_reused, group_grads = self._plans.group_buckets(index, group, _check_params)
-            reused = reused and group_reused
-            for (device, dtype, _), bucket in buckets:
-                backend = resolve(self.backend, device, dtype)
-                planned.append((group, bucket, backend, bucket_grads(bucket, group_grads)))
-        # The calls: a bucket whose parameters differ in their terms is stepped as several.
         restoring = None if restore is None else _Aligned(restore[0], [restore[1]])
         combination = None if combine is None else _Combination(*combine)
-        calls = [
-            (group, bucket, backend, saves, combined, grads if bucket is whole else kernel_grads(bucket))
-            for group, whole, backend, grads in planned
-            for bucket, saves, combined in _split_by_terms(whole, restoring, combination)
-        ]
+        planned, reused, calls = self._plan_calls(restoring, combination, fresh=not trust_plan)
         # One call on plain tensors (a DTensor's gradient may be redistributed: collectives are not retried).
-        trusted = trust_plan and reused and len(calls) == 1 and not is_dtensor(calls[0][1][0])
-        if reused and not trusted:
-            for _, bucket, _, _ in planned:
-                _check_params(bucket)
+        trusted = trust_plan and all(reused) and len(calls) == 1 and not is_dtensor(calls[0][1][0])
+        if any(reused) and not trusted:  # several calls: every gradient checked, buckets made anew
+            planned, reused, calls = self._plan_calls(restoring, combination, fresh=True)
         # Each op checks every tensor of its bucket before it writes anything; the state of the
         # buckets after the first is checked here too, so that no bucket is stepped before a later
         # one is found wrong.
@@ -352,8 +335,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 sharded = is_dtensor(bucket[0])  # DTensors: the same element-wise step on each rank's shards
                 terms = terms.local() if sharded else terms
                 self._update_bucket(group, bucket, grads, terms, backend, sharded=sharded, trusted=trusted)
-        except Exception:
-            if not trusted:
+        except Exception as error:
+            if not (trusted and refused_input(error)):
                 raise
             # The one call refused its input before writing anything: what the plan did not check
             # is checked now (the error named, or a changed parameter stepped with new buckets).
@@ -368,6 +351,30 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if id(param) not in stepped:
                     param.copy_(save)
         return found_inf
+
+    def _plan_calls(self, restoring, combination, fresh: bool) -> tuple[list, list, list]:
+        """``(planned, reused, calls)``: ``(group, bucket, backend, gradients)`` per bucket, whether
+        each group's plan was used again, and the op calls (a bucket whose parameters differ in
+        their terms is stepped as several)."""
+        planned, reused = [], []
+        for index, group in enumerate(self.param_groups):
+            try:  # values may have been changed in param_groups since they were checked
+                self.check_hyperparameters(group, on_device_too=False)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}; nothing was changed") from None
+            buckets, group_reused, group_grads = self._plans.group_buckets(
+                index, group, _check_params, fresh=fresh
+            )
+            reused.append(group_reused)
+            for (device, dtype, _), bucket in buckets:
+                backend = resolve(self.backend, device, dtype)
+                planned.append((group, bucket, backend, bucket_grads(bucket, group_grads)))
+        calls = [
+            (group, bucket, backend, saves, combined, grads if bucket is whole else kernel_grads(bucket))
+            for group, whole, backend, grads in planned
+            for bucket, saves, combined in _split_by_terms(whole, restoring, combination)
+        ]
+        return planned, reused, calls
 
     def _terms_of(self, bucket, saves, grad_scale, found_inf, device, trusted: bool = False) -> StepTerms:
         terms = StepTerms(restore_from=saves, grad_scale=grad_scale, found_inf=found_inf).to(device)

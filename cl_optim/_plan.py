@@ -11,11 +11,13 @@ of them have a gradient: a check at C speed (``map`` over the tensors, one list 
 What a plan used again does not check in Python is each gradient against its parameter (shape,
 dtype, device, layout) and a parameter whose ``.data`` was replaced (a grown layer, another
 dtype). The ops check exactly that before they write anything (``csrc/op_checks.h``,
-``_checks.py``). So a step whose writes are one op call (one bucket: a single-group model)
-*trusts* its plan: it leaves those checks to the op and, when the op refuses, forgets its plans
-and runs again through the Python checks, which name the problem or, for a parameter that
-changed, make the step with new buckets. A step of several calls still checks every parameter in
-Python before the first call: a refusal half-way would leave some buckets stepped.
+``_checks.py``). So a pass whose writes are one op call covering every parameter with a gradient
+*trusts* its plan: it leaves those checks to the op and, when the op refuses its input
+(:func:`refused_input`), forgets its plans and runs again through the Python checks, which name
+the problem or, for a parameter that changed, make the step with new buckets. A pass of several
+calls plans afresh, checking every parameter in Python before the first call: a refusal half-way
+would leave some buckets stepped, and a parameter whose dtype changed would sit in a stale
+bucket.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class BucketPlans:
         group: dict,
         check: Callable[[list[Tensor]], None],
         select: Optional[list[bool]] = None,
+        fresh: bool = False,
     ) -> tuple[list[tuple[tuple, Bucket]], bool, list]:
         """``([((device, dtype, layout), bucket), ...], reused, grads)`` for the parameters of
         ``group`` that have a gradient and, with ``select`` (one bool per parameter), are
@@ -87,8 +90,9 @@ class BucketPlans:
 
         A new plan runs ``check`` on every parameter with a gradient (selected or not) first;
         ``reused=True`` says the plan was used again and ``check`` was not run: the caller runs
-        it on the buckets unless it trusts the plan (see the module docstring). Under
-        ``torch.compile`` nothing is kept (the traced step is planned once, when it compiles).
+        it on the buckets unless it trusts the plan (see the module docstring). ``fresh``: plan
+        (and check) anew whatever is kept. Under ``torch.compile`` nothing is kept or looked up
+        (the traced step is planned once, when it compiles).
         """
         from ._distributed import any_dtensor
         from ._optimizer import bucket_indices
@@ -97,11 +101,10 @@ class BucketPlans:
         grads = [p.grad for p in params]
         graded = [g is not None for g in grads]
         ids = list(map(id, params))
-        plan = self._plans.get(key)
         compiling = torch.compiler.is_compiling()
+        plan = None if compiling or fresh else self._plans.get(key)
         if (
             plan is not None
-            and not compiling
             and plan.group is group
             and plan.ids == ids
             and plan.graded == graded
@@ -123,6 +126,23 @@ class BucketPlans:
         ]  # fmt: skip
         self._plans[key] = _GroupPlan(group, ids, graded, None if select is None else list(select), buckets)
         return buckets, False, grads
+
+
+# The ops whose input checks (csrc/op_checks.h, cl_optim/_checks.py) word every refusal
+# "<op>: ...", before anything is written: the one failure a trusted pass makes again.
+_OPS = ("sgd_step_", "adamw_step_", "grad_sq_norm", "sam_perturb_", "fisher_accumulate_", "ewc_grad_add_",
+        "ewc_penalty", "ewc_consolidate_", "task_gram", "task_combine_")  # fmt: skip
+
+
+def refused_input(error: BaseException) -> bool:
+    """Whether ``error`` is an op refusing its input before it wrote anything: an input check's
+    ``RuntimeError`` (``"<op>: ..."``; not a subclass such as an out-of-memory error), or the
+    dispatcher finding no kernel for the tensors (a sparse gradient). Anything else may have come
+    after a write, and is raised as it is rather than made again."""
+    message = str(error)
+    if isinstance(error, NotImplementedError):
+        return "Could not run 'cl_optim::" in message
+    return type(error) is RuntimeError and message.split(":", 1)[0].strip() in _OPS
 
 
 class PlanRefused(Exception):

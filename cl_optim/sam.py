@@ -48,7 +48,7 @@ from ._optimizer import (
     keep_fp32_state,
     pad_state_,
 )
-from ._plan import Bucket, BucketPlans, PlanRefused
+from ._plan import Bucket, BucketPlans, PlanRefused, refused_input
 from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 from .sam_select import fisher_keep_mask, norm_layer_parameters, unpack_mask
 
@@ -343,33 +343,41 @@ class SAM(torch.optim.Optimizer):
         """``(plan, trusted)``: :meth:`_ascent_plan`'s plan, from the kept bucket plans, and whether
         the per-gradient checks were left to the ops (``trust``, a plan used again, one bucket:
         ``_plan.py``); an op refusing then raises :class:`PlanRefused` from :meth:`_ascend`."""
-        groups, reused, any_grad = [], True, False
-        for index, group in enumerate(self.param_groups):
-            self._check_group(index, group)
-            any_grad = any_grad or any(p.grad is not None for p in group["params"])
-            perturb = group.get("perturb", True) if selected_only else True
-            select = (
-                None if perturb is True else [False] * len(group["params"]) if perturb is False else perturb
-            )
-            buckets, group_reused, _ = self._plans.group_buckets(
-                (index, selected_only), group, _check_sam_params, select
-            )
-            reused = reused and group_reused
-            groups.append((group, buckets, group_reused))
-        if not any_grad:
+        groups, graded = self._ascent_groups(selected_only, fresh=not trust)
+        if not graded:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")
-        # One bucket of plain tensors (a DTensor's gradient may be redistributed: collectives are not retried).
+        # One bucket of plain tensors holding every graded parameter (the op sees every gradient; a
+        # DTensor's may be redistributed: collectives are not retried).
         only = [bucket for _, buckets, _ in groups for bucket in buckets]
-        trusted = trust and reused and len(only) == 1 and only[0][0][2] is None
+        trusted = (
+            trust and all(reused for *_, reused in groups) and len(only) == 1 and only[0][0][2] is None
+            and len(only[0][1]) == graded
+        )  # fmt: skip
+        if not trusted and any(reused for *_, reused in groups):  # every gradient checked, buckets anew
+            groups, graded = self._ascent_groups(selected_only, fresh=True)
         plan = []
-        for group, buckets, group_reused in groups:
-            if group_reused and not trusted:  # the checks a new plan made
-                _check_sam_params([p for p in group["params"] if p.grad is not None])
+        for group, buckets, _ in groups:
             for (device, dtype, layout), bucket in buckets:
                 if dtype.is_complex:
                     _check_sam_param(bucket[0])
                 plan.append((group, device, dtype, bucket, resolve(self.backend, device, dtype), layout))
         return plan, trusted
+
+    def _ascent_groups(self, selected_only: bool, fresh: bool) -> tuple[list, int]:
+        """``([(group, buckets, reused)], parameters with a gradient)`` from the kept bucket plans
+        (``fresh``: planned and checked anew)."""
+        groups, graded = [], 0
+        for index, group in enumerate(self.param_groups):
+            self._check_group(index, group)
+            perturb = group.get("perturb", True) if selected_only else True
+            n = len(group["params"])
+            select = None if perturb is True else [False] * n if perturb is False else list(perturb)
+            buckets, reused, grads = self._plans.group_buckets(
+                (index, selected_only), group, _check_sam_params, select, fresh=fresh
+            )
+            graded += sum(g is not None for g in grads)
+            groups.append((group, buckets, reused))
+        return groups, graded
 
     def _ascend(
         self,
@@ -467,7 +475,7 @@ class SAM(torch.optim.Optimizer):
             # this step's update).
             for p in perturbed:
                 p.copy_(store[id(p)])
-            if trusted and not perturbed and isinstance(error, Exception):
+            if trusted and not perturbed and refused_input(error):
                 raise PlanRefused() from error
             raise
         return perturbed, finite

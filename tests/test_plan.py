@@ -284,3 +284,86 @@ def test_an_ewc_buffer_that_no_longer_fits_is_named_behind_a_reused_plan(backend
     ewc.pad_("bias")
     opt.step()  # runs once EWC has the grown shapes
     assert not torch.equal(head.weight.detach(), before)
+
+
+@pytest.mark.parametrize("base", [cl_optim.SGD, cl_optim.AdamW], ids=["sgd", "adamw"])
+def test_a_multi_group_step_checks_every_group_before_the_first_call(base):
+    """One group re-planned (its graded set changed) and one reused: the step is several calls, so
+    every gradient is checked first, and a sparse one in the reused group is named with the other
+    group untouched (review finding: the reused group went unchecked, the first group was stepped)."""
+    a1, a2, b = (torch.nn.Parameter(torch.ones(n)) for n in (3, 2, 4))
+    opt = base([{"params": [a1, a2]}, {"params": [b]}], lr=0.1, **_BASE_KWARGS[base])
+    a1.grad, a2.grad, b.grad = torch.ones(3), torch.ones(2), torch.ones(4)
+    opt.step()
+    before, state = a1.detach().clone(), copy.deepcopy(opt.state[a1])
+    a1.grad, a2.grad, b.grad = torch.ones(3), None, torch.ones(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(a1.detach(), before)
+    for key, value in opt.state[a1].items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_a_parameter_that_changed_dtype_gets_a_new_bucket_on_a_multi_call_step(monkeypatch):
+    """``param.data = param.data.double()`` keeps the object (``module.double()`` does this): the kept
+    bucket is of the old dtype; a step of several calls plans anew and equals a fresh plan."""
+
+    def run():
+        a, b1, b2 = (torch.nn.Parameter(torch.ones(n)) for n in (3, 4, 2))
+        opt = cl_optim.SGD([{"params": [a]}, {"params": [b1, b2]}], lr=0.1, momentum=0.0)
+        for p in (a, b1, b2):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        b2.data = b2.data.double()
+        for p in (a, b1, b2):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return [p.detach().clone() for p in (a, b1, b2)]
+
+    reused = run()
+    monkeypatch.setattr(BucketPlans, "group_buckets", _never(BucketPlans.group_buckets))
+    for r, f in zip(reused, run(), strict=True):
+        assert r.dtype == f.dtype and torch.equal(r, f)
+
+
+def test_a_trusted_sam_on_ascent_still_names_a_gradient_it_does_not_move():
+    """SAM-ON: the one bucket holds the selected parameters only, so the pass is not trusted and
+    the unselected parameter's sparse gradient is named before anything moves (review finding)."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = cl_optim.SAM([a, b], cl_optim.SGD, rho=0.05, lr=0.1)
+    opt.param_groups[0]["perturb"] = (True, False)  # a tuple: kept as a list, the plan reused
+    for _ in range(2):
+        a.grad, b.grad = torch.ones(3), torch.ones(3)
+        opt.first_step()
+        a.grad, b.grad = torch.ones(3), torch.ones(3)
+        opt.second_step()
+    a.grad, b.grad = torch.ones(3), torch.ones(3).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.first_step()
+    assert torch.equal(a.detach(), before) and opt._run["pending"] is None
+
+
+def test_only_an_input_refusal_is_made_again(monkeypatch):
+    """A failure that may come after a write (here an update that wrote, then raised) is raised as
+    it is, never retried: the update is not applied twice (review finding)."""
+    import cl_optim.adamw as adamw_module
+
+    original, calls = adamw_module.adamw_step_, []
+
+    def writes_then_fails(*args, **kwargs):
+        calls.append(1)
+        original(*args, **kwargs)
+        if len(calls) == 3:
+            raise RuntimeError("something after the write")
+
+    monkeypatch.setattr(adamw_module, "adamw_step_", writes_then_fails)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cl_optim.AdamW([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="after the write"):
+        opt.step()
+    assert len(calls) == 3 and float(opt.state[p]["step"]) == 3.0
