@@ -148,14 +148,12 @@ class AdamW(FusedOptimizer):
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
         keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-        lists = None
-        if (
-            trusted
-        ):  # the op checks the state (shapes, the step counts' device); a refusal comes back untrusted
-            try:
-                lists = [[s[key] for s in states] for key in keys]
-            except KeyError:  # a parameter's first step
-                lists = None
+        # Trusted, the op checks the state (shapes, the step counts' device) and a refusal comes back
+        # untrusted; a missing entry (a parameter's first step) takes the loop below.
+        try:
+            lists = [[s[key] for s in states] for key in keys] if trusted else None
+        except KeyError:
+            lists = None
         if lists is None:
             # The CUDA and Triton kernels count steps on the device (no host sync under AMP), as
             # torch's fused AdamW; the other backends on the host, as torch's default.

@@ -341,8 +341,9 @@ class SAM(torch.optim.Optimizer):
 
     def _plan_ascent(self, selected_only: bool, trust: bool) -> tuple[list, bool]:
         """``(plan, trusted)``: :meth:`_ascent_plan`'s plan, from the kept bucket plans, and whether
-        the per-gradient checks were left to the ops (``trust``, a plan used again, one bucket:
-        ``_plan.py``); an op refusing then raises :class:`PlanRefused` from :meth:`_ascend`."""
+        the per-gradient checks were left to the ops (``trust``, plans used again, one bucket of
+        plain tensors holding every graded parameter: ``_plan.py``); an op refusing then raises
+        :class:`PlanRefused` from :meth:`_ascend`."""
         groups, graded = self._ascent_groups(selected_only, fresh=not trust)
         if not graded:
             raise RuntimeError("first_step() found no gradient: call backward() before first_step()")

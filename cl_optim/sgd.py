@@ -117,11 +117,13 @@ class SGD(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         momentum = group["momentum"]
-        states = [self.state[p] for p in params] if momentum != 0 else None  # one hash per tensor
-        buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else None
-        first = [i for i, buf in enumerate(buffers) if buf is None] if momentum != 0 else []
-        if sharded and buffers is not None:
-            buffers = local_list(buffers)  # the step writes first-step buffers into this list
+        states, buffers, first = None, None, []
+        if momentum != 0:
+            states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
+            buffers = [s.get("momentum_buffer") for s in states]
+            first = [i for i, buf in enumerate(buffers) if buf is None]
+            if sharded:
+                buffers = local_list(buffers)  # the step writes first-step buffers into this list
         sgd_step_(
             local_list(params) if sharded else params,
             grads,
