@@ -10,7 +10,7 @@ Part 2, cost relative to one batched forward+backward of the mean loss over the 
 (empirical Fisher, one seed), from paired rounds by the harness's rule (the backward and the
 provider timed back to back, alternating; the median of the per-round ratios with their quartiles,
 at least 9 rounds and until ±10% or 15 s, 3 with ``--quick``; a wide spread or a loaded machine is
-marked and recorded): the MLP, a
+marked and recorded): the MLP, a small CNN (two Conv2d on 3 x 32 x 32), a Conv1d model, a
 transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
 ``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
 probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
@@ -147,6 +147,25 @@ class TransformerClassifier(nn.Module):
         return self.head(self.norm(self.blocks(h).mean(1)))
 
 
+def _cnn(device):
+    """Two 3x3 convolutions with pooling and a head on 3 x 32 x 32 images (CIFAR-sized)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, CLASSES),
+    ).to(device)  # fmt: skip
+
+
+def _conv1d(device):
+    """Two width-5 Conv1d over 16 channels x 128 steps, average pool, head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(16, 64, 5, padding=2), nn.ReLU(), nn.Conv1d(64, 64, 5, padding=2), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(64, CLASSES),
+    ).to(device)  # fmt: skip
+
+
 class LSTMClassifier(nn.Module):
     def __init__(self, vocab=1000, width=64, hidden=128, classes=CLASSES):
         super().__init__()
@@ -170,9 +189,18 @@ def _cost_models(args):
             for _ in range(batches)
         ]  # fmt: skip
 
+    def images(shape):
+        return [
+            (torch.randn(batch, *shape, generator=gen).to(args.device),
+             torch.randint(0, CLASSES, (batch,), generator=gen).to(args.device))
+            for _ in range(batches)
+        ]  # fmt: skip
+
     torch.manual_seed(0)
     return {
         "mlp784": (_model(args.device), _data(batches * batch, args.device, batch=batch)),
+        "cnn": (_cnn(args.device), images((3, 32, 32))),
+        "conv1d": (_conv1d(args.device), images((16, 4 * length))),
         "transformer": (TransformerClassifier(length=length).to(args.device), tokens()),
         "lstm": (LSTMClassifier().to(args.device), tokens()),
     }

@@ -364,6 +364,47 @@ def check_task_combine_(out, grads, coefficients, **limits) -> OpInputs:
     return in_
 
 
+def check_per_sample_sq_accumulate_(
+    out, deltas, inputs, *, dtypes=KERNEL_DTYPES, device_types=None, **limits
+) -> OpInputs:
+    """``out`` a dense fp32 ``(M, N)`` matrix without shared elements; ``deltas`` ``(B, R, M)`` and
+    ``inputs`` ``(B, R, N)`` dense, of one kernel dtype, on out's device (any strides)."""
+    op = "per_sample_sq_accumulate_"
+    for name, t, dims in (("out", out, 2), ("deltas", deltas, 3), ("inputs", inputs, 3)):
+        if not isinstance(t, Tensor):
+            got = "None" if t is None else type(t).__name__
+            raise RuntimeError(f"{op}: {name} must be a tensor, got {got}")
+        if t.layout != torch.strided:
+            raise RuntimeError(f"{op}: {name} has layout {t.layout}; the kernels take dense tensors")
+        if t.dim() != dims:
+            raise RuntimeError(f"{op}: {name} must have {dims} dimensions, got shape {_shape(t)}")
+    if out.dtype != torch.float32:
+        raise RuntimeError(f"{op}: out is {out.dtype}, expected torch.float32 (the Fisher is fp32)")
+    if device_types is not None and out.device.type not in device_types:
+        raise RuntimeError(
+            f"{op}: out is on {out.device}; this kernel runs on {' or '.join(device_types)} tensors"
+        )
+    if _has_internal_overlap(out):
+        raise RuntimeError(
+            f"{op}: out is written but several of its elements share memory (an expanded view)"
+        )
+    for name, t in (("deltas", deltas), ("inputs", inputs)):
+        if t.device != out.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device}, out on {out.device}")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise RuntimeError(f"{op}: {name} is {t.dtype}; the kernels take {names} tensors")
+    if deltas.dtype != inputs.dtype:
+        raise RuntimeError(f"{op}: deltas are {deltas.dtype}, inputs {inputs.dtype} (one dtype per call)")
+    batch, rows, m = deltas.shape
+    if inputs.shape[:2] != deltas.shape[:2] or tuple(out.shape) != (m, inputs.shape[2]):
+        raise RuntimeError(
+            f"{op}: shapes do not match: out {_shape(out)}, deltas {_shape(deltas)} (B, R, M), inputs "
+            f"{_shape(inputs)} (B, R, N); out must be (M, N) and both inputs share B and R"
+        )
+    return OpInputs(op, "out", [out], written=True, dtypes=(torch.float32,))
+
+
 CHECKS = {
     "task_gram": check_task_gram,
     "task_combine_": check_task_combine_,
@@ -375,6 +416,7 @@ CHECKS = {
     "ewc_grad_add_": check_ewc_grad_add_,
     "ewc_penalty": check_ewc_penalty,
     "ewc_consolidate_": check_ewc_consolidate_,
+    "per_sample_sq_accumulate_": check_per_sample_sq_accumulate_,
 }
 
 

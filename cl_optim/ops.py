@@ -57,6 +57,9 @@ SCHEMAS = {
     "task_combine_": (
         "task_combine_(Tensor(a!)[] out, Tensor[] grads, Tensor coefficients, bool accumulate) -> ()"
     ),
+    # Per-sample Fisher: out (M, N) fp32 += sum_b (deltas[b]^T inputs[b])**2, deltas (B, R, M),
+    # inputs (B, R, N); the per-sample products are formed tile by tile, never all at once.
+    "per_sample_sq_accumulate_": "per_sample_sq_accumulate_(Tensor(a!) out, Tensor deltas, Tensor inputs) -> ()",
 }
 
 

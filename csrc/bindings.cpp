@@ -26,6 +26,7 @@ at::Tensor ewc_consolidate_cpu(at::TensorList, at::TensorList, at::TensorList, a
 
 at::Tensor task_gram_cpu(at::TensorList, int64_t);
 void task_combine_cpu(at::TensorList, at::TensorList, const at::Tensor&, bool);
+void per_sample_sq_accumulate_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 }  // namespace cl_optim
 
@@ -40,6 +41,7 @@ TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
   m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cpu);
   m.impl("task_gram", &cl_optim::task_gram_cpu);
   m.impl("task_combine_", &cl_optim::task_combine_cpu);
+  m.impl("per_sample_sq_accumulate_", &cl_optim::per_sample_sq_accumulate_cpu);
 }
 
 #ifdef CL_OPTIM_AOT

@@ -353,6 +353,18 @@ void fisher_accumulate_cuda_op(at::TensorList fisher, at::TensorList grads, doub
   ws.finish();
 }
 
+void per_sample_sq_accumulate_cuda_op(const at::Tensor& out, const at::Tensor& deltas, const at::Tensor& inputs) {
+  check_per_sample_sq(c10::DeviceType::CUDA, out, deltas, inputs);
+  const c10::cuda::CUDAGuard guard(out.device());
+  cuda::PerSampleSqShape shape{deltas.size(0), deltas.size(1), deltas.size(2), inputs.size(2),
+                               {deltas.stride(0), deltas.stride(1), deltas.stride(2)},
+                               {inputs.stride(0), inputs.stride(1), inputs.stride(2)},
+                               {out.stride(0), out.stride(1)}};
+  cuda::per_sample_sq_cuda(dtype_code(deltas.scalar_type()), out.data_ptr<float>(), deltas.const_data_ptr(),
+                           inputs.const_data_ptr(), shape,
+                           c10::cuda::getCurrentCUDAStream(out.device().index()).stream());
+}
+
 // Lists of the EWC ops (checked by the caller): the parameter-dtype tensor first, then precision
 // and anchor (fp32).
 Launch ewc_launch(Workspace& ws, int n_lists, at::TensorList first, bool first_written, at::TensorList params,
@@ -505,6 +517,7 @@ TORCH_LIBRARY_IMPL(cl_optim, CUDA, m) {
   m.impl("ewc_consolidate_", &cl_optim::ewc_consolidate_cuda_op);
   m.impl("task_gram", &cl_optim::task_gram_cuda_op);
   m.impl("task_combine_", &cl_optim::task_combine_cuda_op);
+  m.impl("per_sample_sq_accumulate_", &cl_optim::per_sample_sq_accumulate_cuda_op);
 }
 
 #ifdef CL_OPTIM_AOT

@@ -358,5 +358,43 @@ inline OpInputs check_task_combine(c10::DeviceType device_type, at::TensorList o
   return in;
 }
 
+// per_sample_sq_accumulate_: `out` a dense fp32 (M, N) matrix without shared elements; `deltas`
+// (B, R, M) and `inputs` (B, R, N) dense, of one dtype the backend runs (fp64 also on the CPU),
+// on out's device, any strides. The same rules and wording as cl_optim/_checks.py.
+inline void check_per_sample_sq(c10::DeviceType device_type, const at::Tensor& out, const at::Tensor& deltas,
+                                const at::Tensor& inputs) {
+  constexpr const char* op = "per_sample_sq_accumulate_";
+  const std::pair<const char*, const at::Tensor*> named[] = {{"out", &out}, {"deltas", &deltas}, {"inputs", &inputs}};
+  const int64_t dims[] = {2, 3, 3};
+  for (int k = 0; k < 3; ++k) {
+    const at::Tensor& t = *named[k].second;
+    TORCH_CHECK(t.defined(), op, ": ", named[k].first, " must be a tensor, got None");
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", named[k].first, " has layout ", t.layout(),
+                "; the kernels take dense tensors");
+    TORCH_CHECK(t.dim() == dims[k], op, ": ", named[k].first, " must have ", dims[k], " dimensions, got shape ",
+                t.sizes());
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat, op, ": out is ", out.scalar_type(),
+              ", expected torch.float32 (the Fisher is fp32)");
+  TORCH_CHECK(out.device().type() == device_type, op, ": out is on ", out.device(), "; this kernel runs on ",
+              c10::DeviceTypeName(device_type), " tensors");
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out is written but several of its elements share memory (an expanded view)");
+  for (int k = 1; k < 3; ++k) {
+    const at::Tensor& t = *named[k].second;
+    TORCH_CHECK(t.device() == out.device(), op, ": ", named[k].first, " is on ", t.device(), ", out on ", out.device());
+    const auto dtype = t.scalar_type();
+    const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                           (dtype == at::kDouble && device_type == c10::DeviceType::CPU);
+    TORCH_CHECK(supported, op, ": ", named[k].first, " is ", dtype, "; the ", c10::DeviceTypeName(device_type),
+                " kernels take ", device_type == c10::DeviceType::CPU ? "fp64, " : "", "fp32, fp16 or bf16 tensors");
+  }
+  TORCH_CHECK(deltas.scalar_type() == inputs.scalar_type(), op, ": deltas are ", deltas.scalar_type(), ", inputs ",
+              inputs.scalar_type(), " (one dtype per call)");
+  TORCH_CHECK(inputs.size(0) == deltas.size(0) && inputs.size(1) == deltas.size(1) &&
+                  out.size(0) == deltas.size(2) && out.size(1) == inputs.size(2),
+              op, ": shapes do not match: out ", out.sizes(), ", deltas ", deltas.sizes(), " (B, R, M), inputs ",
+              inputs.sizes(), " (B, R, N); out must be (M, N) and both inputs share B and R");
+}
 
 }  // namespace cl_optim

@@ -21,6 +21,7 @@ from .ewc_grad_add import ewc_grad_add_
 from .ewc_penalty import ewc_penalty
 from .fisher_accumulate import fisher_accumulate_
 from .grad_norm import grad_sq_norm
+from .per_sample_sq import per_sample_sq_accumulate_
 from .sam_perturb import sam_perturb_
 from .sgd_step import sgd_step_
 from .task_combine import task_combine_
@@ -38,6 +39,7 @@ IMPLEMENTATIONS = {
     "sam_perturb_": sam_perturb_,
     "task_gram": task_gram,
     "task_combine_": task_combine_,
+    "per_sample_sq_accumulate_": per_sample_sq_accumulate_,
 }
 
 

@@ -36,6 +36,7 @@ from . import (  # noqa: E402
     ewc_penalty,
     fisher_accumulate,
     grad_norm,
+    per_sample_sq,
     sam_perturb,
     sgd_step,
     task_combine,
@@ -170,6 +171,25 @@ SPECIALISATIONS = {
         {**TABLE, "coefficients": "*fp32", "num_tasks": "i32"},
         [dict(OUT_DTYPE=d, ACCUMULATE=a) for d in DTYPES for a in (False, True)],
     ),
+    # Strides as i64: a layer's deltas or patches past 2**31 elements index without overflow.
+    per_sample_sq._per_sample_sq_kernel: (
+        {
+            "out": "*fp32",
+            "deltas": "*{dtype}",
+            "inputs": "*{dtype}",
+            **dict.fromkeys(("batch", "rows", "m", "n"), "i32"),
+            **dict.fromkeys(("d_sb", "d_sr", "d_sm", "x_sb", "x_sr", "x_sn", "o_sm", "o_sn"), "i64"),
+        },  # fmt: skip
+        [
+            dict(
+                BLOCK_M=per_sample_sq.BLOCK_M,
+                BLOCK_N=per_sample_sq.BLOCK_N,
+                BLOCK_R=per_sample_sq.BLOCK_R,
+                _pointer_dtype=name,
+            )
+            for name in ("fp32", "fp16", "bf16")
+        ],  # fmt: skip
+    ),
     _reduce._segment_sum_kernel: (
         {"partials": "*fp64", "begins": "*i64", "ends": "*i64", "out": "*fp64", "longest": "i32"},
         [{}],
@@ -221,8 +241,18 @@ def main(argv=None) -> int:
             for arch in args.arch:
                 registers, stack, shared, warps, count = [], [], [], set(), 0
                 for constexprs in specialisations:
-                    constexprs = {"BLOCK": BLOCK, **constexprs}  # a kernel may take other chunks
-                    signature = {**types, **{name: "constexpr" for name in constexprs}}
+                    if "BLOCK" in kernel.arg_names:  # the chunk of the pointer-table kernels
+                        constexprs = {"BLOCK": BLOCK, **constexprs}  # (a kernel may take another)
+                    else:
+                        constexprs = dict(constexprs)
+                    # A kernel with typed pointers names their dtype per specialisation.
+                    pointer_dtype = constexprs.pop("_pointer_dtype", None)
+                    typed = (
+                        {k: v.format(dtype=pointer_dtype) for k, v in types.items()}
+                        if pointer_dtype
+                        else types
+                    )
+                    signature = {**typed, **{name: "constexpr" for name in constexprs}}
                     try:
                         compiled = triton.compile(_source(ASTSource, kernel, signature, constexprs),
                                                   target=GPUTarget("cuda", arch, 32))  # fmt: skip

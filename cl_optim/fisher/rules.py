@@ -8,12 +8,14 @@ the layer's parameters ``w``, ``sum_n (d ell_n / d w)**2`` into an fp32 accumula
 * ``Linear`` with one row per sample: ``sum_n (delta_n x_n^T)**2 = (delta**2)^T (x**2)``, one GEMM
   and no ``B x out x in`` memory (Goodfellow, arXiv 1510.01799). With several rows per sample
   (``(B, T, D)``, ``(T, B, D)``, tokens flattened to ``(B*T, D)``): ``G_n = sum_t delta_{n,t}
-  x_{n,t}^T`` for a chunk of samples at a time under a memory cap, then squared.
+  x_{n,t}^T`` squared into the accumulator tile by tile (:mod:`cl_optim.fisher.squares`: never
+  ``B x out x in`` at once).
 * ``MultiheadAttention``: the projections are recomputed as leaves, the attention core runs
   through ``F.multi_head_attention_forward`` with identity projections (exact in floating point),
   one backward gives the gradients at the packed ``q``/``k``/``v`` projections, and each projection
   and the output projection go through the ``Linear`` rule.
-* ``Conv1d``/``Conv2d``: the same with im2col patches.
+* ``Conv1d``/``Conv2d``: the same with im2col patches (a chunk of samples' patches at a time,
+  under the memory cap).
 * ``Embedding``: rows of ``delta`` are summed per (sample, token) *before* squaring (a token
   repeated in a sample contributes one row of that sample's gradient); with
   ``scale_grad_by_freq`` the sum becomes the mean, the frequency a batch of one sample sees. A
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import BATCH_MAJOR, Call, Layout
+from .squares import per_sample_sq_accumulate_
 
 __all__ = ["Rule", "rule_for", "absorbed_children", "chunks"]
 
@@ -96,11 +99,8 @@ def add_linear_squares_(
         if bias is not None:
             bias.add_(d[:, 0].square().sum(0))
         return
-    if weight is not None:
-        per_sample = d.shape[2] * x.shape[2] * 4
-        for part in chunks(x.shape[0], per_sample, cap):
-            grads = torch.bmm(d[part].transpose(1, 2), x[part])  # (b, out, in)
-            weight.add_(grads.square_().sum(0))  # squared in place: the chunk is all it holds
+    if weight is not None:  # the per-sample products tile by tile, never B x out x in at once
+        per_sample_sq_accumulate_(weight, d, x)
     if bias is not None:
         bias.add_(d.sum(1).square().sum(0))
 
@@ -179,12 +179,15 @@ def _conv(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, la
     if "weight" in acc:
         # A chunk holds its per-sample gradients and its im2col patches (Cin * k values per output
         # position): both count against the cap (the patches alone are L times the input).
+        # A chunk holds its im2col patches (Cin * k values per output position, L positions), L
+        # times the input: they count against the cap; the per-sample products are formed tile
+        # by tile inside the op and take no more.
         columns = x.shape[1] * math.prod(kernel)
-        per_sample = (module.out_channels + d.shape[2]) * columns * 4
+        per_sample = d.shape[2] * columns * 4
+        weight = acc["weight"].view(module.out_channels, columns)
         for part in chunks(batch, per_sample, cap):
             patches = F.unfold(x[part], kernel, dilation=dilation, padding=padding, stride=stride)
-            grads = torch.bmm(d[part], patches.transpose(1, 2))  # (b, Cout, Cin * k)
-            acc["weight"].add_(grads.square_().sum(0).view_as(acc["weight"]))
+            per_sample_sq_accumulate_(weight, d[part].transpose(1, 2), patches.transpose(1, 2))
     if "bias" in acc:
         acc["bias"].add_(d.sum(2).square().sum(0))
 

@@ -79,6 +79,17 @@ void sam_perturb_cuda(int dtype, const Lists& lists, const std::vector<int64_t>&
                       const bool* finite, float eta, float fisher_beta, bool fisher, cudaStream_t stream);
 
 // Lists: 0 fisher (fp32), 1 grad.
+// per_sample_sq_accumulate_: out (M, N) fp32 += sum_b (deltas[b]^T inputs[b])^2; element strides of
+// deltas (B, R, M), inputs (B, R, N) and out (M, N).
+struct PerSampleSqShape {
+  int64_t batch, rows, m, n;
+  int64_t d_stride[3];
+  int64_t x_stride[3];
+  int64_t out_stride[2];
+};
+void per_sample_sq_cuda(int dtype, float* out, const void* deltas, const void* inputs, const PerSampleSqShape& shape,
+                        cudaStream_t stream);
+
 void fisher_accumulate_cuda(int dtype, const Lists& lists, const std::vector<int64_t>& sizes, float weight,
                             cudaStream_t stream);
 
