@@ -165,3 +165,25 @@ def test_opcheck_cpp():
     out = torch.zeros(4, 5)
     deltas, inputs = torch.randn(3, 2, 4), torch.randn(3, 2, 5)
     torch.library.opcheck(torch.ops.cl_optim.per_sample_sq_accumulate_, (out, deltas, inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [*SMALL_SHAPES, (64, 32, 384, 128), (64, 256, 64, 288)], ids=str)
+def test_gpu_backends_match_outer_products(backend, dtype, shape):
+    try:
+        resolve(backend, torch.device("cuda"), dtype)
+    except RuntimeError as error:
+        pytest.fail(f"{backend} is not available on this GPU machine: {error}")
+    gen = torch.Generator().manual_seed(sum(shape))
+    batch, rows, m, n = shape
+    deltas = torch.randn(batch, rows, m, generator=gen).to(dtype)
+    inputs = torch.randn(batch, rows, n, generator=gen).to(dtype)
+    start = torch.rand(m, n, generator=gen)
+    out = start.cuda()
+    per_sample_sq_accumulate_(out, deltas.cuda(), inputs.cuda(), backend=backend)
+    _assert_close(out.cpu(), start.double() + _reference(deltas, inputs), rtol=1e-5)
+    again = start.cuda()
+    per_sample_sq_accumulate_(again, deltas.cuda(), inputs.cuda(), backend=backend)
+    assert torch.equal(out, again)  # one order of summation per element: the same bits every launch
