@@ -364,6 +364,31 @@ def check_task_combine_(out, grads, coefficients, **limits) -> OpInputs:
     return in_
 
 
+def _dense(t: Tensor) -> bool:
+    """ATen's is_non_overlapping_and_dense: the strides, sorted, are those of a contiguous tensor."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _bytes_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the bytes two strided tensors span intersect (a conservative test of shared memory)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def check_per_sample_sq_accumulate_(
     out, deltas, inputs, *, dtypes=KERNEL_DTYPES, device_types=None, **limits
 ) -> OpInputs:
@@ -384,19 +409,31 @@ def check_per_sample_sq_accumulate_(
         raise RuntimeError(
             f"{op}: out is on {out.device}; this kernel runs on {' or '.join(device_types)} tensors"
         )
-    if _has_internal_overlap(out):
+    if not _dense(out):
         raise RuntimeError(
-            f"{op}: out is written but several of its elements share memory (an expanded view)"
+            f"{op}: out must be a dense matrix whose elements do not share memory (contiguous or transposed), "
+            f"got strides {list(out.stride())}"
+        )
+    if out.requires_grad:
+        raise RuntimeError(
+            f"{op}: out requires grad; autograd cannot record this in-place sum (pass a tensor that does not, "
+            "such as its .detach())"
         )
     for name, t in (("deltas", deltas), ("inputs", inputs)):
         if t.device != out.device:
             raise RuntimeError(f"{op}: {name} is on {t.device}, out on {out.device}")
+        if _bytes_overlap(out, t):
+            raise RuntimeError(
+                f"{op}: out shares memory with {name} (out is written while they are still read)"
+            )
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise RuntimeError(f"{op}: {name} is {t.dtype}; the kernels take {names} tensors")
     if deltas.dtype != inputs.dtype:
         raise RuntimeError(f"{op}: deltas are {deltas.dtype}, inputs {inputs.dtype} (one dtype per call)")
     batch, rows, m = deltas.shape
+    if out.device.type == "cuda" and m > 65535 * 32:  # out's rows on the grid's second axis
+        raise RuntimeError(f"{op}: out has {m} rows; the GPU kernels take at most 2097120")
     if inputs.shape[:2] != deltas.shape[:2] or tuple(out.shape) != (m, inputs.shape[2]):
         raise RuntimeError(
             f"{op}: shapes do not match: out {_shape(out)}, deltas {_shape(deltas)} (B, R, M), inputs "

@@ -358,6 +358,21 @@ inline OpInputs check_task_combine(c10::DeviceType device_type, at::TensorList o
   return in;
 }
 
+// Whether the bytes two strided tensors span (from their lowest to their highest element, for
+// non-negative strides) intersect: a conservative test of shared memory.
+inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t extent = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
+    const auto* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::make_pair(begin, begin + (extent + 1) * t.element_size());
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 // per_sample_sq_accumulate_: `out` a dense fp32 (M, N) matrix without shared elements; `deltas`
 // (B, R, M) and `inputs` (B, R, N) dense, of one dtype the backend runs (fp64 also on the CPU),
 // on out's device, any strides. The same rules and wording as cl_optim/_checks.py.
@@ -378,11 +393,17 @@ inline void check_per_sample_sq(c10::DeviceType device_type, const at::Tensor& o
               ", expected torch.float32 (the Fisher is fp32)");
   TORCH_CHECK(out.device().type() == device_type, op, ": out is on ", out.device(), "; this kernel runs on ",
               c10::DeviceTypeName(device_type), " tensors");
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
-              ": out is written but several of its elements share memory (an expanded view)");
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), op,
+              ": out must be a dense matrix whose elements do not share memory (contiguous or transposed), got "
+              "strides ",
+              out.strides());
+  TORCH_CHECK(!out.requires_grad(), op, ": out requires grad; autograd cannot record this in-place sum (pass ",
+              "a tensor that does not, such as its .detach())");
   for (int k = 1; k < 3; ++k) {
     const at::Tensor& t = *named[k].second;
     TORCH_CHECK(t.device() == out.device(), op, ": ", named[k].first, " is on ", t.device(), ", out on ", out.device());
+    TORCH_CHECK(!bytes_overlap(out, t), op, ": out shares memory with ", named[k].first,
+                " (out is written while they are still read)");
     const auto dtype = t.scalar_type();
     const bool supported = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
                            (dtype == at::kDouble && device_type == c10::DeviceType::CPU);
@@ -391,6 +412,9 @@ inline void check_per_sample_sq(c10::DeviceType device_type, const at::Tensor& o
   }
   TORCH_CHECK(deltas.scalar_type() == inputs.scalar_type(), op, ": deltas are ", deltas.scalar_type(), ", inputs ",
               inputs.scalar_type(), " (one dtype per call)");
+  // The GPU kernels put out's rows on the grid's second axis (at most 65535 tiles of 32).
+  TORCH_CHECK(device_type != c10::DeviceType::CUDA || deltas.size(2) <= 65535 * 32, op, ": out has ",
+              deltas.size(2), " rows; the GPU kernels take at most 2097120");
   TORCH_CHECK(inputs.size(0) == deltas.size(0) && inputs.size(1) == deltas.size(1) &&
                   out.size(0) == deltas.size(2) && out.size(1) == inputs.size(2),
               op, ": shapes do not match: out ", out.sizes(), ", deltas ", deltas.sizes(), " (B, R, M), inputs ",

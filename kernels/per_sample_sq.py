@@ -31,8 +31,10 @@ BLOCK_R = 16
 def _per_sample_sq_kernel(out, deltas, inputs, batch, rows, m, n, d_sb, d_sr, d_sm, x_sb, x_sr, x_sn,
                           o_sm, o_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_R: tl.constexpr):  # fmt: skip
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    # out's columns on the grid's first axis (2**31 - 1 programs), its rows on the second (65535:
+    # 2097120 rows, checked before the launch, as the CUDA kernel's grid).
+    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     in_m, in_n = rm < m, rn < n
     squares = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     d_base, x_base = deltas, inputs  # advanced one sample at a time: 64-bit pointer arithmetic
@@ -61,7 +63,7 @@ def per_sample_sq_accumulate_(out: torch.Tensor, deltas: torch.Tensor, inputs: t
     n = inputs.shape[2]
     if batch == 0 or rows == 0 or m == 0 or n == 0:
         return
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M))
     _per_sample_sq_kernel[grid](
         out, deltas, inputs, batch, rows, m, n, *deltas.stride(), *inputs.stride(), *out.stride(),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,

@@ -294,3 +294,56 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="no samples"):
         fisher.estimate(model, [], estimator="exact")
     assert cl_optim.fisher is fisher
+
+
+def test_estimate_leaves_the_collector_as_it_found_it():
+    """estimate() freezes the objects that exist before it (full collections would walk them every
+    few batches) and unfreezes them at the end, also when it raises; a caller's own freeze is
+    left alone."""
+    import gc
+
+    model = torch.nn.Linear(3, 2)
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    fisher.estimate(model, data)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ValueError):
+        fisher.estimate(model, [(torch.randn(4, 5), torch.randint(0, 2, (4,)))] * 0)
+    bad = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Flatten(0))  # one output row for the batch
+    with pytest.raises(ValueError, match="one row of outputs per sample"):
+        fisher.estimate(bad, data)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        fisher.estimate(model, data)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        lambda: nn.Conv2d(3, 5, 1, bias=False),
+        lambda: nn.Conv1d(3, 5, 4, stride=3, padding=2, dilation=2),
+        lambda: nn.Conv1d(3, 5, 3, padding=1, bias=False),
+    ],
+    ids=["conv2d_strided_dilated", "conv2d_1x1", "conv1d_strided_dilated", "conv1d_no_bias"],
+)
+def test_conv_rule_matches_the_loop(conv):
+    """The grouped-backward conv rule against a batch-size-1 loop, with strides, dilations,
+    asymmetric padding and kernels, and without bias (no self-check: the rule alone)."""
+    torch.manual_seed(3)
+    layer = conv()
+    spatial = (9, 8) if isinstance(layer, nn.Conv2d) else (11,)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(CLASSES))
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(7, 3, *spatial, generator=gen), torch.randint(0, CLASSES, (7,), generator=gen))]
+    model(data[0][0])  # materialise the lazy head
+    got = fisher.estimate(model, data, estimator="exact", verify=False)
+    assert got.meta["per_sample"]["0"].startswith("conv")
+    want = _reference(model, data, "exact")
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-7)

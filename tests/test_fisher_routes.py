@@ -541,12 +541,10 @@ def test_the_mc_labels_follow_the_documented_draw():
     _assert_matches(got, want)  # ... and the mean over 2N equals the mc mean over N samples x 2 draws
 
 
-def test_a_conv_chunk_counts_its_patches_against_the_memory_cap(monkeypatch):
-    """The conv rule's chunk holds im2col patches (Cin * k values per output position) next to its
-    per-sample gradients: the two together stay within ``memory_cap`` (the patches alone are far
-    larger than the gradients here), and the estimate is the same at any cap."""
-    import torch.nn.functional as F
-
+def test_a_conv_chunk_keeps_its_per_sample_gradients_within_the_memory_cap(monkeypatch):
+    """The conv rule forms a chunk's per-sample weight gradients in one grouped convolution
+    backward: the chunk's gradients and their squares stay within ``memory_cap``, every sample is
+    in one chunk, and the estimate is the same at any cap."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 2)
@@ -554,18 +552,18 @@ def test_a_conv_chunk_counts_its_patches_against_the_memory_cap(monkeypatch):
     data = [(torch.randn(16, 3, 16, 16), torch.randint(2, (16,)))]
     whole = fisher.estimate(model, data, estimator="empirical", verify=False)
     seen = []
-    unfold = F.unfold
+    backward = torch.ops.aten.convolution_backward
 
-    def spy(x, *args, **kwargs):
-        patches = unfold(x, *args, **kwargs)
-        seen.append((x.shape[0], patches.numel() * 4))
-        return patches
+    def spy(*args):
+        grads = backward(*args)
+        seen.append(grads[1].numel() * 4)  # bytes of the chunk's per-sample gradients
+        return grads
 
-    monkeypatch.setattr(F, "unfold", spy)
-    cap = 64 * 1024  # per sample: 27 * 256 * 4 = 27 KiB of patches, 432 B of gradients
-    capped = fisher.estimate(model, data, estimator="empirical", memory_cap=cap, verify=False)
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
     grads_per_sample = 4 * 27 * 4
-    assert seen and all(patch_bytes + b * grads_per_sample <= cap for b, patch_bytes in seen)
-    assert sum(b for b, _ in seen) == 16 and max(b for b, _ in seen) == 2  # 2 samples a chunk
+    cap = 5 * 2 * grads_per_sample  # room for 5 samples' gradients and their squares
+    capped = fisher.estimate(model, data, estimator="empirical", memory_cap=cap, verify=False)
+    assert seen and all(2 * chunk <= cap for chunk in seen)
+    assert sum(seen) == 16 * grads_per_sample and max(seen) == 5 * grads_per_sample
     for name in whole:
         torch.testing.assert_close(capped[name], whole[name], rtol=1e-5, atol=1e-8)

@@ -146,7 +146,16 @@ BAD = [
     ("one dtype per call", lambda: (torch.zeros(2, 3), torch.ones(1, 2, 2), torch.ones(1, 2, 3, dtype=torch.float16))),
     ("share memory", lambda: (torch.zeros(1, 3).expand(2, 3), torch.ones(1, 2, 2), torch.ones(1, 2, 3))),
     ("must be a tensor, got None", lambda: (torch.zeros(2, 3), None, torch.ones(1, 2, 3))),
+    ("do not share memory", lambda: (torch.zeros(6).as_strided((2, 3), (1, 1)), torch.ones(1, 2, 2), torch.ones(1, 2, 3))),
+    ("out requires grad", lambda: (torch.zeros(2, 3, requires_grad=True), torch.ones(1, 2, 2), torch.ones(1, 2, 3))),
+    ("out shares memory with inputs", lambda: _aliased_out()),
+    ("deltas is torch.int64|kernels take", lambda: (torch.zeros(2, 3), torch.ones(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 3, dtype=torch.long))),
 ]  # fmt: skip
+
+
+def _aliased_out():
+    inputs = torch.ones(1, 2, 3)
+    return inputs[0], torch.ones(1, 2, 2), inputs  # out is inputs[0]: (2, 3) written while read
 
 
 @pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
@@ -187,3 +196,27 @@ def test_gpu_backends_match_outer_products(backend, dtype, shape):
     again = start.cuda()
     per_sample_sq_accumulate_(again, deltas.cuda(), inputs.cuda(), backend=backend)
     assert torch.equal(out, again)  # one order of summation per element: the same bits every launch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad_and_inference_mode(backend):
+    """The op's GEMMs are its own arithmetic: inputs that require grad are read as values, and the
+    tiled C++ path (threads running ATen ops) works under inference mode on every thread count."""
+    gen = torch.Generator().manual_seed(6)
+    deltas = torch.randn(40, 3, 200, generator=gen)
+    inputs = torch.randn(40, 3, 200, generator=gen)
+    want = torch.zeros(200, 200)
+    per_sample_sq_accumulate_(want, deltas, inputs, backend="forloop")
+    out = torch.zeros(200, 200)
+    per_sample_sq_accumulate_(out, deltas.clone().requires_grad_(), inputs, backend=backend)
+    assert not out.requires_grad
+    _assert_close(out, want.double(), rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            fresh = torch.zeros(200, 200)
+            per_sample_sq_accumulate_(fresh, deltas, inputs, backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_close(fresh, want.double(), rtol=1e-5)

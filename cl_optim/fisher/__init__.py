@@ -137,12 +137,15 @@ def estimate(
     modes = {m: m.training for m in model.modules()}
     if eval_mode:
         model.eval()
-    # No cyclic garbage collection during the estimate: each batch's hooks and graphs allocate
-    # enough small containers to set off full collections, which walk every object of the process
-    # (9% of an estimate over 4 batches of 64 of bench_fisher's transformer); the cycles made here are freed
-    # when it is switched back on.
-    collecting = gc.isenabled()
-    gc.disable()
+    # The objects that exist before the estimate are frozen out of the collector's sight: each
+    # batch's hooks and graphs allocate enough small containers to set off full collections, and
+    # walking every object of the process in each cost 9% of an estimate (4 batches of 64,
+    # bench_fisher's transformer). Collection goes on for what the estimate makes (a forward's
+    # reference cycles are freed batch by batch); unfrozen at the end. Not done when the caller
+    # froze objects itself (unfreezing would release theirs too).
+    freezing = gc.isenabled() and gc.get_freeze_count() == 0
+    if freezing:
+        gc.freeze()
     try:
         engine = Engine(model, named, memory_cap, verify)
         seen, batches = 0, 0
@@ -177,8 +180,8 @@ def estimate(
             seen += batch.size
             batches += 1
     finally:
-        if collecting:
-            gc.enable()
+        if freezing:
+            gc.unfreeze()
         for module, training in modes.items():
             module.train(training)
     if seen == 0:

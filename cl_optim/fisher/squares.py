@@ -48,18 +48,25 @@ def backend_for(out: Tensor, deltas: Tensor) -> str:
     return found if found in ("cuda", "triton", "cpp") else "forloop"
 
 
-def per_sample_sq_accumulate_(out: Tensor, deltas: Tensor, inputs: Tensor, *, backend: str = "auto") -> None:
+def per_sample_sq_accumulate_(
+    out: Tensor, deltas: Tensor, inputs: Tensor, *, backend: str = "auto", cap: int = ORACLE_CHUNK_BYTES
+) -> None:
     """``out += sum_b (deltas[b]^T @ inputs[b])**2`` (see the module docstring).
 
-    ``out``: fp32 ``(M, N)``; ``deltas`` ``(B, R, M)``, ``inputs`` ``(B, R, N)``: one dtype
-    (fp32, fp16 or bf16 for the compiled backends, also fp64 for ``forloop``), any strides, on
-    ``out``'s device. The products are computed in fp32 (fp64 for fp64 inputs).
+    ``out``: a dense fp32 ``(M, N)`` matrix (contiguous or transposed) that shares no memory with
+    the others; ``deltas`` ``(B, R, M)``, ``inputs`` ``(B, R, N)``: one dtype (fp32, fp16 or
+    bf16; fp64 also on ``cpp`` and ``forloop``), any strides, on ``out``'s device. The products
+    are computed in fp32 (fp64 for fp64 inputs). ``cap``: bytes of per-sample products the
+    ``forloop`` oracle holds at once (the compiled backends hold a fixed, smaller scratch).
     """
     if backend == "auto":
         backend = backend_for(out, deltas)
     if backend in ("cpp", "cuda", "triton"):
-        if not all(isinstance(t, Tensor) for t in (out, deltas, inputs)):
-            check_per_sample_sq_accumulate_(out, deltas, inputs)  # names what is not a tensor
+        if not all(isinstance(t, Tensor) for t in (out, deltas, inputs)) or deltas.dtype not in (
+            *KERNEL_DTYPES,
+            torch.float64,
+        ):  # the op's own checks would only see that no backend takes them: name the problem
+            check_per_sample_sq_accumulate_(out, deltas, inputs)
         kernel_op(backend, "per_sample_sq_accumulate_", deltas)(out, deltas, inputs)
         return
     if backend not in ("forloop", "foreach"):
@@ -70,8 +77,9 @@ def per_sample_sq_accumulate_(out: Tensor, deltas: Tensor, inputs: Tensor, *, ba
     if batch == 0 or out.numel() == 0:
         return
     compute = torch.float64 if deltas.dtype == torch.float64 else torch.float32
-    step = max(1, ORACLE_CHUNK_BYTES // max(1, m * n * 4))
+    step = max(1, cap // max(1, m * n * 4))
     for start in range(0, batch, step):
         part = slice(start, min(batch, start + step))
-        grads = torch.bmm(deltas[part].transpose(1, 2).to(compute), inputs[part].to(compute))  # (b, M, N)
+        left, right = deltas[part].detach().transpose(1, 2), inputs[part].detach()  # not recorded
+        grads = torch.bmm(left.to(compute), right.to(compute))  # (b, M, N)
         out.add_(grads.square_().sum(0).to(out.dtype))

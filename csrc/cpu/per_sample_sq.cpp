@@ -14,6 +14,7 @@
 // the result is deterministic; it differs from the oracle's (which sums a chunk first, then adds)
 // by rounding only.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <algorithm>
 
 #include "multi_tensor.h"
@@ -48,9 +49,12 @@ void per_sample_sq_accumulate_cpu(const at::Tensor& out, const at::Tensor& delta
   check_per_sample_sq(c10::DeviceType::CPU, out, deltas, inputs);
   const int64_t batch = deltas.size(0), m = deltas.size(2), n = inputs.size(2);
   if (batch == 0 || m == 0 || n == 0 || deltas.size(1) == 0) return;  // no products, or all zero
-  // fp16/bf16 in fp32 (as the GPU kernels compute them); fp64 stays fp64 and is rounded once into out.
+  // fp16/bf16 in fp32 (as the GPU kernels compute them); fp64 products and squares in fp64, each
+  // sample's square added to out's fp32 value (one rounding per sample).
   const auto compute = deltas.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor d = deltas.to(compute), x = inputs.to(compute);
+  // Detached: the GEMMs below are this op's own arithmetic, not something autograd records (a
+  // nested bmm_out on inputs that require grad would refuse to run).
+  const at::Tensor d = deltas.detach().to(compute), x = inputs.detach().to(compute);
   // A small layer (every sample's products together within kWholeBatchFloats, a first
   // convolution's 32 x 27): one batched GEMM over the whole batch, threaded by the BLAS across
   // samples, then squared with the elements split between threads. Tiling it would leave GEMMs
@@ -97,8 +101,12 @@ void per_sample_sq_accumulate_cpu(const at::Tensor& out, const at::Tensor& delta
   float* const base = target.data_ptr<float>();
   // One scratch per thread, allocated once (a fresh 256 KiB block per tile would be mapped anew).
   at::Tensor scratch = at::empty({threads, chunk * tile_rows * width}, d.options());
+  // The workers run ATen ops (bmm_out) under the caller's thread-local state: grad mode,
+  // inference mode and the dispatch keys do not reach parallel_for's threads by themselves.
+  const at::ThreadLocalState caller_state;
   // Each tile belongs to one thread: no atomics, and a result that does not depend on the split.
   at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t first_tile, int64_t last_tile) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor mine = scratch[at::get_thread_num()];
     for (int64_t t = first_tile; t < last_tile; ++t) {
       const int64_t row = (t / col_tiles) * tile_rows, col = (t % col_tiles) * width;
