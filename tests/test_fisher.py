@@ -347,3 +347,93 @@ def test_conv_rule_matches_the_loop(conv):
     want = _reference(model, data, "exact")
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-7)
+
+
+class _Attention(nn.Module):
+    """One attention call of a given kind, sequence-first or batch-first, and a head."""
+
+    def __init__(self, kind, batch_first, kdim=None):
+        super().__init__()
+        self.kind, self.batch_first = kind, batch_first
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x, y):
+        q, kv = (x, y) if self.batch_first else (x.transpose(0, 1), y.transpose(0, 1))
+        if self.kind == "self":
+            out, _ = self.attn(q, q, q, need_weights=False)
+        elif self.kind == "cross":
+            out, _ = self.attn(q, kv, kv)
+        elif self.kind == "masked":
+            mask = torch.triu(
+                torch.ones(
+                    q.shape[0 if not self.batch_first else 1],
+                    kv.shape[1 if self.batch_first else 0],
+                    dtype=torch.bool,
+                ),
+                1,
+            )
+            out, _ = self.attn(q, kv, kv, attn_mask=mask, need_weights=True)
+        else:  # key and value different tensors: three separate projections
+            out, _ = self.attn(q, kv, kv.flip(-1))
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize(
+    "kind,batch_first,kdim",
+    [("self", True, None), ("self", False, None), ("cross", True, None), ("masked", True, None),
+     ("separate", False, None), ("cross", True, 6)],
+)  # fmt: skip
+def test_attention_projections_recorded_in_the_forward(monkeypatch, kind, batch_first, kdim):
+    """The attention rule takes the q/k/v and output projections' gradients from the estimate's own
+    backward (recorded inside the forward): against a batch-size-1 loop, for self-, cross- and
+    masked attention, separate key/value, separate projection weights (kdim), both layouts; the
+    recorded path is the one taken, and F.linear and the module's forward are restored."""
+    import torch.nn.functional as F
+
+    from cl_optim.fisher import rules
+
+    taken = []
+    recorded = rules._recorded_projections
+    monkeypatch.setattr(
+        rules, "_recorded_projections", lambda *a: taken.append(recorded(*a) is not None) or recorded(*a)
+    )
+    torch.manual_seed(5)
+    model = _Attention(kind, batch_first, kdim).eval()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 5, 8, generator=gen)
+    y = torch.randn(6, 5 if kind == "masked" else 4, kdim or 8, generator=gen)
+    targets = torch.randint(0, CLASSES, (6,), generator=gen)
+    linear = F.linear
+    got = fisher.estimate(model, [((x, y), targets)], estimator="empirical")
+    assert taken and all(taken)
+    assert F.linear is linear and "forward" not in vars(model.attn)
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(6):
+        logp = torch.log_softmax(model(x[i : i + 1], y[i : i + 1])[0], 0)[targets[i]]
+        for (name, _), g in zip(
+            model.named_parameters(), torch.autograd.grad(logp, list(model.parameters()))
+        ):
+            want[name] += g.square() / 6
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-8)
+
+
+def test_attention_capture_restores_linear_when_the_forward_raises():
+    import torch.nn.functional as F
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            self.attn(x, x, x[:, :1, :3])  # a value of the wrong width: raises inside the attention
+            return x.sum(1)
+
+    model = Broken().eval()
+    linear = F.linear
+    with pytest.raises(Exception):  # noqa: B017 - torch's own error, whatever its type
+        fisher.estimate(model, [(torch.randn(3, 2, 4), torch.randint(0, 2, (3,)))])
+    assert F.linear is linear and "forward" not in vars(model.attn)

@@ -17,7 +17,7 @@ matches no layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -83,6 +83,13 @@ class Call:
     inputs: list  # the flattened (args, kwargs) leaves, detached
     raw_inputs: list  # the same leaves as the layer got them (requiring grad where they did)
     expanded: bool = False
+    # Matrix products inside the layer's forward, as (input, weight, bias, output) in call order:
+    # attention's projections (see `Capture`), differentiated in the same backward as `outputs`.
+    inner: list = field(default_factory=list)
+
+    def differentiated(self) -> list:
+        """The tensors whose gradients the per-layer pass asks for: outputs, then inner outputs."""
+        return self.outputs + [output for *_, output in self.inner]
 
     def pick_outputs(self, output) -> list:
         """The leaves of another call's output at the positions of :attr:`outputs`."""
@@ -123,14 +130,26 @@ class Capture:
         self.handles = []
 
     def __enter__(self):
+        self.wrapped = []
         for module in self.layers:
             self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+            if (
+                isinstance(module, nn.MultiheadAttention)
+                and not module.training
+                and "forward" not in vars(module)
+            ):
+                module.forward = _recording_projections(module, self)
+                self.wrapped.append(module)
+        self.recorded = {}
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for module in self.wrapped:
+            del module.forward  # the class's forward again
+        self.wrapped = []
 
     def _hook(self, module, args, kwargs, output):
         planned = self.expand.get(module)
@@ -165,11 +184,59 @@ class Capture:
         versions = [(t, t._version) for t in inputs if isinstance(t, Tensor)]
         index = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
         call = Call(
-            module, args, kwargs, versions, [leaves[i] for i in index], index, inputs, raw, how is not None
+            module,
+            args,
+            kwargs,
+            versions,
+            [leaves[i] for i in index],
+            index,
+            inputs,
+            raw,
+            how is not None,
+            self.recorded.pop(module, []),
         )
         self.calls.setdefault(module, []).append(call)
         handed = [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]
         return handed[0] if spec is None else tree_unflatten(handed, spec)
+
+
+def _recording_projections(module: nn.MultiheadAttention, capture: Capture):
+    """``module.forward`` recording every ``F.linear`` that ``F.multi_head_attention_forward`` makes
+    on this thread (the q/k/v projections and the output projection) into
+    ``capture.recorded[module]``.
+
+    Their outputs are in the model's graph, so the backward that reaches the layer's output also
+    gives the projections' output gradients, and the attention rule needs no second run of the
+    attention core. ``torch.nn.functional.linear`` is looked up as a module global by
+    ``multi_head_attention_forward``: it is replaced for the duration of this call on this thread
+    only (another thread's calls pass through unrecorded). If torch's attention stops going
+    through it, nothing is recorded and the rule runs the core again, as before.
+    """
+    import threading
+
+    import torch.nn.functional as F
+
+    original = type(module).forward
+
+    def forward(*args, **kwargs):
+        owner, records = threading.get_ident(), []
+        plain = F.linear
+
+        def linear(input, weight, bias=None):
+            output = plain(input, weight, bias)
+            if threading.get_ident() == owner:
+                records.append((input, weight, bias, output))
+            return output
+
+        F.linear = linear
+        try:
+            result = original(module, *args, **kwargs)
+        finally:
+            F.linear = plain
+        capture.recorded[module] = records
+        return result
+
+    return forward
 
 
 def _detach(value):

@@ -283,7 +283,7 @@ class Engine:
         this batch (they go to the model level instead, for every seed)."""
         for module in modules:
             capture.calls[module][0].check_unchanged(self.names[module])
-        outputs = [t for m in modules for t in capture.calls[m][0].outputs]
+        outputs = [t for m in modules for t in capture.calls[m][0].differentiated()]
         looped = {m: [] for m in modules if self.routes[m].level == LAYER_LOOP}
         escalated: set = set()
         for seed in seeds:
@@ -293,8 +293,9 @@ class Engine:
             at = 0
             for module in modules:
                 call, route = capture.calls[module][0], self.routes[module]
-                deltas = list(grads[at : at + len(call.outputs)])
-                at += len(call.outputs)
+                count = len(call.outputs) + len(call.inner)
+                deltas = list(grads[at : at + count])  # the outputs', then the inner outputs'
+                at += count
                 if module in escalated:
                     continue
                 if route.proven is not None and not all(route.proven):

@@ -109,10 +109,77 @@ def _linear(module: nn.Linear, call: Call, deltas, acc: Accumulators, cap: int, 
     add_linear_squares_(x, d, acc.get("weight"), acc.get("bias"), cap)
 
 
+def _recorded_projections(module: nn.MultiheadAttention, call: Call, inner_deltas: list) -> Optional[list]:
+    """The call's recorded projections as (input rows, output-gradient rows, weight name, rows of
+    it) — rows sample-major — or None when they are not what ``multi_head_attention_forward``
+    makes (then the core is run again instead)."""
+    if not call.inner or len(inner_deltas) != len(call.inner):
+        return None
+    e = module.embed_dim
+    found = []
+    for (x, weight, _bias, _), d in zip(call.inner, inner_deltas):
+        if weight is module.out_proj.weight:  # its input is (L * N, E), row l * N + n: interleaved
+            if x.dim() != 2:
+                return None
+            found.append((x, d, "out_proj", slice(None), Layout("interleaved")))
+            continue
+        if x.dim() != 3:  # the in-projections take (L, N, E): samples on dim 1
+            return None
+        if module._qkv_same_embed_dim:  # a block of rows of the packed in_proj_weight
+            base = module.in_proj_weight
+            offset = weight.data_ptr() - base.data_ptr()
+            inside = weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            row_bytes = e * base.element_size()
+            if (
+                not inside
+                or weight.stride() != (e, 1)
+                or offset % row_bytes
+                or not 0 <= offset // row_bytes < 3 * e
+            ):
+                return None
+            first = offset // row_bytes
+            found.append((x, d, "in_proj", slice(first, first + weight.shape[0]), Layout("axis", 1)))
+            continue
+        names = [n for n in "qkv" if weight is getattr(module, f"{n}_proj_weight")]
+        if len(names) != 1:
+            return None
+        i = "qkv".index(names[0])
+        found.append((x, d, f"{names[0]}_proj", slice(i * e, (i + 1) * e), Layout("axis", 1)))
+    if sum(name == "out_proj" for _, _, name, _, _ in found) != 1:
+        return None
+    return found
+
+
+def _mha_recorded(module, found, acc: Accumulators, cap: int, batch: int) -> None:
+    """The per-sample squares of each recorded projection, through the ``Linear`` identity."""
+    for x, d, name, rows, rows_layout in found:
+        if d is None:  # no gradient reached it (a query projection whose output is unused)
+            continue
+        if name == "out_proj":
+            weight_acc, bias_acc = acc.get("out_proj.weight"), acc.get("out_proj.bias")
+        elif name == "in_proj":
+            weight_acc, bias_acc = acc.get("in_proj_weight"), acc.get("in_proj_bias")
+            weight_acc = None if weight_acc is None else weight_acc[rows]
+            bias_acc = None if bias_acc is None else bias_acc[rows]
+        else:
+            weight_acc, bias_acc = acc.get(f"{name}_weight"), acc.get("in_proj_bias")
+            bias_acc = None if bias_acc is None else bias_acc[rows]
+        add_linear_squares_(
+            _rows(x.detach(), rows_layout, batch), _rows(d, rows_layout, batch), weight_acc, bias_acc, cap
+        )
+
+
 def _mha(
     module: nn.MultiheadAttention, call: Call, deltas, acc: Accumulators, cap: int, layout: Layout, batch: int
 ):
-    """Packed (or separate) q/k/v projections and the output projection of one attention call."""
+    """Packed (or separate) q/k/v projections and the output projection of one attention call:
+    from the projections the capture recorded inside the forward when it could (their output
+    gradients came with the layer's), else by running the attention core again."""
+    found = _recorded_projections(module, call, deltas[len(call.outputs) :])
+    if found is not None:
+        _mha_recorded(module, found, acc, cap, batch)
+        return
+    deltas = deltas[: len(call.outputs)]
     bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
     bound.apply_defaults()
     a = bound.arguments
