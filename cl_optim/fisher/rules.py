@@ -10,10 +10,11 @@ the layer's parameters ``w``, ``sum_n (d ell_n / d w)**2`` into an fp32 accumula
   (``(B, T, D)``, ``(T, B, D)``, tokens flattened to ``(B*T, D)``): ``G_n = sum_t delta_{n,t}
   x_{n,t}^T`` squared into the accumulator tile by tile (:mod:`cl_optim.fisher.squares`: never
   ``B x out x in`` at once).
-* ``MultiheadAttention``: the projections are recomputed as leaves, the attention core runs
-  through ``F.multi_head_attention_forward`` with identity projections (exact in floating point),
-  one backward gives the gradients at the packed ``q``/``k``/``v`` projections, and each projection
-  and the output projection go through the ``Linear`` rule.
+* ``MultiheadAttention``: the q/k/v and output projections that ``F.multi_head_attention_forward``
+  makes are recorded inside the forward (:mod:`~cl_optim.fisher.capture`), their output gradients
+  come from the same backward, and each goes through the ``Linear`` rule; failing that, the
+  projections are recomputed as leaves and the attention core run again through
+  ``F.multi_head_attention_forward`` with identity projections (exact in floating point).
 * ``Conv1d``/``Conv2d``: a chunk of samples' weight gradients from one grouped convolution
   backward (the samples as channel groups), squared; no im2col patches.
 * ``Embedding``: rows of ``delta`` are summed per (sample, token) *before* squaring (a token

@@ -1,6 +1,7 @@
 r"""The sum over samples of squared per-sample weight gradients of a layer that is a matrix
-product per sample: a sequence ``Linear`` (rows = positions), a convolution (rows = output
-positions, inputs = its im2col patches), a recurrent weight (rows = time steps).
+product per sample: a sequence ``Linear`` or attention projection (rows = positions), a recurrent
+weight (rows = time steps); a convolution's im2col form would be one too (rows = output positions,
+inputs = patches), but the conv rule takes a grouped convolution backward instead, which was faster.
 
 For ``deltas`` ``(B, R, M)`` (the gradients at the layer's outputs, sample-major) and ``inputs``
 ``(B, R, N)``, sample ``b``'s weight gradient is ``G_b = deltas[b]^T inputs[b]`` ``(M, N)`` and
@@ -37,10 +38,14 @@ ORACLE_CHUNK_BYTES = 64 * 2**20
 
 
 def backend_for(out: Tensor, deltas: Tensor) -> str:
-    """The backend ``"auto"`` runs for these tensors: ``cuda``, then ``triton`` on CUDA tensors,
-    ``cpp`` on CPU tensors, else the ``forloop`` oracle (any device, and fp64)."""
+    """The backend ``"auto"`` runs for these tensors: ``cpp`` on CPU tensors, else the ``forloop``
+    oracle. The CUDA and Triton kernels are chosen by name only until a GPU run has timed them
+    against the oracle's cuBLAS ``bmm`` (they spread a layer over its output tiles only, which a
+    small layer fills few SMs with)."""
     if not isinstance(out, Tensor) or not isinstance(deltas, Tensor) or deltas.dtype not in KERNEL_DTYPES:
         return "forloop"  # whose checks name what is wrong
+    if out.device.type != "cpu":
+        return "forloop"
     try:
         found = resolve("auto", out.device, deltas.dtype)
     except RuntimeError:

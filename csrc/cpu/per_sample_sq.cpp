@@ -1,7 +1,7 @@
 // cl_optim::per_sample_sq_accumulate_ on the CPU: out (M, N) fp32 += sum_b (deltas[b]^T inputs[b])^2
-// for deltas (B, R, M) and inputs (B, R, N) — the per-sample squares of a sequence Linear, a
-// convolution (inputs: its im2col patches) or a recurrent weight (the math and the oracle:
-// cl_optim/fisher/squares.py).
+// for deltas (B, R, M) and inputs (B, R, N) — the per-sample squares of a sequence Linear, an
+// attention projection or a recurrent weight (the math and the oracle: cl_optim/fisher/squares.py).
+// Small M x N with long R below is the im2col form of a first convolution, the hardest shape.
 //
 // The per-sample products G_b (M x N each) are never all held: out is walked in tiles of rows,
 // and for each tile a chunk of samples goes through one batched GEMM (ATen's bmm: MKL or the
