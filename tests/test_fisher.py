@@ -437,3 +437,98 @@ def test_attention_capture_restores_linear_when_the_forward_raises():
     with pytest.raises(Exception):  # noqa: B017 - torch's own error, whatever its type
         fisher.estimate(model, [(torch.randn(3, 2, 4), torch.randint(0, 2, (3,)))])
     assert F.linear is linear and "forward" not in vars(model.attn)
+
+
+def test_attention_with_a_frozen_in_projection():
+    """Projections whose output needs no gradient are not asked for one (the in-projection frozen,
+    the output projection trained, as in fine-tuning)."""
+    torch.manual_seed(7)
+    model = _Attention("self", True).eval()
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(5, 4, 8, generator=gen), torch.randn(5, 4, 8, generator=gen)
+    targets = torch.randint(0, CLASSES, (5,), generator=gen)
+    got = fisher.estimate(model, [((x, y), targets)], estimator="empirical")
+    assert got.meta["per_sample"]["attn"].startswith("attention")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    want = {n: torch.zeros_like(p) for n, p in params}
+    for i in range(5):
+        logp = torch.log_softmax(model(x[i : i + 1], y[i : i + 1])[0], 0)[targets[i]]
+        for (name, _), g in zip(params, torch.autograd.grad(logp, [p for _, p in params])):
+            want[name] += g.square() / 5
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-8)
+
+
+def test_attention_the_rule_refuses_is_not_wrapped(recwarn):
+    """An attention with bias_k/bias_v goes to torch.func on the layer, as before, without a
+    recorder in its forward and without a demotion warning."""
+    import torch.nn.functional as F
+
+    class BiasKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+            self.head = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    model = BiasKV().eval()
+    linear = F.linear
+    got = fisher.estimate(model, [(torch.randn(5, 4, 8), torch.randint(0, CLASSES, (5,)))])
+    assert got.meta["per_sample"]["attn"].startswith("torch.func (layer)"), got.meta["per_sample"]
+    assert not [w for w in recwarn if "fisher.estimate" in str(w.message)]
+    assert F.linear is linear
+
+
+def test_linear_recorder_restores_the_original_after_overlapping_uses():
+    """The recorder is installed once for overlapping users (threads) and the original put back
+    after the last, whatever order they leave in; records go to the thread that set them."""
+    import threading
+
+    import torch.nn.functional as F
+
+    from cl_optim.fisher.capture import _LinearRecorder
+
+    recorder, original = _LinearRecorder(), F.linear
+    recorder.__enter__()
+    recorder.__enter__()  # a second user, as a second thread
+    recorder.__exit__()  # the first leaves first
+    assert F.linear is not original
+    mine, seen_elsewhere = [], []
+    recorder.local.records = mine
+
+    def other_thread():
+        F.linear(torch.ones(1, 2), torch.ones(3, 2))
+        seen_elsewhere.append(getattr(recorder.local, "records", None))
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    F.linear(torch.ones(1, 2), torch.ones(3, 2))
+    recorder.__exit__()
+    assert F.linear is original
+    assert len(mine) == 1 and seen_elsewhere == [None]
+
+
+def test_attention_run_without_grad_inside_the_forward():
+    """A frozen attention run under no_grad inside the model (its outputs need no gradient)."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = self.attn(x, x, x, need_weights=False)[0]
+            return self.head(h.mean(1))
+
+    model = Frozen().eval()
+    x, targets = torch.randn(5, 4, 8), torch.randint(0, CLASSES, (5,))
+    got = fisher.estimate(model, [(x, targets)])
+    assert torch.count_nonzero(got["attn.in_proj_weight"]) == 0  # no gradient reaches them
+    assert torch.count_nonzero(got["head.weight"]) > 0

@@ -17,10 +17,12 @@ matches no layout.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -130,17 +132,21 @@ class Capture:
         self.handles = []
 
     def __enter__(self):
-        self.wrapped = []
-        for module in self.layers:
-            self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
-            if (
-                isinstance(module, nn.MultiheadAttention)
-                and not module.training
-                and "forward" not in vars(module)
-            ):
-                module.forward = _recording_projections(module, self)
-                self.wrapped.append(module)
-        self.recorded = {}
+        from .rules import rule_for
+
+        self.wrapped, self.recorded = [], {}
+        try:
+            for module in self.layers:
+                self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+                if "forward" in vars(module) or not isinstance(module, nn.MultiheadAttention):
+                    continue
+                rule = rule_for(module)  # only where the attention rule takes the call
+                if rule is not None and rule.name == "attention":
+                    module.forward = _recording_projections(module, self)
+                    self.wrapped.append(module)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
@@ -200,40 +206,67 @@ class Capture:
         return handed[0] if spec is None else tree_unflatten(handed, spec)
 
 
+class _LinearRecorder:
+    """One process-wide stand-in for ``torch.nn.functional.linear`` while any capture runs an
+    attention forward: it records ``(input, weight, bias, output)`` into the list this thread has
+    set (none: it only passes the call through). Installed on the first use and the true original
+    put back after the last (reference-counted under a lock), so overlapping threads cannot leave
+    a recorder behind."""
+
+    def __init__(self):
+        self.lock, self.users, self.original = threading.Lock(), 0, None
+        self.local = threading.local()
+
+    def _linear(self, input, weight, bias=None):
+        output = self.original(input, weight, bias)
+        records = getattr(self.local, "records", None)
+        if records is not None:
+            records.append((input, weight, bias, output))
+        return output
+
+    def __enter__(self):
+        with self.lock:
+            if self.users == 0:
+                self.original = F.linear
+                F.linear = self._linear
+            self.users += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                F.linear, self.original = self.original, None
+
+
+_RECORDER = _LinearRecorder()
+
+
 def _recording_projections(module: nn.MultiheadAttention, capture: Capture):
     """``module.forward`` recording every ``F.linear`` that ``F.multi_head_attention_forward`` makes
     on this thread (the q/k/v projections and the output projection) into
-    ``capture.recorded[module]``.
+    ``capture.recorded[module]``, those whose output requires grad.
 
     Their outputs are in the model's graph, so the backward that reaches the layer's output also
     gives the projections' output gradients, and the attention rule needs no second run of the
-    attention core. ``torch.nn.functional.linear`` is looked up as a module global by
-    ``multi_head_attention_forward``: it is replaced for the duration of this call on this thread
-    only (another thread's calls pass through unrecorded). If torch's attention stops going
-    through it, nothing is recorded and the rule runs the core again, as before.
+    attention core. ``multi_head_attention_forward`` looks ``linear`` up as a global of
+    ``torch.nn.functional``, where :class:`_LinearRecorder` stands in for the call's duration. If
+    torch's attention stops going through it, nothing is recorded and the rule runs the core
+    again. Under ``torch.compile`` the plain forward runs (the recorder is Python state).
     """
-    import threading
-
-    import torch.nn.functional as F
-
     original = type(module).forward
 
     def forward(*args, **kwargs):
-        owner, records = threading.get_ident(), []
-        plain = F.linear
-
-        def linear(input, weight, bias=None):
-            output = plain(input, weight, bias)
-            if threading.get_ident() == owner:
-                records.append((input, weight, bias, output))
-            return output
-
-        F.linear = linear
-        try:
-            result = original(module, *args, **kwargs)
-        finally:
-            F.linear = plain
-        capture.recorded[module] = records
+        if torch.compiler.is_compiling():
+            return original(module, *args, **kwargs)
+        records, local = [], _RECORDER.local
+        outer = getattr(local, "records", None)  # an attention inside another's forward
+        with _RECORDER:
+            local.records = records
+            try:
+                result = original(module, *args, **kwargs)
+            finally:
+                local.records = outer
+        capture.recorded[module] = [r for r in records if r[3].requires_grad]
         return result
 
     return forward

@@ -283,7 +283,14 @@ class Engine:
         this batch (they go to the model level instead, for every seed)."""
         for module in modules:
             capture.calls[module][0].check_unchanged(self.names[module])
-        outputs = [t for m in modules for t in capture.calls[m][0].differentiated()]
+        # Inner products (attention's projections) only for layers on their rule: the other ways
+        # take the layer's outputs alone.
+        inner = {m: self.routes[m].level == RULE for m in modules}
+        outputs = [
+            t
+            for m in modules
+            for t in (capture.calls[m][0].differentiated() if inner[m] else capture.calls[m][0].outputs)
+        ]
         looped = {m: [] for m in modules if self.routes[m].level == LAYER_LOOP}
         escalated: set = set()
         for seed in seeds:
@@ -293,7 +300,7 @@ class Engine:
             at = 0
             for module in modules:
                 call, route = capture.calls[module][0], self.routes[module]
-                count = len(call.outputs) + len(call.inner)
+                count = len(call.outputs) + (len(call.inner) if inner[module] else 0)
                 deltas = list(grads[at : at + count])  # the outputs', then the inner outputs'
                 at += count
                 if module in escalated:

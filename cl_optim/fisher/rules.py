@@ -70,6 +70,7 @@ def _attention_layout(module, call: Call, layouts) -> bool:
     if (
         not isinstance(query, Tensor)
         or query.dim() != 3
+        or not layouts
         or layouts[0] != Layout("axis", 0 if module.batch_first else 1)
     ):
         return False
@@ -251,7 +252,8 @@ def _conv(module: nn.Module, call: Call, deltas, acc: Accumulators, cap: int, la
                 d.new_empty(1).expand(b * cout, cin, *module.kernel_size), None, module.stride, module.padding,
                 module.dilation, False, [0] * spatial, b, (False, True, False),
             )[1]  # fmt: skip
-            weight.add_(grads.view(b, -1).square_().sum(0).view_as(weight))
+            # reshape: a one-sample chunk of a channels_last input may come back in that layout
+            weight.add_(grads.reshape(b, -1).square_().sum(0).view_as(weight))
     if "bias" in acc:
         acc["bias"].add_(d.reshape(batch, module.out_channels, -1).sum(2).square().sum(0))
 
