@@ -142,7 +142,9 @@ def estimate(
     # walking every object of the process in each cost 9% of an estimate (4 batches of 64,
     # bench_fisher's transformer). Collection goes on for what the estimate makes (a forward's
     # reference cycles are freed batch by batch); unfrozen at the end. Not done when the caller
-    # froze objects itself (unfreezing would release theirs too).
+    # froze objects itself (unfreezing would release theirs too). The price: garbage cycles that
+    # already exist when the estimate starts are held until it returns, and a freeze another
+    # thread makes meanwhile is undone with ours.
     freezing = gc.isenabled() and gc.get_freeze_count() == 0
     if freezing:
         gc.freeze()
