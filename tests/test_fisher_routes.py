@@ -206,6 +206,7 @@ RECURRENT = [
     (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
     (nn.LSTM, {"num_layers": 2, "batch_first": True, "bidirectional": True, "bias": False}),
     (nn.LSTM, {"proj_size": 2, "num_layers": 2}),
+    (nn.LSTM, {"num_layers": 3}),
     (nn.GRU, {}),
     (nn.GRU, {"num_layers": 2, "bidirectional": True, "batch_first": True}),
 ]
@@ -222,6 +223,33 @@ def test_recurrent_layers_take_the_unrolled_rule(kind, options):
     got = fisher.estimate(model, data, estimator="exact")
     _assert_matches(got, _loop(model, data, "exact"))
     assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+
+
+class RecurrentWithState(nn.Module):
+    """An LSTM started from per-sample initial states computed from the input."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True, **options)
+        self.states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        self.start = nn.Linear(3, 8 * self.states)
+        self.head = nn.Linear(4 * (2 if self.rnn.bidirectional else 1), 3)
+
+    def forward(self, x):  # (B, T, 3)
+        h0, c0 = torch.tanh(self.start(x.mean(1))).view(x.shape[0], 2, self.states, 4).permute(1, 2, 0, 3)
+        out, _ = self.rnn(x, (h0.contiguous(), c0.contiguous()))
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True}], ids=str)
+def test_lstm_from_per_sample_initial_states(options):
+    """The recurrent rule with initial states computed per sample, against a batch-size-1 loop."""
+    torch.manual_seed(1)
+    model = RecurrentWithState(**options)
+    data = [(torch.randn(5, 6, 3), torch.randint(0, 3, (5,)))]
+    got = fisher.estimate(model, data, estimator="exact")
+    assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+    _assert_matches(got, _loop(model, data, "exact"))
 
 
 # ------------------------------------------------------------------------------------ self-check

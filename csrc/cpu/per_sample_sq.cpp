@@ -80,7 +80,7 @@ void per_sample_sq_accumulate_cpu(const at::Tensor& out, const at::Tensor& delta
   const int64_t threads = at::get_num_threads();
   int64_t tile_rows = m, tile_cols = n;
   auto tiles = [&] { return ((m + tile_rows - 1) / tile_rows) * ((n + tile_cols - 1) / tile_cols); };
-  while (tile_rows * tile_cols > kScratchFloats || tiles() < 2 * threads) {
+  while (tile_rows * tile_cols > kScratchFloats || tiles() < threads) {
     const bool cut_rows = tile_rows >= tile_cols ? tile_rows > 8 : tile_cols <= 64;
     if (cut_rows && tile_rows > 8) {
       tile_rows = (tile_rows + 1) / 2;
