@@ -241,6 +241,32 @@ class RecurrentWithState(nn.Module):
         return self.head(out.mean(1))
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"batch_first": True}, {"num_layers": 3}, {"num_layers": 2, "bidirectional": True, "bias": False}],
+    ids=str,
+)
+def test_lstm_backward_recurrence_matches_the_unrolled_rule(monkeypatch, options):
+    """The analytic LSTM path (the backward recurrence written out) against the autograd-unrolled
+    recurrence, on every parameter; and it is the path taken."""
+    from cl_optim.fisher import recurrent
+
+    torch.manual_seed(2)
+    model = Recurrent(nn.LSTM, **options)
+    data = [(torch.randn(7, 6, 3), torch.randint(0, 3, (7,)))]
+    taken = []
+    analytic = recurrent._lstm_analytic_squares_
+    monkeypatch.setattr(recurrent, "_lstm_analytic_squares_", lambda *a: taken.append(1) or analytic(*a))
+    got = fisher.estimate(model, data, estimator="exact", verify=False)
+    calls = len(taken)
+    assert calls == 3  # once per class of the exact Fisher
+    monkeypatch.setattr(recurrent, "ANALYTIC_LSTM", False)
+    unrolled = fisher.estimate(model, data, estimator="exact", verify=False)
+    assert len(taken) == calls
+    for name in unrolled:
+        torch.testing.assert_close(got[name], unrolled[name], rtol=1e-5, atol=1e-10)
+
+
 @pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True}], ids=str)
 def test_lstm_from_per_sample_initial_states(options):
     """The recurrent rule with initial states computed per sample, against a batch-size-1 loop."""
