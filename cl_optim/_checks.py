@@ -364,9 +364,11 @@ def check_task_combine_(out, grads, coefficients, **limits) -> OpInputs:
     return in_
 
 
-def _dense(t: Tensor) -> bool:
-    """ATen's is_non_overlapping_and_dense: the strides, sorted, are those of a contiguous tensor."""
-    if t.numel() == 0:
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (ATen's is_non_overlapping_and_dense): the elements fill a block of
+    memory without gaps (contiguous, channels_last, any permutation), so a kernel can walk it from
+    its data pointer; the strides, sorted, are those of a contiguous tensor."""
+    if t.numel() == 0 or t.is_contiguous():
         return True
     expected = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
@@ -409,7 +411,7 @@ def check_per_sample_sq_accumulate_(
         raise RuntimeError(
             f"{op}: out is on {out.device}; this kernel runs on {' or '.join(device_types)} tensors"
         )
-    if not _dense(out):
+    if not is_dense(out):
         raise RuntimeError(
             f"{op}: out must be a dense matrix whose elements do not share memory (contiguous or transposed), "
             f"got strides {list(out.stride())}"

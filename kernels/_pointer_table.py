@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from cl_optim._checks import is_dense
+
 BLOCK = 1024  # elements per program
 CHUNK_MAP_BYTES = 256 * 2**20  # bound of the chunk-map cache
 ADDRESS_TABLE_BYTES = 64 * 2**20  # bound of the address-table cache
@@ -118,19 +120,6 @@ def pointer_table(lists: Sequence[Sequence[Optional[Tensor]]], block: int = BLOC
         chunks = _chunk_maps.get((device, block, sizes), lambda: ChunkMap(sizes, device, block))
         addresses = _address_tables.get((device, rows), lambda: AddressTable(rows, device))
     return PointerTable(addresses, chunks)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill a block of memory without gaps (contiguous,
-    channels_last, any permutation), so the kernels can walk it from its data pointer."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class Contiguous:
