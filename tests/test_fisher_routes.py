@@ -225,6 +225,29 @@ def test_recurrent_layers_take_the_unrolled_rule(kind, options):
     assert got.meta["per_sample"]["rnn"].startswith("recurrent")
 
 
+class RecurrentAllStates(nn.Module):
+    """An LSTM from per-sample initial states whose output, h_n and c_n of every layer and
+    direction all reach the head."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, **options)
+        self.batch_first = options.get("batch_first", False)
+        states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        self.start = nn.Linear(3, 8 * states)
+        self.head = nn.Linear(4 * (2 if self.rnn.bidirectional else 1) + 8 * states, 3)
+
+    def forward(self, x):  # (B, T, 3)
+        b, states = x.shape[0], self.start.out_features // 8
+        h0, c0 = torch.tanh(self.start(x.mean(1))).view(b, 2, states, 4).permute(1, 2, 0, 3)
+        out, (h_n, c_n) = self.rnn(
+            x if self.batch_first else x.transpose(0, 1), (h0.contiguous(), c0.contiguous())
+        )
+        last = out[:, -1] if self.batch_first else out[-1]
+        finals = torch.cat([h_n, c_n]).transpose(0, 1).reshape(b, -1)
+        return self.head(torch.cat([last, finals], 1))
+
+
 class RecurrentWithState(nn.Module):
     """An LSTM started from per-sample initial states computed from the input."""
 
@@ -246,13 +269,15 @@ class RecurrentWithState(nn.Module):
     [{}, {"batch_first": True}, {"num_layers": 3}, {"num_layers": 2, "bidirectional": True, "bias": False}],
     ids=str,
 )
-def test_lstm_backward_recurrence_matches_the_unrolled_rule(monkeypatch, options):
+@pytest.mark.parametrize("all_states", [False, True], ids=["out_and_c", "every_state_and_hx"])
+def test_lstm_backward_recurrence_matches_the_unrolled_rule(monkeypatch, options, all_states):
     """The analytic LSTM path (the backward recurrence written out) against the autograd-unrolled
-    recurrence, on every parameter; and it is the path taken."""
+    recurrence, on every parameter; and it is the path taken. ``every_state_and_hx``: per-sample
+    initial states, and h_n and c_n of every layer and direction reach the loss."""
     from cl_optim.fisher import recurrent
 
     torch.manual_seed(2)
-    model = Recurrent(nn.LSTM, **options)
+    model = RecurrentAllStates(**options) if all_states else Recurrent(nn.LSTM, **options)
     data = [(torch.randn(7, 6, 3), torch.randint(0, 3, (7,)))]
     taken = []
     analytic = recurrent._lstm_analytic_squares_

@@ -21,6 +21,7 @@ only (no dropout between layers). The self-check compares it with the layer run 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +96,21 @@ def _lstm_analytic_squares_(
         for layer in range(module.num_layers - 1):
             flat = [t for d in range(dirs) for t in weights(layer, d)[1:] if t is not None]
             states = slice(layer * dirs, (layer + 1) * dirs)
-            out, _, _ = torch._VF.lstm(
-                inputs[-1],
-                (h0[states], c0[states]),
-                flat,
-                module.bias,
-                1,
-                0.0,
-                False,
-                module.bidirectional,
-                False,
-            )
+            # On CUDA a layer past the first is not at the start of the module's weight buffer:
+            # cuDNN copies it and warns to flatten_parameters(), which cannot help here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="RNN module weights are not part")
+                out, _, _ = torch._VF.lstm(
+                    inputs[-1],
+                    (h0[states], c0[states]),
+                    flat,
+                    module.bias,
+                    1,
+                    0.0,
+                    False,
+                    module.bidirectional,
+                    False,
+                )
             inputs.append(out)
         last = call_output.detach()
         inputs.append(last.transpose(0, 1) if module.batch_first else last)
@@ -175,8 +180,13 @@ def recurrent_squares_(module, call: Call, deltas, acc, cap, layout, batch) -> N
 
     lstm = isinstance(module, nn.LSTM)
     x, hx = _arguments(module, call)
-    in_order = call.output_index == list(range(len(call.outputs)))  # output, h_n, c_n as deltas
-    if lstm and module.proj_size == 0 and ANALYTIC_LSTM and in_order:
+    # The deltas in the order of the call's output leaves (output, h_n[, c_n]): those of leaves
+    # that needed no gradient are None.
+    placed = [None] * (max(call.output_index, default=-1) + 1)
+    for position, d in zip(call.output_index, deltas):
+        placed[position] = d
+    deltas = placed
+    if lstm and module.proj_size == 0 and ANALYTIC_LSTM and call.output_index[:1] == [0]:
         x = x.detach()
         time_first = x.transpose(0, 1) if module.batch_first else x
         _lstm_analytic_squares_(module, time_first, hx, call.outputs[0], deltas, acc, cap, batch)
