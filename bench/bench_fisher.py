@@ -15,7 +15,8 @@ transformer block model (token and shared position embeddings, two ``Transformer
 ``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
 probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
 (``verify=False``), ``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
-costs) and ``loop_bs1`` (the last fallback).
+costs), ``backpack`` (BackPACK's ``SumGradSquared``, where it installs and supports the model's
+layers: the MLP and the convolution models) and ``loop_bs1`` (the last fallback).
 
     python bench/bench_fisher.py [--quick] [--device cuda]
 """
@@ -206,6 +207,32 @@ def _cost_models(args):
     }
 
 
+def backpack_sum_grad_squared(model, data):
+    """BackPACK's SumGradSquared over the same batches (a copy of the model: its extension hooks
+    would slow the other providers). Raises ImportError where BackPACK is not installed
+    (``pip install --no-deps backpack-for-pytorch einops unfoldNd``: its wheel pulls torchvision,
+    which pulls another torch)."""
+    import copy
+
+    from backpack import backpack, extend
+    from backpack.extensions import SumGradSquared
+
+    extended = extend(copy.deepcopy(model))
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    params = [p for p in extended.parameters() if p.requires_grad]
+
+    def step():
+        totals = [torch.zeros_like(p) for p in params]
+        for x, y in data:
+            extended.zero_grad()
+            with backpack(SumGradSquared()):
+                loss_fn(extended(x), y).backward()
+            for total, p in zip(totals, params):
+                total += p.sum_grad_squared
+
+    return step
+
+
 def _backward(model, data):
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -254,6 +281,11 @@ def cost_table(args):
                 # The loop runs on fewer samples; its ratio is scaled to the same sample count.
                 "loop_bs1": loop_bs1(model, loop_data, "empirical"),
             }
+            try:  # built once, outside the timing
+                providers = {**providers, "backpack": backpack_sum_grad_squared(model, data)}
+                providers["loop_bs1"] = providers.pop("loop_bs1")  # the slow one last, as before
+            except ImportError as error:
+                print(f"{name:<12} {'backpack':<18} {'not installed':>15}  {error}")
             for provider, fn in providers.items():
                 try:
                     # time(provider) / time(backward): the backward is the "provider" of the pair
