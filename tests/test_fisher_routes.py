@@ -226,12 +226,13 @@ def test_recurrent_layers_take_the_unrolled_rule(kind, options):
 
 
 class RecurrentAllStates(nn.Module):
-    """An LSTM from per-sample initial states whose output, h_n and c_n of every layer and
-    direction all reach the head."""
+    """An LSTM or GRU from per-sample initial states whose output and final states (h_n, and
+    c_n for an LSTM) of every layer and direction all reach the head."""
 
-    def __init__(self, **options):
+    def __init__(self, kind=nn.LSTM, **options):
         super().__init__()
-        self.rnn = nn.LSTM(3, 4, **options)
+        self.lstm = kind is nn.LSTM
+        self.rnn = kind(3, 4, **options)
         self.batch_first = options.get("batch_first", False)
         states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
         self.start = nn.Linear(3, 8 * states)
@@ -240,11 +241,14 @@ class RecurrentAllStates(nn.Module):
     def forward(self, x):  # (B, T, 3)
         b, states = x.shape[0], self.start.out_features // 8
         h0, c0 = torch.tanh(self.start(x.mean(1))).view(b, 2, states, 4).permute(1, 2, 0, 3)
-        out, (h_n, c_n) = self.rnn(
-            x if self.batch_first else x.transpose(0, 1), (h0.contiguous(), c0.contiguous())
-        )
+        sequence = x if self.batch_first else x.transpose(0, 1)
+        if self.lstm:
+            out, (h_n, c_n) = self.rnn(sequence, (h0.contiguous(), c0.contiguous()))
+        else:
+            (out, h_n), c_n = self.rnn(sequence, h0.contiguous()), c0  # the GRU's second half unused
         last = out[:, -1] if self.batch_first else out[-1]
         finals = torch.cat([h_n, c_n]).transpose(0, 1).reshape(b, -1)
+
         return self.head(torch.cat([last, finals], 1))
 
 
@@ -269,23 +273,24 @@ class RecurrentWithState(nn.Module):
     [{}, {"batch_first": True}, {"num_layers": 3}, {"num_layers": 2, "bidirectional": True, "bias": False}],
     ids=str,
 )
-@pytest.mark.parametrize("all_states", [False, True], ids=["out_and_c", "every_state_and_hx"])
-def test_lstm_backward_recurrence_matches_the_unrolled_rule(monkeypatch, options, all_states):
-    """The analytic LSTM path (the backward recurrence written out) against the autograd-unrolled
-    recurrence, on every parameter; and it is the path taken. ``every_state_and_hx``: per-sample
-    initial states, and h_n and c_n of every layer and direction reach the loss."""
+@pytest.mark.parametrize("kind", ["lstm", "lstm_every_state_and_hx", "gru", "gru_every_state_and_hx"])
+def test_backward_recurrence_matches_the_unrolled_rule(monkeypatch, options, kind):
+    """The analytic LSTM and GRU paths (the backward recurrence written out) against the
+    autograd-unrolled recurrence, on every parameter; and it is the path taken. ``..._and_hx``:
+    per-sample initial states, and the final states of every layer and direction reach the loss."""
     from cl_optim.fisher import recurrent
 
     torch.manual_seed(2)
-    model = RecurrentAllStates(**options) if all_states else Recurrent(nn.LSTM, **options)
+    cell = nn.GRU if kind.startswith("gru") else nn.LSTM
+    model = RecurrentAllStates(cell, **options) if kind.endswith("hx") else Recurrent(cell, **options)
     data = [(torch.randn(7, 6, 3), torch.randint(0, 3, (7,)))]
     taken = []
-    analytic = recurrent._lstm_analytic_squares_
-    monkeypatch.setattr(recurrent, "_lstm_analytic_squares_", lambda *a: taken.append(1) or analytic(*a))
+    analytic = recurrent._analytic_squares_
+    monkeypatch.setattr(recurrent, "_analytic_squares_", lambda *a: taken.append(1) or analytic(*a))
     got = fisher.estimate(model, data, estimator="exact", verify=False)
     calls = len(taken)
     assert calls == 3  # once per class of the exact Fisher
-    monkeypatch.setattr(recurrent, "ANALYTIC_LSTM", False)
+    monkeypatch.setattr(recurrent, "ANALYTIC", False)
     unrolled = fisher.estimate(model, data, estimator="exact", verify=False)
     assert len(taken) == calls
     for name in unrolled:

@@ -1,10 +1,10 @@
 r"""The per-sample rule for ``nn.LSTM`` and ``nn.GRU``: gate gradients, then Linear rules on them.
 
-An LSTM without projections takes its gate gradients from the LSTM's backward recurrence written
-out (:func:`_lstm_analytic_squares_`: the hidden states from torch's fused kernel, the gates in
-two GEMMs over the sequence, a few ops per step, no autograd graph; 0.67x the estimate's time of
-the unrolled rule on bench_fisher's LSTM, paired). The others (GRU, LSTM with ``proj_size``) take
-the unrolled recurrence below, which is also the reference the analytic one is tested against.
+An LSTM without projections and a GRU take their gate gradients from their backward recurrence
+written out (:func:`_analytic_squares_`: the hidden states from torch's fused kernel, the gates
+in two GEMMs over the sequence, a few ops per step, no autograd graph; 0.67x the estimate's time
+of the unrolled rule on bench_fisher's LSTM, paired). An LSTM with ``proj_size`` takes the
+unrolled recurrence below, which is also the reference the analytic one is tested against.
 
 The fused RNN kernels hide their gate pre-activations. The unrolled rule runs the recurrence again, one
 time step at a time, with the same gate math and the layer's own weights (as constants), keeping
@@ -32,7 +32,7 @@ from .capture import BATCH_MAJOR, Call, Layout
 __all__ = ["recurrent_squares_", "accepts_recurrent"]
 
 SEQUENCE_FIRST = Layout("axis", 1)
-ANALYTIC_LSTM = True  # LSTMs without projections by their backward recurrence (_lstm_analytic_squares_)
+ANALYTIC = True  # LSTM (no projections) and GRU by their backward recurrence (_analytic_squares_)
 
 
 def _arguments(module: nn.RNNBase, call: Call) -> tuple[Tensor, object]:
@@ -64,54 +64,100 @@ def _leaf(t: Tensor) -> Tensor:
     return t if t.requires_grad else t.detach().requires_grad_()
 
 
-def _lstm_analytic_squares_(
-    module: nn.LSTM, x: Tensor, hx, call_output: Tensor, deltas, acc, cap, batch: int
-) -> None:
-    """An LSTM without projections, its gate gradients by the LSTM's own backward recurrence.
+def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order):
+    """The gate gradients of one LSTM layer and direction (order i, f, g, o): the gates of every
+    step in two GEMMs, ``z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``, the cells by
+    ``c_t = f c_{t-1} + i g``; then against the direction of travel ``dh = dout_t + dz_{t+1} W_hh``,
+    ``dc_t = dh o (1 - tanh^2 c_t) + dc_{t+1} f_{t+1}``, ``dz_t = [dc g i(1-i), dc c_{t-1}
+    f(1-f), dc i (1-g^2), dh tanh(c_t) o(1-o)]``. Returns the gradients at the input and at the
+    hidden projections (the same for an LSTM)."""
+    z = F.linear(layer_in, w_ih, b_ih) + F.linear(previous, w_hh, b_hh)  # (T, B, 4H)
+    i, f, g, o = z.chunk(4, 2)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    cells, c = [None] * len(order), c_first
+    for t in order:
+        c = f[t] * c + i[t] * g[t]
+        cells[t] = c
+    cells = torch.stack(cells)
+    first = c_first.unsqueeze(0)
+    before = torch.cat([first, cells[:-1]]) if order[0] == 0 else torch.cat([cells[1:], first])
+    tanh_c = torch.tanh(cells)
+    # Step-local factors for all steps at once: dc = dh * through + dc_next, dz = [dc, dc, dc, dh] * local.
+    through = o * (1 - tanh_c * tanh_c)
+    local = torch.cat([g * i * (1 - i), before * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 2)
+    dz = torch.empty_like(z)
+    dh_next, dc_next = dh_last, dc_last
+    for t in reversed(order):
+        dh = d_own[t] + dh_next
+        dc = torch.addcmul(dc_next, dh, through[t])
+        torch.mul(torch.cat([dc, dc, dc, dh], 1), local[t], out=dz[t])
+        dh_next, dc_next = dz[t] @ w_hh, dc * f[t]
+    return dz, dz
 
-    Each layer's hidden states come from torch's fused kernel (no graph); the gates of every step
-    are then two GEMMs over the whole sequence, ``z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``,
-    with ``h_{t-1}`` the layer's own previous output, and the cells the elementwise recurrence
-    ``c_t = f c_{t-1} + i g``. Backward, against the direction of travel, per step:
-    ``dh = dout_t + dz_{t+1} W_hh``, ``dc_t = dh o (1 - tanh^2 c_t) + dc_{t+1} f_{t+1}``,
-    ``dz_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c_t) o(1-o)]`` (order i, f, g,
-    o). Layers are walked from the top: a layer's output gradient is the next layer's
-    ``dz W_ih`` (both directions). One small GEMM and a dozen elementwise ops per step, no
-    autograd graph; ``W_ih`` is then a ``Linear`` over the layer's inputs and ``W_hh`` one over the
-    previous hidden states."""
+
+def _gru_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order):
+    """The gate gradients of one GRU layer and direction (order r, z, n; torch's
+    ``n = tanh(ih_n + r * hh_n)``, ``h' = (1 - z) n + z h``). With ``ih``, ``hh`` of every step in
+    two GEMMs, each step's gradients are its ``dh`` times step-local factors: ``dz_pre = dh (h -
+    n) z(1-z)``, ``dn_pre = dh (1-z)(1-n^2)``, ``dr_pre = dn_pre hh_n r(1-r)``; at the input
+    projection ``[dr_pre, dz_pre, dn_pre]``, at the hidden one ``[dr_pre, dz_pre, dn_pre r]``; and
+    ``dh_{t-1} = dh z + d_hh W_hh``."""
+    ih, hh = F.linear(layer_in, w_ih, b_ih), F.linear(previous, w_hh, b_hh)  # (T, B, 3H)
+    ih_r, ih_z, ih_n = ih.chunk(3, 2)
+    hh_r, hh_z, hh_n = hh.chunk(3, 2)
+    r, z = torch.sigmoid(ih_r + hh_r), torch.sigmoid(ih_z + hh_z)
+    n = torch.tanh(ih_n + r * hh_n)
+    k_n = (1 - z) * (1 - n * n)
+    k_ih = torch.cat([k_n * hh_n * r * (1 - r), (previous - n) * z * (1 - z), k_n], 2)
+    k_hh = torch.cat([k_ih[..., : 2 * r.shape[2]], k_n * r], 2)
+    d_ih, d_hh = torch.empty_like(ih), torch.empty_like(hh)
+    dh_next = dh_last
+    for t in reversed(order):
+        dh = d_own[t] + dh_next
+        wide = torch.cat([dh, dh, dh], 1)
+        torch.mul(wide, k_ih[t], out=d_ih[t])
+        torch.mul(wide, k_hh[t], out=d_hh[t])
+        dh_next = torch.addmm(dh * z[t], d_hh[t], w_hh)
+    return d_ih, d_hh
+
+
+def _analytic_squares_(module: nn.RNNBase, x: Tensor, hx, call_output: Tensor, deltas, acc, cap, batch: int):
+    """An LSTM without projections or a GRU by its backward recurrence written out, layer by layer
+    from the top and direction by direction (:func:`_lstm_direction`, :func:`_gru_direction`).
+
+    Each layer's hidden states come from torch's fused kernel without a graph (the last layer's
+    are the call's own output), so the previous hidden state of every step is known and the gate
+    pre-activations are two GEMMs over the sequence; the step loop is one small GEMM and a few
+    elementwise ops, no autograd. A layer's output gradient is the next layer's input-projection
+    gradient times ``W_ih`` (both directions). ``W_ih`` is then a ``Linear`` over the layer's
+    inputs and ``W_hh`` one over the previous hidden states."""
     from .rules import add_linear_squares_
 
+    lstm = isinstance(module, nn.LSTM)
     dirs, hidden = (2 if module.bidirectional else 1), module.hidden_size
-    h0, c0 = _initial_states(module, x, hx, batch, True, hidden)
-    steps = x.shape[0]
+    h0, c0 = _initial_states(module, x, hx, batch, lstm, hidden)
+    steps, direction_of = x.shape[0], (_lstm_direction if lstm else _gru_direction)
+    fused = torch._VF.lstm if lstm else torch._VF.gru
 
     def weights(layer, direction):
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
         get = lambda name: None if getattr(module, name, None) is None else getattr(module, name).detach()  # noqa: E731
         return sfx, get("weight_ih" + sfx), get("weight_hh" + sfx), get("bias_ih" + sfx), get("bias_hh" + sfx)
 
-    inputs = [x]  # each layer's input (T, B, in), from the fused forward; the last layer's output
-    # is the call's own output, so a single-layer LSTM runs no forward here
+    inputs = [x]  # each layer's input (T, B, in); a single-layer module runs no forward here
     with torch.no_grad():
         for layer in range(module.num_layers - 1):
             flat = [t for d in range(dirs) for t in weights(layer, d)[1:] if t is not None]
             states = slice(layer * dirs, (layer + 1) * dirs)
+            start = (h0[states], c0[states]) if lstm else h0[states]
             # On CUDA a layer past the first is not at the start of the module's weight buffer:
             # cuDNN copies it and warns to flatten_parameters(), which cannot help here.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="RNN module weights are not part")
-                out, _, _ = torch._VF.lstm(
-                    inputs[-1],
-                    (h0[states], c0[states]),
-                    flat,
-                    module.bias,
-                    1,
-                    0.0,
-                    False,
-                    module.bidirectional,
-                    False,
+                result = fused(
+                    inputs[-1], start, flat, module.bias, 1, 0.0, False, module.bidirectional, False
                 )
-            inputs.append(out)
+            inputs.append(result[0])
         last = call_output.detach()
         inputs.append(last.transpose(0, 1) if module.batch_first else last)
 
@@ -123,7 +169,7 @@ def _lstm_analytic_squares_(
 
     d_out = delta(0, inputs[-1]).to(x.dtype)  # (T, B, dirs * H)
     d_hn = delta(1, h0).to(x.dtype)
-    d_cn = delta(2, c0).to(x.dtype)
+    d_cn = delta(2, c0).to(x.dtype) if lstm else None
     with torch.no_grad():
         for layer in range(module.num_layers - 1, -1, -1):
             layer_in, layer_out = inputs[layer], inputs[layer + 1]
@@ -133,44 +179,22 @@ def _lstm_analytic_squares_(
                 state = layer * dirs + direction
                 own = layer_out[..., direction * hidden : (direction + 1) * hidden]
                 first = h0[state].unsqueeze(0)
+                # The hidden state each step's gates saw: the step before in the direction of travel.
                 previous = torch.cat([first, own[:-1]]) if direction == 0 else torch.cat([own[1:], first])
-                z = F.linear(layer_in, w_ih, b_ih) + F.linear(previous, w_hh, b_hh)  # (T, B, 4H)
-                i, f, g, o = z.chunk(4, 2)
-                i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-                order = range(steps) if direction == 0 else range(steps - 1, -1, -1)
-                cells, c = [None] * steps, c0[state]
-                for t in order:
-                    c = f[t] * c + i[t] * g[t]
-                    cells[t] = c
-                cells = torch.stack(cells)
-                before = torch.cat([c0[state].unsqueeze(0), cells[:-1]]) if direction == 0 else torch.cat(
-                    [cells[1:], c0[state].unsqueeze(0)]
+                order = list(range(steps)) if direction == 0 else list(range(steps - 1, -1, -1))
+                d_ih, d_hh = direction_of(
+                    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_out[..., direction * hidden : (direction + 1) * hidden],
+                    d_hn[state], None if d_cn is None else d_cn[state], None if c0 is None else c0[state], order,
                 )  # fmt: skip
-                tanh_c = torch.tanh(cells)
-                # The step-local factors, for all steps at once: dc = dh * through + dc_next, and
-                # dz = [dc, dc, dc, dh] * local (i, f, g, o blocks).
-                through = o * (1 - tanh_c * tanh_c)
-                local = torch.cat(
-                    [g * i * (1 - i), before * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 2
-                )
-                dz = torch.empty_like(z)
-                d_own = d_out[..., direction * hidden : (direction + 1) * hidden]
-                dh_next, dc_next = d_hn[state], d_cn[state]
-                for t in reversed(list(order)):
-                    dh = d_own[t] + dh_next
-                    dc = torch.addcmul(dc_next, dh, through[t])
-                    torch.mul(torch.cat([dc, dc, dc, dh], 1), local[t], out=dz[t])
-                    dh_next, dc_next = dz[t] @ w_hh, dc * f[t]
                 if d_in is not None:
-                    d_in += dz @ w_ih
-                rows = dz.transpose(0, 1).to(torch.float32)
+                    d_in += d_ih @ w_ih
                 add_linear_squares_(
-                    layer_in.transpose(0, 1).to(torch.float32), rows, acc.get("weight_ih" + sfx),
-                    acc.get("bias_ih" + sfx), cap,
+                    layer_in.transpose(0, 1).to(torch.float32), d_ih.transpose(0, 1).to(torch.float32),
+                    acc.get("weight_ih" + sfx), acc.get("bias_ih" + sfx), cap,
                 )  # fmt: skip
                 add_linear_squares_(
-                    previous.transpose(0, 1).to(torch.float32), rows, acc.get("weight_hh" + sfx),
-                    acc.get("bias_hh" + sfx), cap,
+                    previous.transpose(0, 1).to(torch.float32), d_hh.transpose(0, 1).to(torch.float32),
+                    acc.get("weight_hh" + sfx), acc.get("bias_hh" + sfx), cap,
                 )  # fmt: skip
             d_out = d_in
 
@@ -186,10 +210,11 @@ def recurrent_squares_(module, call: Call, deltas, acc, cap, layout, batch) -> N
     for position, d in zip(call.output_index, deltas):
         placed[position] = d
     deltas = placed
-    if lstm and module.proj_size == 0 and ANALYTIC_LSTM and call.output_index[:1] == [0]:
+    projected = lstm and module.proj_size > 0
+    if ANALYTIC and not projected and call.output_index[:1] == [0]:
         x = x.detach()
         time_first = x.transpose(0, 1) if module.batch_first else x
-        _lstm_analytic_squares_(module, time_first, hx, call.outputs[0], deltas, acc, cap, batch)
+        _analytic_squares_(module, time_first, hx, call.outputs[0], deltas, acc, cap, batch)
         return
     x = x.detach()
     if module.batch_first:
