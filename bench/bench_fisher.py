@@ -10,7 +10,9 @@ Part 2, cost relative to one batched forward+backward of the mean loss over the 
 (empirical Fisher, one seed), from paired rounds by the harness's rule (the backward and the
 provider timed back to back, alternating; the median of the per-round ratios with their quartiles,
 at least 9 rounds and until ±10% or 15 s, 3 with ``--quick``; a wide spread or a loaded machine is
-marked and recorded): the MLP, a small CNN (two Conv2d on 3 x 32 x 32), a Conv1d model, a
+marked and recorded), and each provider's peak memory above what existed before it
+(``harness.peak_memory``: the CUDA allocator's peak, or on CPU the running sum of the profiler's
+allocations and frees): the MLP, a small CNN (two Conv2d on 3 x 32 x 32), a Conv1d model, a
 transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
 ``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
 probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
@@ -28,7 +30,17 @@ import time
 import warnings
 
 import torch
-from harness import Case, _versions, append_rows, device_name, paired_details, paired_measure, parse_args, run
+from harness import (
+    Case,
+    _versions,
+    append_rows,
+    device_name,
+    paired_details,
+    paired_measure,
+    parse_args,
+    peak_memory,
+    run,
+)
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -297,11 +309,13 @@ def cost_table(args):
                     continue
                 if provider == "loop_bs1":
                     paired.ratios = [r * samples / loop_samples for r in paired.ratios]
+                peak = peak_memory(fn, args.device)  # the provider's own peak, above what existed
                 p50, (p20, p80) = paired.median, paired.quartiles
                 note = f"±{paired.spread:.0%}{'' if paired.converged else ' wide'}{' LOADED' if paired.loaded else ''}; "
                 if provider == "cl_optim" and shares:
                     note += (f"{', '.join(routes)}; probe {statistics.median(s[1] for s in shares):.0%}, "
                             f"self-check {statistics.median(s[0] for s in shares):.0%} of the estimate")  # fmt: skip
+                note = f"peak {peak / 2**20:.1f} MiB; " + note
                 print(f"{name:<12} {provider:<18} {p50:14.2f}x [{p20:6.2f},{p80:7.2f}]  {note}")
                 main_row = {
                     "op": "fisher_cost", "provider": provider, "param_set": name, "metric": "x_backward",
@@ -309,6 +323,7 @@ def cost_table(args):
                     "device": dev, **versions, "timestamp": stamp,
                 }  # fmt: skip
                 rows.append(main_row)
+                rows.append({**main_row, "metric": "peak_memory", "unit": "bytes", "p50": f"{peak:.4g}", "p20": f"{peak:.4g}", "p80": f"{peak:.4g}"})  # fmt: skip
                 for metric, unit, value in paired_details(paired, "backward"):
                     rows.append({**main_row, "metric": metric, "unit": unit, "p50": f"{value:.4g}", "p20": f"{value:.4g}", "p80": f"{value:.4g}"})  # fmt: skip
                 if provider == "cl_optim" and shares:

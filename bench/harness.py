@@ -180,6 +180,35 @@ def _rss(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def peak_memory(step: Callable[[], None], device: torch.device) -> float:
+    """Bytes a step holds at its peak beyond what existed before it.
+
+    CUDA: the caching allocator's peak above the memory in use before the step. CPU: the running
+    sum of the profiler's memory events (each op's net allocation at its start, each free as it
+    happens) in time order, its maximum: the peak of what the step itself allocated."""
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    changes = [
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.name == "[memory]" or e.self_cpu_memory_usage
+    ]
+    running = peak = 0
+    for _, change in sorted(changes, key=lambda c: c[0]):
+        running += change
+        peak = max(peak, running)
+    return float(peak)
+
+
 def extra_memory(step: Callable[[], None], device: torch.device) -> tuple[str, Optional[float]]:
     """(metric, bytes) of what a step allocates beyond what existed before it.
 

@@ -105,15 +105,15 @@ def _fisher_cost(table) -> list:
     newest = max(row["timestamp"] for key in keys for row in table[key].values())
     keys = [key for key in keys if any(row["timestamp"] == newest for row in table[key].values())]  # one run
     models = list(dict.fromkeys(key[1] for key in keys))
-    order = ["cl_optim", "cl_optim_unchecked", "torch_func_model", "loop_bs1"]
+    order = ["cl_optim", "cl_optim_unchecked", "torch_func_model", "backpack", "loop_bs1"]
     keys.sort(key=lambda k: (models.index(k[1]), order.index(k[2]) if k[2] in order else len(order)))
     any_row = next(iter(table[keys[0]].values()))
     lines = [
         f"**fisher_cost** — {any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
         f"({any_row['git_sha']}, {any_row['timestamp'][:10]}); empirical Fisher over the same batches as "
         "one forward+backward of the mean loss, median of paired rounds [p20, p80]\n",
-        "| model | provider | x backward | probe share | self-check share |",
-        "|---|---|---|---|---|",
+        "| model | provider | x backward | peak memory | probe share | self-check share |",
+        "|---|---|---|---|---|---|",
     ]
     for key in keys:
         metrics = table[key]
@@ -122,9 +122,10 @@ def _fisher_cost(table) -> list:
             f"{float(metrics[m]['p50']):.0%}" if m in metrics else "-"
             for m in ("probe_share", "self_check_share")
         ]
+        peak = f"{float(metrics['peak_memory']['p50']) / 2**20:.1f} MiB" if "peak_memory" in metrics else "-"
         lines.append(
             f"| {key[1]} | {key[2]} | {float(ratio['p50']):.2f}x [{float(ratio['p20']):.2f}, {float(ratio['p80']):.2f}] "
-            f"| {shares[0]} | {shares[1]} |"
+            f"| {peak} | {shares[0]} | {shares[1]} |"
         )
     return lines + [""]
 
