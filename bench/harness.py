@@ -180,6 +180,15 @@ def _rss(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def _profiled_memory_events(step: Callable[[], None]) -> list:
+    """The CPU profiler's events of one run of ``step``, with their memory use."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return list(prof.events())
+
+
 def peak_memory(step: Callable[[], None], device: torch.device) -> float:
     """Bytes a step holds at its peak beyond what existed before it.
 
@@ -193,13 +202,9 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> float:
         step()
         synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
     changes = [
         (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-        for e in prof.events()
+        for e in _profiled_memory_events(step)
         if e.name == "[memory]" or e.self_cpu_memory_usage
     ]
     running = peak = 0
@@ -217,18 +222,12 @@ def extra_memory(step: Callable[[], None], device: torch.device) -> tuple[str, O
     (``allocated_memory``) — an upper bound of its peak, since glibc reuses freed blocks and the
     resident set of a warmed-up process hardly moves.
     """
-    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        synchronize(device)
-        return "peak_extra_memory", float(torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return "allocated_memory", float(sum(max(0, e.self_cpu_memory_usage) for e in prof.events()))
+        return "peak_extra_memory", peak_memory(step, device)
+    synchronize(device)
+    return "allocated_memory", float(
+        sum(max(0, e.self_cpu_memory_usage) for e in _profiled_memory_events(step))
+    )
 
 
 @contextlib.contextmanager

@@ -211,25 +211,16 @@ def recurrent_squares_(module, call: Call, deltas, acc, cap, layout, batch) -> N
         placed[position] = d
     deltas = placed
     projected = lstm and module.proj_size > 0
-    if ANALYTIC and not projected and call.output_index[:1] == [0]:
-        x = x.detach()
-        time_first = x.transpose(0, 1) if module.batch_first else x
-        _analytic_squares_(module, time_first, hx, call.outputs[0], deltas, acc, cap, batch)
-        return
     x = x.detach()
     if module.batch_first:
         x = x.transpose(0, 1)  # (T, B, in): time first, as the recurrence walks
+    if ANALYTIC and not projected and call.output_index[:1] == [0]:
+        _analytic_squares_(module, x, hx, call.outputs[0], deltas, acc, cap, batch)
+        return
     steps, dirs = x.shape[0], 2 if module.bidirectional else 1
     hidden = module.hidden_size
-    out_width = module.proj_size if lstm and module.proj_size > 0 else hidden
-    states = module.num_layers * dirs
-    if hx is None:
-        h0 = x.new_zeros(states, batch, out_width)
-        c0 = x.new_zeros(states, batch, hidden)
-    elif lstm:
-        h0, c0 = hx[0].detach(), hx[1].detach()
-    else:
-        h0, c0 = hx.detach(), None
+    out_width = module.proj_size if projected else hidden
+    h0, c0 = _initial_states(module, x, hx, batch, lstm, out_width)
 
     def weight(name):
         p = getattr(module, name, None)
