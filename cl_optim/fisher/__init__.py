@@ -244,4 +244,5 @@ def _add_batched(named, totals, output, targets, loss_fn) -> None:
     )
     for (name, _), g in zip(named, grads):
         if g is not None:
-            totals[name].add_(g.to(torch.float32).square())
+            g = g.to(torch.float32)
+            totals[name].addcmul_(g, g)

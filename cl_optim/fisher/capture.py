@@ -338,13 +338,15 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, param
         outs, proven = [], []
         for k, t in enumerate(call.outputs):
             a, b = first[at + k], second[at + k]
-            proven.append(a is not None and bool(a.any()))
-            outs.append(_layout_of(t.shape, a, b, c.to(t.device), batch))
+            peak = _peak(a)
+            proven.append(peak != 0)  # NaN: a gradient reached it
+            outs.append(_layout_of(t.shape, a, b, c.to(t.device), batch, peak))
         ins = [None] * len(call.raw_inputs)
         for k, (i, t) in enumerate(inputs):
             a, b = first[at + n_out + k], second[at + n_out + k]
-            if a is not None and bool(a.any()):
-                ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch) or "mixed"
+            peak = _peak(a)
+            if peak != 0:
+                ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch, peak) or "mixed"
         probes.append(Probe(outs, proven, ins))
         deltas.append(list(first[at : at + n_out]))
     return probes, deltas, list(full)
@@ -357,15 +359,26 @@ def _candidates(shape, batch: int):
     return out
 
 
-def _layout_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int):
+def _peak(t: Optional[Tensor]) -> float:
+    """``max |t|``: 0 for None or no element, NaN where ``t`` holds one (one pass and one read
+    of the host, where ``any()`` and ``abs().max()`` took two)."""
+    return 0.0 if t is None or t.numel() == 0 else float(t.detach().abs().max())
+
+
+def _layout_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int, peak: float):
+    """The candidate layout whose per-row scales ``c`` turn ``first`` into ``second``: every
+    element within ``tol |expected| + tol 1e-3 peak`` (``peak = max |first|``)."""
     candidates = _candidates(shape, batch)
-    if first is None or second is None or not bool(first.any()):
+    if first is None or second is None or peak == 0:
         return candidates[0] if candidates else None  # no gradient reaches it: a guess (not proven)
     a, b = first.float(), second.float()
     tol = _tolerance(first)
-    atol = tol * 1e-3 * float(a.abs().max())
+    atol = tol * 1e-3 * peak
     for layout in candidates:
         expected = layout.per_row(c, shape) * a
-        if bool(((b - expected).abs() <= tol * expected.abs() + atol).all()):
+        # |b - expected| - tol |expected| <= atol everywhere, in place (a NaN fails, as before).
+        excess = (b - expected).abs_()
+        excess.sub_(expected.abs_().mul_(tol))
+        if float(excess.max()) <= atol:
             return layout
     return None

@@ -172,20 +172,24 @@ class Engine:
     def _expand(self, batch, output, capture, candidates: dict):
         """Expand layers run once for the batch; keep those the model's output does not see."""
         for trial in ([candidates], [{m: h} for m, h in candidates.items()]):
-            accepted = {}
+            accepted, kept = {}, None
+            # The first trial expands every candidate at once and usually passes: its forward (with
+            # its graph, as every capture forward) is then the planning forward itself, one forward
+            # fewer. After one-at-a-time trials the accepted set is run again.
+            whole = len(trial) == 1
             for extra in trial:
                 try:
-                    with torch.no_grad():
-                        again, _ = self.forward(batch, {**self.expand, **accepted, **extra})
+                    again, again_capture = self.forward(batch, {**self.expand, **accepted, **extra})
                 except Exception:  # the forward breaks under the expansion: not expanded
                     continue
                 if again.shape == output.shape and torch.allclose(
-                    again.float(), output.detach().float(), rtol=_tolerance(output), atol=1e-6
+                    again.detach().float(), output.detach().float(), rtol=_tolerance(output), atol=1e-6
                 ):
                     accepted.update(extra)
+                    kept = (again, again_capture) if whole else None
             if accepted:
                 self.expand.update(accepted)
-                return self.forward(batch)
+                return kept if kept is not None else self.forward(batch)
         return output, capture
 
     def _coverage_names(self, modules: list) -> list:

@@ -130,7 +130,8 @@ def layer_looped_squares_(module, call, delta_sets: list, acc, dims, in_axes) ->
             grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
             for name, g in zip(acc, grads):
                 if g is not None:
-                    acc[name].add_(g.to(torch.float32).square())
+                    g = g.to(torch.float32)
+                    acc[name].addcmul_(g, g)  # one pass, no temporary
 
 
 def model_vmapped_squares_(model, params: dict, batch: Batch, seeds: list, acc: dict, cap: int) -> None:
@@ -163,5 +164,6 @@ def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: d
             )
             for name, g in zip(names, grads):
                 if g is not None:
-                    acc[name].add_(g.to(torch.float32).square())
+                    g = g.to(torch.float32)
+                    acc[name].addcmul_(g, g)  # one pass, no temporary
     return outputs
