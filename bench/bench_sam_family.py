@@ -60,7 +60,7 @@ are listed beside them (with the COMBINE term where the variant uses it over a f
 variant  beyond the base: floor beyond the base: implemented writes row floor
 ======== ====================== ============================ ====== ===========
 gsam     36                     40                           2      80
-wsam     28                     76                           2      72
+wsam     28                     36                           2      72
 wsam_c.  28                     36                           2      72
 looksam  36 + 4 x 12 = 84       52 + 4 x 12 = 100            6      272 (per 5)
 fsam     32                     64                           2      76
@@ -73,9 +73,10 @@ rwp      20                     56                           2      64
 (``wsam`` is the decoupled form, the paper's and pytorch_optimizer's default; ``wsam_coupled``
 steps the base with the combined gradient, against pytorch_optimizer's ``decouple=False``.)
 
-The ``cl_optim_cpp_written`` rows (GSAM, coupled WSAM, LookSAM, GAM, C-Flat, RWP) are the same
+The ``cl_optim_cpp_written`` rows (GSAM, both WSAM forms, LookSAM, GAM, C-Flat, RWP) are the same
 optimizer with its final combination written into ``.grad`` by ``task_combine_`` first (8 B/param
-more, and the check of the last gradient where the COMBINE form's bound stands in for it); the
+more, and the check of the last gradient where the COMBINE form's bound stands in for it;
+decoupled WSAM's written form 40 more: two combinations and a descent pass with its guard); the
 paired rounds compare the two.
 
 LookSAM's rows (``looksam_adamw_k5``) are times of 5 consecutive iterations, one SAM step and
@@ -288,9 +289,10 @@ VARIANTS = {
     ),
     "wsam": Variant(
         28, 2,
-        lambda params, backend: cl_optim.WSAM(params, cl_optim.AdamW, rho=0.05, gamma=0.9, decouple=True,
-                                              backend=backend, **ADAMW),
+        lambda params, backend, **options: cl_optim.WSAM(params, cl_optim.AdamW, rho=0.05, gamma=0.9, decouple=True,
+                                                         backend=backend, **options, **ADAMW),
         _po_wsam,
+        also={"written": {WRITTEN: True}},
     ),
     "wsam_coupled": Variant(
         28, 2,

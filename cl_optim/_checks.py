@@ -166,25 +166,39 @@ def check_step_terms(in_: OpInputs, restore_from, fisher, ewc_precision, ewc_anc
     in_.scalar("clip_coef", clip_coef)
 
 
+# DESCENT reads the gradient and COMBINE's sources in the update's pass; CUDA's kernels read at most
+# 3 there (csrc/op_checks.h), so every backend takes at most 3.
+MAX_DESCENT_SOURCES = 3
+
+
 def check_combine(in_: OpInputs, combine_from, combine_coef) -> None:
-    """COMBINE: ``combine_coef`` a dense 1-D floating-point tensor of ``K + 1`` entries on the
-    lead's device, ``combine_from`` ``K`` lists aligned with the lead (source-major); both absent
-    switch the term off."""
+    """COMBINE: ``combine_coef`` a dense floating-point tensor on the lead's device, 1-D with
+    ``K + 1`` entries, or 2-D ``(2, K + 1)`` (row 0 COMBINE's, row 1 DESCENT's), ``combine_from``
+    ``K`` lists aligned with the lead (source-major); both absent switch the terms off."""
     sources = list(combine_from) if combine_from else []
     if combine_coef is None:
         if sources:
             raise RuntimeError(f"{in_.op}: combine_from has {len(sources)} entries but combine_coef is None")
         return
-    if not isinstance(combine_coef, Tensor) or combine_coef.dim() != 1:
+    if not isinstance(combine_coef, Tensor) or not (
+        combine_coef.dim() == 1 or (combine_coef.dim() == 2 and combine_coef.shape[0] == 2)
+    ):
         got = tuple(combine_coef.shape) if isinstance(combine_coef, Tensor) else type(combine_coef).__name__
-        raise RuntimeError(f"{in_.op}: combine_coef must be a 1-D tensor (K + 1 coefficients), got {got}")
+        raise RuntimeError(
+            f"{in_.op}: combine_coef must be a 1-D tensor (K + 1 coefficients) or a 2-D one (2, K + 1) "
+            f"(COMBINE's, then DESCENT's), got {got}"
+        )
     if not combine_coef.dtype.is_floating_point or combine_coef.layout != torch.strided:
         raise RuntimeError(
             f"{in_.op}: combine_coef must be a dense floating-point tensor, got {combine_coef.dtype}"
         )
-    k = combine_coef.numel() - 1
+    k = combine_coef.shape[-1] - 1
     if k < 0:
         raise RuntimeError(f"{in_.op}: combine_coef is empty (it needs K + 1 coefficients)")
+    if combine_coef.dim() == 2 and k > MAX_DESCENT_SOURCES:
+        raise RuntimeError(
+            f"{in_.op}: DESCENT (a 2-D combine_coef) takes at most {MAX_DESCENT_SOURCES} sources, got {k}"
+        )
     if len(sources) != k * in_.n:
         raise RuntimeError(
             f"{in_.op}: combine_from has {len(sources)} entries for {k} sources of {in_.n} {in_.lead_name} "

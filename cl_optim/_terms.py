@@ -12,6 +12,13 @@ parameter dtype, in this order:
 5. maximize    ``g <- -g``
 6. EWC         ``g <- g + lam*A*(p - mu)``        (evaluated at the restored weights)
 7. the base update (weight decay, momentum or Adam moments, parameter write)
+8. DESCENT     ``p <- p + lr/grad_scale * (d_0*g + d_1*x_1 + ... + d_K*x_K)`` after the update,
+               with the raw gradient and COMBINE's sources (WSAM's decoupled sharpness descent,
+               applied here instead of in one more pass over the weights): exactly
+               ``task_combine_(params, [grads, x_1, ...], c, accumulate=True)`` with
+               ``c_j = d_j * lr * (1/grad_scale)`` formed in fp64 (``1/grad_scale`` rounded as
+               in AMP), then taken in opmath. ``combine_coef`` is then ``(2, K + 1)``: row 0
+               COMBINE's coefficients, row 1 the ``d_j``.
 
 RESTORE happens even when the update is skipped, so a skipped SAM step never leaves perturbed
 weights behind. Every term is off by default. The compiled backends implement this same list;
@@ -48,7 +55,25 @@ class StepTerms:
     ewc_anchor: Optional[list[Optional[Tensor]]] = None  # EWC: mu, fp32
     ewc_lam: Union[float, list[float]] = 0.0  # EWC: lambda, one value or one per tensor
     combine_from: Optional[list[list[Tensor]]] = None  # COMBINE: K source lists, each aligned
-    combine_coef: Optional[Tensor] = None  # COMBINE: K + 1 coefficients (fp64), the first for .grad
+    combine_coef: Optional[Tensor] = None  # COMBINE: K + 1 coefficients (fp64), the first for .grad;
+    # or (2, K + 1): COMBINE's row, then DESCENT's
+
+    def combine_row(self) -> Optional[Tensor]:
+        """COMBINE's K + 1 coefficients (row 0 of a 2-D ``combine_coef``)."""
+        c = self.combine_coef
+        return c if c is None or c.dim() == 1 else c[0]
+
+    def descent_coefficients(self, lr) -> Optional[Tensor]:
+        """DESCENT's coefficients as ``task_combine_`` takes them, ``d_j * lr * (1/grad_scale)``
+        in fp64 (on the coefficients' device: no host read), or None when the term is off."""
+        c = self.combine_coef
+        if c is None or c.dim() == 1:
+            return None
+        lr = lr.to(c.device, torch.float64).reshape(()) if isinstance(lr, Tensor) else float(lr)
+        out = c[1].to(torch.float64) * lr
+        if self.grad_scale is not None:
+            out = out * self.inv_scale().to(c.device, torch.float64)
+        return out
 
     _LISTS = ("restore_from", "fisher", "ewc_precision", "ewc_anchor")
 
@@ -168,7 +193,7 @@ def task_grad_forloop(i: int, param: Tensor, grad: Tensor, terms: StepTerms, max
     ``param`` is the opmath view of the (restored) parameter. ``grad`` is never modified.
     """
     if terms.combine_coef is not None:
-        c = terms.combine_coef.to(param.dtype)
+        c = terms.combine_row().to(param.dtype)
         combined = grad.to(param.dtype) * c[0]
         for k, source in enumerate(terms.combine_from or []):
             combined = combined + c[k + 1] * source[i].to(param.dtype)
@@ -195,7 +220,7 @@ def task_grads_foreach(
     dtype = params[0].dtype
     g = [grad.to(dtype) for grad in grads]
     if terms.combine_coef is not None:
-        c = terms.combine_coef.to(dtype)
+        c = terms.combine_row().to(dtype)
         g = torch._foreach_mul(g, c[0])
         for k, source in enumerate(terms.combine_from or []):
             g = torch._foreach_add(g, torch._foreach_mul([x.to(dtype) for x in source], c[k + 1]))
@@ -224,3 +249,15 @@ def task_grads_foreach(
             for i, value in zip(covered, pulled):
                 g[i] = value
     return g
+
+
+def descent_(params: list[Tensor], grads: list[Tensor], terms: StepTerms, lr, backend: str) -> None:
+    """Step 8, DESCENT, for the Python backends: after an update that was not skipped."""
+    coefficients = terms.descent_coefficients(lr)
+    if coefficients is None or not params:
+        return
+    from .multitask.fused import task_combine_  # the multitask package imports this module
+
+    task_combine_(
+        params, [grads, *(terms.combine_from or [])], coefficients, accumulate=True, backend=backend
+    )

@@ -15,6 +15,7 @@ from ._distributed import local_list
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
+    descent_,
     kernel_terms,
     opmath_dtype,
     restore_foreach_,
@@ -258,6 +259,7 @@ def _adamw_forloop(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         _copy_back(exp_avgs[i], exp_avg)
         _copy_back(exp_avg_sqs[i], exp_avg_sq)
         _copy_back(param, p)
+    descent_(params, grads, terms, lr, "forloop")
 
 
 def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2,
@@ -307,6 +309,7 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         values = [exp_avg, exp_avg_sq, p] + ([max_sq] if max_exp_avg_sqs is not None else [])
         for dst, src in zip(written, values):
             torch._foreach_copy_(dst, src)
+    descent_(params, grads, terms, lr, "foreach")
 
 
 def _adamw_kernel(backend, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, terms, lr, beta1, beta2, eps,

@@ -5,7 +5,9 @@ optimizer step; the compiled backends register their kernels against them (``csr
 for the CPU). Lists that may be empty switch a term off: an empty ``restore_from`` is no RESTORE,
 an empty ``fisher`` no FISHER_EMA, an empty ``ewc_precision`` no EWC, a ``None``
 ``combine_coef`` no COMBINE (``combine_from`` then empty; otherwise ``K`` source lists of n
-tensors one after the other, source-major, and ``K + 1`` coefficients, the first for ``grads``). The scalars that change
+tensors one after the other, source-major, and ``K + 1`` coefficients, the first for ``grads``;
+a ``(2, K + 1)`` ``combine_coef`` adds DESCENT, its second row ``d``: after the update
+``p += lr/grad_scale * (d_0 grads + d_1 x_1 + ...)``, ``K <= 3``; see ``cl_optim/_terms.py``). The scalars that change
 every step and may live on the device — ``grad_scale``, ``found_inf``, ``clip_coef``, SAM's
 ``scale`` and ``finite`` — are 0-dim tensors (``None``: the term is off), so no step needs a host
 read of them: a non-zero ``found_inf`` makes the step restore the weights (RESTORE) and change

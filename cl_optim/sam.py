@@ -580,22 +580,29 @@ class SAM(torch.optim.Optimizer):
         the last gradient for infs anyway (one more read only where a GradScaler made that check).
         Otherwise (a torch.optim base, low precision, no norms, accumulation) it is written into
         ``.grad`` now."""
-        dtypes = {p.dtype for p in params}
-        fused = (
-            self._FUSE_COMBINATION
-            and source_norms is not None
-            and isinstance(self.base_optimizer, FusedOptimizer)
-            and not self._run.get("accumulate")
-            and not self._run.get("micro_summed")  # earlier micro-batches are added to .grad unscaled
-            and dtypes <= {torch.float32, torch.float64}
-        )
-        if not fused:
+        if not self._fuses_combination(params, source_norms):
+            if coefficients.dim() != 1:
+                raise ValueError(
+                    "a DESCENT row (2-D coefficients) needs the fused update (_fuses_combination)"
+                )
             from .multitask.aggregators import weighted_sum_unchecked
 
             grads = [p.grad for p in params]
             weighted_sum_unchecked([grads, *sources], coefficients, out=grads, backend=self.backend)
             return
         self._run["combine"] = (params, sources, coefficients, source_norms, grad_norm)
+
+    def _fuses_combination(self, params: list[Tensor], source_norms: Optional[Tensor]) -> bool:
+        """Whether :meth:`_combine_into_update` hands the combination to the update (COMBINE, and
+        DESCENT with 2-D coefficients) rather than writing it into ``.grad``."""
+        return (
+            self._FUSE_COMBINATION
+            and source_norms is not None
+            and isinstance(self.base_optimizer, FusedOptimizer)
+            and not self._run.get("accumulate")
+            and not self._run.get("micro_summed")  # earlier micro-batches are added to .grad unscaled
+            and {p.dtype for p in params} <= {torch.float32, torch.float64}
+        )
 
     def _ascent_norm(self, index: int) -> Optional[Tensor]:
         """The fp64 norm of this step's ascent ``index`` (0: the first), where it is a plain norm

@@ -15,6 +15,7 @@ from ._distributed import like_param, local_list
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
+    descent_,
     kernel_terms,
     opmath_dtype,
     restore_foreach_,
@@ -194,6 +195,7 @@ def _sgd_forloop(params, grads, buffers, terms, lr, momentum, dampening, weight_
         p.add_(g, alpha=-lr)
         if p is not param:
             param.copy_(p)
+    descent_(params, grads, terms, lr, "forloop")
 
 
 def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_decay, nesterov, maximize):
@@ -223,6 +225,7 @@ def _sgd_foreach(params, grads, buffers, terms, lr, momentum, dampening, weight_
     torch._foreach_add_(p, g, alpha=-lr)
     if p[0] is not params[0]:
         torch._foreach_copy_(params, p)
+    descent_(params, grads, terms, lr, "foreach")
 
 
 def _sgd_kernel(

@@ -12,12 +12,14 @@ With ``g1`` the gradient at ``w`` and ``g2`` the one at ``w + e``:
 ``g1`` is kept in one buffer per parameter (allocated once). Coupled, the update's gradient
 ``a g2 + (1 - a) g1`` is read by a fused cl_optim base's restore+update pass (its COMBINE term,
 bounded by the first ascent's norm ``||g1||``; written into ``.grad`` otherwise): beyond SAM's
-bytes only keeping ``g1`` (8) and reading it (4). Decoupled, the sharpness direction is written
-into ``g1``'s buffer by one fused ``task_combine_`` pass, ``.grad`` becomes ``g1`` by another, and
-the descent is one more pass per group after the update: keep ``g1`` (8), the two combinations
-(24), the descent with its finiteness guard (20): 52 bytes per fp32 parameter, against
-pytorch_optimizer's three buffers. (Its descent could be folded into the update as a second
-combination applied to the weights; not done.)
+bytes only keeping ``g1`` (8) and reading it (4). With a fused cl_optim base (fp32/fp64), decoupled is one pass too: the update reads ``g1``
+(COMBINE) and applies the descent to the weights it has just written (the DESCENT term of
+``cl_optim._terms``, skipped with the update): beyond SAM's bytes, keeping ``g1`` (8) and reading
+it (4), as coupled. Otherwise (a torch.optim base, low precision, accumulation) the sharpness
+direction is written into ``g1``'s buffer by one ``task_combine_`` pass, ``.grad`` becomes ``g1``
+by another, and the descent is one more pass per group after the update: keep ``g1`` (8), the two
+combinations (24), the descent with its finiteness guard (20), against pytorch_optimizer's three
+buffers.
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ class WSAM(SAM):
         if not self.decouple:  # a g2 + (1 - a) g1: read by a fused base's update (COMBINE), else written
             coefficients = self._constant((a, 1.0 - a), home)  # .grad (g2), g1
             self._combine_into_update(params, [kept], coefficients, self._ascent_norm(0))  # ||g1||
+            return super()._second_step(zero_grad)
+        bound = self._ascent_norm(0)  # ||g1||
+        if self._fuses_combination(params, bound):
+            # One pass: the update reads g1 (COMBINE row (0, 1)) and then applies the sharpness
+            # descent w += lr (-a g2 + a g1) / S itself (DESCENT row), skipped with the update.
+            coefficients = self._constant(((0.0, 1.0), (-a, a)), home)
+            self._combine_into_update(params, [kept], coefficients, bound)
             return super()._second_step(zero_grad)
         # kept <- g2 - g1 (the sharpness direction); .grad <- g2 - (g2 - g1) = g1, the base's gradient.
         weighted_sum(

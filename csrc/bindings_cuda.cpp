@@ -119,8 +119,10 @@ struct CombineInputs {
   CombineInputs(int64_t k, at::TensorList& grads, at::TensorList combine_from, const OptionalTensor& combine_coef,
                 at::Device device) {
     if (!combine_coef.has_value() || !combine_coef->defined()) return;
+    // A 2-D combine_coef: row 0 COMBINE's, row 1 DESCENT's (at most kMaxFusedSources sources, checked).
+    const at::Tensor row = combine_coef->dim() == 2 ? combine_coef->select(0, 0) : *combine_coef;
     if (k <= cuda::kMaxFusedSources) {
-      coef = combine_coef->to(device, at::kFloat).contiguous();
+      coef = row.to(device, at::kFloat).contiguous();
       n_sources = static_cast<int>(k);
       sources = combine_from;
       return;
@@ -128,8 +130,17 @@ struct CombineInputs {
     for (const at::Tensor& g : grads) storage.push_back(at::empty_like(g));
     std::vector<at::Tensor> tasks(grads.begin(), grads.end());
     tasks.insert(tasks.end(), combine_from.begin(), combine_from.end());
-    task_combine_cuda_op(storage, tasks, *combine_coef, false);
+    task_combine_cuda_op(storage, tasks, row, false);
     grads = storage;
+  }
+  // DESCENT's coefficients d_j * lr * (1/grad_scale), formed in double by device ops (as the Python
+  // backends form them) then fp32; undefined when the term is off.
+  static at::Tensor descent(const OptionalTensor& combine_coef, double lr, const at::Tensor& inv_scale,
+                            at::Device device) {
+    if (!combine_coef.has_value() || !combine_coef->defined() || combine_coef->dim() != 2) return at::Tensor();
+    at::Tensor out = combine_coef->select(0, 1).to(device, at::kDouble) * lr;
+    if (inv_scale.defined()) out = out * inv_scale.to(at::kDouble);
+    return out.to(at::kFloat).contiguous();
   }
   // Source j of tensor i (n tensors), or null.
   const at::Tensor* source(int j, int64_t i, int64_t n) const {
@@ -151,17 +162,19 @@ void sgd_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorLis
   if (n == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->numel() - 1 : 0;
+  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->size(-1) - 1 : 0;
   const CombineInputs combine(k, grads, combine_from, combine_coef, device);
   const bool has_momentum = !momentum_buffers.empty();
   const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
+  const at::Tensor descent = CombineInputs::descent(combine_coef, lr, inv_scale, device);
   cuda::SgdDeviceArgs args{float_ptr(inv_scale),
                            float_ptr(skip),
                            float_ptr(clip),
                            combine.coef.defined() ? combine.coef.data_ptr<float>() : nullptr,
                            combine.n_sources,
+                           float_ptr(descent),
                            static_cast<float>(lr),
                            maximize ? -1.f : 1.f,
                            static_cast<float>(fisher_beta),
@@ -214,12 +227,13 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
   if (n == 0) return;
   const at::Device device = in.device();
   const c10::cuda::CUDAGuard guard(device);
-  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->numel() - 1 : 0;
+  const int64_t k = combine_coef.has_value() && combine_coef->defined() ? combine_coef->size(-1) - 1 : 0;
   const CombineInputs combine(k, grads, combine_from, combine_coef, device);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const StepInputs terms(n, restore_from, fisher, ewc_precision, ewc_lam);
   const at::Tensor inv_scale = device_inv_scale(grad_scale, device);
   const at::Tensor skip = device_float(found_inf, device), clip = device_float(clip_coef, device);
+  const at::Tensor descent = CombineInputs::descent(combine_coef, lr, inv_scale, device);
   // Count the step on the device; a skipped step (found_inf non-zero, or NaN) is not counted, as
   // in torch. Counted as found_inf == 0, not 1 - found_inf: GradScaler hands over the sum of
   // per-device flags, which may be 2.
@@ -232,6 +246,7 @@ void adamw_step_cuda_op(at::TensorList params, at::TensorList grads, at::TensorL
                              float_ptr(clip),
                              combine.coef.defined() ? combine.coef.data_ptr<float>() : nullptr,
                              combine.n_sources,
+                             float_ptr(descent),
                              maximize ? -1.f : 1.f,
                              static_cast<float>(fisher_beta),
                              static_cast<float>(1.0 - lr * weight_decay),

@@ -130,9 +130,15 @@ class OpInputs {
 // The optional terms of an SGD/AdamW step: empty lists switch a term off; otherwise one entry per
 // parameter, the running Fisher and the EWC buffers fp32, precision and anchor given together,
 // one lambda per parameter.
-// COMBINE: `combine_coef` a dense 1-D floating-point tensor of K + 1 entries on the lead's device (the
-// first multiplies the gradient), `combine_from` K lists aligned with the lead, one after the other;
-// no coefficients and no sources switch the term off. Returns K (0 when off).
+// COMBINE: `combine_coef` a dense floating-point tensor on the lead's device, 1-D with K + 1 entries
+// (the first multiplies the gradient) or 2-D (2, K + 1) (row 0 COMBINE's, row 1 DESCENT's),
+// `combine_from` K lists aligned with the lead, one after the other; no coefficients and no
+// sources switch the terms off. Returns K (0 when off).
+// DESCENT reads the gradient and COMBINE's sources in the update's pass; the CUDA kernels read at
+// most 3 sources there (the glue forms a combination of more first, which would lose the raw
+// gradient DESCENT needs), so every backend takes at most 3.
+constexpr int64_t kMaxDescentSources = 3;
+
 inline int64_t check_combine(const OpInputs& in, at::TensorList combine_from,
                              const std::optional<at::Tensor>& combine_coef) {
   const char* op = in.op();
@@ -142,11 +148,15 @@ inline int64_t check_combine(const OpInputs& in, at::TensorList combine_from,
     return 0;
   }
   const at::Tensor& c = *combine_coef;
-  TORCH_CHECK(c.dim() == 1, op, ": combine_coef must be a 1-D tensor (K + 1 coefficients), got ", c.sizes());
+  TORCH_CHECK(c.dim() == 1 || (c.dim() == 2 && c.size(0) == 2), op,
+              ": combine_coef must be a 1-D tensor (K + 1 coefficients) or a 2-D one (2, K + 1) (COMBINE's, "
+              "then DESCENT's), got ", c.sizes());
   TORCH_CHECK(at::isFloatingType(c.scalar_type()) && c.layout() == at::kStrided, op,
               ": combine_coef must be a dense floating-point tensor, got ", c.scalar_type());
-  const int64_t k = c.numel() - 1;
+  const int64_t k = c.size(-1) - 1;
   TORCH_CHECK(k >= 0, op, ": combine_coef is empty (it needs K + 1 coefficients)");
+  TORCH_CHECK(c.dim() == 1 || k <= kMaxDescentSources, op, ": DESCENT (a 2-D combine_coef) takes at most ",
+              kMaxDescentSources, " sources, got ", k);
   TORCH_CHECK(static_cast<int64_t>(combine_from.size()) == k * in.size(), op, ": combine_from has ",
               combine_from.size(), " entries for ", k, " sources of ", in.size(),
               " params (source-major, K*n; K = len(combine_coef) - 1)");

@@ -96,6 +96,19 @@ def restored_task_grad(addresses, n_tensors, t, offsets, mask, lams, inv_scale_p
 
 
 @triton.jit
+def descended(addresses, n_tensors, t, offsets, mask, p_new, descent_ptr, P_DTYPE: tl.constexpr,
+              G_LIST: tl.constexpr, N_SOURCES: tl.constexpr, SOURCE_LIST: tl.constexpr):  # fmt: skip
+    """DESCENT (after the update): the weight as it will be stored, plus ``c_0 g + c_1 x_1 + ...``
+    with the raw gradient and COMBINE's sources, in fp32, as ``task_combine_`` accumulates."""
+    acc = p_new.to(P_DTYPE).to(tl.float32)
+    acc = acc + tl.load(descent_ptr) * load_tensor(addresses, G_LIST, n_tensors, t, offsets, mask, P_DTYPE)
+    for j in tl.static_range(N_SOURCES):
+        x = load_tensor(addresses, SOURCE_LIST + j, n_tensors, t, offsets, mask, P_DTYPE)
+        acc = acc + tl.load(descent_ptr + 1 + j) * x
+    return acc
+
+
+@triton.jit
 def div_rn(x, y):
     """x / y rounded to nearest, as the C++/CUDA kernels and torch divide: Triton's fp32 ``/`` is
     an approximate division on NVIDIA GPUs (fp64 division is exact already)."""

@@ -56,6 +56,8 @@ class StepInputs:
     sources: list  # COMBINE: K lists aligned with the parameters
     combine_coef: Tensor  # COMBINE: K + 1 fp32 coefficients on the device (a placeholder when off)
     combining: bool
+    descent_coef: Tensor  # DESCENT: K + 1 fp32 coefficients d_j * lr / grad_scale (placeholder when off)
+    descending: bool
 
 
 def step_inputs(
@@ -71,6 +73,7 @@ def step_inputs(
     clip_coef,
     combine_from=None,
     combine_coef=None,
+    lr=0.0,
 ):
     covered = [bool(ewc_precision) and ewc_precision[i] is not None for i in range(n)]
     scale, amp = inv_scale(grad_scale, device)
@@ -95,7 +98,20 @@ def step_inputs(
         combine_coef=(
             torch.ones(1, dtype=torch.float32, device=device)
             if combine_coef is None
-            else combine_coef.to(device=device, dtype=torch.float32)
+            else combine_coef.reshape(-1, combine_coef.shape[-1])[0].to(device=device, dtype=torch.float32)
         ),
         combining=combine_coef is not None,
+        descent_coef=_descent(combine_coef, lr, grad_scale, device),
+        descending=combine_coef is not None and combine_coef.dim() == 2,
     )
+
+
+def _descent(combine_coef, lr, grad_scale, device) -> Tensor:
+    """DESCENT's coefficients ``d_j * lr * (1/grad_scale)`` formed in fp64 by device ops (as the
+    Python backends form them), then fp32."""
+    if combine_coef is None or combine_coef.dim() != 2:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    out = combine_coef[1].to(device=device, dtype=torch.float64) * float(lr)
+    if grad_scale is not None:
+        out = out * inv_scale(grad_scale, device)[0].to(torch.float64)
+    return out.float()

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._elementwise import chunk_of, div_rn, load_tensor, restored_task_grad, store_tensor
+from ._elementwise import chunk_of, descended, div_rn, load_tensor, restored_task_grad, store_tensor
 from ._pointer_table import BLOCK, Contiguous, per_tensor, pointer_table
 from ._step_terms import pick, split_by, step_inputs
 from ._types import triton_dtype
@@ -17,10 +17,11 @@ from ._types import triton_dtype
 
 @triton.jit
 def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, step_sizes, bias2_sqrts,
-                  inv_scale_ptr, found_inf_ptr, clip_ptr, combine_ptr, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                  inv_scale_ptr, found_inf_ptr, clip_ptr, combine_ptr, descent_ptr, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
                   sign, beta, one_minus_beta, P_DTYPE: tl.constexpr, SAVE: tl.constexpr, FISHER: tl.constexpr,
                   EWC: tl.constexpr, AMSGRAD: tl.constexpr, AMP: tl.constexpr, SKIP: tl.constexpr,
-                  CLIP: tl.constexpr, N_SOURCES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                  CLIP: tl.constexpr, N_SOURCES: tl.constexpr, DESCENT: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
     # Lists: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 save, 6 fisher,
     # 7 EWC precision, 8 EWC anchor, 9... COMBINE's sources (N_SOURCES = -1: no COMBINE).
     t, offsets, mask = chunk_of(chunk_tensor, chunk_start, sizes, BLOCK)
@@ -44,6 +45,10 @@ def _adamw_kernel(addresses, n_tensors, sizes, chunk_tensor, chunk_start, lams, 
     # flush denormals to zero: eps = 0 with tiny gradients would give inf), as torch and CUDA.
     denom = div_rn(tl.sqrt_rn(second), tl.load(bias2_sqrts + t)) + eps
     p_new = p_new - tl.load(step_sizes + t) * div_rn(m_new, denom)
+    if DESCENT:  # after the update, in the same pass (WSAM's decoupled descent)
+        p_new = descended(
+            addresses, n_tensors, t, offsets, mask, p_new, descent_ptr, P_DTYPE, 1, N_SOURCES, 9
+        )
     if SKIP:
         skip = tl.load(found_inf_ptr) != 0.0
         p_new = tl.where(skip, p, p_new)  # p: the restored weight
@@ -83,7 +88,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
     m, v = views(exp_avgs, written=True), views(exp_avg_sqs, written=True)
     vmax = views(max_exp_avg_sqs, written=True) if max_exp_avg_sqs else None
     terms = step_inputs(views, n, device, restore_from, fisher, ewc_precision, ewc_anchor, grad_scale, found_inf,
-                        clip_coef, combine_from, combine_coef)  # fmt: skip
+                        clip_coef, combine_from, combine_coef, lr)  # fmt: skip
     none = [None] * n
     for is_covered, index in split_by(terms.covered).items():
         lists = [pick(params_c, index), pick(grads_c, index), pick(m, index), pick(v, index),
@@ -98,10 +103,11 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, re
         _adamw_kernel[(table.num_chunks,)](
             table.addresses, table.num_tensors, table.sizes, table.chunk_tensor, table.chunk_start, lams,
             step_sizes[picked], bias2_sqrts[picked], terms.inv_scale, terms.found_inf, terms.clip,
-            terms.combine_coef, float(1.0 - lr * weight_decay),
+            terms.combine_coef, terms.descent_coef, float(1.0 - lr * weight_decay),
             float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), -1.0 if maximize else 1.0,
             float(fisher_beta), float(1.0 - fisher_beta), P_DTYPE=triton_dtype(params[0].dtype), SAVE=bool(restore_from),
             FISHER=bool(fisher), EWC=is_covered, AMSGRAD=vmax is not None, AMP=terms.amp, SKIP=terms.skip,
-            CLIP=terms.clipped, N_SOURCES=len(terms.sources) if terms.combining else -1, BLOCK=BLOCK,
+            CLIP=terms.clipped, N_SOURCES=len(terms.sources) if terms.combining else -1,
+            DESCENT=terms.descending, BLOCK=BLOCK,
         )  # fmt: skip
     views.finish()

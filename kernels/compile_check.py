@@ -56,7 +56,8 @@ TABLE = {
 
 # The option terms of a step, as the public API combines them: none, each alone, SAM's restore
 # with its skip flag, GradScaler's unscale with its skip flag, the SAM variants' COMBINE with a
-# restore (GSAM and LookSAM 1 source, GAM 3; 0 scales the gradient alone), and all together.
+# restore (GSAM and LookSAM 1 source, GAM 3; 0 scales the gradient alone), all together, and
+# WSAM's DESCENT (with and without AMP).
 _TERMS = [
     {},
     {"SAVE": True, "SKIP": True},
@@ -68,8 +69,10 @@ _TERMS = [
     {"SAVE": True, "SKIP": True, "N_SOURCES": 1},
     {"SAVE": True, "SKIP": True, "N_SOURCES": 3},
     {"SAVE": True, "SKIP": True, "AMP": True, "FISHER": True, "EWC": True, "CLIP": True, "N_SOURCES": 2},
+    {"SAVE": True, "SKIP": True, "N_SOURCES": 1, "DESCENT": True},  # WSAM's decoupled descent
+    {"SAVE": True, "SKIP": True, "AMP": True, "N_SOURCES": 1, "DESCENT": True},
 ]
-_STEP_FLAGS = ("SAVE", "FISHER", "EWC", "AMP", "SKIP", "CLIP")
+_STEP_FLAGS = ("SAVE", "FISHER", "EWC", "AMP", "SKIP", "CLIP", "DESCENT")
 
 
 def _terms(**base):
@@ -88,6 +91,7 @@ SPECIALISATIONS = {
             "found_inf_ptr": "*fp32",
             "clip_ptr": "*fp32",
             "combine_ptr": "*fp32",
+            "descent_ptr": "*fp32",
             "lr": "fp32",
             "momentum": "fp32",
             "one_minus_dampening": "fp32",
@@ -113,6 +117,7 @@ SPECIALISATIONS = {
             "found_inf_ptr": "*fp32",
             "clip_ptr": "*fp32",
             "combine_ptr": "*fp32",
+            "descent_ptr": "*fp32",
             "decay": "fp32",
             "one_minus_beta1": "fp32",
             "beta2": "fp32",

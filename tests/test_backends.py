@@ -368,6 +368,21 @@ def test_task_ops_match_forloop(backend, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_descent_term_on_cuda_equals_the_descent_written_after_the_step(kind, dtype):
+    """CUDA bitwise (no FMA on either side); Triton fuses ``acc + a*x`` on the GPU, in the step
+    and in task_combine_ alike, but not always at the same places: a rounding or two apart."""
+
+    def fma_close(got, want):
+        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
+
+    for backend in _cuda_candidates():
+        compare = fma_close if backend == "triton" else None
+        descent_equals_the_unfused_form(backend, kind, dtype, device="cuda", compare=compare)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_task_ops_on_cuda_match_forloop(dtype):
     def fma_close(got, want):  # Triton fuses acc + a*g on the GPU: one rounding fewer than the oracle
@@ -464,8 +479,83 @@ def combine_equals_the_unfused_form(
     assert fused[2].shape == start.shape and not torch.equal(fused[2], start)  # it moved
 
 
+def descent_equals_the_unfused_form(
+    backend: str,
+    kind: str,
+    dtype: torch.dtype,
+    zoo_sizes: tuple = ZOO_SIZES,
+    device: str = "cpu",
+    compare=None,
+):
+    """DESCENT (``p <- p + lr/S (d0 g + d1 x1 + d2 x2)`` after the update, a 2-D ``combine_coef``)
+    against the form it replaces: the step with COMBINE alone, then ``task_combine_`` of the raw
+    gradient and the sources into the weights on the same backend with ``d * lr / S`` formed in
+    fp64. Bitwise (unless ``compare``), AMP on, the middle step skipped by ``found_inf`` (restore
+    only, no descent)."""
+    from cl_optim.multitask.fused import task_combine_
+
+    lr = 0.05 if kind == "sgd" else 1e-2
+    inv = torch.tensor(8.0, dtype=torch.float64).reciprocal().float().item()  # as AMP rounds 1/S
+
+    def run(fused: bool):
+        groups = clone_groups(make_zoo(torch.float32, sizes=zoo_sizes), dtype)
+        params = [p.detach().to(device) for p in zoo_params(groups) if p.numel() != 5]
+        n = len(params)
+        buffers, m, v = (
+            [None] * n,
+            [torch.zeros_like(p) for p in params],
+            [torch.zeros_like(p) for p in params],
+        )
+        steps = [torch.tensor(0.0) for _ in params]
+        combine = torch.tensor([0.6, -0.3, 0.5], dtype=torch.float64, device=device)
+        descent = torch.tensor([-0.7, 0.25, 0.4], dtype=torch.float64, device=device)
+        for step in range(3):
+            grads = [g.to(device, dtype) for g in zoo_grads(params, step, scale=8.0)]
+            sources = [
+                [g.to(device, dtype) for g in zoo_grads(params, 100 + 10 * k + step, scale=8.0)]
+                for k in range(2)
+            ]
+            saves = [p.clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0.01)
+            skipped = step == 1
+            terms = StepTerms(
+                restore_from=saves, grad_scale=torch.tensor(8.0, device=device),
+                found_inf=torch.tensor(float(skipped), device=device), combine_from=sources,
+                combine_coef=torch.stack([combine, descent]) if fused else combine,
+            )  # fmt: skip
+            with torch.no_grad():
+                if kind == "sgd":
+                    sgd_step_(params, grads, buffers, terms, lr=lr, momentum=0.9, dampening=0.1, nesterov=False,
+                              weight_decay=1e-2, maximize=False, backend=backend)  # fmt: skip
+                else:
+                    adamw_step_(params, grads, m, v, None, steps, terms, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8,
+                                weight_decay=1e-2, maximize=False, backend=backend)  # fmt: skip
+                if not fused and not skipped:
+                    task_combine_(params, [grads, *sources], descent * lr * inv, accumulate=True,
+                                  backend=backend)  # fmt: skip
+        return [t.cpu() for t in params + (buffers if kind == "sgd" else m + v)]
+
+    fused, unfused = run(True), run(False)
+    for a, b in zip(fused, unfused):
+        if compare is None:
+            assert torch.equal(a, b)
+        else:
+            compare(a, b)
+    start = make_zoo(torch.float32, sizes=zoo_sizes)[0]["params"][2].detach().to(dtype)
+    assert not torch.equal(fused[2], start)  # it moved
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", ["forloop", *CANDIDATES])
 def test_combine_term_equals_the_combination_written_into_grad(backend, dtype, kind):
     combine_equals_the_unfused_form(backend, kind, dtype)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["forloop", *CANDIDATES])
+def test_descent_term_equals_the_descent_written_after_the_step(backend, dtype, kind):
+    descent_equals_the_unfused_form(backend, kind, dtype)

@@ -321,7 +321,9 @@ def test_a_mismatched_combine_source_is_refused_and_nothing_changes(backend, op,
     "bad,expected",
     [("two_dim", r"combine_coef must be a 1-D tensor"), ("integer", r"combine_coef must be a dense floating"),
      ("one_too_many", r"combine_from has 6 entries for 3 sources"), ("empty", r"combine_coef is empty"),
-     ("sources_without_coef", r"combine_from has 6 entries but combine_coef is None")],
+     ("sources_without_coef", r"combine_from has 6 entries but combine_coef is None"),
+     ("three_rows", r"combine_coef must be a 1-D tensor \(K \+ 1 coefficients\) or a 2-D one \(2, K \+ 1\)"),
+     ("descent_of_four", r"DESCENT \(a 2-D combine_coef\) takes at most 3 sources, got 4")],
 )  # fmt: skip
 def test_bad_combine_coefficients_are_refused_and_nothing_changes(backend, op, bad, expected):
     args = _valid(op)
@@ -331,6 +333,8 @@ def test_bad_combine_coefficients_are_refused_and_nothing_changes(backend, op, b
         "one_too_many": torch.tensor([0.5, -1.0, 2.0, 3.0], dtype=torch.float64),
         "empty": torch.zeros(0, dtype=torch.float64),
         "sources_without_coef": None,
+        "three_rows": torch.zeros(3, 3, dtype=torch.float64),
+        "descent_of_four": torch.zeros(2, 5, dtype=torch.float64),
     }[bad]
     snapshot = _snapshot(args)
     with pytest.raises(RuntimeError, match=expected):

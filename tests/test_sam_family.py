@@ -277,8 +277,9 @@ def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, m
     """With a cl_optim base (fp64 here) the final combination is the COMBINE term of the
     restore+update pass, never written into ``.grad``: the reference's numbers (GSAM: those of
     GSAM over torch's optimizer, checked against INFTY and the official rule in test_gsam.py)
-    on every CPU backend; LookSAM's per-tensor norms and WSAM's decoupled descent keep the
-    written form."""
+    on every CPU backend; LookSAM's per-tensor norms keep the written form. WSAM's decoupled
+    descent is the DESCENT term of the same pass (tests/test_backends.py has it bitwise against the
+    written form on every backend)."""
     if backend == "cpp":
         from cl_optim._backend import resolve
 
@@ -323,8 +324,7 @@ def test_a_fused_base_reads_the_combination_in_its_update(name, base, backend, m
         seed = dict(generator_seed=3) if name == "rwp" else {}
         ref = reference(name.replace("_layerwise", "").replace("_decoupled", ""), base, **hyper, **seed)
         check_against(opt, params, passes, ref, base)
-    # COMBINE on every step but LookSAM's SAM steps (their update uses g_s), its per-tensor form
-    # and WSAM's decoupled form (the update's gradient is g1 itself)
-    expected = {"looksam_layerwise": [False] * STEPS, "wsam_decoupled": [False] * STEPS,
+    # COMBINE on every step but LookSAM's SAM steps (their update uses g_s) and its per-tensor form
+    expected = {"looksam_layerwise": [False] * STEPS,
                 "looksam": [t % 3 != 0 for t in range(STEPS)]}.get(name, [True] * STEPS)  # fmt: skip
     assert combined == expected

@@ -455,6 +455,10 @@ COMBINED_VARIANTS = {
     "wsam": (lambda p: cl_optim.WSAM([p], cl_optim.SGD, rho=0.1, gamma=0.9, decouple=False, lr=1e-30),
              [[-3.3e38, -3.3e38], [3.3e38, 3.3e38]],  # 9 g2 - 8 g1
              [[1e30, -1e30], [2e30, 1e30]]),
+    # decoupled: the update reads g1, then DESCENT w += lr (-9 g2 + 9 g1) in the same pass
+    "wsam_decoupled": (lambda p: cl_optim.WSAM([p], cl_optim.SGD, rho=0.1, gamma=0.9, lr=1e-30),
+                       [[-3.3e38, -3.3e38], [3.3e38, 3.3e38]],
+                       [[1e30, -1e30], [2e30, 1e30]]),
     "rwp": (lambda p: cl_optim.RWP([p], cl_optim.SGD, rho=0.01, alpha=0.5, lr=1e-30,
                                    generator=torch.Generator().manual_seed(0)),
             None,  # a convex mix never overflows
@@ -477,8 +481,8 @@ def _spy_combine(opt) -> list:
 
 @pytest.mark.parametrize("name", sorted(COMBINED_VARIANTS))
 def test_the_combination_read_by_the_update_is_bounded_like_the_written_one(name):
-    """C-Flat, coupled WSAM and RWP hand their final combination to a fused base's update
-    (COMBINE), bounded by norms they had anyway (the ascents', the first pass's check) and the
+    """C-Flat, WSAM (both forms) and RWP hand their final combination to a fused base's update
+    (COMBINE; decoupled WSAM's descent too, DESCENT), bounded by norms they had anyway (the ascents', the first pass's check) and the
     last gradient's: finite gradients whose combination overflows skip the step with the weights
     restored, as the written form's check would; large finite ones far from the bound step."""
     make, overflowing, large = COMBINED_VARIANTS[name]

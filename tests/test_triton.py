@@ -23,6 +23,7 @@ from test_backends import (  # noqa: E402
     _check_task_ops,
     _functional_run,
     combine_equals_the_unfused_form,
+    descent_equals_the_unfused_form,
 )
 
 import cl_optim  # noqa: E402
@@ -91,6 +92,13 @@ def test_step_kernels_match_forloop(kind, dtype, with_terms):
 def test_combine_term_equals_the_combination_written_into_grad(kind, dtype):
     """Bitwise, bf16 included: the same kernels' rounding on both sides."""
     combine_equals_the_unfused_form("triton", kind, dtype, zoo_sizes=SMALL_ZOO)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_descent_term_equals_the_descent_written_after_the_step(kind, dtype):
+    """Bitwise, bf16 included, a skipped step in the middle."""
+    descent_equals_the_unfused_form("triton", kind, dtype, zoo_sizes=SMALL_ZOO)
 
 
 @pytest.mark.parametrize("with_terms", [False, True], ids=["plain", "all_terms"])

@@ -76,6 +76,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
                        grad_scale, clip_coef, fisher_beta, maximize);
+  terms.set_lr(lr);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -112,7 +113,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
             },
             save != nullptr, fp != nullptr, ewc, xp != nullptr);
       };
-      terms.over_chunk<scalar_t, opmath_t>(gp, t, c.begin, c.end, run);
+      terms.over_chunk<scalar_t, opmath_t>(gp, pp, t, c.begin, c.end, run);
     });
   });
   ws.finish();

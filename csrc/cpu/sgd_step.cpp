@@ -58,6 +58,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   }
   StepTermInputs terms(ws, n, restore_from, combine_from, combine_coef, fisher, ewc_precision, ewc_anchor, ewc_lam,
                        grad_scale, clip_coef, fisher_beta, maximize);
+  terms.set_lr(lr);
   const auto chunks = make_chunks(sizes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -88,7 +89,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
             },
             save != nullptr, fp != nullptr, ewc, bp != nullptr, ready);
       };
-      terms.over_chunk<scalar_t, opmath_t>(gp, t, c.begin, c.end, run);
+      terms.over_chunk<scalar_t, opmath_t>(gp, pp, t, c.begin, c.end, run);
     });
   });
   ws.finish();

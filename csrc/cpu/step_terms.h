@@ -44,6 +44,10 @@ struct StepTermInputs {
   int64_t n_tensors;
   std::vector<void*> sources;
   std::vector<double> combine_coef;
+  // DESCENT (a 2-D combine_coef's row 1, d_j): after the update, p <- p + sum_j c_j x_j with
+  // x_0 the raw gradient, as task_combine_ accumulates, c_j = d_j * lr * (1/grad_scale) in double
+  // (set_lr); empty: the term is off.
+  std::vector<double> descent_raw, descent_coef;
 
   StepTermInputs(Workspace& ws, int64_t n, at::TensorList restore_from, at::TensorList combine_from,
                  const std::optional<at::Tensor>& combine_coef_in, at::TensorList fisher_in,
@@ -59,7 +63,9 @@ struct StepTermInputs {
     for (size_t i = 0; i < restore_from.size(); ++i) restore.push_back(ws.data(restore_from[i], false, i));
     if (combine_coef_in.has_value() && combine_coef_in->defined()) {
       const at::Tensor c = combine_coef_in->to(at::kDouble).contiguous();
-      combine_coef.assign(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+      const int64_t row = c.size(-1);  // K + 1; a 2-D tensor holds COMBINE's row, then DESCENT's
+      combine_coef.assign(c.data_ptr<double>(), c.data_ptr<double>() + row);
+      if (c.dim() == 2) descent_raw.assign(c.data_ptr<double>() + row, c.data_ptr<double>() + 2 * row);
       for (size_t i = 0; i < combine_from.size(); ++i) sources.push_back(ws.data(combine_from[i], false, i % n));
     }
     for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.data(fisher_in[i], true, i));
@@ -74,6 +80,13 @@ struct StepTermInputs {
   }
 
   bool combining() const { return !combine_coef.empty(); }
+  bool descending() const { return !descent_coef.empty(); }
+
+  // DESCENT's coefficients for this step's learning rate, formed as the Python backends form them.
+  void set_lr(double lr) {
+    descent_coef.clear();
+    for (double d : descent_raw) descent_coef.push_back(d * lr * inv_scale);  // inv_scale: 1 without AMP
+  }
 
   // COMBINE of elements [begin, begin + len) of tensor t (len <= kCombineBlock) into `out`:
   // 0 + c_0 g + c_1 x_1 + ... in opmath, rounded to the gradient's dtype, as task_combine_ writes it.
@@ -88,17 +101,32 @@ struct StepTermInputs {
     combine_store<scalar_t, opmath_t>(out, acc, len);
   }
 
+  // DESCENT of elements [begin, begin + len) of tensor t (len <= kCombineBlock), the updated
+  // parameter still in L1: param + c_0 g + c_1 x_1 + ... in opmath, rounded to the parameter's dtype.
+  template <typename scalar_t, typename opmath_t>
+  void descend(scalar_t* param, const scalar_t* grad, int64_t t, int64_t begin, int64_t len) const {
+    alignas(64) opmath_t acc[kCombineBlock];
+    combine_start<scalar_t, opmath_t>(acc, param + begin, len, true);
+    combine_add<scalar_t, opmath_t>(acc, grad + begin, static_cast<opmath_t>(descent_coef[0]), len);
+    for (size_t j = 1; j < descent_coef.size(); ++j)
+      combine_add<scalar_t, opmath_t>(acc, static_cast<const scalar_t*>(sources[(j - 1) * n_tensors + t]) + begin,
+                                      static_cast<opmath_t>(descent_coef[j]), len);
+    combine_store<scalar_t, opmath_t>(param + begin, acc, len);
+  }
+
   // Runs `run(grad, shift, begin, end)` over elements [begin, end) of tensor t's chunk, the other
   // pointers shifted by `shift`: the chunk with .grad as it is, or with COMBINE a sub-block at a
-  // time, its combined gradient formed in L1 first.
+  // time, its combined gradient formed in L1 first, and DESCENT applied to `param` (the updated
+  // parameter) right after each sub-block's update.
   template <typename scalar_t, typename opmath_t, typename Run>
-  void over_chunk(const scalar_t* grad, int64_t t, int64_t begin, int64_t end, const Run& run) const {
+  void over_chunk(const scalar_t* grad, scalar_t* param, int64_t t, int64_t begin, int64_t end, const Run& run) const {
     if (!combining()) return run(grad, 0, begin, end);
     alignas(64) scalar_t combined[kCombineBlock];
     for (int64_t b = begin; b < end; b += kCombineBlock) {
       const int64_t len = std::min(kCombineBlock, end - b);
       combine<scalar_t, opmath_t>(combined, grad, t, b, len);
       run(combined, b, 0, len);
+      if (descending()) descend<scalar_t, opmath_t>(param, grad, t, b, len);
     }
   }
 

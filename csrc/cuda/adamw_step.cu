@@ -51,6 +51,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(TensorListMeta<kAdamWLi
         restored_task_grad_of<SAVE, FISHER, EWC>(p, save, g_in, fisher, precision, anchor, i, ewc_lam, terms, pv);
     float mv = load_as<float>(m[i]), vv = load_as<float>(v[i]), xv = AMSGRAD ? load_as<float>(vmax[i]) : 0.f;
     adamw_update<AMSGRAD>(pv, gv, mv, vv, xv, a);
+    if (args.descent_coef)  // DESCENT, after the update (the same for every thread)
+      pv = descended(meta, 10, t, i, g, load_as<float>(store_as<scalar_t>(pv)), args.descent_coef, args.n_sources);
     p[i] = store_as<scalar_t>(pv);  // round to nearest even for bf16/fp16
     m[i] = store_as<scalar_t>(mv);
     v[i] = store_as<scalar_t>(vv);

@@ -38,6 +38,7 @@ struct SgdDeviceArgs {
   const float* clip_coef;  // CLIP, or null
   const float* combine_coef;  // COMBINE: n_sources + 1 coefficients (fp32), or null
   int n_sources;              // COMBINE: sources in lists 7.. (-1: off)
+  const float* descent_coef;  // DESCENT: n_sources + 1 coefficients d_j * lr / grad_scale (fp32), or null
   float lr, sign, fisher_beta;
   float momentum, one_minus_dampening, weight_decay;
   bool nesterov;
@@ -56,6 +57,7 @@ struct AdamWDeviceArgs {
   const float* clip_coef;  // CLIP, or null
   const float* combine_coef;  // COMBINE: n_sources + 1 coefficients (fp32), or null
   int n_sources;              // COMBINE: sources in lists 10.. (-1: off)
+  const float* descent_coef;  // DESCENT: n_sources + 1 coefficients d_j * lr / grad_scale (fp32), or null
   float sign, fisher_beta;
   float decay, one_minus_beta1, beta2, one_minus_beta2, eps;
   double lr_exact, beta1_exact, beta2_exact;  // the bias corrections, formed in double

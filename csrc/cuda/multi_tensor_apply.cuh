@@ -119,6 +119,20 @@ __device__ __forceinline__ float combined_grad(const TensorListMeta<kLists>& met
   return load_as<float>(store_as<scalar_t>(acc));
 }
 
+// DESCENT at element i of tensor t, after the update: the parameter as stored (`p_stored`) +
+// c_0 g + c_1 x_1 + ... in fp32 with the raw gradient and COMBINE's sources (lists first..), each
+// product and sum rounded as task_combine_ accumulates them (no FMA).
+template <typename scalar_t, int kLists>
+__device__ __forceinline__ float descended(const TensorListMeta<kLists>& meta, int first, int t, int64_t i,
+                                           const scalar_t* g, float p_stored, const float* coef, int n_sources) {
+  float acc = __fadd_rn(p_stored, __fmul_rn(coef[0], load_as<float>(g[i])));
+  for (int j = 0; j < n_sources; ++j) {
+    const auto* x = static_cast<const scalar_t*>(meta.addresses[first + j][t]);
+    acc = __fadd_rn(acc, __fmul_rn(coef[j + 1], load_as<float>(x[i])));
+  }
+  return acc;
+}
+
 // Device scalars (lr, loss scale, found_inf, SAM scale) are read by pointer: a step needs no
 // host synchronisation and can be captured in a CUDA graph. Null means "off" (the default value).
 __device__ __forceinline__ float load_or(const float* p, float fallback) { return p ? *p : fallback; }

@@ -40,6 +40,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListMeta<kSgdLists>
     float bv = MOMENTUM ? load_as<float>(buf[i]) : 0.f;
     sgd_update<MOMENTUM>(pv, gv, bv, READY, s);
     if (MOMENTUM) buf[i] = store_as<scalar_t>(bv);
+    if (args.descent_coef)  // DESCENT, after the update (the same for every thread)
+      pv = descended(meta, 7, t, i, g, load_as<float>(store_as<scalar_t>(pv)), args.descent_coef, args.n_sources);
     p[i] = store_as<scalar_t>(pv);
   }
 }
