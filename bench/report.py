@@ -112,8 +112,8 @@ def _fisher_cost(table) -> list:
         f"**fisher_cost** — {any_row['device']}; torch {any_row['torch']}, cl_optim {any_row['cl_optim']} "
         f"({any_row['git_sha']}, {any_row['timestamp'][:10]}); empirical Fisher over the same batches as "
         "one forward+backward of the mean loss, median of paired rounds [p20, p80]\n",
-        "| model | provider | x backward | peak memory | probe share | self-check share |",
-        "|---|---|---|---|---|---|",
+        "| model | provider | x backward | peak memory | probe share | self-check share | past the probe and self-check |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in keys:
         metrics = table[key]
@@ -122,10 +122,15 @@ def _fisher_cost(table) -> list:
             f"{float(metrics[m]['p50']):.0%}" if m in metrics else "-"
             for m in ("probe_share", "self_check_share")
         ]
+        for i, m in enumerate(("probe_seconds", "self_check_seconds")):
+            if m in metrics:
+                shares[i] += f" ({float(metrics[m]['p50']) * 1e3:.1f} ms)"
+        past = metrics.get("x_backward_past_the_plan")
+        past = f"{float(past['p50']):.2f}x" if past else "-"
         peak = f"{float(metrics['peak_memory']['p50']) / 2**20:.1f} MiB" if "peak_memory" in metrics else "-"
         lines.append(
             f"| {key[1]} | {key[2]} | {float(ratio['p50']):.2f}x [{float(ratio['p20']):.2f}, {float(ratio['p80']):.2f}] "
-            f"| {peak} | {shares[0]} | {shares[1]} |"
+            f"| {peak} | {shares[0]} | {shares[1]} | {past} |"
         )
     return lines + [""]
 
