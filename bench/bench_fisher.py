@@ -14,9 +14,12 @@ marked and recorded), and each provider's peak memory above what existed before 
 (``harness.peak_memory``: the CUDA allocator's peak, or on CPU the running sum of the profiler's
 allocations and frees): the MLP, a small CNN (two Conv2d on 3 x 32 x 32), a Conv1d model, a
 transformer block model (token and shared position embeddings, two ``TransformerEncoderLayer``,
-``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (the default:
-probe and self-check included, their shares of the estimate printed), ``cl_optim_unchecked``
-(``verify=False``), ``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
+``RMSNorm``, head) and an LSTM model, all on fast rules. Providers: ``cl_optim`` (a first
+estimate on the model, ``reuse_plan=False``: probe and self-check included, their shares of the
+estimate printed), ``cl_optim_unchecked`` (``verify=False``, ``reuse_plan=False``: the probe
+without the self-check), ``cl_optim_kept_plan`` (the default on a model estimated before: the
+plan and its self-check kept from the last estimate, ``cl_optim.fisher.plans``),
+``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
 costs), ``backpack`` (BackPACK's ``SumGradSquared``, where it installs and supports the model's
 layers: the MLP and the convolution models) and ``loop_bs1`` (the last fallback).
 
@@ -255,10 +258,12 @@ def _backward(model, data):
     return step
 
 
-def _ours(model, data, shares, verify=True):
+def _ours(model, data, shares, verify=True, reuse_plan=False):
     def step():
-        result = cl_optim.fisher.estimate(model, data, estimator="empirical", verify=verify)
-        if verify:
+        result = cl_optim.fisher.estimate(
+            model, data, estimator="empirical", verify=verify, reuse_plan=reuse_plan
+        )
+        if verify and not reuse_plan:
             total = result.meta["seconds"]
             check, probe = result.meta["verify"]["seconds"], result.meta["plan"]["seconds"]
             shares.append((check / total, probe / total, check, probe))
@@ -290,6 +295,7 @@ def cost_table(args):
             providers = {
                 "cl_optim": _ours(model, data, shares),
                 "cl_optim_unchecked": _ours(model, data, shares, verify=False),
+                "cl_optim_kept_plan": _ours(model, data, shares, reuse_plan=True),
                 "torch_func_model": torch_func_vmap(model, data, "empirical"),
                 # The loop runs on fewer samples; its ratio is scaled to the same sample count.
                 "loop_bs1": loop_bs1(model, loop_data, "empirical"),

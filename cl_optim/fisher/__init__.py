@@ -25,7 +25,10 @@ convolutions, embeddings and position tables, norm layers), and from a chain of 
 ways for everything else (:mod:`cl_optim.fisher.fallback`: ``torch.func`` on the layer, the layer
 one sample at a time, ``torch.func`` on the whole model, the model one sample at a time). With
 ``verify=True`` (the default) the routed computation is checked on the first samples against the
-model run one sample at a time (:mod:`cl_optim.fisher.engine`). Accumulation is fp32 whatever
+model run one sample at a time (:mod:`cl_optim.fisher.engine`). The plan and its check are kept
+for the next estimate on the same model while the model, the first batch's shapes and the graph
+of its forward are unchanged (:mod:`cl_optim.fisher.plans`; ``reuse_plan=False`` plans afresh).
+Accumulation is fp32 whatever
 the model dtype; the loss reduction (mean or sum) and ``loss_scale`` do not change the result.
 
 Example:
@@ -48,8 +51,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import plans
 from .batch import Batch, logits
-from .engine import Engine
+from .engine import PROBE_SAMPLES, Engine
 from .seeds import default_nll, per_sample_loss_grad, seeds
 
 __all__ = ["estimate", "FisherResult", "ESTIMATORS"]
@@ -81,6 +85,7 @@ def estimate(
     loss_scale: float = 1.0,
     memory_cap: int = DEFAULT_MEMORY_CAP,
     verify: bool = True,
+    reuse_plan: bool = True,
 ) -> FisherResult:
     """Estimate the diagonal Fisher of ``model`` on ``data`` at the current weights.
 
@@ -107,6 +112,10 @@ def estimate(
         verify: check the per-layer computation on the first 2 samples of the first batch against
             the model run one sample at a time; a layer that differs moves to a slower exact way,
             with a warning naming it. Its cost is in ``meta["verify"]``.
+        reuse_plan: reuse the plan (routes and self-check) of the last estimate on this model
+            while its modules, parameters, modes and hooks and the first batch's shapes are the
+            same (:mod:`cl_optim.fisher.plans`); ``False`` plans and checks afresh and keeps the
+            new plan. ``meta["plan"]["reused"]`` says which happened.
 
     Returns:
         A :class:`FisherResult`: fp32 tensors keyed by parameter name (parameters that require
@@ -150,6 +159,9 @@ def estimate(
         gc.freeze()
     try:
         engine = Engine(model, named, memory_cap, verify)
+        model_signature = plans.model_signature(model, named)  # after eval(): the modes count
+        kept = plans.recall(model, model_signature) if reuse_plan else None
+        planned_on, reused, graph, trusted = None, False, (), False
         seen, batches = 0, 0
         for raw in data:
             batch = Batch.of(raw)
@@ -163,12 +175,28 @@ def estimate(
                 _check_output(output, likelihood)
                 _add_batched(named, totals, output, batch.targets, loss_fn)
             else:
-                if not engine.planned and batch.size > 1:
-                    engine.plan(batch)
+                fresh = not engine.planned and batch.size > 1
+                if fresh:
+                    planned_on = plans.batch_signature(batch.take(min(batch.size, PROBE_SAMPLES)))
+                    reused = kept is not None and kept.batch == planned_on
+                    if reused:
+                        plans.restore(engine, kept)
+                    else:
+                        engine.plan(batch)
                 output, capture = engine.forward(batch)
+                if fresh:
+                    graph, trusted = plans.inspect(engine, capture, output)
+                    if reused and graph != kept.graph:  # the forward runs other operations now
+                        engine, reused = Engine(model, named, memory_cap, verify), False
+                        engine.plan(batch)
+                        output, capture = engine.forward(batch)
+                        graph, trusted = plans.inspect(engine, capture, output)
+                    elif reused and verify and not engine.verified_samples:
+                        engine.verify_plan(batch)
                 if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen
                     engine.plan(batch)
                     output, capture = engine.forward(batch)
+                    trusted = False  # planned part-way: not kept
                 _check_output(output, likelihood)
                 draws = seeds(
                     estimator, likelihood, sigma, output, batch.targets, loss_fn, mc_samples, generator
@@ -181,6 +209,8 @@ def estimate(
                     engine.accumulate(batch, output, capture, draws, totals)
             seen += batch.size
             batches += 1
+        if planned_on is not None and (not reused or engine.plan_seconds or engine.verify_seconds):
+            plans.keep(model, plans.snapshot(engine, model_signature, planned_on, graph) if trusted else None)
     finally:
         if freezing:
             gc.unfreeze()
@@ -205,12 +235,13 @@ def estimate(
         "seconds": seconds,
     }
     if estimator != "batched":
-        meta["plan"] = {"seconds": engine.plan_seconds}
+        meta["plan"] = {"seconds": engine.plan_seconds, "reused": reused}
         meta["verify"] = (
             {
                 "samples": engine.verified_samples,
                 "seconds": engine.verify_seconds,
                 "share": engine.verify_seconds / seconds if seconds > 0 else 0.0,
+                "reused": reused and not engine.verify_seconds,
             }
             if verify
             else None

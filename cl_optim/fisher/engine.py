@@ -127,6 +127,13 @@ class Engine:
         if self.verify:
             self.check(part, output, capture)
 
+    def verify_plan(self, batch: Batch) -> None:
+        """The self-check alone, on the first samples of ``batch``: for a kept plan
+        (:mod:`~cl_optim.fisher.plans`) made without it."""
+        part = batch.take(min(batch.size, PROBE_SAMPLES))
+        output, capture = self.forward(part)
+        self.check(part, output, capture)
+
     def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
         # Layers that look run once for the batch (no dimension of the planning batch's size, a
         # prime when the batch allows) are tried expanded before the probe; a layer the probe
