@@ -105,7 +105,14 @@ def _fisher_cost(table) -> list:
     newest = max(row["timestamp"] for key in keys for row in table[key].values())
     keys = [key for key in keys if any(row["timestamp"] == newest for row in table[key].values())]  # one run
     models = list(dict.fromkeys(key[1] for key in keys))
-    order = ["cl_optim", "cl_optim_unchecked", "cl_optim_kept_plan", "torch_func_model", "backpack", "loop_bs1"]
+    order = [
+        "cl_optim",
+        "cl_optim_unchecked",
+        "cl_optim_kept_plan",
+        "torch_func_model",
+        "backpack",
+        "loop_bs1",
+    ]
     keys.sort(key=lambda k: (models.index(k[1]), order.index(k[2]) if k[2] in order else len(order)))
     any_row = next(iter(table[keys[0]].values()))
     lines = [
