@@ -88,6 +88,9 @@ class Call:
     # Matrix products inside the layer's forward, as (input, weight, bias, output) in call order:
     # attention's projections (see `Capture`), differentiated in the same backward as `outputs`.
     inner: list = field(default_factory=list)
+    # A recurrent layer on its analytic rule whose outputs were cut from torch's fused graph
+    # (recurrent.cut_recurrent): the estimate's backward leaves the gate gradients here.
+    cut: object = None
 
     def differentiated(self) -> list:
         """The tensors whose gradients the per-layer pass asks for: outputs, then inner outputs."""
@@ -124,10 +127,11 @@ class Capture:
     later batch) is left as it is and marked not expanded.
     """
 
-    def __init__(self, layers, size: int, expand: Optional[dict] = None):
+    def __init__(self, layers, size: int, expand: Optional[dict] = None, cut: frozenset = frozenset()):
         self.layers = list(layers)
         self.size = size
         self.expand = expand or {}
+        self.cut = cut  # recurrent layers whose backward is their rule's (recurrent.cut_recurrent)
         self.calls: dict = {}
         self.handles = []
 
@@ -158,6 +162,11 @@ class Capture:
         self.wrapped = []
 
     def _hook(self, module, args, kwargs, output):
+        cut = None
+        if module in self.cut:
+            from .recurrent import cut_recurrent
+
+            output, cut = cut_recurrent(module, args, kwargs, output)
         planned = self.expand.get(module)
         how = None
         if planned is not None:  # expand only a call shaped as the one the plan expanded
@@ -200,6 +209,7 @@ class Capture:
             raw,
             how is not None,
             self.recorded.pop(module, []),
+            cut,
         )
         self.calls.setdefault(module, []).append(call)
         handed = [t.clone() if isinstance(t, Tensor) and t.requires_grad else t for t in leaves]

@@ -97,8 +97,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------ forward
 
-    def forward(self, batch: Batch, expand: Optional[dict] = None) -> tuple[Tensor, Capture]:
-        capture = Capture(self.layers, batch.size, self.expand if expand is None else expand)
+    def forward(
+        self, batch: Batch, expand: Optional[dict] = None, cut: bool = True
+    ) -> tuple[Tensor, Capture]:
+        """The model on ``batch`` under a capture. ``cut``: recurrent layers on their analytic rule
+        take the rule's recurrence as their backward (:func:`~cl_optim.fisher.recurrent.cut_recurrent`);
+        planning forwards are not cut, since the probe's coverage check needs the layers' own
+        graph to reach their weights."""
+        cut_layers = frozenset(
+            m for m, r in self.routes.items() if cut and r.level == RULE and r.rule == "recurrent"
+        )
+        capture = Capture(self.layers, batch.size, self.expand if expand is None else expand, cut_layers)
         with torch.enable_grad(), capture:
             output = logits(self.model(*batch.args, **batch.kwargs))
         if output.dim() == 0 or output.shape[0] != batch.size:
@@ -120,11 +129,13 @@ class Engine:
         start = time.perf_counter()
         try:
             part = batch.take(min(batch.size, PROBE_SAMPLES))
-            output, capture = self.forward(part)
+            output, capture = self.forward(part, cut=False)
             output, capture = self._plan(part, output, capture)
         finally:
             self.plan_seconds += time.perf_counter() - start
         if self.verify:
+            if any(r.level == RULE and r.rule == "recurrent" for r in self.routes.values()):
+                output, capture = self.forward(part)  # the check runs the cut layers as estimated
             self.check(part, output, capture)
 
     def verify_plan(self, batch: Batch) -> None:
@@ -186,7 +197,9 @@ class Engine:
             whole = len(trial) == 1
             for extra in trial:
                 try:
-                    again, again_capture = self.forward(batch, {**self.expand, **accepted, **extra})
+                    again, again_capture = self.forward(
+                        batch, {**self.expand, **accepted, **extra}, cut=False
+                    )
                 except Exception:  # the forward breaks under the expansion: not expanded
                     continue
                 if again.shape == output.shape and torch.allclose(
@@ -196,7 +209,7 @@ class Engine:
                     kept = (again, again_capture) if whole else None
             if accepted:
                 self.expand.update(accepted)
-                return kept if kept is not None else self.forward(batch)
+                return kept if kept is not None else self.forward(batch, cut=False)
         return output, capture
 
     def _coverage_names(self, modules: list) -> list:

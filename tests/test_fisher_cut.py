@@ -1,0 +1,139 @@
+"""A recurrent layer on its analytic rule takes the rule's recurrence as its backward.
+
+With a layer below it that needs its delta (an embedding), the estimate's backward would run
+torch's fused RNN backward to get there and the rule would run the recurrence again; the cut
+(cl_optim.fisher.recurrent.cut_recurrent) makes the rule's recurrence the backward, giving the
+input's gradient too. Checked against the batch-size-1 loop of test_fisher_routes, against the
+estimate without the cut, for the fused backward never running, and for the self-check seeing a
+wrong cut.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from test_fisher_routes import _assert_matches, _batches, _loop
+from torch import nn
+
+from cl_optim import fisher
+from cl_optim.fisher import recurrent
+
+
+class Tokens(nn.Module):
+    """Embedding, then an LSTM or GRU, then a head on the mean of the sequence (and, with
+    ``finals``, on the last layer's final state too)."""
+
+    def __init__(self, cell, finals=False, **options):
+        super().__init__()
+        self.tok = nn.Embedding(9, 5)
+        self.rnn = cell(5, 4, **options)
+        self.finals, self.batch_first = finals, options.get("batch_first", False)
+        width = 4 * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width + (4 if finals else 0), 3)
+
+    def forward(self, tokens):  # (B, T)
+        h = self.tok(tokens if self.batch_first else tokens.t())
+        out, state = self.rnn(h)
+        pooled = out.mean(1 if self.batch_first else 0)
+        if self.finals:
+            last = (state[0] if isinstance(state, tuple) else state)[-1]
+            pooled = torch.cat([pooled, last], 1)
+        return self.head(pooled)
+
+
+OPTIONS = [
+    {},
+    {"batch_first": True},
+    {"num_layers": 2, "bidirectional": True},
+    {"num_layers": 2, "batch_first": True, "bias": False},
+]
+
+
+def _no_cut(monkeypatch):
+    monkeypatch.setattr(recurrent, "cut_recurrent", lambda module, args, kwargs, output: (output, None))
+
+
+@pytest.mark.parametrize("finals", [False, True], ids=["sequence", "and_final_state"])
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_the_cut_gives_the_loops_numbers_and_those_without_it(monkeypatch, cell, options, finals):
+    torch.manual_seed(3)
+    model = Tokens(cell, finals, **options)
+    data = _batches((6,), 3, tokens=9)
+    backward = []
+    through = recurrent._ThroughTheRule.backward
+    monkeypatch.setattr(
+        recurrent._ThroughTheRule,
+        "backward",
+        staticmethod(lambda ctx, *g: backward.append(1) or through(ctx, *g)),
+    )
+    got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+    assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+    assert got.meta["per_sample"]["tok"].startswith("embedding")
+    assert backward  # the cut ran
+    _assert_matches(got, _loop(model, data, "exact"))
+    _no_cut(monkeypatch)
+    uncut = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+    for name in got:
+        torch.testing.assert_close(got[name], uncut[name], rtol=1e-5, atol=1e-9)
+
+
+def test_the_fused_rnn_backward_does_not_run(monkeypatch):
+    torch.manual_seed(0)
+    model = Tokens(nn.LSTM, num_layers=2)
+    data = _batches((6,), 3, tokens=9)
+    fisher.estimate(model, data, estimator="empirical")  # planned (uncut forwards) and kept
+
+    def rnn_backwards():
+        with torch.profiler.profile() as prof:
+            fisher.estimate(model, data, estimator="empirical")
+        return [e.name for e in prof.events() if re.search(r"rnn.*backward|lstm.*backward", e.name, re.I)]
+
+    assert rnn_backwards() == []
+    _no_cut(monkeypatch)
+    assert rnn_backwards() != []  # the probe sees it where it runs
+
+
+def test_initial_states_that_need_a_gradient_are_not_cut():
+    class Started(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.start = nn.Embedding(9, 5), nn.Linear(5, 4)
+            self.rnn, self.head = nn.GRU(5, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            h = self.tok(tokens)
+            out, _ = self.rnn(h, torch.tanh(self.start(h.mean(1))).unsqueeze(0))
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Started()
+    data = _batches((6,), 3, tokens=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no demotion
+        got = fisher.estimate(model, data, estimator="exact")
+    assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+    _assert_matches(got, _loop(model, data, "exact"))
+
+
+def test_the_self_check_sees_a_wrong_cut(monkeypatch):
+    """A cut whose input gradient is off by a factor: the self-check runs the cut layers as the
+    estimate does, so the embedding's squares disagree, it is moved down until it agrees, and the
+    number is right."""
+    through = recurrent._ThroughTheRule.backward
+
+    def doubled(ctx, *grads):
+        out = through(ctx, *grads)
+        return (out[0], 2 * out[1], *out[2:])
+
+    monkeypatch.setattr(recurrent._ThroughTheRule, "backward", staticmethod(doubled))
+    torch.manual_seed(1)
+    model = Tokens(nn.LSTM)
+    data = _batches((6,), 3, tokens=9)
+    with pytest.warns(UserWarning, match="`tok`"):
+        got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+    assert "torch.func (model)" in got.meta["per_sample"]["tok"]
+    _assert_matches(got, _loop(model, data, "exact"))
