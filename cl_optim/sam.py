@@ -623,6 +623,11 @@ class SAM(torch.optim.Optimizer):
         check is its finiteness; with it, the check is made where gradients outside the
         combination exist (a parameter that got its first gradient in the last pass)."""
         params, _, coefficients, source_norms, grad_norm = combine
+        if coefficients.dim() == 2:
+            # The bound is COMBINE's (what the update reads). The DESCENT row enters the kernel
+            # times lr/S, and the written form (task_combine_ after the step) bounds none of it:
+            # bounding the raw row skipped steps the written form takes (review of 5337db7).
+            coefficients = coefficients[0]
         if grad_norm is None:
             try:
                 grad_norm = self._gradient_sq_norm().sqrt()

@@ -500,6 +500,24 @@ def test_the_combination_read_by_the_update_is_bounded_like_the_written_one(name
     assert not torch.equal(p.detach(), torch.tensor([1.0, -2.0]))  # lr 1e-30 times ~1e30: it moved
 
 
+@pytest.mark.parametrize("backend", ["forloop", "cpp"])
+def test_decoupled_wsams_descent_row_is_not_in_the_bound(backend):
+    """Finite gradients of norm about 2e37 with lr 1e-30: nothing either form computes is near
+    the fp32 range (the descent lr a (g1 - g2) is about 1e8), so the fused step steps as the written
+    form does. Bounding the descent row without its lr skipped it."""
+    results = []
+    for fuse in (True, False):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = cl_optim.WSAM([p], cl_optim.SGD, rho=0.1, gamma=0.9, lr=1e-30, backend=backend)
+        opt._FUSE_COMBINATION = fuse
+        combined = _spy_combine(opt) if fuse else []
+        _scripted(opt, p, [[1e37, 1e37], [2e37, -1e37]])
+        assert combined == ([True] if fuse else []) and not bool(opt.last_step_skipped), fuse
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+    assert float(results[0].abs().max()) > 1e7  # it moved by the descent
+
+
 @pytest.mark.parametrize("sam_on", [False, True], ids=["asam", "sam_on"])
 def test_an_asam_or_sam_on_ascent_norm_is_no_bound_and_the_combination_is_written(sam_on):
     """The ascents' norms bound C-Flat's sources only where they are plain norms over every
