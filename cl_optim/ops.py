@@ -20,6 +20,7 @@ Importing this module defines the schemas only; it loads no extension and touche
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 LIBRARY = "cl_optim"
 
@@ -93,6 +94,29 @@ _FAKES = {
 }
 
 
+def _refusing_mixed_meta(op: str, fake):
+    """``fake`` behind a check: torch dispatches a call with any tensor on the meta device to the
+    meta kernel, so one meta tensor among real ones (a coefficient built on "meta") would make a
+    whole step a silent no-op. Fake tensors (tracing, ``torch.compile``) and all-meta calls pass."""
+
+    def checked(*args, **kwargs):
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        meta = [t for t in leaves if t.is_meta]
+        if meta:
+            real = [t for t in leaves if not t.is_meta and type(t) in (torch.Tensor, torch.nn.Parameter)]
+            if real:
+                from ._checks import check_op
+
+                check_op(op, args, kwargs)  # names the tensor, as the Python backends do
+                raise RuntimeError(
+                    f"cl_optim.{op}: tensors on the meta device next to tensors on {real[0].device}; "
+                    "every tensor argument must be on the parameters' device"
+                )
+        return fake(*args, **kwargs)
+
+    return checked
+
+
 def define_library(name: str) -> torch.library.Library:
     """Declare every op of ``SCHEMAS``, with its fake kernel, in the library ``name``.
 
@@ -103,7 +127,9 @@ def define_library(name: str) -> torch.library.Library:
     library = torch.library.Library(name, "DEF")
     for op, schema in SCHEMAS.items():
         library.define(schema)
-        torch.library.register_fake(f"{name}::{op}", _FAKES.get(op, _no_output), lib=library)
+        torch.library.register_fake(
+            f"{name}::{op}", _refusing_mixed_meta(op, _FAKES.get(op, _no_output)), lib=library
+        )
     return library
 
 

@@ -447,3 +447,25 @@ def test_a_missing_gradient_is_refused_by_the_python_backends(backend):
     with pytest.raises(RuntimeError, match=r"grads\[1\] is undefined"):
         BACKENDS[backend]("adamw_step_", args)
     _assert_unchanged(snapshot)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("op", sorted(ALIGNED))
+def test_a_tensor_on_the_meta_device_is_refused_and_nothing_changes(backend, op):
+    """One meta tensor among CPU ones sends a compiled op to its meta kernel: without a check the
+    whole call was a silent no-op (a combine_coef built on "meta" skipped nothing and wrote
+    nothing). Every backend refuses it, naming the tensor."""
+    args = _valid(op)
+    name = next(iter(ALIGNED[op]))
+    args[name] = [t.to("meta") if i == 1 else t for i, t in enumerate(args[name])]
+    snapshot = [(t, before) for t, before in _snapshot(args) if not t.is_meta]
+    with pytest.raises(RuntimeError, match=rf"{name}\[1\] is on meta"):
+        BACKENDS[backend](op, args)
+    _assert_unchanged(snapshot)
+    if op in ("sgd_step_", "adamw_step_"):
+        args = _valid(op)
+        args["combine_coef"] = args["combine_coef"].to("meta")
+        snapshot = [(t, before) for t, before in _snapshot(args) if not t.is_meta]
+        with pytest.raises(RuntimeError, match=r"combine_coef is on meta"):
+            BACKENDS[backend](op, args)
+        _assert_unchanged(snapshot)
