@@ -227,24 +227,9 @@ def test_a_plan_made_without_the_check_is_checked_on_first_reuse():
 
 
 def test_a_demotion_by_the_self_check_is_kept(monkeypatch):
-    from test_fisher_routes import WrongRule
+    from test_fisher_routes import WrongRule, break_the_rule_of_wrong_rule_layers
 
-    from cl_optim.fisher import rules
-
-    original = rules.rule_for
-
-    def broken(module):
-        if isinstance(module, WrongRule):
-
-            def apply(module, call, deltas, acc, cap, layout, batch):
-                acc["weight"].addmm_(deltas[0].float().square().t(), call.args[0].float())
-                acc["bias"].add_(deltas[0].float().square().sum(0))
-
-            return rules.Rule("broken", apply, lambda *a: True)
-        return original(module)
-
-    monkeypatch.setattr(rules, "rule_for", broken)
-    monkeypatch.setattr("cl_optim.fisher.engine.rule_for", broken)
+    break_the_rule_of_wrong_rule_layers(monkeypatch)
     torch.manual_seed(0)
     model, data = nn.Sequential(WrongRule(4, 5), nn.Tanh(), nn.Linear(5, 3)), _batches((4,), 3)
     with pytest.warns(UserWarning, match="its per-sample squares differ"):

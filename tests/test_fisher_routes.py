@@ -344,13 +344,14 @@ class WrongRule(nn.Linear):
     """A Linear whose rule is forced to be wrong (a bug in a rule, as the check must catch it)."""
 
 
-def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
+def break_the_rule_of_wrong_rule_layers(monkeypatch) -> None:
+    """Every ``WrongRule`` layer gets a rule that is wrong: the 2-D identity with x for x**2."""
     from cl_optim.fisher import rules
 
     original = rules.rule_for
 
     def broken(module):
-        if isinstance(module, WrongRule):  # the 2-D identity with x instead of x**2
+        if isinstance(module, WrongRule):
 
             def apply(module, call, deltas, acc, cap, layout, batch):
                 acc["weight"].addmm_(deltas[0].float().square().t(), call.args[0].float())
@@ -361,6 +362,10 @@ def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
 
     monkeypatch.setattr(rules, "rule_for", broken)
     monkeypatch.setattr("cl_optim.fisher.engine.rule_for", broken)
+
+
+def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
+    break_the_rule_of_wrong_rule_layers(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(WrongRule(4, 5), nn.Tanh(), nn.Linear(5, 3))
     data = _batches((4,), 3)
