@@ -25,9 +25,11 @@ convolutions, embeddings and position tables, norm layers), and from a chain of 
 ways for everything else (:mod:`cl_optim.fisher.fallback`: ``torch.func`` on the layer, the layer
 one sample at a time, ``torch.func`` on the whole model, the model one sample at a time). With
 ``verify=True`` (the default) the routed computation is checked on the first samples against the
-model run one sample at a time (:mod:`cl_optim.fisher.engine`). The plan and its check are kept
-for the next estimate on the same model while the model, the first batch's shapes and the graph
-of its forward are unchanged (:mod:`cl_optim.fisher.plans`; ``reuse_plan=False`` plans afresh).
+model run one sample at a time (:mod:`cl_optim.fisher.engine`). The routes are kept for the next
+estimate on the same model while the model, the first batch's shapes and the graph of its forward
+are unchanged, and checked again there (:mod:`cl_optim.fisher.plans`; ``reuse_plan=False``
+plans afresh). One model is estimated by one thread at a time: ``torch.func`` swaps its
+parameters during the model-level ways.
 Accumulation is fp32 whatever
 the model dtype; the loss reduction (mean or sum) and ``loss_scale`` do not change the result.
 
@@ -112,10 +114,12 @@ def estimate(
         verify: check the per-layer computation on the first 2 samples of the first batch against
             the model run one sample at a time; a layer that differs moves to a slower exact way,
             with a warning naming it. Its cost is in ``meta["verify"]``.
-        reuse_plan: reuse the plan (routes and self-check) of the last estimate on this model
-            while its modules, parameters, modes and hooks and the first batch's shapes are the
-            same (:mod:`cl_optim.fisher.plans`); ``False`` plans and checks afresh and keeps the
-            new plan. ``meta["plan"]["reused"]`` says which happened.
+        reuse_plan: reuse the routes of the last estimate on this model while its modules,
+            parameters, modes and hooks, the first batch's shapes and the graph of its forward
+            are the same (:mod:`cl_optim.fisher.plans`): the probe is skipped, the self-check
+            runs as always, and a layer it would move plans the estimate afresh. Only with
+            ``verify=True``. ``False`` plans afresh and keeps the new plan.
+            ``meta["plan"]["reused"]`` says which happened.
 
     Returns:
         A :class:`FisherResult`: fp32 tensors keyed by parameter name (parameters that require
@@ -160,7 +164,10 @@ def estimate(
     try:
         engine = Engine(model, named, memory_cap, verify)
         model_signature = plans.model_signature(model, named)  # after eval(): the modes count
-        kept = plans.recall(model, model_signature) if reuse_plan else None
+        # A kept plan is reused only with the self-check, which runs on every estimate: the
+        # guards cannot see everything a plan rests on (review of cd2254f: a permutation read from
+        # an attribute, samples that start to interact as a weight leaves zero).
+        kept = plans.recall(model, model_signature) if reuse_plan and verify else None
         planned_on, reused, graph, trusted = None, False, (), False
         seen, batches = 0, 0
         for raw in data:
@@ -186,13 +193,13 @@ def estimate(
                 output, capture = engine.forward(batch)
                 if fresh:
                     graph, trusted = plans.inspect(engine, capture, output)
-                    if reused and graph != kept.graph:  # the forward runs other operations now
+                    # The forward runs other operations now, or the self-check moves a layer:
+                    # planned afresh on this batch, so that a reused plan gives a fresh one's numbers.
+                    if reused and (graph != kept.graph or not engine.recheck(batch)):
                         engine, reused = Engine(model, named, memory_cap, verify), False
                         engine.plan(batch)
                         output, capture = engine.forward(batch)
                         graph, trusted = plans.inspect(engine, capture, output)
-                    elif reused and verify and not engine.verified_samples:
-                        engine.verify_plan(batch)
                 if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen
                     engine.plan(batch)
                     output, capture = engine.forward(batch)
@@ -209,7 +216,7 @@ def estimate(
                     engine.accumulate(batch, output, capture, draws, totals)
             seen += batch.size
             batches += 1
-        if planned_on is not None and (not reused or engine.plan_seconds or engine.verify_seconds):
+        if planned_on is not None and (not reused or engine.plan_seconds):  # a new or changed plan
             plans.keep(model, plans.snapshot(engine, model_signature, planned_on, graph) if trusted else None)
     finally:
         if freezing:
@@ -241,7 +248,6 @@ def estimate(
                 "samples": engine.verified_samples,
                 "seconds": engine.verify_seconds,
                 "share": engine.verify_seconds / seconds if seconds > 0 else 0.0,
-                "reused": reused and not engine.verify_seconds,
             }
             if verify
             else None

@@ -349,8 +349,13 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, param
         for k, t in enumerate(call.outputs):
             a, b = first[at + k], second[at + k]
             peak = _peak(a)
-            proven.append(peak != 0)  # NaN: a gradient reached it
-            outs.append(_layout_of(t.shape, a, b, c.to(t.device), batch, peak))
+            layout = _layout_of(t.shape, a, b, c.to(t.device), batch, peak)
+            # Proven: a gradient reached it (NaN counts) and it fits one candidate layout only. Rows
+            # that tell no two candidates apart (gradient on the diagonal of a (T, B) output with
+            # T = B) prove nothing: the layer goes to the model level once a gradient reaches it.
+            proven.append(peak != 0 and not (layout is not None and _layout_of(
+                t.shape, a, b, c.to(t.device), batch, peak, after=layout) is not None))  # fmt: skip
+            outs.append(layout)
         ins = [None] * len(call.raw_inputs)
         for k, (i, t) in enumerate(inputs):
             a, b = first[at + n_out + k], second[at + n_out + k]
@@ -375,12 +380,17 @@ def _peak(t: Optional[Tensor]) -> float:
     return 0.0 if t is None or t.numel() == 0 else float(t.detach().abs().max())
 
 
-def _layout_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int, peak: float):
+def _layout_of(
+    shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int, peak: float, after=None
+):
     """The candidate layout whose per-row scales ``c`` turn ``first`` into ``second``: every
-    element within ``tol |expected| + tol 1e-3 peak`` (``peak = max |first|``)."""
+    element within ``tol |expected| + tol 1e-3 peak`` (``peak = max |first|``); with ``after``,
+    the next one past that candidate (a second fit: the rows tell them apart)."""
     candidates = _candidates(shape, batch)
     if first is None or second is None or peak == 0:
         return candidates[0] if candidates else None  # no gradient reaches it: a guess (not proven)
+    if after is not None:
+        candidates = candidates[candidates.index(after) + 1 :]
     a, b = first.float(), second.float()
     tol = _tolerance(first)
     atol = tol * 1e-3 * peak

@@ -138,12 +138,17 @@ class Engine:
                 output, capture = self.forward(part)  # the check runs the cut layers as estimated
             self.check(part, output, capture)
 
-    def verify_plan(self, batch: Batch) -> None:
-        """The self-check alone, on the first samples of ``batch``: for a kept plan
-        (:mod:`~cl_optim.fisher.plans`) made without it."""
+    def recheck(self, batch: Batch) -> bool:
+        """The self-check alone, on the first samples of ``batch``, for a kept plan
+        (:mod:`~cl_optim.fisher.plans`): whether it left every route as it was (its warnings are
+        held back; a plan it changes is made afresh, which gives them)."""
+        before = ({m: r.level for m, r in self.routes.items()}, dict(self.model_level))
         part = batch.take(min(batch.size, PROBE_SAMPLES))
-        output, capture = self.forward(part)
-        self.check(part, output, capture)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output, capture = self.forward(part)
+            self.check(part, output, capture)
+        return before == ({m: r.level for m, r in self.routes.items()}, dict(self.model_level))
 
     def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
         # Layers that look run once for the batch (no dimension of the planning batch's size, a
@@ -180,11 +185,21 @@ class Engine:
                 if len(self.owners[full_name]) == 1:
                     self.model_level.pop(full_name, None)
         names = self._coverage_names(single)
+        # Parameters of layers this forward did not call: a gradient reaching one comes from a use
+        # outside its layer (``F.linear(h, self.head.weight)``), which only the model level sees.
+        uncalled = [
+            n for n in self.params
+            if n not in self.model_level and not any(o in capture.calls for o in self.owners[n])
+        ]  # fmt: skip
         probes, deltas, full = probe_layouts(
-            output, [capture.calls[m][0] for m in single], self.generator, [self.params[n] for n in names]
-        )
+            output, [capture.calls[m][0] for m in single], self.generator,
+            [self.params[n] for n in names + uncalled],
+        )  # fmt: skip
         for module, found in zip(single, probes):
             self.routes[module] = _route(module, capture.calls[module][0], found, batch.size)
+        for name, grad in zip(uncalled, full[len(names) :]):
+            if grad is not None:
+                self.model_level[name] = MODEL_FUNC
         self._check_coverage(capture, dict(zip(single, deltas)), dict(zip(names, full)))
 
     def _expand(self, batch, output, capture, candidates: dict):

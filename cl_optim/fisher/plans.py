@@ -1,13 +1,12 @@
-"""Plans kept between estimates: the probe and the self-check run once per model, not per call.
+"""Plans kept between estimates: the probe runs once per model, the self-check every time.
 
 A plan (each layer's route, the layers expanded to the batch, the parameters taken at the model
-level, whether the self-check passed) depends on the model's structure and the shapes of what it
-is fed, not on its weights: within one estimate every batch after the first already reuses it.
-Continual learning estimates the Fisher of the same model after every task (online EWC every few
-hundred steps), where planning and checking again cost as much as the estimate's backward on a
-small model (bench_fisher's MLP over 4 batches of 128: 3.9 ms of probe and 3.8 ms of self-check
-against an estimate of 23 ms). So the last plan of each model is kept, and reused while a guard
-holds:
+level) depends on the model's structure and the shapes of what it is fed, mostly not on its
+weights: within one estimate every batch after the first already reuses it. Continual learning
+estimates the Fisher of the same model after every task (online EWC every few hundred steps),
+where probing again costs as much as a large share of the estimate (bench_fisher's transformer:
+41 ms of probe in 4 batches of 128). So the last plan of each model is kept, and reused while a
+guard holds:
 
 - the model: every module (its name, identity, class, mode, ``extra_repr``, the identities of its
   forward hooks and of a ``forward`` set on the instance) and every parameter that requires grad
@@ -16,16 +15,20 @@ holds:
   same plain values (numbers, strings, flags) as the batch the plan was made on;
 - the autograd graph of that batch's forward has the same operations, edges and parameters as it
   had then (:func:`graph_signature`; a flag read in ``forward`` or a weight used outside its
-  layer changes it, which no module attribute shows). This is checked after the first forward:
-  where it fails the estimate plans afresh on the same batch (one forward lost).
+  layer changes it, which no module attribute shows);
+- the self-check, which runs on every estimate (reuse needs ``verify=True``), moves no layer.
 
-A plan that rests on the weights is not kept (:func:`inspect`): a layout that no gradient reached
-when probed on an output the graph uses (a zero-initialised adapter), or a parameter taken per
-layer that the graph consumes twice (its coverage check could have passed on a zero
-contribution). Nor is one that had to plan again part-way (a layer first run in a later batch). Anything else (a new head, a frozen layer, a cast, ``train()``, a hook, other input shapes) plans
-afresh. A plan made with ``verify=False`` is checked on first reuse with ``verify=True``. The
-plan is keyed weakly by the model and names modules by their qualified names, so it neither keeps
-a model alive nor holds its modules.
+Where the graph or the self-check fails, the estimate plans afresh on the same batch, so a reused
+plan gives the numbers a fresh one gives. The guards alone are not enough: the graph does not
+record an operation's arguments (a permutation read from an attribute turns block rows into
+interleaved ones), and a model whose samples start to interact as a weight leaves zero passes
+every guard; the self-check catches both (review of cd2254f). A plan that rests on the weights is
+not kept (:func:`inspect`): a layout that no gradient reached when probed on an output the graph
+uses (a zero-initialised adapter), or a parameter taken per layer that the graph consumes twice,
+or at all for a cut recurrent layer (its coverage check could have passed on a zero
+contribution). Nor is one that had to plan again part-way (a layer first run in a later batch).
+The plan is keyed weakly by the model and names modules by their qualified names, so it neither
+keeps a model alive nor holds its modules.
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ class Plan:
     routes: dict  # qualified module name -> Route
     expand: dict  # qualified module name -> (how, rank)
     model_level: dict  # parameter name -> level
-    verified_samples: int  # samples the self-check ran on (0: not checked)
     plan_seconds: float = 0.0
     verify_seconds: float = 0.0
     warned: set = field(default_factory=set)
@@ -154,6 +156,11 @@ def inspect(engine, capture, output: Tensor) -> tuple:
         for t, proven in zip(calls[0].outputs, route.proven):
             if not proven and t.grad_fn is not None and (t.grad_fn, t.output_nr) in reached:
                 return rows, False
+    # A cut recurrent layer (recurrent.cut_recurrent) is not in the graph: any of its parameters
+    # that is, is used outside it (the count of two below would miss it).
+    cut = {id(p) for m in capture.cut for p in m.parameters()}
+    if any(variable in cut for _, variable, _ in rows):
+        return rows, False
     counts: dict = {}
     for _, _, edges in rows:
         for edge in edges:
@@ -200,7 +207,6 @@ def snapshot(engine, model_sig: tuple, batch_sig: tuple, graph_sig: tuple):
         routes={name[m]: copy.deepcopy(r) for m, r in engine.routes.items()},
         expand={name[m]: how for m, how in engine.expand.items()},
         model_level=dict(engine.model_level),
-        verified_samples=engine.verified_samples,
         plan_seconds=engine.plan_seconds,
         verify_seconds=engine.verify_seconds,
         warned=set(engine.warned),
@@ -213,6 +219,5 @@ def restore(engine, plan: Plan) -> None:
     engine.routes = {modules[n]: copy.deepcopy(r) for n, r in plan.routes.items()}
     engine.expand = {modules[n]: how for n, how in plan.expand.items()}
     engine.model_level = dict(plan.model_level)
-    engine.verified_samples = plan.verified_samples
     engine.warned = set(plan.warned)
     engine.planned = True
