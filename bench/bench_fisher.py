@@ -18,7 +18,7 @@ transformer block model (token and shared position embeddings, two ``Transformer
 estimate on the model, ``reuse_plan=False``: probe and self-check included, their shares of the
 estimate printed), ``cl_optim_unchecked`` (``verify=False``, ``reuse_plan=False``: the probe
 without the self-check), ``cl_optim_kept_plan`` (the default on a model estimated before: the
-plan and its self-check kept from the last estimate, ``cl_optim.fisher.plans``),
+routes kept from the last estimate, ``cl_optim.fisher.plans``, so no probe; the self-check runs),
 ``torch_func_model`` (``vmap`` over ``grad`` of the whole model, what the model-level fallback
 costs), ``backpack`` (BackPACK's ``SumGradSquared``, where it installs and supports the model's
 layers: the MLP and the convolution models) and ``loop_bs1`` (the last fallback).
