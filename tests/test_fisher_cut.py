@@ -139,3 +139,29 @@ def test_the_self_check_sees_a_wrong_cut(monkeypatch):
         got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
     assert "torch.func (model)" in got.meta["per_sample"]["tok"]
     _assert_matches(got, _loop(model, data, "exact"))
+
+
+@pytest.mark.parametrize("layers,batch", [(3, 6), (3, 5), (2, 6)])
+def test_given_states_of_as_many_rows_as_samples_keep_the_rule(layers, batch):
+    """hx of shape (layers * directions, B, H) with layers * directions == B: the unused final
+    states' layout was guessed on dim 0, which refused the rule and cut hx on dim 0 in the
+    per-sample loop (a crash)."""
+
+    class Given(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.head = nn.Embedding(9, 5), nn.Linear(8, 3)
+            self.rnn = nn.LSTM(5, 4, num_layers=layers, bidirectional=True, batch_first=True)
+
+        def forward(self, tokens):
+            states = self.rnn.num_layers * 2
+            h0 = torch.linspace(-1, 1, states * 4).view(states, 1, 4).expand(states, tokens.shape[0], 4)
+            out, _ = self.rnn(self.tok(tokens), (h0.contiguous(), 0.5 * h0.contiguous()))
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = Given()
+    data = _batches((5,), 3, sizes=(batch,), tokens=9)
+    got = fisher.estimate(model, data, estimator="exact")
+    assert got.meta["per_sample"]["rnn"].startswith("recurrent")
+    _assert_matches(got, _loop(model, data, "exact"))

@@ -548,6 +548,8 @@ def _check_samples_do_not_interact(together: Tensor, alone: Tensor) -> None:
 
 
 def _route(module, call, probe, batch: int) -> Route:
+    if isinstance(module, nn.RNNBase):
+        _rnn_states_on_dim_1(call, probe, batch)
     layouts, proven, inputs = probe.outputs, list(probe.proven), _input_axes(call, probe, batch)
     rule = rule_for(module)
     if rule is not None and rule.accepts(module, call, layouts):
@@ -558,6 +560,24 @@ def _route(module, call, probe, batch: int) -> Route:
             route.level = LAYER_LOOP  # it loops inside, slower than the plain loop (0.8x measured)
         return route
     return Route(MODEL_FUNC, layouts, "its samples cannot be separated at its inputs and outputs")
+
+
+def _rnn_states_on_dim_1(call, probe, batch: int) -> None:
+    """Torch keeps an RNN's states ``(layers * directions, B, H)`` whatever ``batch_first``: where
+    no gradient reached a final state the probe's guess was its first candidate, dim 0 when
+    ``layers * directions == B``, which refused the rule and put ``hx``'s samples on dim 0 too (a
+    crash in the per-sample loop). Unproven states and unprobed ``hx`` take dim 1."""
+    on_1 = Layout("axis", 1)
+    for k, t in enumerate(call.outputs):
+        if k and not probe.proven[k] and t.dim() > 1 and t.shape[1] == batch:
+            probe.outputs[k] = on_1
+    tensors = [i for i, t in enumerate(call.inputs) if isinstance(t, Tensor)]
+    if not tensors or call.inputs[tensors[0]].dim() != 3:
+        return  # a packed sequence: its leaves are not the states
+    for i in tensors[1:]:  # after the input sequence: h0 (and c0)
+        t = call.inputs[i]
+        if probe.inputs[i] is None and t.dim() > 1 and t.shape[1] == batch:
+            probe.inputs[i] = on_1
 
 
 def _input_axes(call, probe, batch: int) -> Optional[list]:
