@@ -349,19 +349,19 @@ def probe_layouts(output: Tensor, calls: list, generator: torch.Generator, param
         for k, t in enumerate(call.outputs):
             a, b = first[at + k], second[at + k]
             peak = _peak(a)
-            layout = _layout_of(t.shape, a, b, c.to(t.device), batch, peak)
+            fits = _layouts_of(t.shape, a, b, c.to(t.device), batch, peak)
             # Proven: a gradient reached it (NaN counts) and it fits one candidate layout only. Rows
             # that tell no two candidates apart (gradient on the diagonal of a (T, B) output with
             # T = B) prove nothing: the layer goes to the model level once a gradient reaches it.
-            proven.append(peak != 0 and not (layout is not None and _layout_of(
-                t.shape, a, b, c.to(t.device), batch, peak, after=layout) is not None))  # fmt: skip
-            outs.append(layout)
+            proven.append(peak != 0 and len(fits) <= 1)
+            outs.append(fits[0] if fits else None)
         ins = [None] * len(call.raw_inputs)
         for k, (i, t) in enumerate(inputs):
             a, b = first[at + n_out + k], second[at + n_out + k]
             peak = _peak(a)
             if peak != 0:
-                ins[i] = _layout_of(t.shape, a, b, c.to(t.device), batch, peak) or "mixed"
+                fits = _layouts_of(t.shape, a, b, c.to(t.device), batch, peak)
+                ins[i] = fits[0] if fits else "mixed"
         probes.append(Probe(outs, proven, ins))
         deltas.append(list(first[at : at + n_out]))
     return probes, deltas, list(full)
@@ -380,25 +380,22 @@ def _peak(t: Optional[Tensor]) -> float:
     return 0.0 if t is None or t.numel() == 0 else float(t.detach().abs().max())
 
 
-def _layout_of(
-    shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int, peak: float, after=None
-):
-    """The candidate layout whose per-row scales ``c`` turn ``first`` into ``second``: every
-    element within ``tol |expected| + tol 1e-3 peak`` (``peak = max |first|``); with ``after``,
-    the next one past that candidate (a second fit: the rows tell them apart)."""
+def _layouts_of(shape, first: Optional[Tensor], second: Optional[Tensor], c: Tensor, batch: int, peak: float):
+    """The candidate layouts whose per-row scales ``c`` turn ``first`` into ``second``: every
+    element within ``tol |expected| + tol 1e-3 peak`` (``peak = max |first|``). Where no gradient
+    reaches it, the first candidate alone: a guess (not proven)."""
     candidates = _candidates(shape, batch)
     if first is None or second is None or peak == 0:
-        return candidates[0] if candidates else None  # no gradient reaches it: a guess (not proven)
-    if after is not None:
-        candidates = candidates[candidates.index(after) + 1 :]
+        return candidates[:1]
     a, b = first.float(), second.float()
     tol = _tolerance(first)
     atol = tol * 1e-3 * peak
+    fits = []
     for layout in candidates:
         expected = layout.per_row(c, shape) * a
         # |b - expected| - tol |expected| <= atol everywhere, in place (a NaN fails, as before).
         excess = (b - expected).abs_()
         excess.sub_(expected.abs_().mul_(tol))
         if float(excess.max()) <= atol:
-            return layout
-    return None
+            fits.append(layout)
+    return fits

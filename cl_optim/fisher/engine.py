@@ -104,9 +104,7 @@ class Engine:
         take the rule's recurrence as their backward (:func:`~cl_optim.fisher.recurrent.cut_recurrent`);
         planning forwards are not cut, since the probe's coverage check needs the layers' own
         graph to reach their weights."""
-        cut_layers = frozenset(
-            m for m, r in self.routes.items() if cut and r.level == RULE and r.rule == "recurrent"
-        )
+        cut_layers = self._cut_layers() if cut else frozenset()
         capture = Capture(self.layers, batch.size, self.expand if expand is None else expand, cut_layers)
         with torch.enable_grad(), capture:
             output = logits(self.model(*batch.args, **batch.kwargs))
@@ -116,6 +114,11 @@ class Engine:
                 "fisher.estimate needs one row of outputs per sample (dim 0)"
             )
         return output, capture
+
+    def _cut_layers(self) -> frozenset:
+        """The layers a forward cuts: recurrent layers on their rule (its analytic form decides
+        per call, :func:`~cl_optim.fisher.recurrent.cut_recurrent`)."""
+        return frozenset(m for m, r in self.routes.items() if r.level == RULE and r.rule == "recurrent")
 
     # ------------------------------------------------------------------------------ planning
 
@@ -134,7 +137,7 @@ class Engine:
         finally:
             self.plan_seconds += time.perf_counter() - start
         if self.verify:
-            if any(r.level == RULE and r.rule == "recurrent" for r in self.routes.values()):
+            if self._cut_layers():
                 output, capture = self.forward(part)  # the check runs the cut layers as estimated
             self.check(part, output, capture)
 

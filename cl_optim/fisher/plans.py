@@ -14,7 +14,7 @@ guard holds:
 - the first batch of two or more samples has the same tensors (shapes, dtypes, devices) and the
   same plain values (numbers, strings, flags) as the batch the plan was made on;
 - the autograd graph of that batch's forward has the same operations, edges and parameters as it
-  had then (:func:`graph_signature`; a flag read in ``forward`` or a weight used outside its
+  had then (:func:`inspect`; a flag read in ``forward`` or a weight used outside its
   layer changes it, which no module attribute shows);
 - the self-check, which runs on every estimate (reuse needs ``verify=True``), moves no layer.
 
@@ -48,7 +48,6 @@ __all__ = [
     "recall",
     "keep",
     "forget",
-    "graph_signature",
     "inspect",
     "snapshot",
     "restore",
@@ -65,12 +64,10 @@ class Plan:
 
     model: tuple  # model_signature at planning time
     batch: tuple  # batch_signature of the planning batch
-    graph: tuple  # graph_signature of the first batch's forward
+    graph: tuple  # the graph's signature (inspect) of the first batch's forward
     routes: dict  # qualified module name -> Route
     expand: dict  # qualified module name -> (how, rank)
     model_level: dict  # parameter name -> level
-    plan_seconds: float = 0.0
-    verify_seconds: float = 0.0
     warned: set = field(default_factory=set)
 
 
@@ -110,7 +107,10 @@ def batch_signature(batch) -> tuple:
 
 def _walk(output: Tensor) -> tuple:
     """The autograd graph behind ``output`` as rows (operation, the parameter it accumulates into
-    by identity, edges), breadth first, and the set of (node, output slot) pairs it reaches."""
+    by identity, edges), breadth first, and the set of (node, output slot) pairs it reaches. The
+    rows are the graph's signature: a forward that takes another path (a flag read in
+    ``forward``, a weight used outside its layer, another head) changes them, which the module
+    guard cannot see."""
     root = output.grad_fn
     if root is None:
         return (), set()
@@ -131,16 +131,8 @@ def _walk(output: Tensor) -> tuple:
     return tuple(rows), reached
 
 
-def graph_signature(output: Tensor) -> tuple:
-    """The autograd graph behind ``output``: each node's operation, the parameter it accumulates
-    into (by identity) and its edges, in breadth-first order. A forward that takes another path
-    (a flag read in ``forward``, a weight used outside its layer, another head) changes it, which
-    the module guard cannot see."""
-    return _walk(output)[0]
-
-
 def inspect(engine, capture, output: Tensor) -> tuple:
-    """``(graph_signature(output), trusted)`` for the engine's plan and the forward that made
+    """``(the graph's signature, trusted)`` for the engine's plan and the forward that made
     ``capture``: trusted unless the plan rests on the weights, i.e. a layer output whose layout
     no gradient reached when probed is on the graph (a zero-initialised adapter's: trained
     weights would reach it; an output the model never uses, as an LSTM's final states, is
@@ -192,8 +184,7 @@ def keep(model: nn.Module, plan) -> None:
 
 def forget(model: nn.Module) -> None:
     """Drops the kept plan of ``model`` (the next estimate plans afresh)."""
-    with _LOCK:
-        _KEPT.pop(model, None)
+    keep(model, None)
 
 
 def snapshot(engine, model_sig: tuple, batch_sig: tuple, graph_sig: tuple):
@@ -207,8 +198,6 @@ def snapshot(engine, model_sig: tuple, batch_sig: tuple, graph_sig: tuple):
         routes={name[m]: copy.deepcopy(r) for m, r in engine.routes.items()},
         expand={name[m]: how for m, how in engine.expand.items()},
         model_level=dict(engine.model_level),
-        plan_seconds=engine.plan_seconds,
-        verify_seconds=engine.verify_seconds,
         warned=set(engine.warned),
     )
 

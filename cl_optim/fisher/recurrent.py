@@ -44,15 +44,16 @@ SEQUENCE_FIRST = Layout("axis", 1)
 ANALYTIC = True  # LSTM (no projections) and GRU by their backward recurrence (_analytic_squares_)
 
 
-def _arguments(module: nn.RNNBase, call: Call) -> tuple[Tensor, object]:
-    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+def _bound(module: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[Tensor, object]:
+    """The call's ``input`` and ``hx``, however they were passed."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
     return bound.arguments["input"], bound.arguments.get("hx")
 
 
 def accepts_recurrent(module, call: Call, layouts) -> bool:
     """A batched tensor input, eval mode (or no dropout), and the samples where torch keeps them:
     the output on dim 0 (``batch_first``) or 1, the final states on dim 1."""
-    x, _ = _arguments(module, call)
+    x, _ = _bound(module, call.args, call.kwargs)
     if not isinstance(x, Tensor) or x.dim() != 3 or (module.training and module.dropout > 0):
         return False
     output_layout = BATCH_MAJOR if module.batch_first else SEQUENCE_FIRST
@@ -261,7 +262,7 @@ class _ThroughTheRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cut: Cut, x_raw: Tensor, *outputs: Tensor):
-        ctx.cut, ctx.batch_first = cut, cut.module.batch_first
+        ctx.cut = cut
         return outputs
 
     @staticmethod
@@ -269,7 +270,7 @@ class _ThroughTheRule(torch.autograd.Function):
         cut = ctx.cut
         records, d_x = _analytic_gates(cut.module, cut.x, cut.hx, cut.output, list(grads), cut.batch, True)
         cut.records = records
-        return (None, d_x.transpose(0, 1) if ctx.batch_first else d_x) + (None,) * len(grads)
+        return (None, d_x.transpose(0, 1) if cut.module.batch_first else d_x) + (None,) * len(grads)
 
 
 def cut_recurrent(module, args: tuple, kwargs: dict, output):
@@ -280,10 +281,9 @@ def cut_recurrent(module, args: tuple, kwargs: dict, output):
     if not ANALYTIC or not isinstance(module, (nn.LSTM, nn.GRU)) or getattr(module, "proj_size", 0):
         return output, None
     try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        x, hx = _bound(module, args, kwargs)
     except TypeError:
         return output, None
-    x, hx = bound.arguments["input"], bound.arguments.get("hx")
     states = [] if hx is None else (list(hx) if isinstance(hx, (tuple, list)) else [hx])
     if (
         not isinstance(x, Tensor)
@@ -309,7 +309,7 @@ def recurrent_squares_(module, call: Call, deltas, acc, cap, layout, batch) -> N
     from .rules import add_linear_squares_
 
     lstm = isinstance(module, nn.LSTM)
-    x, hx = _arguments(module, call)
+    x, hx = _bound(module, call.args, call.kwargs)
     # The deltas in the order of the call's output leaves (output, h_n[, c_n]): those of leaves
     # that needed no gradient are None.
     placed = [None] * (max(call.output_index, default=-1) + 1)
