@@ -378,6 +378,30 @@ def test_the_self_check_moves_a_layer_whose_rule_is_wrong(monkeypatch):
     assert got.meta["verify"]["samples"] == 2 and got.meta["verify"]["seconds"] > 0
 
 
+@pytest.mark.parametrize("wrong", [False, True])
+def test_the_check_works_in_the_totals_only_while_they_are_empty(monkeypatch, wrong, recwarn):
+    """The self-check works in the estimate's totals before the first batch (selfcheck.py), and
+    leaves them zeroed; a batch of one sample before the first plan puts its squares there
+    first, and they must survive the check (with a wrong rule the check also takes its slow
+    path, which settles the layer in buffers of its own)."""
+    break_the_rule_of_wrong_rule_layers(monkeypatch)
+    torch.manual_seed(0)
+    first = WrongRule(4, 5) if wrong else nn.Linear(4, 5)
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(5, 3))
+    for sizes in ((1, 6, 4), (6, 4)):
+        data = _batches((4,), 3, sizes=sizes)
+        got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+        _assert_matches(got, _loop(model, data, "exact"))
+        moved = got.meta["per_sample"]["0"].startswith("torch.func (layer)")
+        assert moved == wrong and got.meta["per_sample"]["2"] == "linear"
+    assert any("its per-sample squares differ" in str(w.message) for w in recwarn.list) == wrong
+    # A kept plan's recheck works in the totals too; its numbers are a fresh plan's.
+    data = _batches((4,), 3, sizes=(6, 4))
+    kept = fisher.estimate(model, data, estimator="exact")
+    assert kept.meta["plan"]["reused"]  # the routes as the check left them
+    _assert_matches(kept, _loop(model, data, "exact"))
+
+
 def test_verify_false_skips_the_check():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))

@@ -183,21 +183,24 @@ def estimate(
                 _add_batched(named, totals, output, batch.targets, loss_fn)
             else:
                 fresh = not engine.planned and batch.size > 1
+                # The self-check may work in the totals while nothing is in them (batches of one
+                # sample before the first plan add theirs without one).
+                lend = totals if seen == 0 else None
                 if fresh:
                     planned_on = plans.batch_signature(batch.take(min(batch.size, PROBE_SAMPLES)))
                     reused = kept is not None and kept.batch == planned_on
                     if reused:
                         plans.restore(engine, kept)
                     else:
-                        engine.plan(batch)
+                        engine.plan(batch, scratch=lend)
                 output, capture = engine.forward(batch)
                 if fresh:
                     graph, trusted = plans.inspect(engine, capture, output)
                     # The forward runs other operations now, or the self-check moves a layer:
                     # planned afresh on this batch, so that a reused plan gives a fresh one's numbers.
-                    if reused and (graph != kept.graph or not engine.recheck(batch)):
+                    if reused and (graph != kept.graph or not engine.recheck(batch, scratch=lend)):
                         engine, reused = Engine(model, named, memory_cap, verify), False
-                        engine.plan(batch)
+                        engine.plan(batch, scratch=lend)
                         output, capture = engine.forward(batch)
                         graph, trusted = plans.inspect(engine, capture, output)
                 if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen

@@ -45,7 +45,6 @@ LEVELS = (
     "torch.func (model)",
     "loop over samples (model)",
 )
-VERIFY_SAMPLES = 2  # two: a merge of two samples' rows shows only when both are checked
 # Samples the probe plans on: enough to see samples mix, and a prime, so that a shared tensor
 # (position ids (T,)) seldom has a dimension of the same size, which would stop its expansion.
 PROBE_SAMPLES = 13
@@ -122,12 +121,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------ planning
 
-    def plan(self, batch: Batch) -> None:
+    def plan(self, batch: Batch, scratch: Optional[dict] = None) -> None:
         """Routes every layer (see the module docstring) on the first samples of ``batch``, then
         (with ``verify``) checks the routes on the same forward.
 
         The probe reads values, not shapes (a sequence length equal to the probe's sample count
         cannot fool it), so a slice of the batch serves as well as the whole and costs a fraction.
+        ``scratch``: zeroed fp32 accumulators by parameter name that the check may work in and
+        leaves zeroed (the estimate lends its totals before its first batch).
         """
         start = time.perf_counter()
         try:
@@ -139,18 +140,19 @@ class Engine:
         if self.verify:
             if self._cut_layers():
                 output, capture = self.forward(part)  # the check runs the cut layers as estimated
-            self.check(part, output, capture)
+            self.check(part, output, capture, scratch)
 
-    def recheck(self, batch: Batch) -> bool:
+    def recheck(self, batch: Batch, scratch: Optional[dict] = None) -> bool:
         """The self-check alone, on the first samples of ``batch``, for a kept plan
         (:mod:`~cl_optim.fisher.plans`): whether it left every route as it was (its warnings are
-        held back; a plan it changes is made afresh, which gives them)."""
+        held back; a plan it changes is made afresh, which gives them). ``scratch`` as for
+        :meth:`plan`."""
         before = ({m: r.level for m, r in self.routes.items()}, dict(self.model_level))
         part = batch.take(min(batch.size, PROBE_SAMPLES))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             output, capture = self.forward(part)
-            self.check(part, output, capture)
+            self.check(part, output, capture, scratch)
         return before == ({m: r.level for m, r in self.routes.items()}, dict(self.model_level))
 
     def _plan(self, batch: Batch, output: Tensor, capture: Capture) -> tuple[Tensor, Capture]:
@@ -236,10 +238,14 @@ class Engine:
 
     def _check_coverage(self, capture, deltas: dict, full: dict) -> None:
         """Parameters whose batch gradient (for the probe's seed, ``full``) is not the sum of what
-        their layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level."""
-        by_layer = [m for m in deltas if self.routes[m].level < MODEL_FUNC]
-        local = {}
-        for module in by_layer:
+        their layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level.
+
+        Layer by layer, each gradient compared as soon as it is made and its difference taken in
+        place: the whole model's local gradients held at once, and a difference of each, were
+        two fresh |W|-sized buffers (about 650 page faults of the first estimate on bench_fisher's
+        MLP)."""
+        names, errors, norms = [], [], []
+        for module in (m for m in deltas if self.routes[m].level < MODEL_FUNC):
             own = {k: f for k, f in self.layers[module].items() if f in full}
             if not own:  # every parameter of the layer is tied to another: already model level
                 continue
@@ -248,20 +254,20 @@ class Engine:
             grads = torch.autograd.grad(
                 call.outputs, [self.params[f] for f in own.values()], ds, retain_graph=True, allow_unused=True
             )
-            for f, g in zip(own.values(), grads):
-                local[f] = g
-        checked = {f for m in by_layer for f in self.layers[m].values()}
-        names = [n for n in full if n in checked]  # the others' layers go to the model level anyway
+            seeds = {d.data_ptr() for d in ds}
+            for name, got in zip(own.values(), grads):
+                want = full[name]
+                want = torch.zeros_like(self.params[name]) if want is None else want.float()
+                if got is None:
+                    errors.append(want.norm())
+                else:  # in place where the gradient is a buffer of its own (not a seed passed through)
+                    got = got.float()
+                    errors.append((got.sub_(want) if got.data_ptr() not in seeds else got - want).norm())
+                norms.append(want.norm())
+                names.append(name)
+            grads = got = None  # freed before the next layer's are made
         if not names:
             return
-        errors, norms = [], []
-        for name in names:
-            want = full[name]
-            got = local.get(name)
-            want = torch.zeros_like(self.params[name]) if want is None else want.float()
-            got = torch.zeros_like(want) if got is None else got.float()
-            errors.append((got - want).norm())
-            norms.append(want.norm())
         errors, norms = torch.stack(errors).tolist(), torch.stack(norms).tolist()  # one sync
         for name, error, norm in zip(names, errors, norms):
             if not error <= 1e-3 * norm + 1e-12:
@@ -437,64 +443,13 @@ class Engine:
             self.warned.add(message)
             warnings.warn(f"fisher.estimate: {message}", UserWarning, stacklevel=_caller_level())
 
-    def check(self, batch: Batch, output: Tensor, capture: Capture) -> None:
-        """The self-check, on the planning forward: the routed computation for its first samples
-        against the model run one sample at a time; a layer that differs goes one step down
-        (repeated until they agree).
+    def check(self, batch: Batch, output: Tensor, capture: Capture, scratch: Optional[dict] = None) -> None:
+        """The self-check on the planning forward (:func:`~cl_optim.fisher.selfcheck.check`)."""
+        from .selfcheck import check
 
-        Both sides take one random output cotangent for each of the first ``VERIFY_SAMPLES``
-        samples and zero for the others, which stay in the routed batch: a split of one sample's
-        rows (tokens taken as samples), a merge of two samples' rows, a shared row and a forward
-        that mixes samples all change the checked samples' squares. Every way is linear in the
-        cotangent, so one random direction checks the split for all C seeds of ``exact`` at a
-        C-th of the cost.
-        """
         start = time.perf_counter()
-        k = min(batch.size, VERIFY_SAMPLES)
-        seed = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
-        seed[:k] = torch.randn((k, *output.shape[1:]), generator=self.generator).to(output.device)
-        # The parameters of the layers that ran (the others get no gradient on either side).
-        ran = {f for m in capture.calls for f in self.layers[m].values()}
-        params = {n: p for n, p in self.params.items() if n in ran or n in self.model_level}
-        want = self._zeros(params)
-        alone = torch.cat(model_looped_squares_(self.model, params, batch.take(k), [seed[:k]], want))
-        _check_samples_do_not_interact(output[:k].detach(), alone)
-        names = list(want)
-        want_norms = torch.stack([want[n].norm() for n in names]).tolist()  # one sync, not one per tensor
-        sizes = [max(1, want[n].numel()) ** 0.5 for n in names]
-        scale = max((w / n for w, n in zip(want_norms, sizes)), default=0.0)
-        tolerances = [
-            _tolerance(self.params[n]) * w + 1e-5 * scale * size
-            for n, w, size in zip(names, want_norms, sizes)
-        ]
-        for _ in range(len(LEVELS)):
-            got = self._zeros(params)
-            self.accumulate(batch, output, capture, [seed], got)
-            errors = torch.stack([(got[n] - want[n]).norm() for n in names]).tolist()
-            bad = {
-                n: error / max(w, 1e-30)
-                for n, error, w, tol in zip(names, errors, want_norms, tolerances)
-                if not error <= tol
-            }
-            if not bad:
-                break
-            for name, error in bad.items():
-                if name in self.model_level:
-                    if self.model_level[name] == MODEL_FUNC:
-                        self.model_level[name] = MODEL_LOOP
-                        self._warn(f"`{name}` through torch.func (model) differs from a batch-size-1 loop "
-                                   f"(relative error {error:.2g}); it goes through a loop over samples")  # fmt: skip
-                    continue
-                for module in self.owners[name]:
-                    if self.routes.get(module) is not None and self.routes[module].level < MODEL_FUNC:
-                        self._demote(module, f"its per-sample squares differ from a batch-size-1 computation "
-                                             f"(relative error {error:.2g} on {name})")  # fmt: skip
+        self.verified_samples = check(self, batch, output, capture, scratch)
         self.verify_seconds += time.perf_counter() - start
-        self.verified_samples = k
-
-    @staticmethod
-    def _zeros(params: dict) -> dict:
-        return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
 
     def describe(self) -> dict:
         out = {}
@@ -533,21 +488,6 @@ class Engine:
                 detail.append(route.reason)
             out[name] = what + (f" ({'; '.join(detail)})" if detail else "")
         return out
-
-
-def _check_samples_do_not_interact(together: Tensor, alone: Tensor) -> None:
-    """Every way here takes each sample's output from the batch's forward; a model whose output
-    for a sample depends on the others (statistics of the batch) has no such output to take."""
-    if together.shape != alone.shape or not torch.allclose(
-        together.float(), alone.float(), rtol=_tolerance(together), atol=1e-5
-    ):
-        error = float((together.float() - alone.float()).norm() / alone.float().norm().clamp_min(1e-30))
-        raise ValueError(
-            "the model's outputs for the first samples of a batch differ from their outputs one sample at "
-            f"a time (relative error {error:.2g}): its samples interact in the forward (statistics of the "
-            "batch, train-mode normalisation), so there is no per-sample Fisher of the batch's forward. "
-            "Remove the interaction (eval mode, per-sample statistics) before estimating"
-        )
 
 
 def _route(module, call, probe, batch: int) -> Route:

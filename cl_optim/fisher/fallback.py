@@ -166,4 +166,7 @@ def model_looped_squares_(model, params: dict, batch: Batch, seeds: list, acc: d
                 if g is not None:
                     g = g.to(torch.float32)
                     acc[name].addcmul_(g, g)  # one pass, no temporary
+            # Freed before the next sample's are made, which then take their memory: two sets
+            # alive at once cost the self-check of bench_fisher's MLP about 400 page faults.
+            grads = g = None
     return outputs
