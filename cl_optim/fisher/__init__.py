@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import plans
+from . import plans, workspace
 from .batch import Batch, logits
 from .engine import PROBE_SAMPLES, Engine
 from .seeds import default_nll, per_sample_loss_grad, seeds
@@ -162,65 +162,68 @@ def estimate(
     if freezing:
         gc.freeze()
     try:
-        engine = Engine(model, named, memory_cap, verify)
-        model_signature = plans.model_signature(model, named)  # after eval(): the modes count
-        # A kept plan is reused only with the self-check, which runs on every estimate: the
-        # guards cannot see everything a plan rests on (review of cd2254f: a permutation read from
-        # an attribute, samples that start to interact as a weight leaves zero).
-        kept = plans.recall(model, model_signature) if reuse_plan and verify else None
-        planned_on, reused, graph, trusted = None, False, (), False
-        seen, batches = 0, 0
-        for raw in data:
-            batch = Batch.of(raw)
-            if n_samples is not None:
-                if seen >= n_samples:
-                    break
-                batch = batch.take(n_samples - seen)
-            if estimator == "batched":
-                with torch.enable_grad():
-                    output = logits(model(*batch.args, **batch.kwargs))
-                _check_output(output, likelihood)
-                _add_batched(named, totals, output, batch.targets, loss_fn)
-            else:
-                fresh = not engine.planned and batch.size > 1
-                # The self-check may work in the totals while nothing is in them (batches of one
-                # sample before the first plan add theirs without one).
-                lend = totals if seen == 0 else None
-                if fresh:
-                    planned_on = plans.batch_signature(batch.take(min(batch.size, PROBE_SAMPLES)))
-                    reused = kept is not None and kept.batch == planned_on
-                    if reused:
-                        plans.restore(engine, kept)
-                    else:
-                        engine.plan(batch, scratch=lend)
-                output, capture = engine.forward(batch)
-                if fresh:
-                    graph, trusted = plans.inspect(engine, capture, output)
-                    # The forward runs other operations now, or the self-check moves a layer:
-                    # planned afresh on this batch, so that a reused plan gives a fresh one's numbers.
-                    if reused and (graph != kept.graph or not engine.recheck(batch, scratch=lend)):
-                        engine, reused = Engine(model, named, memory_cap, verify), False
-                        engine.plan(batch, scratch=lend)
-                        output, capture = engine.forward(batch)
-                        graph, trusted = plans.inspect(engine, capture, output)
-                if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen
-                    engine.plan(batch)
-                    output, capture = engine.forward(batch)
-                    trusted = False  # planned part-way: not kept
-                _check_output(output, likelihood)
-                draws = seeds(
-                    estimator, likelihood, sigma, output, batch.targets, loss_fn, mc_samples, generator
-                )
-                draws = [s * loss_scale for s in draws]
-                if not engine.planned:  # one sample: the definition itself is the cheapest
-                    engine.alone.update(capture.calls)
-                    engine.accumulate_one(batch, draws, totals)
+        with workspace.kept():  # the rules' large temporaries, reused from batch to batch
+            engine = Engine(model, named, memory_cap, verify)
+            model_signature = plans.model_signature(model, named)  # after eval(): the modes count
+            # A kept plan is reused only with the self-check, which runs on every estimate: the
+            # guards cannot see everything a plan rests on (review of cd2254f: a permutation read from
+            # an attribute, samples that start to interact as a weight leaves zero).
+            kept = plans.recall(model, model_signature) if reuse_plan and verify else None
+            planned_on, reused, graph, trusted = None, False, (), False
+            seen, batches = 0, 0
+            for raw in data:
+                batch = Batch.of(raw)
+                if n_samples is not None:
+                    if seen >= n_samples:
+                        break
+                    batch = batch.take(n_samples - seen)
+                if estimator == "batched":
+                    with torch.enable_grad():
+                        output = logits(model(*batch.args, **batch.kwargs))
+                    _check_output(output, likelihood)
+                    _add_batched(named, totals, output, batch.targets, loss_fn)
                 else:
-                    engine.accumulate(batch, output, capture, draws, totals)
-            seen += batch.size
-            batches += 1
-        if planned_on is not None and (not reused or engine.plan_seconds):  # a new or changed plan
-            plans.keep(model, plans.snapshot(engine, model_signature, planned_on, graph) if trusted else None)
+                    fresh = not engine.planned and batch.size > 1
+                    # The self-check may work in the totals while nothing is in them (batches of one
+                    # sample before the first plan add theirs without one).
+                    lend = totals if seen == 0 else None
+                    if fresh:
+                        planned_on = plans.batch_signature(batch.take(min(batch.size, PROBE_SAMPLES)))
+                        reused = kept is not None and kept.batch == planned_on
+                        if reused:
+                            plans.restore(engine, kept)
+                        else:
+                            engine.plan(batch, scratch=lend)
+                    output, capture = engine.forward(batch)
+                    if fresh:
+                        graph, trusted = plans.inspect(engine, capture, output)
+                        # The forward runs other operations now, or the self-check moves a layer:
+                        # planned afresh on this batch, so that a reused plan gives a fresh one's numbers.
+                        if reused and (graph != kept.graph or not engine.recheck(batch, scratch=lend)):
+                            engine, reused = Engine(model, named, memory_cap, verify), False
+                            engine.plan(batch, scratch=lend)
+                            output, capture = engine.forward(batch)
+                            graph, trusted = plans.inspect(engine, capture, output)
+                    if batch.size > 1 and engine.unrouted(capture):  # a layer the plan has not seen
+                        engine.plan(batch)
+                        output, capture = engine.forward(batch)
+                        trusted = False  # planned part-way: not kept
+                    _check_output(output, likelihood)
+                    draws = seeds(
+                        estimator, likelihood, sigma, output, batch.targets, loss_fn, mc_samples, generator
+                    )
+                    draws = [s * loss_scale for s in draws]
+                    if not engine.planned:  # one sample: the definition itself is the cheapest
+                        engine.alone.update(capture.calls)
+                        engine.accumulate_one(batch, draws, totals)
+                    else:
+                        engine.accumulate(batch, output, capture, draws, totals)
+                seen += batch.size
+                batches += 1
+            if planned_on is not None and (not reused or engine.plan_seconds):  # a new or changed plan
+                plans.keep(
+                    model, plans.snapshot(engine, model_signature, planned_on, graph) if trusted else None
+                )
     finally:
         if freezing:
             gc.unfreeze()

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import workspace
 from .capture import BATCH_MAJOR, Call, Layout
 
 __all__ = ["recurrent_squares_", "accepts_recurrent", "cut_recurrent"]
@@ -74,45 +75,74 @@ def _leaf(t: Tensor) -> Tensor:
     return t if t.requires_grad else t.detach().requires_grad_()
 
 
-def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order):
+def _lstm_direction(
+    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key=()
+):
     """The gate gradients of one LSTM layer and direction (order i, f, g, o): the gates of every
     step in two GEMMs, ``z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``, the cells by
     ``c_t = f c_{t-1} + i g``; then against the direction of travel ``dh = dout_t + dz_{t+1} W_hh``,
     ``dc_t = dh o (1 - tanh^2 c_t) + dc_{t+1} f_{t+1}``, ``dz_t = [dc g i(1-i), dc c_{t-1}
     f(1-f), dc i (1-g^2), dh tanh(c_t) o(1-o)]``. Returns the gradients at the input and at the
-    hidden projections (the same for an LSTM)."""
-    z = F.linear(layer_in, w_ih, b_ih) + F.linear(previous, w_hh, b_hh)  # (T, B, 4H)
-    i, f, g, o = z.chunk(4, 2)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    # One op per step, written in place (the step loops are the rule's Python cost).
-    cells, c = torch.mul(i, g), c_first
-    for t in order:
-        c = torch.addcmul(cells[t], f[t], c, out=cells[t])
-    first = c_first.unsqueeze(0)
-    before = torch.cat([first, cells[:-1]]) if order[0] == 0 else torch.cat([cells[1:], first])
-    tanh_c = torch.tanh(cells)
-    # Step-local factors for all steps at once: dc = dh * through + dc_next, dz = [dc, dc, dc, dh] * local.
-    through = o * (1 - tanh_c * tanh_c)
-    local = torch.cat([g * i * (1 - i), before * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 2)
-    dz = torch.empty_like(z)
-    steps, batch, hidden = z.shape[0], z.shape[1], z.shape[2] // 4
-    dz_cell, local_cell = (
-        dz.view(steps, batch, 4, hidden)[:, :, :3],
-        local.view(steps, batch, 4, hidden)[:, :, :3],
+    hidden projections (the same for an LSTM).
+
+    Written in place into four (T, B, H)-sized buffers and two (T, B, 4H) ones (the gates, and
+    the step-local factors that become ``dz``): the expressions written out made about twenty
+    temporaries of a batch's gates, whose fresh memory cost the estimate of bench_fisher's LSTM
+    more in page faults than in arithmetic. ``key``: where the buffers are kept between batches
+    (:mod:`~cl_optim.fisher.workspace`); the returned one is read before the next batch."""
+    steps, batch, hidden = previous.shape
+    rows = steps * batch
+    inputs = layer_in.reshape(rows, layer_in.shape[-1])
+    bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
+    z = workspace.take((*key, "gates"), (rows, 4 * hidden), previous)
+    if bias is None:
+        torch.mm(inputs, w_ih.t(), out=z)
+    else:
+        torch.addmm(bias, inputs, w_ih.t(), out=z)
+    z = z.addmm_(previous.reshape(rows, hidden), w_hh.t()).view(steps, batch, 4 * hidden)
+    i, f, g, o = (
+        z[..., :hidden],
+        z[..., hidden : 2 * hidden],
+        z[..., 2 * hidden : 3 * hidden],
+        z[..., 3 * hidden :],
     )
-    dz_out, local_out = dz[..., 3 * hidden :], local[..., 3 * hidden :]
+    z[..., : 2 * hidden].sigmoid_()
+    g.tanh_()
+    o.sigmoid_()
+    # c_{t-1} of every step next to c_t: the state before the first step at the end it starts from.
+    states = workspace.take((*key, "cells"), (steps + 1, batch, hidden), z)
+    forward = order[0] == 0
+    cells, before = (states[1:], states[:-1]) if forward else (states[:-1], states[1:])
+    (states[0] if forward else states[steps]).copy_(c_first)
+    torch.mul(i, g, out=cells)
+    c = c_first
+    for t in order:  # one op per step, in place (the step loops are the rule's Python cost)
+        c = torch.addcmul(cells[t], f[t], c, out=cells[t])
+    tanh_c = torch.tanh(cells, out=workspace.take((*key, "tanh_c"), cells.shape, z))
+    through = workspace.take((*key, "through"), cells.shape, z)
+    torch.mul(tanh_c, tanh_c, out=through).neg_().add_(1).mul_(o)  # o (1 - tanh^2 c): dc = dh through + ...
+    # The step-local factors, dz = [dc, dc, dc, dh] * local, each written into its quarter.
+    local = workspace.take((*key, "dz"), z.shape, z)
+    quarter = lambda k: local[..., k * hidden : (k + 1) * hidden]  # noqa: E731
+    torch.mul(i, -1, out=quarter(0)).add_(1).mul_(i).mul_(g)  # (1 - i) i g
+    torch.mul(f, -1, out=quarter(1)).add_(1).mul_(f).mul_(before)  # (1 - f) f c_{t-1}
+    torch.mul(g, g, out=quarter(2)).neg_().add_(1).mul_(i)  # (1 - g^2) i
+    torch.mul(o, -1, out=quarter(3)).add_(1).mul_(o).mul_(tanh_c)  # (1 - o) o tanh(c)
+    local_cell, local_out = local.view(steps, batch, 4, hidden)[:, :, :3], quarter(3)
     backward = list(reversed(order))
     dh, dc_next = d_own[backward[0]] + dh_last, dc_last
     for k, t in enumerate(backward):
         dc = torch.addcmul(dc_next, dh, through[t])
-        torch.mul(dc.unsqueeze(1), local_cell[t], out=dz_cell[t])  # the i, f, g gates: dc * local
-        torch.mul(dh, local_out[t], out=dz_out[t])  # the o gate: dh * local
+        local_cell[t].mul_(dc.unsqueeze(1))  # the i, f, g gates: dc * local, now dz
+        local_out[t].mul_(dh)  # the o gate: dh * local
         if k + 1 < len(backward):
-            dh, dc_next = torch.addmm(d_own[backward[k + 1]], dz[t], w_hh), dc * f[t]
-    return dz, dz
+            dh, dc_next = torch.addmm(d_own[backward[k + 1]], local[t], w_hh), dc * f[t]
+    return local, local
 
 
-def _gru_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order):
+def _gru_direction(
+    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key=()
+):
     """The gate gradients of one GRU layer and direction (order r, z, n; torch's
     ``n = tanh(ih_n + r * hh_n)``, ``h' = (1 - z) n + z h``). With ``ih``, ``hh`` of every step in
     two GEMMs, each step's gradients are its ``dh`` times step-local factors: ``dz_pre = dh (h -
@@ -196,21 +226,27 @@ def _analytic_gates(
     with torch.no_grad():
         for layer in range(module.num_layers - 1, -1, -1):
             layer_in, layer_out = inputs[layer], inputs[layer + 1]
-            d_in = torch.zeros_like(layer_in) if layer or want_input else None
+            d_in = (
+                torch.zeros(layer_in.shape, dtype=layer_in.dtype, device=layer_in.device)
+                if layer or want_input
+                else None
+            )
             for direction in range(dirs):
                 sfx, w_ih, w_hh, b_ih, b_hh = weights(layer, direction)
                 state = layer * dirs + direction
                 own = layer_out[..., direction * hidden : (direction + 1) * hidden]
                 first = h0[state].unsqueeze(0)
                 # The hidden state each step's gates saw: the step before in the direction of travel.
-                previous = torch.cat([first, own[:-1]]) if direction == 0 else torch.cat([own[1:], first])
+                key = (id(module), layer, direction)  # kept while the records are read
+                previous = workspace.take((*key, "previous"), own.shape, own)
+                torch.cat([first, own[:-1]] if direction == 0 else [own[1:], first], out=previous)
                 order = list(range(steps)) if direction == 0 else list(range(steps - 1, -1, -1))
                 d_ih, d_hh = direction_of(
                     layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_out[..., direction * hidden : (direction + 1) * hidden],
-                    d_hn[state], None if d_cn is None else d_cn[state], None if c0 is None else c0[state], order,
+                    d_hn[state], None if d_cn is None else d_cn[state], None if c0 is None else c0[state], order, key,
                 )  # fmt: skip
-                if d_in is not None:
-                    d_in += d_ih @ w_ih
+                if d_in is not None:  # into the input's gradient in place, no (T, B, in) product
+                    d_in.view(-1, d_in.shape[-1]).addmm_(d_ih.reshape(-1, d_ih.shape[-1]), w_ih)
                 records.append((sfx, layer_in, d_ih, previous, d_hh))
             d_out = d_in
     return records, d_out
