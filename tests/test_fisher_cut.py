@@ -165,3 +165,46 @@ def test_given_states_of_as_many_rows_as_samples_keep_the_rule(layers, batch):
     got = fisher.estimate(model, data, estimator="exact")
     assert got.meta["per_sample"]["rnn"].startswith("recurrent")
     _assert_matches(got, _loop(model, data, "exact"))
+
+
+class TwoLSTMs(nn.Module):
+    """Two LSTMs of the same shapes, one above the other: their kept buffers
+    (cl_optim.fisher.workspace) share every key but the module's, and both cuts write theirs in
+    one backward before either is squared."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(9, 4)
+        self.low, self.high = nn.LSTM(4, 4), nn.LSTM(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h, _ = self.low(self.tok(tokens.t()))
+        h, _ = self.high(h)
+        return self.head(h.mean(0))
+
+
+def test_two_recurrent_layers_of_the_same_shapes_keep_their_own_buffers():
+    torch.manual_seed(4)
+    model = TwoLSTMs()
+    data = _batches((6,), 3, sizes=(6, 4, 6), tokens=9)  # the last batch takes the first's buffers again
+    got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+    assert got.meta["per_sample"]["low"].startswith("recurrent")
+    assert got.meta["per_sample"]["high"].startswith("recurrent")
+    _assert_matches(got, _loop(model, data, "exact"))
+
+
+def test_workspace_reuses_a_buffer_only_inside_kept_and_for_the_same_shape():
+    from cl_optim.fisher import workspace
+
+    like = torch.zeros(2, dtype=torch.float64)
+    assert workspace.take(("a",), (3,), like) is not workspace.take(("a",), (3,), like)  # outside
+    with workspace.kept():
+        first = workspace.take(("a",), (3,), like)
+        assert first.dtype == torch.float64 and first.shape == (3,)
+        assert workspace.take(("a",), (3,), like) is first
+        assert workspace.take(("b",), (3,), like) is not first  # another key
+        other = workspace.take(("a",), (4,), like)  # another shape: a new one, kept from now on
+        assert other.shape == (4,) and workspace.take(("a",), (4,), like) is other
+        assert workspace.take(("a",), (4,), like.float()).dtype == torch.float32
+    assert workspace.take(("a",), (4,), like) is not other  # freed with the estimate
