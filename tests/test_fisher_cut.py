@@ -10,6 +10,7 @@ wrong cut.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -208,3 +209,29 @@ def test_workspace_reuses_a_buffer_only_inside_kept_and_for_the_same_shape():
         assert other.shape == (4,) and workspace.take(("a",), (4,), like) is other
         assert workspace.take(("a",), (4,), like.float()).dtype == torch.float32
     assert workspace.take(("a",), (4,), like) is not other  # freed with the estimate
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["bare", "with_a_user_hook"])
+def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked):
+    """The estimate's cut forwards run the fused kernel under no_grad (its graph would never be
+    used); a layer with someone else's hook keeps its graph (the hook sees the outputs). The
+    numbers are the loop's either way."""
+    seen = []
+    original = nn.LSTM.forward
+
+    @functools.wraps(original)  # its signature: the rule binds input and hx by it
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.LSTM, "forward", spy)
+    torch.manual_seed(3)
+    model = Tokens(nn.LSTM)
+    if hooked:
+        model.rnn.register_forward_hook(lambda module, args, output: None)
+    data = _batches((6,), 3, tokens=9)
+    got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
+    _assert_matches(got, _loop(model, data, "exact"))
+    without = seen.count(False)
+    assert without == (0 if hooked else 3)  # the self-check's forward and the two batches'
+    assert "forward" not in vars(model.rnn)  # the capture's own forward is gone again

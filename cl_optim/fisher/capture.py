@@ -136,11 +136,15 @@ class Capture:
         self.handles = []
 
     def __enter__(self):
+        from .recurrent import forward_without_graph, without_graph
         from .rules import rule_for
 
-        self.wrapped, self.recorded = [], {}
+        self.wrapped, self.recorded, self.cuts = [], {}, {}
         try:
             for module in self.layers:
+                if module in self.cut and without_graph(module):  # before our hook is on it
+                    module.forward = forward_without_graph(module, self.cuts)
+                    self.wrapped.append(module)
                 self.handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
                 if "forward" in vars(module) or not isinstance(module, nn.MultiheadAttention):
                     continue
@@ -162,8 +166,8 @@ class Capture:
         self.wrapped = []
 
     def _hook(self, module, args, kwargs, output):
-        cut = None
-        if module in self.cut:
+        cut = self.cuts.pop(module, None)  # cut in its forward (recurrent.forward_without_graph)
+        if cut is None and module in self.cut:
             from .recurrent import cut_recurrent
 
             output, cut = cut_recurrent(module, args, kwargs, output)

@@ -39,15 +39,23 @@ from torch import Tensor, nn
 from . import workspace
 from .capture import BATCH_MAJOR, Call, Layout
 
-__all__ = ["recurrent_squares_", "accepts_recurrent", "cut_recurrent"]
+__all__ = [
+    "recurrent_squares_",
+    "accepts_recurrent",
+    "cut_recurrent",
+    "cuttable",
+    "forward_without_graph",
+    "without_graph",
+]
 
 SEQUENCE_FIRST = Layout("axis", 1)
 ANALYTIC = True  # LSTM (no projections) and GRU by their backward recurrence (_analytic_squares_)
 
 
 def _bound(module: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[Tensor, object]:
-    """The call's ``input`` and ``hx``, however they were passed."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    """The call's ``input`` and ``hx``, however they were passed (bound to the class's forward:
+    a capture may have set its own on the instance, :func:`forward_without_graph`)."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
     return bound.arguments["input"], bound.arguments.get("hx")
 
 
@@ -309,26 +317,74 @@ class _ThroughTheRule(torch.autograd.Function):
         return (None, d_x.transpose(0, 1) if cut.module.batch_first else d_x) + (None,) * len(grads)
 
 
-def cut_recurrent(module, args: tuple, kwargs: dict, output):
-    """``(output, Cut)`` with the layer's output tensors replaced by ones whose backward is the
-    rule's recurrence (:class:`_ThroughTheRule`), where the analytic rule takes the call and its
-    input needs a gradient: a plain tensor input, no initial state that needs a gradient, an
-    LSTM without projections or a GRU, eval mode. Else ``(output, None)``."""
+def cuttable(module, args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`cut_recurrent` takes this call: the analytic rule's layer (an LSTM without
+    projections or a GRU, eval mode or no dropout) on a plain tensor input that needs a gradient,
+    with no initial state that needs one."""
     if not ANALYTIC or not isinstance(module, (nn.LSTM, nn.GRU)) or getattr(module, "proj_size", 0):
-        return output, None
+        return False
     try:
         x, hx = _bound(module, args, kwargs)
     except TypeError:
-        return output, None
+        return False
     states = [] if hx is None else (list(hx) if isinstance(hx, (tuple, list)) else [hx])
-    if (
-        not isinstance(x, Tensor)
-        or x.dim() != 3
-        or not x.requires_grad
-        or any(not isinstance(h, Tensor) or h.requires_grad for h in states)
-        or (module.training and module.dropout > 0)
-        or not isinstance(output, tuple)
-    ):
+    return (
+        isinstance(x, Tensor)
+        and x.dim() == 3
+        and x.requires_grad
+        and all(isinstance(h, Tensor) and not h.requires_grad for h in states)
+        and not (module.training and module.dropout > 0)
+    )
+
+
+def without_graph(module) -> bool:
+    """Whether a capture may run this layer's forward without a graph where it is cut
+    (:func:`forward_without_graph`): torch's own LSTM or GRU forward, with no hook of anyone
+    else's to see its outputs (they could not reach a graph through them)."""
+    return (
+        ANALYTIC
+        and type(module).forward in (nn.LSTM.forward, nn.GRU.forward)
+        and "forward" not in vars(module)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def forward_without_graph(module, cuts: dict):
+    """The layer's forward for a capture: where the call is :func:`cuttable`, torch's forward
+    under ``no_grad`` and the outputs cut (:func:`cut_recurrent`; the :class:`Cut` left in
+    ``cuts[module]`` for the capture's hook). The cut's outputs reach the graph through the
+    rule's recurrence (:class:`_ThroughTheRule`), so torch's own graph of them would never be
+    used, and building it costs: the fused CPU kernel in its training form keeps a workspace for
+    its backward."""
+    forward = type(module).forward
+
+    def run(*args, **kwargs):
+        if not cuttable(module, args, kwargs):
+            return forward(module, *args, **kwargs)
+        with torch.no_grad():
+            output = forward(module, *args, **kwargs)
+        output, cut = cut_recurrent(module, args, kwargs, output)
+        if cut is None:  # not taken after all: the forward again, with its graph
+            return forward(module, *args, **kwargs)
+        cuts[module] = cut
+        return output
+
+    return run
+
+
+def cut_recurrent(module, args: tuple, kwargs: dict, output):
+    """``(output, Cut)`` with the layer's output tensors replaced by ones whose backward is the
+    rule's recurrence (:class:`_ThroughTheRule`), where the call is :func:`cuttable`. Else
+    ``(output, None)``."""
+    if not cuttable(module, args, kwargs):
+        return output, None
+    x, hx = _bound(module, args, kwargs)
+    # A subclass's forward may return something else; torch's own, the only one run without a
+    # graph (forward_without_graph), always returns these.
+    if not isinstance(output, tuple) or len(output) != 2:
         return output, None
     sequence, finals = output
     leaves = [sequence, *(finals if isinstance(finals, tuple) else (finals,))]
