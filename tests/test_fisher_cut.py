@@ -235,3 +235,37 @@ def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked):
     without = seen.count(False)
     assert without == (0 if hooked else 3)  # the self-check's forward and the two batches'
     assert "forward" not in vars(model.rnn)  # the capture's own forward is gone again
+
+
+class Checkpointed(nn.Module):
+    """The LSTM inside a non-reentrant activation checkpoint: its recomputation in the backward
+    runs torch's forward with its graph, and the checkpoint matches what each pass saved."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.tok, self.rnn = nn.Embedding(9, 5), nn.LSTM(5, 4)
+        self.proj, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def block(self, h):
+        out, _ = self.rnn(h)
+        return torch.tanh(self.proj(out))
+
+    def forward(self, tokens):
+        out = torch.utils.checkpoint.checkpoint(
+            self.block, self.tok(tokens.t()), use_reentrant=self.reentrant
+        )
+        return self.head(out.mean(0))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_checkpointed_recurrent_layer_keeps_its_graph(verify):
+    """Review of e9d58a4: the forward without a graph inside a non-reentrant checkpoint crashed
+    the recomputation (CheckpointError: the saved tensors differ)."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=False)
+    data = _batches((6,), 3, sizes=(5, 5), tokens=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fisher.estimate(model, data, estimator="exact", reuse_plan=False, verify=verify)
+    _assert_matches(got, _loop(model, data, "exact"))

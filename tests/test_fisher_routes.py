@@ -680,3 +680,39 @@ def test_a_conv_chunk_keeps_its_per_sample_gradients_within_the_memory_cap(monke
     assert sum(seen) == 16 * grads_per_sample and max(seen) == 5 * grads_per_sample
     for name in whole:
         torch.testing.assert_close(capped[name], whole[name], rtol=1e-5, atol=1e-8)
+
+
+class Delta(nn.Module):
+    """``x * (base + delta)``: autograd hands one gradient tensor to both parameters."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.base = nn.Parameter(torch.randn(n))
+        self.delta = nn.Parameter(torch.randn(n) * 0.1)
+
+    def forward(self, x):
+        return x * (self.base + self.delta)
+
+
+class BiasBank(nn.Module):
+    """``x + bank.sum(0)``: the bank's gradient is an expanded (stride-0) tensor."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.bank = nn.Parameter(torch.randn(3, n))
+
+    def forward(self, x):
+        return x + self.bank.sum(0)
+
+
+@pytest.mark.parametrize("layer", [Delta, BiasBank])
+def test_the_coverage_check_leaves_autograds_gradients_as_they_are(layer):
+    """Review of d952195: the coverage check subtracted in place into autograd's gradients; one
+    tensor shared by two parameters then moved the second to the model level, and an expanded
+    one raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), layer(5), nn.Tanh(), nn.Linear(5, 3))
+    data = _batches((4,), 3)
+    got = fisher.estimate(model, data, estimator="empirical", reuse_plan=False)
+    assert got.meta["per_sample"]["1"] == "torch.func (layer)"
+    _assert_matches(got, _loop(model, data))

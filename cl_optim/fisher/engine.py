@@ -240,10 +240,10 @@ class Engine:
         """Parameters whose batch gradient (for the probe's seed, ``full``) is not the sum of what
         their layer's calls pass on are used elsewhere too (``h @ embed.weight.t()``): model level.
 
-        Layer by layer, each gradient compared as soon as it is made and its difference taken in
-        place: the whole model's local gradients held at once, and a difference of each, were
-        two fresh |W|-sized buffers (about 650 page faults of the first estimate on bench_fisher's
-        MLP)."""
+        Layer by layer, each gradient compared as soon as it is made and then freed: the whole
+        model's local gradients held at once were a fresh |W|-sized buffer (page faults of the
+        first estimate). The difference is taken out of place: autograd may hand one tensor to
+        two parameters (``x * (a + b)``) or an expanded one (``bank.sum(0)``)."""
         names, errors, norms = [], [], []
         for module in (m for m in deltas if self.routes[m].level < MODEL_FUNC):
             own = {k: f for k, f in self.layers[module].items() if f in full}
@@ -254,15 +254,10 @@ class Engine:
             grads = torch.autograd.grad(
                 call.outputs, [self.params[f] for f in own.values()], ds, retain_graph=True, allow_unused=True
             )
-            seeds = {d.data_ptr() for d in ds}
             for name, got in zip(own.values(), grads):
                 want = full[name]
                 want = torch.zeros_like(self.params[name]) if want is None else want.float()
-                if got is None:
-                    errors.append(want.norm())
-                else:  # in place where the gradient is a buffer of its own (not a seed passed through)
-                    got = got.float()
-                    errors.append((got.sub_(want) if got.data_ptr() not in seeds else got - want).norm())
+                errors.append(want.norm() if got is None else (got.float() - want).norm())
                 norms.append(want.norm())
                 names.append(name)
             grads = got = None  # freed before the next layer's are made

@@ -83,9 +83,7 @@ def _leaf(t: Tensor) -> Tensor:
     return t if t.requires_grad else t.detach().requires_grad_()
 
 
-def _lstm_direction(
-    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key=()
-):
+def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key):
     """The gate gradients of one LSTM layer and direction (order i, f, g, o): the gates of every
     step in two GEMMs, ``z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``, the cells by
     ``c_t = f c_{t-1} + i g``; then against the direction of travel ``dh = dout_t + dz_{t+1} W_hh``,
@@ -96,13 +94,20 @@ def _lstm_direction(
     Written in place into four (T, B, H)-sized buffers and two (T, B, 4H) ones (the gates, and
     the step-local factors that become ``dz``): the expressions written out made about twenty
     temporaries of a batch's gates, whose fresh memory cost the estimate of bench_fisher's LSTM
-    more in page faults than in arithmetic. ``key``: where the buffers are kept between batches
-    (:mod:`~cl_optim.fisher.workspace`); the returned one is read before the next batch."""
+    more in page faults than in arithmetic. Kept from batch to batch
+    (:mod:`~cl_optim.fisher.workspace`): the scratch by its shape alone, shared by every layer,
+    direction and module (each is done with it when this returns); the returned ``dz`` under
+    ``key``, one per layer and direction, since the records are squared after the whole
+    backward."""
     steps, batch, hidden = previous.shape
     rows = steps * batch
     inputs = layer_in.reshape(rows, layer_in.shape[-1])
     bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
-    z = workspace.take((*key, "gates"), (rows, 4 * hidden), previous)
+
+    def scratch(role, shape, like):  # one buffer per role, shape, dtype and device
+        return workspace.take(("lstm", role, tuple(shape), like.dtype, like.device), shape, like)
+
+    z = scratch("gates", (rows, 4 * hidden), previous)
     if bias is None:
         torch.mm(inputs, w_ih.t(), out=z)
     else:
@@ -116,11 +121,12 @@ def _lstm_direction(
     )
     z[..., : 2 * hidden].sigmoid_()
     o.sigmoid_()
-    # tanh on a contiguous copy: on a strided slice torch's CPU tanh runs about four times slower
-    # (torch 2.13: 4.5 against 1.1 ms for bench_fisher's LSTM batch; sigmoid does not slow down).
-    g = workspace.take((*key, "cell_gate"), (steps, batch, hidden), z).copy_(g).tanh_()
+    # tanh on a contiguous copy: on the strided slice torch's CPU tanh ran 3-4x slower in our runs
+    # (torch 2.13, 2 threads, AMD EPYC VM: 2.6-4.5 against 0.8-1.1 ms a batch of bench_fisher's
+    # LSTM; a reviewer's run read 1.3x); sigmoid does not slow down.
+    g = scratch("cell_gate", (steps, batch, hidden), z).copy_(g).tanh_()
     # c_{t-1} of every step next to c_t: the state before the first step at the end it starts from.
-    states = workspace.take((*key, "cells"), (steps + 1, batch, hidden), z)
+    states = scratch("cells", (steps + 1, batch, hidden), z)
     forward = order[0] == 0
     cells, before = (states[1:], states[:-1]) if forward else (states[:-1], states[1:])
     (states[0] if forward else states[steps]).copy_(c_first)
@@ -128,8 +134,8 @@ def _lstm_direction(
     c = c_first
     for t in order:  # one op per step, in place (the step loops are the rule's Python cost)
         c = torch.addcmul(cells[t], f[t], c, out=cells[t])
-    tanh_c = torch.tanh(cells, out=workspace.take((*key, "tanh_c"), cells.shape, z))
-    through = workspace.take((*key, "through"), cells.shape, z)
+    tanh_c = torch.tanh(cells, out=scratch("tanh_c", cells.shape, z))
+    through = scratch("through", cells.shape, z)
     torch.mul(tanh_c, tanh_c, out=through).neg_().add_(1).mul_(o)  # o (1 - tanh^2 c): dc = dh through + ...
     # The step-local factors, dz = [dc, dc, dc, dh] * local, each written into its quarter.
     local = workspace.take((*key, "dz"), z.shape, z)
@@ -150,15 +156,14 @@ def _lstm_direction(
     return local, local
 
 
-def _gru_direction(
-    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key=()
-):
+def _gru_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key):
     """The gate gradients of one GRU layer and direction (order r, z, n; torch's
     ``n = tanh(ih_n + r * hh_n)``, ``h' = (1 - z) n + z h``). With ``ih``, ``hh`` of every step in
     two GEMMs, each step's gradients are its ``dh`` times step-local factors: ``dz_pre = dh (h -
     n) z(1-z)``, ``dn_pre = dh (1-z)(1-n^2)``, ``dr_pre = dn_pre hh_n r(1-r)``; at the input
     projection ``[dr_pre, dz_pre, dn_pre]``, at the hidden one ``[dr_pre, dz_pre, dn_pre r]``; and
-    ``dh_{t-1} = dh z + d_hh W_hh``."""
+    ``dh_{t-1} = dh z + d_hh W_hh``. ``key`` is unused (the LSTM's signature): its temporaries
+    are made fresh, not kept (:mod:`~cl_optim.fisher.workspace`)."""
     ih, hh = F.linear(layer_in, w_ih, b_ih), F.linear(previous, w_hh, b_hh)  # (T, B, 3H)
     ih_r, ih_z, ih_n = ih.chunk(3, 2)
     hh_r, hh_z, hh_n = hh.chunk(3, 2)
@@ -292,6 +297,8 @@ class Cut:
     def __init__(self, module, x: Tensor, hx, output: Tensor, batch: int):
         self.module, self.x, self.hx, self.output, self.batch = module, x, hx, output, batch
         self.records = None
+        # The estimate's kept buffers: a CUDA backward runs on autograd's own thread.
+        self.buffers = workspace.current()
 
     def take(self):
         records, self.records = self.records, None
@@ -314,7 +321,10 @@ class _ThroughTheRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         cut = ctx.cut
-        records, d_x = _analytic_gates(cut.module, cut.x, cut.hx, cut.output, list(grads), cut.batch, True)
+        with workspace.using(cut.buffers):
+            records, d_x = _analytic_gates(
+                cut.module, cut.x, cut.hx, cut.output, list(grads), cut.batch, True
+            )
         cut.records = records
         return (None, d_x.transpose(0, 1) if cut.module.batch_first else d_x) + (None,) * len(grads)
 
@@ -364,13 +374,19 @@ def forward_without_graph(module, cuts: dict):
     forward = type(module).forward
 
     def run(*args, **kwargs):
-        if not cuttable(module, args, kwargs):
+        if (
+            not torch.is_grad_enabled()
+            # Saved-tensor hooks (a non-reentrant checkpoint) match what a forward saves with what
+            # its recomputation in the backward saves, which runs torch's forward with its graph.
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            or not cuttable(module, args, kwargs)
+        ):
             return forward(module, *args, **kwargs)
         with torch.no_grad():
             output = forward(module, *args, **kwargs)
         output, cut = cut_recurrent(module, args, kwargs, output)
-        if cut is None:  # not taken after all: the forward again, with its graph
-            return forward(module, *args, **kwargs)
+        if cut is None:  # declined after all (torch's forward returns what it takes; a stand-in
+            return forward(module, *args, **kwargs)  # cut_recurrent may not): with its graph
         cuts[module] = cut
         return output
 

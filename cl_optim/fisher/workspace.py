@@ -8,9 +8,12 @@ which cost as much as a tenth of the estimate. Inside :func:`kept` (the estimate
 :func:`take` hands out the same buffer for the same key while its shape, dtype and device stay the
 same; everything is freed when the estimate returns.
 
-A key must name one use that is over before the next call with the same key begins: the rules
-key by module, layer, direction and role, and square what they wrote before the next batch's
-backward writes it again. Nothing handed to autograd comes from here.
+A key must name one use that is over before the next call with the same key begins: scratch
+that a rule is done with when it returns is keyed by its role and shape (one set for every layer
+of that shape), what it leaves for later (gate gradients squared after the whole backward) by
+module, layer, direction and role. Nothing handed to autograd comes from here. Autograd runs a
+CUDA backward on a thread of its own: a rule running there takes the estimate's buffers through
+:func:`using` (a cut recurrent layer carries them from its forward, :func:`current`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["kept", "take"]
+__all__ = ["kept", "take", "current", "using"]
 
 _LOCAL = threading.local()
 
@@ -32,6 +36,26 @@ def kept() -> Iterator[None]:
     """Within it, :func:`take` reuses buffers (per thread); they are freed when it ends."""
     outer = getattr(_LOCAL, "buffers", None)
     _LOCAL.buffers = {}
+    try:
+        yield
+    finally:
+        _LOCAL.buffers = outer
+
+
+def current() -> Optional[dict]:
+    """This thread's buffers (inside :func:`kept`), or None."""
+    return getattr(_LOCAL, "buffers", None)
+
+
+@contextmanager
+def using(buffers: Optional[dict]) -> Iterator[None]:
+    """Within it, :func:`take` on this thread uses ``buffers`` (from :func:`current` on the
+    estimate's thread); None leaves this thread as it is."""
+    if buffers is None:
+        yield
+        return
+    outer = getattr(_LOCAL, "buffers", None)
+    _LOCAL.buffers = buffers
     try:
         yield
     finally:
