@@ -293,6 +293,10 @@ def test_bad_arguments():
         fisher.estimate(model, _data("mlp"), estimator="sqrt")
     with pytest.raises(ValueError, match="no samples"):
         fisher.estimate(model, [], estimator="exact")
+    frozen = _model("mlp").requires_grad_(False)
+    for estimator in ("empirical", "batched"):
+        with pytest.raises(ValueError, match="no parameters that require grad"):
+            fisher.estimate(frozen, _data("mlp"), estimator=estimator)
     assert cl_optim.fisher is fisher
 
 

@@ -146,6 +146,11 @@ def estimate(
 
     started = time.perf_counter()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:  # (autograd refused the probe's empty list with a message that named nothing)
+        raise ValueError(
+            "the model has no parameters that require grad: there is no Fisher to estimate "
+            "(requires_grad_(True) on the parameters whose Fisher you want)"
+        )
     totals = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in named}
     modes = {m: m.training for m in model.modules()}
     if eval_mode:
