@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .batch import Batch
+from .engine import LEVELS, MODEL_FUNC, MODEL_LOOP, _tolerance  # engine imports this module lazily
 from .fallback import model_looped_squares_
 
 __all__ = ["check", "VERIFY_SAMPLES"]
@@ -68,8 +69,6 @@ def check(engine, batch: Batch, output: Tensor, capture, scratch: Optional[dict]
 def _settle(engine, batch, output, capture, seed, params, want, names, want_norms, tolerances) -> None:
     """Moves the layers whose routed squares differ from ``want`` one step down, repeated until
     they agree (the lowest ways are the definition itself)."""
-    from .engine import LEVELS, MODEL_FUNC, MODEL_LOOP
-
     for _ in range(len(LEVELS)):
         got = _zeros(params)
         engine.accumulate(batch, output, capture, [seed], got)
@@ -98,8 +97,6 @@ def _tolerances(engine, want: dict, names: list) -> tuple[list, list]:
     """Per parameter: its dtype's relative tolerance of the reference's norm, plus an absolute
     floor of 1e-5 of the largest per-element scale (a parameter whose squares are all but zero
     is not held to rounding)."""
-    from .engine import _tolerance
-
     want_norms = torch.stack([want[n].norm() for n in names]).tolist()  # one sync, not one per tensor
     sizes = [max(1, want[n].numel()) ** 0.5 for n in names]
     scale = max((w / n for w, n in zip(want_norms, sizes)), default=0.0)
@@ -116,8 +113,6 @@ def _zeros(params: dict) -> dict:
 def _check_samples_do_not_interact(together: Tensor, alone: Tensor) -> None:
     """Every way here takes each sample's output from the batch's forward; a model whose output
     for a sample depends on the others (statistics of the batch) has no such output to take."""
-    from .engine import _tolerance
-
     if together.shape != alone.shape or not torch.allclose(
         together.float(), alone.float(), rtol=_tolerance(together), atol=1e-5
     ):
