@@ -12,6 +12,7 @@ from torch import Tensor
 from ._backend import kernel_op
 from ._checks import check_adamw_step_
 from ._distributed import local_list
+from ._held import EXP_AVG_SQS, EXP_AVGS, MAX_EXP_AVG_SQS, STEPS, held, usable
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
@@ -147,7 +148,11 @@ class AdamW(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         amsgrad = group["amsgrad"]
-        states = [self.state[p] for p in params]  # one lookup each: hashing a tensor is a Python call
+        # The lists held in C++ between steps (_held.py) for a trusted plan; their gradients are .grad.
+        calls = held(params, "adamw_step_") if trusted and usable(backend, params) else None
+        # One lookup each (hashing a tensor is a Python call), or the held call's, while the state
+        # holds the same per-parameter dicts.
+        states = calls.states_of(self.state) if calls is not None else [self.state[p] for p in params]
         keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         # Trusted, the op checks the state (shapes, the step counts' device) and a refusal comes back
         # untrusted; a missing entry (a parameter's first step) takes the loop below.
@@ -171,6 +176,18 @@ class AdamW(FusedOptimizer):
             lists = [[s[key] for s in states] for key in keys]
         steps, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = lists
         beta1, beta2 = group["betas"]
+        if calls is not None:
+            for slot, tensors in ((STEPS, steps), (EXP_AVGS, exp_avgs), (EXP_AVG_SQS, exp_avg_sqs),
+                                  (MAX_EXP_AVG_SQS, max_exp_avg_sqs[0] if amsgrad else None)):  # fmt: skip
+                calls.hold(slot, tensors)
+            op_terms = kernel_terms(terms, len(params))
+            calls.hold_terms(op_terms)
+            calls.calls.adamw_step(
+                op_terms["combine_coef"], op_terms["grad_scale"], op_terms["found_inf"], op_terms["clip_coef"],
+                op_terms["fisher_beta"], group["maximize"], _to_float(_as_scalar(group["lr"])), beta1, beta2,
+                group["eps"], group["weight_decay"],
+            )  # fmt: skip
+            return
         shards = local_list if sharded else (lambda tensors: tensors)
         adamw_step_(
             shards(params),

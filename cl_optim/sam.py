@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import all_reduce_over_shards_, kernel_grads, local_list
+from ._held import FISHER, SAVES, held, usable
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -48,7 +49,7 @@ from ._optimizer import (
     keep_fp32_state,
     pad_state_,
 )
-from ._plan import Bucket, BucketPlans, PlanRefused, refused_input
+from ._plan import Bucket, BucketPlans, PlanRefused, count_graded, refused_input
 from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 from .sam_select import fisher_keep_mask, norm_layer_parameters, unpack_mask
 
@@ -376,7 +377,7 @@ class SAM(torch.optim.Optimizer):
             buckets, reused, grads = self._plans.group_buckets(
                 (index, selected_only), group, _check_sam_params, select, fresh=fresh
             )
-            graded += sum(g is not None for g in grads)
+            graded += count_graded(grads)
             groups.append((group, buckets, reused))
         return groups, graded
 
@@ -431,14 +432,24 @@ class SAM(torch.optim.Optimizer):
             ]
             # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
             shards = [local_list if layout is not None else _same for *_, layout in plan]
-            directions_of = [grads_of(bucket) for _, _, _, bucket, _, _ in plan]  # read once for both ops
+            # A trusted plan's lists held in C++ between steps (_held.py); their gradients are .grad.
+            helds = [
+                held(bucket, "sam") if trusted and directions is None and layout is None and usable(backend, bucket)
+                else None
+                for _, _, _, bucket, backend, layout in plan
+            ]  # fmt: skip
+            directions_of = [
+                None if calls is not None else grads_of(bucket)
+                for (_, _, _, bucket, _, _), calls in zip(plan, helds)
+            ]  # read once for both ops
             sq_norms = [
                 all_reduce_over_shards_(
-                    grad_sq_norm(direction, on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
+                    _held_sq_norm(calls, weighted, eta, fisher) if calls is not None
+                    else grad_sq_norm(direction, on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
                     bucket[0],
                 ).to(home)
-                for (_, _, _, bucket, backend, _), direction, (weighted, eta), fisher, on
-                in zip(plan, directions_of, weights, fishers, shards)
+                for (_, _, _, bucket, backend, _), direction, (weighted, eta), fisher, on, calls
+                in zip(plan, directions_of, weights, fishers, shards, helds)
             ]  # fmt: skip
             # fp64 (grad_sq_norm's dtype): a large finite gradient has a finite norm.
             norm = torch.stack(sq_norms).sum().sqrt()
@@ -447,13 +458,23 @@ class SAM(torch.optim.Optimizer):
             self._run["ascent_norms"].append(norm if plain else None)
             fisher_flag = finite if update_fisher else torch.zeros_like(finite)
 
-            for (group, device, dtype, bucket, backend, _), direction, (weighted, eta), fisher, on in zip(
-                plan, directions_of, weights, fishers, shards
+            for (group, device, dtype, bucket, backend, _), direction, weight, fisher, on, calls in zip(
+                plan, directions_of, weights, fishers, shards, helds
             ):
+                weighted, eta = weight
                 self.perturb_backends_used[f"{device}/{dtype}"] = backend
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
                 scale = torch.where(finite, group[radius] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 saves = kept_buffers(store, bucket, device, dtype, trusted)
+                if calls is not None:
+                    calls.hold(SAVES, saves)
+                    calls.calls.sam_perturb(
+                        scale.to(device), _kinds(weighted), eta, self.fisher_ema or 0.0,
+                        None if grad_scale is None else grad_scale.to(device), fisher_flag.to(device),
+                    )  # fmt: skip
+                    perturbed.extend(bucket)
+                    self._after_ascent(group, bucket, saves)
+                    continue
                 sam_perturb_(
                     on(bucket),
                     direction,
@@ -977,6 +998,18 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
 
 
+def _kinds(weighted: Optional[list]) -> list[int]:
+    return [int(w) for w in weighted] if weighted is not None else []
+
+
+def _held_sq_norm(calls, weighted: Optional[list], eta: float, fisher: Optional[list]) -> Tensor:
+    """:func:`grad_sq_norm` of a bucket's ``.grad`` through its held lists (``_held.py``). The
+    Fisher list is the one ``sam_perturb_`` takes next (its EMA); the norm reads it only for the
+    running-Fisher weight, and checks it as the perturbation would."""
+    calls.hold(FISHER, fisher)
+    return calls.calls.grad_sq_norm(_kinds(weighted), eta)
+
+
 def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype: torch.dtype,
                  trusted: bool = False) -> list[Tensor]:  # fmt: skip
     """One buffer shaped as each parameter of a (device, dtype) bucket, kept in ``store`` by
@@ -1013,7 +1046,12 @@ def gradient_sq_norm(buckets: list, home: torch.device) -> Tensor:
     read. Non-finite exactly where some gradient has an inf or a NaN (fp64 squares of fp32 values
     cannot overflow)."""
     sq_norms = [
-        all_reduce_over_shards_(grad_sq_norm(grads[0] if grads else kernel_grads(bucket), backend=backend), bucket[0]).to(home)
+        all_reduce_over_shards_(
+            # a planned bucket's .grad through its held lists (_held.py), else the gradients given
+            held(bucket, "grad_sq_norm").calls.grad_sq_norm([], 0.0) if usable(backend, bucket)
+            else grad_sq_norm(grads[0] if grads else kernel_grads(bucket), backend=backend),
+            bucket[0],
+        ).to(home)
         for bucket, backend, *grads in buckets
     ]  # fmt: skip
     return torch.stack(sq_norms).sum()

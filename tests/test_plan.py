@@ -358,6 +358,7 @@ def test_only_an_input_refusal_is_made_again(monkeypatch):
             raise RuntimeError("something after the write")
 
     monkeypatch.setattr(adamw_module, "adamw_step_", writes_then_fails)
+    monkeypatch.setattr(adamw_module, "usable", lambda *args: False)  # the list call (held: below)
     p = torch.nn.Parameter(torch.ones(3))
     opt = cl_optim.AdamW([p], lr=0.1)
     for _ in range(2):
@@ -367,3 +368,37 @@ def test_only_an_input_refusal_is_made_again(monkeypatch):
     with pytest.raises(RuntimeError, match="after the write"):
         opt.step()
     assert len(calls) == 3 and float(opt.state[p]["step"]) == 3.0
+
+
+def test_only_an_input_refusal_is_made_again_held():
+    """The same through the lists held in C++ (``_held.py``, the default trusted CPU step): a
+    failure after the held call wrote is raised as it is, and the step is not made twice."""
+    from cl_optim._held import Held
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cl_optim.AdamW([p], lr=0.1, backend="cpp")
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    (held,) = [
+        b.buffers[("held", "adamw_step_")] for plan in opt._plans._plans.values() for _, b in plan.buckets
+    ]
+    assert isinstance(held, Held)
+
+    class WritesThenFails:
+        def __init__(self, calls):
+            self.calls, self.count = calls, 0
+
+        def __getattr__(self, name):
+            return getattr(self.calls, name)
+
+        def adamw_step(self, *args):
+            self.count += 1
+            self.calls.adamw_step(*args)
+            raise RuntimeError("something after the write")
+
+    held.calls = proxy = WritesThenFails(held.calls)
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="after the write"):
+        opt.step()
+    assert proxy.count == 1 and float(opt.state[p]["step"]) == 3.0

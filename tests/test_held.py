@@ -1,0 +1,241 @@
+"""Lists held in C++ between steps (cl_optim/_held.py, csrc/cpu/held_lists.cpp): the same numbers,
+state and refusals as the list calls, and never a stale tensor."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cl_optim
+import cl_optim.adamw as adamw_module
+import cl_optim.sam as sam_module
+import cl_optim.sgd as sgd_module
+from cl_optim._held import Held
+
+SHAPES = [(7, 3), (5,), (2, 3, 4), (1,), (64,)]
+
+
+@contextlib.contextmanager
+def _lists_only():
+    """Every op call with Python lists, as before the held calls existed."""
+    modules = (adamw_module, sam_module, sgd_module)
+    saved = [m.usable for m in modules]
+    for m in modules:
+        m.usable = lambda *args: False
+    try:
+        yield
+    finally:
+        for m, usable in zip(modules, saved):
+            m.usable = usable
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+
+
+def _grads(params, step, nonfinite=False):
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    if nonfinite:
+        grads[2][0, 1, 2] = float("inf")
+    return grads
+
+
+def _helds(opt) -> list:
+    plans = opt._plans._plans.values()
+    return [h for plan in plans for _, b in plan.buckets for k, h in b.buffers.items() if k[0] == "held"]
+
+
+CONFIGS = {
+    "adamw": lambda ps: cl_optim.AdamW(ps, lr=0.1, weight_decay=0.01, backend="cpp"),
+    "adamw_amsgrad_maximize": lambda ps: cl_optim.AdamW(
+        ps, lr=0.1, amsgrad=True, maximize=True, backend="cpp"
+    ),
+    "adamw_fisher_ema": lambda ps: cl_optim.AdamW(ps, lr=0.1, fisher_ema=0.9, backend="cpp"),
+    "adamw_ewc": lambda ps: cl_optim.AdamW(ps, lr=0.1, ewc=_ewc(ps), backend="cpp"),
+    "sgd": lambda ps: cl_optim.SGD(ps, lr=0.1, backend="cpp"),
+    "sgd_nesterov_ewc": lambda ps: cl_optim.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, ewc=_ewc(ps), backend="cpp"
+    ),
+    "sgd_dampening_maximize": lambda ps: cl_optim.SGD(
+        ps, lr=0.1, momentum=0.9, dampening=0.3, maximize=True, backend="cpp"
+    ),
+    "sam_sgd": lambda ps: cl_optim.SAM(ps, cl_optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="cpp"),
+    "sam_adamw": lambda ps: cl_optim.SAM(ps, cl_optim.AdamW, rho=0.05, lr=0.1, backend="cpp"),
+    "asam_adamw": lambda ps: cl_optim.SAM(ps, cl_optim.AdamW, rho=0.5, adaptive=True, lr=0.1, backend="cpp"),
+    "fisher_sam_ema": lambda ps: cl_optim.SAM(
+        ps, cl_optim.AdamW, rho=0.05, adaptive="fisher_ema", fisher_ema=0.9, lr=0.1, backend="cpp"
+    ),
+}
+
+
+def _ewc(params):
+    ewc = cl_optim.EWC([(f"p{i}", p) for i, p in enumerate(params)], lam=3.0)
+    gen = torch.Generator().manual_seed(7)
+    ewc.consolidate({p: torch.rand(p.shape, generator=gen) for p in params})
+    return ewc
+
+
+def _train(config: str, steps: int = 5):
+    params = _params()
+    opt = CONFIGS[config](params)
+    for step in range(steps):
+        nonfinite = step == 3  # SAM's second pass skips on a non-finite gradient
+        if isinstance(opt, cl_optim.SAM):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g  # new tensors every pass, as backward after zero_grad(set_to_none=True)
+            opt.first_step()
+            for p, g in zip(params, _grads(params, 50 + step, nonfinite)):
+                p.grad = g
+            opt.second_step()
+        else:
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            opt.step()
+    return params, opt
+
+
+def _state_tensors(opt, params):
+    base = opt.base_optimizer if isinstance(opt, cl_optim.SAM) else opt
+    return [
+        (i, k, v)
+        for i, p in enumerate(params)
+        for k, v in sorted(base.state[p].items())
+        if torch.is_tensor(v)
+    ]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_held_calls_give_the_list_calls_numbers(config):
+    params, opt = _train(config)
+    with _lists_only():
+        want_params, want_opt = _train(config)
+    base = opt.base_optimizer if isinstance(opt, cl_optim.SAM) else opt
+    assert any(isinstance(h, Held) for h in _helds(base)), "the held path did not run"
+    for got, want in zip(params, want_params):
+        assert torch.equal(got.detach(), want.detach())
+    got_state, want_state = _state_tensors(opt, params), _state_tensors(want_opt, want_params)
+    assert [(i, k) for i, k, _ in got_state] == [(i, k) for i, k, _ in want_state]
+    assert got_state or config == "sgd"  # (SGD without momentum keeps no state)
+    for (i, k, got), (_, _, want) in zip(got_state, want_state):
+        assert torch.equal(got, want), (i, k)
+
+
+def _step(opt, params, step):
+    for p, g in zip(params, _grads(params, step)):
+        p.grad = g
+    opt.step()
+
+
+def _both(change):
+    """Two steps, ``change(opt, params)``, two more steps: held against lists."""
+    results = []
+    for held in (True, False):
+        with contextlib.nullcontext() if held else _lists_only():
+            params = _params()
+            opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
+            for step in range(2):
+                _step(opt, params, step)
+            change(opt, params)
+            for step in range(2, 4):
+                _step(opt, params, step)
+            results.append((params, opt))
+    (params, opt), (want_params, want_opt) = results
+    for got, want in zip(params, want_params):
+        assert torch.equal(got.detach(), want.detach())
+    for (_, _, got), (_, _, want) in zip(_state_tensors(opt, params), _state_tensors(want_opt, want_params)):
+        assert torch.equal(got, want)
+    return opt, params
+
+
+def test_a_state_tensor_replaced_between_steps_is_the_one_stepped():
+    def replace(opt, params):
+        opt.state[params[0]]["exp_avg"] = torch.full_like(params[0], 0.25)
+
+    opt, params = _both(replace)
+    assert float(opt.state[params[0]]["step"]) == 4.0
+
+
+def test_a_state_dict_replaced_between_steps_is_the_one_stepped():
+    def replace(opt, params):
+        opt.state[params[1]] = {k: v.clone() + 1.0 for k, v in opt.state[params[1]].items()}
+
+    _both(replace)
+
+
+def test_load_state_dict_between_steps():
+    donor_params = _params(seed=3)
+    donor = cl_optim.AdamW(donor_params, lr=0.1)
+    for step in range(3):
+        _step(donor, donor_params, 10 + step)
+    saved = copy.deepcopy(donor.state_dict())
+
+    def load(opt, params):
+        opt.load_state_dict(copy.deepcopy(saved))  # (torch keeps the given tensors: each run its own)
+        assert not opt._plans._plans  # the held lists go with the plans
+
+    opt, params = _both(load)
+    assert float(opt.state[params[0]]["step"]) == 5.0
+
+
+def test_a_refusal_through_held_lists_names_the_problem_and_writes_nothing():
+    params = _params()
+    opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
+    for step in range(2):
+        _step(opt, params, step)
+    assert _helds(opt)
+    opt.state[params[2]]["exp_avg_sq"] = torch.zeros(3)
+    before = [p.detach().clone() for p in params]
+    steps = [float(opt.state[p]["step"]) for p in params]
+    for p, g in zip(params, _grads(params, 2)):
+        p.grad = g
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq.*shape"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert [float(opt.state[p]["step"]) for p in params] == steps
+
+
+def test_a_grown_parameter_behind_held_lists_steps_as_with_lists():
+    def grow(opt, params):
+        params[4].data = torch.randn(80, generator=torch.Generator().manual_seed(5))
+        opt.pad_state_(params[4])
+
+    opt, params = _both(grow)
+    assert opt.state[params[4]]["exp_avg"].shape == (80,)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dispatch_mode_sees_the_op_not_a_held_call():
+    params = _params()
+    opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
+    for step in range(2):
+        _step(opt, params, step)
+    for p, g in zip(params, _grads(params, 2)):
+        p.grad = g
+    with _OpNames() as mode:
+        opt.step()
+    assert any("cl_optim.adamw_step_" in name for name in mode.names), mode.names
+
+
+def test_held_lists_refuse_other_devices_and_tensor_kinds():
+    with pytest.raises(ValueError, match="plain CPU tensors"):
+        Held([torch.zeros(2, device="meta")])
+    held = Held([torch.zeros(2)])
+    with pytest.raises(RuntimeError, match="CPU kernels only"):
+        held.calls.hold(1, [torch.zeros(2, device="meta")])
+    with pytest.raises(RuntimeError, match="no slot 10"):
+        held.calls.hold(10, [torch.zeros(2)])
