@@ -12,7 +12,7 @@ from torch import Tensor
 from ._backend import kernel_op
 from ._checks import check_adamw_step_
 from ._distributed import local_list
-from ._held import EXP_AVG_SQS, EXP_AVGS, MAX_EXP_AVG_SQS, STEPS, held, usable
+from ._held import held
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
@@ -149,7 +149,7 @@ class AdamW(FusedOptimizer):
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         amsgrad = group["amsgrad"]
         # The lists held in C++ between steps (_held.py) for a trusted plan; their gradients are .grad.
-        calls = held(params, "adamw_step_") if trusted and usable(backend, params) else None
+        calls = held(params, "adamw_step_", backend) if trusted else None
         # One lookup each (hashing a tensor is a Python call), or the held call's, while the state
         # holds the same per-parameter dicts.
         states = calls.states_of(self.state) if calls is not None else [self.state[p] for p in params]
@@ -176,17 +176,11 @@ class AdamW(FusedOptimizer):
             lists = [[s[key] for s in states] for key in keys]
         steps, exp_avgs, exp_avg_sqs, *max_exp_avg_sqs = lists
         beta1, beta2 = group["betas"]
-        if calls is not None:
-            for slot, tensors in ((STEPS, steps), (EXP_AVGS, exp_avgs), (EXP_AVG_SQS, exp_avg_sqs),
-                                  (MAX_EXP_AVG_SQS, max_exp_avg_sqs[0] if amsgrad else None)):  # fmt: skip
-                calls.hold(slot, tensors)
-            op_terms = kernel_terms(terms, len(params))
-            calls.hold_terms(op_terms)
-            calls.calls.adamw_step(
-                op_terms["combine_coef"], op_terms["grad_scale"], op_terms["found_inf"], op_terms["clip_coef"],
-                op_terms["fisher_beta"], group["maximize"], _to_float(_as_scalar(group["lr"])), beta1, beta2,
-                group["eps"], group["weight_decay"],
-            )  # fmt: skip
+        if calls is not None and calls.adamw_step(
+            grads, steps, exp_avgs, exp_avg_sqs, max_exp_avg_sqs[0] if amsgrad else None,
+            kernel_terms(terms, len(params)), maximize=group["maximize"], lr=_to_float(_as_scalar(group["lr"])),
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        ):  # fmt: skip
             return
         shards = local_list if sharded else (lambda tensors: tensors)
         adamw_step_(

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import all_reduce_over_shards_, kernel_grads, local_list
-from ._held import FISHER, SAVES, held, usable
+from ._held import held
 from ._optimizer import (
     FISHER_KEY,
     FusedOptimizer,
@@ -432,21 +432,14 @@ class SAM(torch.optim.Optimizer):
             ]
             # DTensor parameters (FSDP2): each rank's local shards, the sums added across the ranks.
             shards = [local_list if layout is not None else _same for *_, layout in plan]
-            # A trusted plan's lists held in C++ between steps (_held.py); their gradients are .grad.
+            directions_of = [grads_of(bucket) for _, _, _, bucket, _, _ in plan]  # read once for both ops
+            # A trusted plan's lists held in C++ between steps (_held.py).
             helds = [
-                held(bucket, "sam") if trusted and directions is None and layout is None and usable(backend, bucket)
-                else None
-                for _, _, _, bucket, backend, layout in plan
-            ]  # fmt: skip
-            directions_of = [
-                None if calls is not None else grads_of(bucket)
-                for (_, _, _, bucket, _, _), calls in zip(plan, helds)
-            ]  # read once for both ops
+                held(bucket, "sam", backend) if trusted else None for _, _, _, bucket, backend, _ in plan
+            ]
             sq_norms = [
                 all_reduce_over_shards_(
-                    _held_sq_norm(calls, weighted, eta, fisher) if calls is not None
-                    else grad_sq_norm(direction, on(bucket), weighted, eta, fisher=on(fisher), backend=backend),
-                    bucket[0],
+                    _sq_norm(calls, direction, on(bucket), weighted, eta, on(fisher), backend), bucket[0]
                 ).to(home)
                 for (_, _, _, bucket, backend, _), direction, (weighted, eta), fisher, on, calls
                 in zip(plan, directions_of, weights, fishers, shards, helds)
@@ -466,28 +459,24 @@ class SAM(torch.optim.Optimizer):
                 # A non-finite gradient gives scale 0: no perturbation, and no host sync to decide it.
                 scale = torch.where(finite, group[radius] / (norm + self.perturb_eps), torch.zeros_like(norm))
                 saves = kept_buffers(store, bucket, device, dtype, trusted)
-                if calls is not None:
-                    calls.hold(SAVES, saves)
-                    calls.calls.sam_perturb(
-                        scale.to(device), _kinds(weighted), eta, self.fisher_ema or 0.0,
-                        None if grad_scale is None else grad_scale.to(device), fisher_flag.to(device),
-                    )  # fmt: skip
-                    perturbed.extend(bucket)
-                    self._after_ascent(group, bucket, saves)
-                    continue
-                sam_perturb_(
-                    on(bucket),
-                    direction,
-                    on(saves),
-                    scale.to(device),
-                    weighted,
-                    eta,
-                    backend=backend,
-                    fisher=on(fisher),
-                    fisher_beta=self.fisher_ema or 0.0,
-                    grad_scale=None if grad_scale is None else grad_scale.to(device),
-                    finite=fisher_flag.to(device),
-                )
+                step_scale = None if grad_scale is None else grad_scale.to(device)
+                if calls is None or not calls.sam_perturb(
+                    direction, saves, scale.to(device), _kinds(weighted), eta, fisher, self.fisher_ema or 0.0,
+                    step_scale, fisher_flag.to(device),
+                ):  # fmt: skip
+                    sam_perturb_(
+                        on(bucket),
+                        direction,
+                        on(saves),
+                        scale.to(device),
+                        weighted,
+                        eta,
+                        backend=backend,
+                        fisher=on(fisher),
+                        fisher_beta=self.fisher_ema or 0.0,
+                        grad_scale=step_scale,
+                        finite=fisher_flag.to(device),
+                    )
                 perturbed.extend(bucket)
                 self._after_ascent(group, bucket, saves)
         except BaseException as error:
@@ -1002,12 +991,14 @@ def _kinds(weighted: Optional[list]) -> list[int]:
     return [int(w) for w in weighted] if weighted is not None else []
 
 
-def _held_sq_norm(calls, weighted: Optional[list], eta: float, fisher: Optional[list]) -> Tensor:
-    """:func:`grad_sq_norm` of a bucket's ``.grad`` through its held lists (``_held.py``). The
-    Fisher list is the one ``sam_perturb_`` takes next (its EMA); the norm reads it only for the
-    running-Fisher weight, and checks it as the perturbation would."""
-    calls.hold(FISHER, fisher)
-    return calls.calls.grad_sq_norm(_kinds(weighted), eta)
+def _sq_norm(calls, direction, params, weighted: Optional[list], eta: float, fisher, backend: str) -> Tensor:
+    """:func:`grad_sq_norm` of a bucket, through its held lists (``_held.py``) where it has them and
+    they take the call."""
+    if calls is not None:
+        norm = calls.grad_sq_norm(direction, _kinds(weighted), eta, fisher)
+        if norm is not None:
+            return norm
+    return grad_sq_norm(direction, params, weighted, eta, fisher=fisher, backend=backend)
 
 
 def kept_buffers(store: dict, bucket: list[Tensor], device: torch.device, dtype: torch.dtype,
@@ -1047,9 +1038,8 @@ def gradient_sq_norm(buckets: list, home: torch.device) -> Tensor:
     cannot overflow)."""
     sq_norms = [
         all_reduce_over_shards_(
-            # a planned bucket's .grad through its held lists (_held.py), else the gradients given
-            held(bucket, "grad_sq_norm").calls.grad_sq_norm([], 0.0) if usable(backend, bucket)
-            else grad_sq_norm(grads[0] if grads else kernel_grads(bucket), backend=backend),
+            _sq_norm(held(bucket, "grad_sq_norm", backend), grads[0] if grads else kernel_grads(bucket), None,
+                     None, 0.0, None, backend),
             bucket[0],
         ).to(home)
         for bucket, backend, *grads in buckets

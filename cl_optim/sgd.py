@@ -12,7 +12,7 @@ from torch import Tensor
 from ._backend import kernel_op
 from ._checks import check_sgd_step_
 from ._distributed import like_param, local_list
-from ._held import MOMENTUM_BUFFERS, held, usable
+from ._held import held
 from ._optimizer import FusedOptimizer, backend_from_torch_flags, check_lr, refuse_differentiable
 from ._terms import (
     StepTerms,
@@ -120,7 +120,7 @@ class SGD(FusedOptimizer):
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         momentum = group["momentum"]
         # The lists held in C++ between steps (_held.py) for a trusted plan; their gradients are .grad.
-        calls = held(params, "sgd_step_") if trusted and usable(backend, params) else None
+        calls = held(params, "sgd_step_", backend) if trusted else None
         states, buffers, first = None, None, []
         if momentum != 0:
             # One lookup each (hashing a tensor is a Python call), or the held call's, while the
@@ -130,17 +130,22 @@ class SGD(FusedOptimizer):
             first = [i for i, buf in enumerate(buffers) if buf is None]
             if sharded:
                 buffers = local_list(buffers)  # the step writes first-step buffers into this list
-        if calls is not None and not first:  # (a first step makes its buffers: the list call below)
-            calls.hold(MOMENTUM_BUFFERS, buffers)
-            calls.hold_buffer_ready([1] * len(params) if momentum != 0 else [])
-            op_terms = kernel_terms(terms, len(params))
-            calls.hold_terms(op_terms)
-            lr = group["lr"]
-            calls.calls.sgd_step(
-                op_terms["combine_coef"], op_terms["grad_scale"], op_terms["found_inf"], op_terms["clip_coef"],
-                op_terms["fisher_beta"], group["maximize"], lr.item() if isinstance(lr, Tensor) else lr, momentum,
-                group["dampening"], group["weight_decay"], group["nesterov"],
+        lr = group["lr"]
+        if (
+            calls is not None
+            and not first  # (a first step makes its buffers: the list call below)
+            and calls.sgd_step(
+                grads,
+                buffers,
+                kernel_terms(terms, len(params)),
+                maximize=group["maximize"],
+                lr=lr.item() if isinstance(lr, Tensor) else lr,
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
             )  # fmt: skip
+        ):
             return
         sgd_step_(
             local_list(params) if sharded else params,

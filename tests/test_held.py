@@ -23,14 +23,14 @@ SHAPES = [(7, 3), (5,), (2, 3, 4), (1,), (64,)]
 def _lists_only():
     """Every op call with Python lists, as before the held calls existed."""
     modules = (adamw_module, sam_module, sgd_module)
-    saved = [m.usable for m in modules]
+    saved = [m.held for m in modules]
     for m in modules:
-        m.usable = lambda *args: False
+        m.held = lambda *args: None
     try:
         yield
     finally:
-        for m, usable in zip(modules, saved):
-            m.usable = usable
+        for m, held in zip(modules, saved):
+            m.held = held
 
 
 def _params(seed=0):
@@ -231,11 +231,155 @@ def test_a_dispatch_mode_sees_the_op_not_a_held_call():
     assert any("cl_optim.adamw_step_" in name for name in mode.names), mode.names
 
 
-def test_held_lists_refuse_other_devices_and_tensor_kinds():
-    with pytest.raises(ValueError, match="plain CPU tensors"):
-        Held([torch.zeros(2, device="meta")])
-    held = Held([torch.zeros(2)])
-    with pytest.raises(RuntimeError, match="CPU kernels only"):
-        held.calls.hold(1, [torch.zeros(2, device="meta")])
+def test_held_lists_decline_what_the_dispatcher_would_handle_first():
+    held = Held(torch.zeros(2))
+    assert held.hold(1, [torch.zeros(2)]) and held.lists[1] is not None
+    for special in (
+        torch.zeros(2, device="meta"),
+        torch._neg_view(torch.ones(2)),
+        torch._efficientzerotensor(2),
+        torch.ones(2).to_sparse(),
+        _Wrapped(torch.ones(2)),
+    ):
+        assert not held.hold(1, [torch.zeros(2), special])
+        assert len(held.lists[1]) == 1  # nothing new held
     with pytest.raises(RuntimeError, match="no slot 10"):
         held.calls.hold(10, [torch.zeros(2)])
+
+
+class _Wrapped(torch.Tensor):
+    """A ``__torch_dispatch__`` wrapper: its data lives in an inner tensor (review of 9860a73)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _Wrapped) else t  # noqa: E731
+        return func(
+            *torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {})
+        )
+
+
+def _last_step_with(grad_of):
+    """SGD with momentum, four steps, the last one's second gradient replaced by ``grad_of(g)``:
+    held against lists, and both against a plain gradient of the same values on ``foreach``."""
+    results = []
+    for mode in ("held", "lists", "foreach"):
+        with _lists_only() if mode == "lists" else contextlib.nullcontext():
+            params = _params()
+            opt = cl_optim.SGD(
+                params, lr=0.1, momentum=0.9, backend="foreach" if mode == "foreach" else "cpp"
+            )
+            for step in range(4):
+                grads = _grads(params, step)
+                if step == 3 and mode != "foreach":
+                    grads[1] = grad_of(grads[1])
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+            results.append([p.detach().clone() for p in params])
+    for got, want in zip(results[0], results[1]):
+        assert torch.equal(got, want)
+    for got, want in zip(results[1], results[2]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "grad_of",
+    [
+        lambda g: torch._neg_view(-g),  # a lazy negation: the held call read the raw storage's sign
+        lambda g: _Wrapped(g),  # a wrapper subclass (an AsyncCollectiveTensor's kind): it crashed
+    ],
+    ids=["negative_view", "wrapper_subclass"],
+)
+def test_a_gradient_the_dispatcher_unfolds_takes_the_list_call(grad_of):
+    _last_step_with(grad_of)
+
+
+def test_a_zero_tensor_gradient_takes_the_list_call():
+    """``torch._efficientzerotensor`` has no storage: the held call crashed (review of 9860a73)."""
+    results = []
+    for mode in ("held", "lists"):
+        with _lists_only() if mode == "lists" else contextlib.nullcontext():
+            params = _params()
+            opt = cl_optim.SGD(params, lr=0.1, momentum=0.9, backend="cpp")
+            for step in range(4):
+                for p, g in zip(params, _grads(params, step)):
+                    p.grad = g
+                if step == 3:
+                    params[1].grad = torch._efficientzerotensor(params[1].shape)
+                try:
+                    opt.step()
+                except RuntimeError as error:  # the same refusal both ways, if any
+                    results.append(str(error))
+                    break
+            results.append([p.detach().clone() for p in params])
+    assert len(results) == 2 or results[0] == results[2]
+    if len(results) == 2:
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class _MyParameter(torch.nn.Parameter):
+    pass
+
+
+@pytest.mark.parametrize("config", ["adamw", "sam_adamw"])
+def test_parameter_subclasses_step_through_lists(config):
+    """A ``Parameter`` subclass (FSDP1's FlatParameter is one): the held path made the step raise
+    (review of 9860a73); now the bucket takes the list calls."""
+    for mode in ("held", "lists"):
+        with _lists_only() if mode == "lists" else contextlib.nullcontext():
+            gen = torch.Generator().manual_seed(0)
+            params = [_MyParameter(torch.randn(s, generator=gen)) for s in SHAPES]
+            opt = CONFIGS[config](params)
+            for step in range(3):
+                for p, g in zip(params, _grads(params, step)):
+                    p.grad = g
+                if isinstance(opt, cl_optim.SAM):
+                    opt.first_step()
+                    opt.second_step()
+                else:
+                    opt.step()
+            if mode == "held":
+                got = [p.detach().clone() for p in params]
+    assert all(torch.equal(a, p.detach()) for a, p in zip(got, params))
+
+
+def test_the_state_of_each_parameter_follows_its_key():
+    """The state rebuilt with the same dicts in the same order under swapped keys: the cached
+    lookup compared the values only and kept stepping each parameter with the other's state
+    (review of 9860a73)."""
+    results = []
+    for mode in ("held", "lists"):
+        with _lists_only() if mode == "lists" else contextlib.nullcontext():
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(4, generator=gen)) for _ in range(3)]
+            opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
+            for step in range(2):
+                _step(opt, params, step)
+            keys, values = list(opt.state), list(opt.state.values())
+            opt.state.clear()
+            for p, state in zip([keys[1], keys[0], keys[2]], values):
+                opt.state[p] = state
+            for step in range(2, 4):
+                _step(opt, params, step)
+            results.append(
+                [p.detach().clone() for p in params] + [v for _, _, v in _state_tensors(opt, params)]
+            )
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_held_calls_show_in_the_profiler():
+    params = _params()
+    opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
+    for step in range(2):
+        _step(opt, params, step)
+    assert _helds(opt)
+    with torch.profiler.profile() as prof:
+        _step(opt, params, 2)
+    assert any("adamw_step_" in event.name for event in prof.events())

@@ -358,7 +358,7 @@ def test_only_an_input_refusal_is_made_again(monkeypatch):
             raise RuntimeError("something after the write")
 
     monkeypatch.setattr(adamw_module, "adamw_step_", writes_then_fails)
-    monkeypatch.setattr(adamw_module, "usable", lambda *args: False)  # the list call (held: below)
+    monkeypatch.setattr(adamw_module, "held", lambda *args: None)  # the list call (held: below)
     p = torch.nn.Parameter(torch.ones(3))
     opt = cl_optim.AdamW([p], lr=0.1)
     for _ in range(2):
