@@ -22,14 +22,10 @@ bucket.
 
 from __future__ import annotations
 
-from itertools import repeat
-from operator import attrgetter, is_, is_not
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-
-_GRAD = attrgetter("grad")
 
 
 class Bucket(list):
@@ -59,14 +55,6 @@ def bucket_grads(bucket: list[Tensor], group_grads: Optional[list]) -> list[Tens
 
         return kernel_grads(bucket)
     return group_grads if bucket.whole else [group_grads[i] for i in bucket.index]
-
-
-def count_graded(grads: list) -> int:
-    """How many of ``grads`` are not None: at C speed outside ``torch.compile`` (``list.count(None)``
-    would call ``Tensor.__eq__`` on each; a generator is a Python step per tensor)."""
-    if torch.compiler.is_compiling():
-        return sum(g is not None for g in grads)
-    return len(grads) - sum(map(is_, grads, repeat(None)))
 
 
 class _GroupPlan:
@@ -110,14 +98,10 @@ class BucketPlans:
         from ._optimizer import bucket_indices
 
         params = group["params"]
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # (dynamo traces comprehensions, not attrgetter)
-            grads = [p.grad for p in params]
-            graded = [g is not None for g in grads]
-        else:  # at C speed: comprehensions cost about 0.1 us a tensor more
-            grads = list(map(_GRAD, params))
-            graded = list(map(is_not, grads, repeat(None)))
+        grads = [p.grad for p in params]
+        graded = [g is not None for g in grads]
         ids = list(map(id, params))
+        compiling = torch.compiler.is_compiling()
         plan = None if compiling or fresh else self._plans.get(key)
         if (
             plan is not None

@@ -49,7 +49,7 @@ from ._optimizer import (
     keep_fp32_state,
     pad_state_,
 )
-from ._plan import Bucket, BucketPlans, PlanRefused, count_graded, refused_input
+from ._plan import Bucket, BucketPlans, PlanRefused, refused_input
 from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 from .sam_select import fisher_keep_mask, norm_layer_parameters, unpack_mask
 
@@ -377,7 +377,7 @@ class SAM(torch.optim.Optimizer):
             buckets, reused, grads = self._plans.group_buckets(
                 (index, selected_only), group, _check_sam_params, select, fresh=fresh
             )
-            graded += count_graded(grads)
+            graded += sum(g is not None for g in grads)
             groups.append((group, buckets, reused))
         return groups, graded
 
