@@ -12,13 +12,10 @@ sharded (replicated dimensions hold copies and are not summed again).
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-_GRAD = attrgetter("grad")
 
 _dtensor_type: list = []
 
@@ -74,9 +71,7 @@ def kernel_grads(params) -> list:
     local shards laid out as the parameters (:func:`local_grads`)."""
     if params and is_dtensor(params[0]):
         return local_grads(params)
-    if torch.compiler.is_compiling():  # (dynamo traces comprehensions, not attrgetter)
-        return [p.grad for p in params]
-    return list(map(_GRAD, params))  # at C speed: a comprehension costs about 0.1 us a tensor more
+    return [p.grad for p in params]
 
 
 def like_param(value: Tensor, param) -> Tensor:

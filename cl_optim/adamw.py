@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from operator import itemgetter
 from typing import Optional, Union
 
 import torch
@@ -158,7 +157,7 @@ class AdamW(FusedOptimizer):
         # Trusted, the op checks the state (shapes, the step counts' device) and a refusal comes back
         # untrusted; a missing entry (a parameter's first step) takes the loop below.
         try:
-            lists = [list(map(itemgetter(key), states)) for key in keys] if trusted else None  # at C speed
+            lists = [[s[key] for s in states] for key in keys] if trusted else None
         except KeyError:
             lists = None
         if lists is None:
