@@ -383,3 +383,33 @@ def test_held_calls_show_in_the_profiler():
     with torch.profiler.profile() as prof:
         _step(opt, params, 2)
     assert any("adamw_step_" in event.name for event in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("config", ["adamw_ewc", "sam_adamw", "sgd_nesterov_ewc"])
+def test_held_calls_in_every_dtype_and_a_channels_last_layout(config, dtype):
+    results = []
+    for mode in ("held", "lists"):
+        with _lists_only() if mode == "lists" else contextlib.nullcontext():
+            gen = torch.Generator().manual_seed(0)
+            weight = torch.randn(4, 3, 5, 6, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+            params = [torch.nn.Parameter(weight), torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))]
+            opt = CONFIGS[config](params)
+            for step in range(4):
+                for p, g in zip(params, _grads(params, step)):
+                    p.grad = (
+                        g.to(dtype).contiguous(memory_format=torch.channels_last)
+                        if g.dim() == 4
+                        else g.to(dtype)
+                    )
+                if isinstance(opt, cl_optim.SAM):
+                    opt.first_step()
+                    opt.second_step()
+                else:
+                    opt.step()
+            base = opt.base_optimizer if isinstance(opt, cl_optim.SAM) else opt
+            assert (mode == "lists") != bool(_helds(base))
+            results.append(
+                [p.detach().clone() for p in params] + [v for _, _, v in _state_tensors(opt, params)]
+            )
+    assert all(torch.equal(a, b) for a, b in zip(*results))
