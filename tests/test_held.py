@@ -183,12 +183,18 @@ def test_load_state_dict_between_steps():
     assert float(opt.state[params[0]]["step"]) == 5.0
 
 
-def test_a_refusal_through_held_lists_names_the_problem_and_writes_nothing():
+def _held_adamw():
+    """An AdamW two steps in, its lists held."""
     params = _params()
     opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
     for step in range(2):
         _step(opt, params, step)
     assert _helds(opt)
+    return opt, params
+
+
+def test_a_refusal_through_held_lists_names_the_problem_and_writes_nothing():
+    opt, params = _held_adamw()
     opt.state[params[2]]["exp_avg_sq"] = torch.zeros(3)
     before = [p.detach().clone() for p in params]
     steps = [float(opt.state[p]["step"]) for p in params]
@@ -220,10 +226,7 @@ class _OpNames(TorchDispatchMode):
 
 
 def test_a_dispatch_mode_sees_the_op_not_a_held_call():
-    params = _params()
-    opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
-    for step in range(2):
-        _step(opt, params, step)
+    opt, params = _held_adamw()
     for p, g in zip(params, _grads(params, 2)):
         p.grad = g
     with _OpNames() as mode:
@@ -375,11 +378,7 @@ def test_the_state_of_each_parameter_follows_its_key():
 
 
 def test_held_calls_show_in_the_profiler():
-    params = _params()
-    opt = cl_optim.AdamW(params, lr=0.1, backend="cpp")
-    for step in range(2):
-        _step(opt, params, step)
-    assert _helds(opt)
+    opt, params = _held_adamw()
     with torch.profiler.profile() as prof:
         _step(opt, params, 2)
     assert any("adamw_step_" in event.name for event in prof.events())
