@@ -34,7 +34,7 @@ from torch.nn import Parameter
 
 # The slots of csrc/cpu/held_lists.cpp.
 PARAMS, EXP_AVGS, EXP_AVG_SQS, MAX_EXP_AVG_SQS, STEPS, RESTORE_FROM, COMBINE_FROM, FISHER, SAVES, MOMENTUM_BUFFERS = range(10)  # fmt: skip
-_SLOTS = 10
+_SLOTS = MOMENTUM_BUFFERS + 1
 _PLAIN = (Tensor, Parameter)
 _INELIGIBLE = False  # kept in a bucket's buffers: its parameters cannot be held
 

@@ -148,7 +148,7 @@ class AdamW(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         amsgrad = group["amsgrad"]
-        # The lists held in C++ between steps (_held.py) for a trusted plan; their gradients are .grad.
+        # The lists held in C++ between steps (_held.py) for a trusted plan.
         calls = held(params, "adamw_step_", backend) if trusted else None
         # One lookup each (hashing a tensor is a Python call), or the held call's, while the state
         # holds the same per-parameter dicts.

@@ -119,7 +119,7 @@ class SGD(FusedOptimizer):
 
     def _update_bucket(self, group, params, grads, terms, backend, sharded=False, trusted=False):
         momentum = group["momentum"]
-        # The lists held in C++ between steps (_held.py) for a trusted plan; their gradients are .grad.
+        # The lists held in C++ between steps (_held.py) for a trusted plan.
         calls = held(params, "sgd_step_", backend) if trusted else None
         states, buffers, first = None, None, []
         if momentum != 0:

@@ -95,11 +95,6 @@ struct HeldLists : torch::CustomClassHolder {
 
   void hold_buffer_ready(std::vector<int64_t> ready) { buffer_ready = std::move(ready); }
 
-  int64_t size(int64_t slot) const {
-    TORCH_CHECK(slot >= 0 && slot < kSlots, "HeldLists.size: no slot ", slot);
-    return static_cast<int64_t>(lists[slot].size());
-  }
-
   // The parameters again at each call: `p.data = ...` changes a held tensor in place.
   bool callable(const std::vector<at::Tensor>& grads) const { return all_plain(grads) && all_plain(lists[kParams]); }
 
@@ -160,7 +155,6 @@ TORCH_LIBRARY_FRAGMENT(cl_optim, m) {
       .def("hold", &cl_optim::HeldLists::hold)
       .def("hold_ewc", &cl_optim::HeldLists::hold_ewc)
       .def("hold_buffer_ready", &cl_optim::HeldLists::hold_buffer_ready)
-      .def("size", &cl_optim::HeldLists::size)
       .def("adamw_step", &cl_optim::HeldLists::adamw_step)
       .def("sgd_step", &cl_optim::HeldLists::sgd_step)
       .def("grad_sq_norm", &cl_optim::HeldLists::grad_sq_norm)
