@@ -221,3 +221,17 @@ sys.exit(gpu_check.main(["--out", {str(tmp_path)!r}, "--budget-s", "100"]))
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the step outlived gpu_check")
+
+
+def test_the_ceiling_streams_the_ops_working_set():
+    """The ceiling's arrays hold at least the op's working set (up to 4x the last-level cache),
+    never fewer elements than the op: a many-small step moving 295 MB is not held to a copy of
+    66 MB that a 32 MiB cache partly keeps."""
+    harness = _load("harness")
+    cache = 32 * 2**20
+    many_small = 2000 * 4096
+    assert harness.ceiling_elements(many_small, 36 * many_small, cache) == 4 * cache // 8
+    assert harness.ceiling_elements(64_000_000, 36 * 64_000_000, cache) == 64_000_000  # already past it
+    assert harness.ceiling_elements(1000, 36_000, cache) == 4500  # a small op: its own working set
+    assert harness.ceiling_elements(1000, 36e12, None) == 2**30 // 8  # no cache known: 1 GiB
+    assert harness.ceiling_elements(1000, None, cache) == 1000  # no bytes floor: the op's size
