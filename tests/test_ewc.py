@@ -275,6 +275,26 @@ def test_fp32_state_survives_save_and_load_with_a_bf16_model():
     torch.testing.assert_close(ewc2.penalty(), ewc.penalty())
 
 
+def test_a_state_dict_that_fails_to_load_changes_nothing():
+    """Every buffer of a state dict is made before anything is assigned: an anchor that cannot be
+    converted (here a string) leaves the lambdas, the task count and every (A, mu) as they were."""
+    model = _model()
+    ewc = cl_optim.EWC(model, lam=LAM)
+    ewc.consolidate({n: torch.rand(p.shape) for n, p in model.named_parameters()})
+    saved = _roundtrip(ewc.state_dict())
+    saved["lam"], saved["tasks"] = 2 * LAM, 7
+    last = list(saved["entries"])[-1]
+    saved["entries"][last]["anchor"] = "not a tensor"
+    before = {n: (e.precision.clone(), e.anchor.clone(), e.lam) for n, e in ewc._entries.items()}
+    with pytest.raises(AttributeError):
+        ewc.load_state_dict(saved)
+    assert ewc.lam == LAM and ewc.tasks == 1
+    for name, (precision, anchor, lam) in before.items():
+        entry = ewc._entries[name]
+        assert torch.equal(entry.precision, precision) and torch.equal(entry.anchor, anchor)
+        assert entry.lam == lam
+
+
 def test_a_grown_parameter_must_be_padded_explicitly():
     model = _model()
     ewc = cl_optim.EWC(model, lam=LAM)
