@@ -71,11 +71,7 @@ def markdown(csv_path: Path) -> str:
             metrics = table[key]
             t = metrics["time"]
             gbs = f"{float(metrics['bandwidth']['p50']):.1f}" if "bandwidth" in metrics else "-"
-            frac = (
-                f"{float(metrics['fraction_of_ceiling']['p50']):.0%}"
-                if "fraction_of_ceiling" in metrics
-                else "-"
-            )
+            frac = _fraction(metrics)
             speed = _speedup(metrics, base)
             lines.append(
                 f"| {key[1]} | {key[2]} | {float(t['p50']):.3g} [{float(t['p20']):.3g}, {float(t['p80']):.3g}] "
@@ -83,6 +79,21 @@ def markdown(csv_path: Path) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _fraction(metrics: dict) -> str:
+    """The fraction of the bandwidth ceiling: from paired rounds against the ceiling's pass where
+    the run made them (median, ±half the interquartile range), else against the run's one-shot
+    ceiling."""
+    paired = metrics.get("paired_fraction_of_ceiling")
+    if paired is not None:
+        spread = metrics.get("paired_spread_vs_ceiling")
+        loaded = metrics.get("paired_loaded_vs_ceiling")
+        note = f" ±{float(spread['p50']):.0%}" if spread else ""
+        note += " (loaded)" if loaded and float(loaded["p50"]) else ""
+        return f"{float(paired['p50']):.0%}{note} paired"
+    one_shot = metrics.get("fraction_of_ceiling")
+    return f"{float(one_shot['p50']):.0%}" if one_shot else "-"
 
 
 def _speedup(metrics: dict, base: str) -> str:
@@ -177,8 +188,7 @@ def compact(csv_path: Path) -> str:
         unit = metrics["time"]["unit"]
         base_time = float(table[(op, param_set, base)]["time"]["p50"])
         time = float(metrics["time"]["p50"])
-        frac = metrics.get("fraction_of_ceiling")
-        frac = f"{float(frac['p50']):.0%}" if frac else "-"
+        frac = _fraction(metrics)
         speed = (
             _speedup(metrics, base)
             if f"paired_speedup_vs_{base}" in metrics

@@ -43,6 +43,13 @@ def test_quick_step_and_ewc_benchmarks_write_the_csv_schema(tmp_path):
         "allocated_memory",
         "speedup_vs_torch_fused",
     } <= metrics
+    # The fastest cl_optim provider of each op, timed in paired rounds against the ceiling's pass:
+    # a fraction of it (a copy or triad over the same working set is not 10x slower than a step).
+    paired_fractions = {(r["op"], r["provider"]): float(r["p50"]) for r in rows
+                        if r["metric"] == "paired_fraction_of_ceiling"}  # fmt: skip
+    assert {op for op, _ in paired_fractions} == {"sgd_momentum", "adamw", "adamw_ewc", "sgd_ewc"}
+    assert all(provider.startswith("cl_optim") for _, provider in paired_fractions)
+    assert all(0.05 < value < 5 for value in paired_fractions.values())
     # the autograd penalty allocates its graph; the fused EWC term does not need one
     allocated = {(r["op"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "allocated_memory"}
     assert allocated[("adamw_ewc", "autograd_penalty")] > allocated[("adamw_ewc", "cl_optim_foreach")]
