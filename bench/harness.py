@@ -4,7 +4,7 @@ Every script (``bench_step.py``, ``bench_sam.py``, ``bench_ewc.py``, ``bench_fis
 for each parameter set, a list of providers — callables that make one optimizer-side step — and
 hands them to :func:`run`. Per row it measures the median and p20/p80 time, the effective GB/s on
 the op's bytes floor (DESIGN.md §3), the fraction of a bandwidth ceiling measured in the same run
-(the fastest of a copy, a STREAM-like triad and torch's fused AdamW over arrays sized to the op's
+(the fastest of a copy, two STREAM-like triads and torch's fused AdamW over arrays sized to the op's
 working set: :func:`ceiling_elements`; for the fastest cl_optim provider also in paired rounds
 against that pass, which the one-shot ceiling is not: it moves with the machine), the speed-up against
 each baseline, the peak extra memory of a step, and on CUDA the kernel launches per step; then
@@ -265,7 +265,9 @@ def ceiling_elements(total: int, working_set: Optional[float], cache: Optional[i
     2000 x 4096 elements a copy touches 66 MB, which a 32 MiB cache partly holds, while AdamW+EWC
     over the same parameters moves 295 MB, which no cache holds: a ceiling of the op's element
     count read 90 GB/s there against 28 GB/s on the 64M-element set, and every step over those
-    parameters read 20% of it.
+    parameters read 20% of it. The working set is counted as the bytes a step moves, not the
+    distinct bytes it touches: an op that reads and writes the same data moves more than it holds,
+    so one whose data just fits the cache gets a ceiling from memory and can read above 100%.
 
     >>> ceiling_elements(1000, 36 * 1000, 2**25), ceiling_elements(1000, 36e9, 2**25)
     (4500, 16777216)
@@ -393,7 +395,7 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
     versions = _versions()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     dev = device_name(device)
-    ceilings: dict[int, float] = {}  # by the elements each array of the passes streams
+    ceilings: dict[int, Ceiling] = {}  # by the elements each array of the passes streams
     cache = cache_of(device)
     rows, written = [], 0
     print(
@@ -506,8 +508,10 @@ def paired_rows(case: Case, results: Optional[dict], device: torch.device, stamp
     With ``ceiling``, also ``ours`` against the ceiling's pass in paired rounds:
     ``paired_fraction_of_ceiling``, per round (step's bytes / step's time) / (pass's bytes / pass's
     time). The one-shot ceiling of :func:`run` moves with the machine (62.5, 63.0 and 95.6 GB/s in
-    three runs within 15 minutes here, which put steps measured minutes later at 113-119% of it);
-    timed back to back, the pass and the step share the machine's state."""
+    three runs within 15 minutes here, which put steps measured minutes later at 112-119% of it);
+    timed back to back, the pass and the step share the machine's state. Each round times one call
+    of each by the host clock around a synchronisation: on a GPU a step of well under a millisecond
+    carries its launch and sync there, which pulls the fraction towards the pass's."""
     if ours is None:
         candidates = [name for name in results if name.startswith("cl_optim")]
         if not candidates:

@@ -81,14 +81,26 @@ def markdown(csv_path: Path) -> str:
     return "\n".join(lines)
 
 
+def _paired(metrics: dict, name: str):
+    """The row of a paired metric, if the run that timed the row's provider made it: the same git
+    sha, stamped no earlier than the time row (a later run that paired another provider, or none,
+    must not show the older run's pair next to its own times)."""
+    row, timed = metrics.get(name), metrics.get("time")
+    if row is None or timed is None:
+        return row
+    if row["git_sha"] != timed["git_sha"] or row["timestamp"] < timed["timestamp"]:
+        return None
+    return row
+
+
 def _fraction(metrics: dict) -> str:
     """The fraction of the bandwidth ceiling: from paired rounds against the ceiling's pass where
     the run made them (median, ±half the interquartile range), else against the run's one-shot
     ceiling."""
-    paired = metrics.get("paired_fraction_of_ceiling")
+    paired = _paired(metrics, "paired_fraction_of_ceiling")
     if paired is not None:
-        spread = metrics.get("paired_spread_vs_ceiling")
-        loaded = metrics.get("paired_loaded_vs_ceiling")
+        spread = _paired(metrics, "paired_spread_vs_ceiling")
+        loaded = _paired(metrics, "paired_loaded_vs_ceiling")
         note = f" ±{float(spread['p50']):.0%}" if spread else ""
         note += " (loaded)" if loaded and float(loaded["p50"]) else ""
         return f"{float(paired['p50']):.0%}{note} paired"
@@ -100,11 +112,11 @@ def _speedup(metrics: dict, base: str) -> str:
     """The speed-up over ``base``: from paired rounds where the run made them (median, ±half the
     interquartile range, "loaded" when other work shared the machine), else the ratio of two
     medians timed apart, marked as such."""
-    paired = metrics.get(f"paired_speedup_vs_{base}")
+    paired = _paired(metrics, f"paired_speedup_vs_{base}")
     if paired is not None:
-        spread = metrics.get(f"paired_spread_vs_{base}")
+        spread = _paired(metrics, f"paired_spread_vs_{base}")
         text = f"{float(paired['p50']):.2f}x" + (f" ±{float(spread['p50']):.0%}" if spread else "")
-        loaded = metrics.get(f"paired_loaded_vs_{base}")
+        loaded = _paired(metrics, f"paired_loaded_vs_{base}")
         return text + (" (loaded)" if loaded and float(loaded["p50"]) else "")
     speed = metrics.get(f"speedup_vs_{base}")
     return f"{float(speed['p50']):.2f}x (unpaired)" if speed else "—"
@@ -191,7 +203,7 @@ def compact(csv_path: Path) -> str:
         frac = _fraction(metrics)
         speed = (
             _speedup(metrics, base)
-            if f"paired_speedup_vs_{base}" in metrics
+            if _paired(metrics, f"paired_speedup_vs_{base}") is not None
             else f"{base_time / time:.2f}x (unpaired)"
         )
         lines.append(

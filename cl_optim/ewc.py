@@ -270,11 +270,12 @@ class EWC:
             plan.append((entry, f))
         # First importance: A = 0, mu = the current weights; all the precisions allocated, then all
         # the anchors (each list laid out in order, not interleaved: the fused steps stream it faster).
+        # Both lists made before either is assigned: a failed allocation leaves no entry half made.
         first = [entry for entry, _ in plan if entry.precision is None]
-        for entry in first:
-            entry.precision = torch.zeros(entry.param.shape, dtype=torch.float32, device=entry.param.device)
-        for entry in first:
-            entry.anchor = entry.param.detach().to(torch.float32).clone()
+        precisions = [torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device) for e in first]
+        anchors = [e.param.detach().to(torch.float32, copy=True) for e in first]
+        for entry, precision, anchor in zip(first, precisions, anchors):
+            entry.precision, entry.anchor = precision, anchor
         fisher_of = {id(entry): f for entry, f in plan}
         for backend, bucket in self._buckets([entry for entry, _ in plan]):
             fishers = [fisher_of[id(e)] for e in bucket]
@@ -504,31 +505,45 @@ class EWC:
         unknown = set(state["entries"]) - set(self._entries)
         if unknown:
             raise KeyError(f"state dict has parameters this EWC does not cover: {sorted(unknown)}")
+        # Everything read and checked before anything is assigned: a malformed state dict raises
+        # and leaves this EWC as it was.
+        lam, gamma = float(state["lam"]), float(state["gamma"])
+        tasks, history = int(state["tasks"]), list(state["history"])
+        scalars = {}
         for name, saved in state["entries"].items():
             entry = self._entries[name]
-            if saved["precision"] is not None and saved["precision"].shape != entry.param.shape:
-                raise RuntimeError(
-                    f"EWC: saved {name!r} has shape {tuple(saved['precision'].shape)}, the parameter "
-                    f"{tuple(entry.param.shape)}; load into the old shape, then pad_"
-                )
-        # The buffers made before anything is assigned (a conversion that fails leaves this EWC as
-        # it was); the precisions, then the anchors (each list laid out in order, as consolidate
-        # makes them: the fused steps stream it faster).
-        loaded = {
-            (name, key): saved[key].to(device=self._entries[name].param.device, dtype=torch.float32).clone()
-            for key in ("precision", "anchor")
-            for name, saved in state["entries"].items()
-            if saved["precision"] is not None
-        }
-        self.lam, self.gamma = float(state["lam"]), float(state["gamma"])
-        self.tasks, self.history = int(state["tasks"]), list(state["history"])
-        for name, saved in state["entries"].items():
-            entry = self._entries[name]
-            entry.lam, entry.constant = float(saved["lam"]), float(saved["constant"])
+            scalars[name] = float(saved["lam"]), float(saved["constant"])
             if saved["precision"] is None:
+                continue
+            for key in ("precision", "anchor"):
+                value = saved[key]
+                if not isinstance(value, Tensor) or not value.is_floating_point():
+                    raise TypeError(
+                        f"EWC: saved {name!r} has a {key} of type {type(value).__name__}"
+                        + (f" ({value.dtype})" if isinstance(value, Tensor) else "")
+                        + ", not a floating-point tensor; nothing was loaded"
+                    )
+                if value.shape != entry.param.shape:
+                    raise RuntimeError(
+                        f"EWC: saved {name!r} has a {key} of shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(entry.param.shape)}; load into the old shape, then pad_ (nothing was loaded)"
+                    )
+        self.lam, self.gamma, self.tasks, self.history = lam, gamma, tasks, history
+        for name, (entry_lam, constant) in scalars.items():
+            entry = self._entries[name]
+            entry.lam, entry.constant = entry_lam, constant
+            if state["entries"][name]["precision"] is None:
                 entry.precision = entry.anchor = None
-            else:
-                entry.precision, entry.anchor = loaded[name, "precision"], loaded[name, "anchor"]
+        # Converted one buffer at a time (the memory of the old state plus one buffer, not twice
+        # the state; only a failure of the copy itself, out of memory, can stop it part-way), the
+        # precisions and then the anchors: each list laid out in order, as consolidate makes them.
+        for key in ("precision", "anchor"):
+            for name, saved in state["entries"].items():
+                if saved["precision"] is not None:
+                    entry = self._entries[name]
+                    setattr(
+                        entry, key, saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True)
+                    )
 
 
 # --------------------------------------------------------------------------------- fused ops

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import sys
+
+# `python -m pytest` (the README's test command) puts the working directory first on sys.path.
+# From the source tree that makes its kernels/ directory (installed as cl_optim.kernels) importable
+# as a top-level `kernels`, shadowing the PyPI package of that name, which transformers imports
+# since 5.25 (its hub kernels): every Hugging Face integration test then failed on "cannot import
+# name 'CUDAProperties' from 'kernels'". cl_optim comes from its install, so the tree's root is
+# dropped from sys.path wherever the install finds cl_optim without it.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_without_root = [p for p in sys.path if pathlib.Path(p or os.curdir).resolve() != _ROOT]
+if len(_without_root) < len(sys.path):
+    _with_root, sys.path[:] = list(sys.path), _without_root
+    if importlib.util.find_spec("cl_optim") is None:  # not installed: the tree is how it is found
+        sys.path[:] = _with_root
 
 # The Triton kernels run on CPU tensors under the interpreter in these tests. Triton decides
 # between interpreting and compiling when it is first imported (torch's test utilities import it),

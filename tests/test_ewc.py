@@ -275,24 +275,52 @@ def test_fp32_state_survives_save_and_load_with_a_bf16_model():
     torch.testing.assert_close(ewc2.penalty(), ewc.penalty())
 
 
-def test_a_state_dict_that_fails_to_load_changes_nothing():
-    """Every buffer of a state dict is made before anything is assigned: an anchor that cannot be
-    converted (here a string) leaves the lambdas, the task count and every (A, mu) as they were."""
+@pytest.mark.parametrize(
+    "spoil, error",
+    [
+        (lambda sd, last: sd["entries"][last].__setitem__("anchor", "not a tensor"), TypeError),
+        (lambda sd, last: sd["entries"][last].__setitem__("anchor", torch.zeros(2, 2)), RuntimeError),
+        (
+            lambda sd, last: sd["entries"][last].__setitem__(
+                "precision", torch.zeros(3, 7, dtype=torch.int64)
+            ),
+            TypeError,
+        ),
+        (lambda sd, last: sd["entries"][last].__setitem__("lam", "x"), ValueError),
+        (lambda sd, last: sd["entries"][last].pop("constant"), KeyError),
+        (lambda sd, last: sd.__setitem__("tasks", "seven"), ValueError),
+        (lambda sd, last: sd.__setitem__("history", 5), TypeError),
+    ],
+    ids=[
+        "anchor-not-tensor",
+        "anchor-shape",
+        "precision-int",
+        "entry-lam",
+        "no-constant",
+        "tasks",
+        "history",
+    ],
+)
+def test_a_state_dict_that_fails_to_load_changes_nothing(spoil, error):
+    """Everything in a state dict is read and checked before anything is assigned: a malformed
+    entry (the last one, so that the others would already be loaded) leaves the lambdas, the task
+    count, the history and every (A, mu) as they were."""
     model = _model()
     ewc = cl_optim.EWC(model, lam=LAM)
     ewc.consolidate({n: torch.rand(p.shape) for n, p in model.named_parameters()})
     saved = _roundtrip(ewc.state_dict())
-    saved["lam"], saved["tasks"] = 2 * LAM, 7
-    last = list(saved["entries"])[-1]
-    saved["entries"][last]["anchor"] = "not a tensor"
-    before = {n: (e.precision.clone(), e.anchor.clone(), e.lam) for n, e in ewc._entries.items()}
-    with pytest.raises(AttributeError):
+    saved["lam"], saved["history"] = 2 * LAM, [{"decay": 0.5}, {"decay": 0.5}]
+    for entry in saved["entries"].values():
+        entry["lam"], entry["precision"] = 5.0, entry["precision"] + 1
+    spoil(saved, list(saved["entries"])[-1])
+    before = {n: (e.precision.clone(), e.anchor.clone(), e.lam, e.constant) for n, e in ewc._entries.items()}
+    with pytest.raises(error):
         ewc.load_state_dict(saved)
-    assert ewc.lam == LAM and ewc.tasks == 1
-    for name, (precision, anchor, lam) in before.items():
+    assert ewc.lam == LAM and ewc.tasks == 1 and len(ewc.history) == 1
+    for name, (precision, anchor, lam, constant) in before.items():
         entry = ewc._entries[name]
         assert torch.equal(entry.precision, precision) and torch.equal(entry.anchor, anchor)
-        assert entry.lam == lam
+        assert entry.lam == lam and entry.constant == constant
 
 
 def test_a_grown_parameter_must_be_padded_explicitly():

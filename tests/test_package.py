@@ -37,11 +37,26 @@ def test_import_works_without_triton_and_touches_no_cuda():
 
 
 def test_kernels_is_installed_as_a_subpackage_only():
+    """The source tree's kernels/ is importable as cl_optim.kernels only: a top-level ``kernels``,
+    where one exists, is the PyPI package of that name (transformers 5.25 on installs it), never
+    a file of this tree."""
     result = _run(
-        "import cl_optim.kernels as k, importlib.util as u; print(k.__name__, u.find_spec('kernels'))"
+        "import cl_optim.kernels as k, importlib.util as u; s = u.find_spec('kernels'); "
+        "print(k.__name__, k.__file__, s.origin if s else None)"
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["cl_optim.kernels", "None"]
+    name, ours, top_level = result.stdout.split()
+    assert name == "cl_optim.kernels" and pathlib.Path(ours).resolve().is_relative_to(ROOT / "kernels")
+    assert top_level == "None" or not pathlib.Path(top_level).resolve().is_relative_to(ROOT / "kernels")
+
+
+def test_the_tests_import_the_pypi_kernels_package_not_the_tree():
+    """``python -m pytest`` from the root puts the tree first on sys.path; tests/conftest.py drops
+    it, so a top-level ``import kernels`` (transformers' hub kernels) never finds kernels/."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not pathlib.Path(spec.origin).resolve().is_relative_to(ROOT / "kernels")
 
 
 def test_readme_commands_are_the_ones_ci_runs():
