@@ -242,3 +242,24 @@ def test_the_ceiling_streams_the_ops_working_set():
     assert harness.ceiling_elements(1000, 36_000, cache) == 4500  # a small op: its own working set
     assert harness.ceiling_elements(1000, 36e12, None) == 2**30 // 8  # no cache known: 1 GiB
     assert harness.ceiling_elements(1000, None, cache) == 1000  # no bytes floor: the op's size
+
+
+def test_quick_layout_benchmark_writes_its_rows(tmp_path):
+    """bench_layout.py: each layout of grad_sq_norm against one tensor, the per-tensor cost, and
+    AdamW (with and without EWC) with its state laid out key by key against interleaved."""
+    out = tmp_path / "bench.csv"
+    rows = _load("bench_layout").main(["--quick", "--count", "50", "--size", "256", "--csv", str(out)])
+    with out.open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) == 6
+    measured = {(r["op"], r["provider"], r["metric"]) for r in written}
+    assert measured == {
+        *(
+            ("grad_sq_norm", layout, "paired_speedup_vs_one_tensor")
+            for layout in ("views", "separate", "interleaved")
+        ),
+        ("grad_sq_norm", "one_element", "per_tensor_us"),
+        ("adamw", "state_by_key", "paired_speedup_vs_state_interleaved"),
+        ("adamw_ewc", "state_by_key", "paired_speedup_vs_state_interleaved"),
+    }
+    assert all(float(r["p50"]) > 0 for r in written if r["metric"] != "per_tensor_us")
