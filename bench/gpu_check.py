@@ -230,13 +230,17 @@ def write_summary(out: Path, plan: list[Step], budget_s: float, started: float) 
 def dry_run(plan: list[Step]) -> int:
     """Print the plan and check that every piece starts; 0 if all can."""
     import importlib
+    import importlib.util
 
     problems = []
     print("gpu_check would run, in order (caps in seconds, cut to the budget):")
     for step in plan:
         print(f"  {step.name:<16} {step.cap_s:5.0f}  {shown(step.argv)}")
     sys.path.insert(0, str(BENCH))
-    sys.path.insert(0, str(ROOT))
+    # The tree itself only where cl_optim is not installed (a lent machine's copy), and last: first on
+    # the path, its kernels/ would shadow the PyPI package `kernels` that transformers imports.
+    if importlib.util.find_spec("cl_optim") is None:
+        sys.path.append(str(ROOT))
     from harness import parse_args
 
     for step in plan:
