@@ -1,9 +1,8 @@
 """Where many small tensors lie in memory, and what it costs a multi-tensor step (CPU).
 
 The README and DESIGN.md §5 say that the C++ kernels stream 16 KiB tensors at a fraction of one
-large tensor's rate, that most of the difference is where the tensors lie, and that cl_optim
-therefore allocates its own state key by key. This script measures it, each pair in paired
-rounds (:func:`harness.paired_measure`: median of per-round ratios, quartiles):
+large tensor's rate, and that most of the difference is where the tensors lie. This script
+measures it, each pair in paired rounds (:func:`harness.paired_measure`: median of per-round ratios, quartiles):
 
 ``grad_sq_norm`` (the cpp op, called with its lists) over ``count`` tensors of ``size`` fp32
 elements, each layout against one tensor of the same total size:
@@ -15,10 +14,9 @@ elements, each layout against one tensor of the same total size:
   leaves gradients among the backward's temporaries);
 - ``one_element``: ``count`` one-element tensors against one (the per-tensor cost, no data).
 
-A step whose state is laid out interleaved (a parameter's buffers allocated together, as
-cl_optim did before 4dddda4 and torch's optimizers do) against the same step with its state
-allocated key by key (cl_optim's): ``adamw`` (``cl_optim.AdamW``, cpp) and ``adamw_ewc`` (with an
-``EWC`` term), over parameters and gradients made as ``harness.make_params`` makes them.
+Allocating an optimizer's state list by list (all first moments, then all second moments) rather
+than a parameter's buffers together was tried on an AdamW step over these tensors: 0.90-1.12x
+across runs, following what the process had freed before; not kept (cl_optim/adamw.py).
 
     python bench/bench_layout.py [--quick] [--count 2000] [--size 4096]
 """
@@ -28,9 +26,8 @@ from __future__ import annotations
 import time
 
 import torch
-from harness import _versions, append_rows, device_name, make_params, paired_measure, parse_args
+from harness import _versions, append_rows, device_name, paired_measure, parse_args
 
-import cl_optim
 from cl_optim._backend import kernel_op
 
 
@@ -52,33 +49,6 @@ def _norm_cases(count: int, size: int) -> dict:
     }
 
 
-def _optimizer(count: int, size: int, ewc: bool, interleave_state: bool):
-    params = make_params([(size,)] * count, torch.device("cpu"))
-    term = None
-    if ewc:
-        gen = torch.Generator().manual_seed(0)
-        term = cl_optim.EWC([(f"p{i}", p) for i, p in enumerate(params)], lam=1.0)
-        term.consolidate({f"p{i}": torch.rand(p.shape, generator=gen) for i, p in enumerate(params)})
-    opt = cl_optim.AdamW(params, lr=1e-3, weight_decay=1e-2, backend="cpp", ewc=term)
-    opt.step()
-    if interleave_state:  # a parameter's buffers together, as before 4dddda4
-        if ewc:
-            for entry in term._entries.values():
-                entry.precision, entry.anchor = entry.precision.clone(), entry.anchor.clone()
-        for p in params:
-            state = opt.state[p]
-            state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
-    else:  # the same, key by key (the clones land in fresh memory on both sides)
-        if ewc:
-            for key in ("precision", "anchor"):
-                for entry in term._entries.values():
-                    setattr(entry, key, getattr(entry, key).clone())
-        for key in ("exp_avg", "exp_avg_sq"):
-            for p in params:
-                opt.state[p][key] = opt.state[p][key].clone()
-    return opt.step
-
-
 def main(argv=None):
     def extra(parser):
         parser.add_argument("--count", type=int, default=2000)
@@ -97,30 +67,21 @@ def main(argv=None):
         q25, q75 = result.quartiles
         rows.append({"op": op, "provider": provider, "param_set": param_set, "metric": f"paired_speedup_vs_{base}",
                      "unit": "x", "p50": f"{result.median:.6g}", "p20": f"{q25:.6g}", "p80": f"{q75:.6g}", **stamp})  # fmt: skip
-        print(f"{op:<14} {provider:<22} vs {base:<22} {result.median:6.3f}x [{q25:.3f}, {q75:.3f}] "
+        print(f"{op:<20} {provider:<22} vs {base:<22} {result.median:6.3f}x [{q25:.3f}, {q75:.3f}] "
               f"({len(result.ratios)} rounds{', loaded' if result.loaded else ''})")  # fmt: skip
 
     print(f"bench_layout: {count} tensors of {size} fp32 elements, paired rounds — {dev}")
     for layout, (one, step) in _norm_cases(count, size).items():
         result = paired_measure(one, step, args.device, args.quick)
         if layout != "one_element":  # time(one tensor) / time(layout): below 1 where it is slower
-            record("grad_sq_norm", layout, "one_tensor", result)
+            record("layout_grad_sq_norm", layout, "one_tensor", result)
             continue
         # No data: what each tensor of a list costs the op, per round the difference of the two.
         extra = sorted((t - b) / count * 1e6 for t, b in zip(result.provider_s, result.base_s))
         p50, p25, p75 = extra[len(extra) // 2], extra[len(extra) // 4], extra[(3 * len(extra)) // 4]
-        rows.append({"op": "grad_sq_norm", "provider": layout, "param_set": param_set, "metric": "per_tensor_us",
+        rows.append({"op": "layout_grad_sq_norm", "provider": layout, "param_set": param_set, "metric": "per_tensor_us",
                      "unit": "us", "p50": f"{p50:.6g}", "p20": f"{p25:.6g}", "p80": f"{p75:.6g}", **stamp})  # fmt: skip
-        print(f"{'grad_sq_norm':<14} {'per tensor of a list':<22} {p50:.3f} us [{p25:.3f}, {p75:.3f}]")
-    for op, ewc in (("adamw", False), ("adamw_ewc", True)):
-        interleaved = _optimizer(count, size, ewc, interleave_state=True)
-        by_key = _optimizer(count, size, ewc, interleave_state=False)
-        record(
-            op,
-            "state_by_key",
-            "state_interleaved",
-            paired_measure(interleaved, by_key, args.device, args.quick),
-        )
+        print(f"{'layout_grad_sq_norm':<20} {'per tensor of a list':<22} {p50:.3f} us [{p25:.3f}, {p75:.3f}]")
     append_rows(args.csv, rows)
     return rows
 

@@ -54,7 +54,7 @@ def markdown(csv_path: Path) -> str:
         if op == "fisher_cost":
             lines += _fisher_cost(table)
             continue
-        if op.startswith("landscape_"):  # bench_landscape prints its own table (values, HVPs, errors)
+        if op.startswith(("landscape_", "layout_")):  # bench_landscape, bench_layout print their own
             continue
         base = MAIN_BASELINE.get(op)
         keys = [key for key in table if key[0] == op]
@@ -191,7 +191,7 @@ def compact(csv_path: Path) -> str:
     ]
     for op, param_set in dict.fromkeys((key[0], key[1]) for key in table):
         base = MAIN_BASELINE.get(op)
-        if op == "fisher_cost" or op.startswith("landscape_"):
+        if op == "fisher_cost" or op.startswith(("landscape_", "layout_")):
             continue
         ours = {k[2]: m for k, m in table.items() if k[:2] == (op, param_set) and k[2].startswith("cl_optim")}
         if base is None or (op, param_set, base) not in table or not ours:

@@ -268,13 +268,15 @@ class EWC:
             if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
                 raise ValueError(f"Fisher for {name!r} has negative or non-finite entries")
             plan.append((entry, f))
-        # First importance: A = 0, mu = the current weights; all the precisions allocated, then all
-        # the anchors (each list laid out in order, not interleaved: the fused steps stream it faster).
-        # Both lists made before either is assigned: a failed allocation leaves no entry half made.
+        # First importance: A = 0, mu = the current weights. Every pair made before any is assigned:
+        # a failed allocation leaves no entry half made.
         first = [entry for entry, _ in plan if entry.precision is None]
-        precisions = [torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device) for e in first]
-        anchors = [e.param.detach().to(torch.float32, copy=True) for e in first]
-        for entry, precision, anchor in zip(first, precisions, anchors):
+        made = [
+            (torch.zeros(e.param.shape, dtype=torch.float32, device=e.param.device),
+             e.param.detach().to(torch.float32, copy=True))
+            for e in first
+        ]  # fmt: skip
+        for entry, (precision, anchor) in zip(first, made):
             entry.precision, entry.anchor = precision, anchor
         fisher_of = {id(entry): f for entry, f in plan}
         for backend, bucket in self._buckets([entry for entry, _ in plan]):
@@ -534,16 +536,14 @@ class EWC:
             entry.lam, entry.constant = entry_lam, constant
             if state["entries"][name]["precision"] is None:
                 entry.precision = entry.anchor = None
-        # Converted one buffer at a time (the memory of the old state plus one buffer, not twice
-        # the state; only a failure of the copy itself, out of memory, can stop it part-way), the
-        # precisions and then the anchors: each list laid out in order, as consolidate makes them.
-        for key in ("precision", "anchor"):
-            for name, saved in state["entries"].items():
-                if saved["precision"] is not None:
-                    entry = self._entries[name]
-                    setattr(
-                        entry, key, saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True)
-                    )
+        # Converted one buffer at a time: the memory of the old state plus one buffer, not twice the
+        # state; only a failure of the copy itself (out of memory) can stop it part-way.
+        for name, saved in state["entries"].items():
+            if saved["precision"] is not None:
+                entry = self._entries[name]
+                for key in ("precision", "anchor"):
+                    value = saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True)
+                    setattr(entry, key, value)
 
 
 # --------------------------------------------------------------------------------- fused ops

@@ -245,21 +245,19 @@ def test_the_ceiling_streams_the_ops_working_set():
 
 
 def test_quick_layout_benchmark_writes_its_rows(tmp_path):
-    """bench_layout.py: each layout of grad_sq_norm against one tensor, the per-tensor cost, and
-    AdamW (with and without EWC) with its state laid out key by key against interleaved."""
+    """bench_layout.py: each placement of grad_sq_norm's tensors against one tensor, and the
+    per-tensor cost of a list."""
     out = tmp_path / "bench.csv"
     rows = _load("bench_layout").main(["--quick", "--count", "50", "--size", "256", "--csv", str(out)])
     with out.open() as f:
         written = list(csv.DictReader(f))
-    assert len(written) == len(rows) == 6
+    assert len(written) == len(rows) == 4
     measured = {(r["op"], r["provider"], r["metric"]) for r in written}
     assert measured == {
         *(
-            ("grad_sq_norm", layout, "paired_speedup_vs_one_tensor")
+            ("layout_grad_sq_norm", layout, "paired_speedup_vs_one_tensor")
             for layout in ("views", "separate", "interleaved")
         ),
-        ("grad_sq_norm", "one_element", "per_tensor_us"),
-        ("adamw", "state_by_key", "paired_speedup_vs_state_interleaved"),
-        ("adamw_ewc", "state_by_key", "paired_speedup_vs_state_interleaved"),
+        ("layout_grad_sq_norm", "one_element", "per_tensor_us"),
     }
     assert all(float(r["p50"]) > 0 for r in written if r["metric"] != "per_tensor_us")

@@ -461,3 +461,40 @@ def test_a_forward_that_breaks_under_the_expansion_goes_through_the_whole_model(
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8)
     assert got.meta["per_sample"]["table"].startswith("torch.func (model)")
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_an_allocation_that_fails_in_a_first_step_leaves_no_half_made_state(amsgrad, monkeypatch):
+    """AdamW's first step makes every parameter's moments before it assigns any: an allocation
+    that fails (out of memory) leaves no parameter with part of its state, and the step made again
+    once memory is there gives the numbers of a step that never failed."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(4)
+        q.grad = p.grad.clone()
+    opt = cl_optim.AdamW(params, lr=1e-2, backend="forloop", amsgrad=amsgrad)
+    calls, real = [0], torch.zeros_like
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:  # the second parameter's second moment
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros_like", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    monkeypatch.setattr(torch, "zeros_like", real)
+    assert all(len(opt.state[p]) == 0 for p in params) and all(
+        torch.equal(p, q) for p, q in zip(params, twins)
+    )
+    opt.step()
+    reference = cl_optim.AdamW(twins, lr=1e-2, backend="forloop", amsgrad=amsgrad)
+    reference.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        assert sorted(opt.state[p]) == sorted(reference.state[q])
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], reference.state[q][key])
