@@ -23,6 +23,7 @@ across runs, following what the process had freed before; not kept (cl_optim/ada
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -63,25 +64,24 @@ def main(argv=None):
     param_set = f"{count}x{size}"
     rows = []
 
-    def record(op, provider, base, result):
-        q25, q75 = result.quartiles
-        rows.append({"op": op, "provider": provider, "param_set": param_set, "metric": f"paired_speedup_vs_{base}",
-                     "unit": "x", "p50": f"{result.median:.6g}", "p20": f"{q25:.6g}", "p80": f"{q75:.6g}", **stamp})  # fmt: skip
-        print(f"{op:<20} {provider:<22} vs {base:<22} {result.median:6.3f}x [{q25:.3f}, {q75:.3f}] "
-              f"({len(result.ratios)} rounds{', loaded' if result.loaded else ''})")  # fmt: skip
+    def row(provider, metric, unit, p50, q25, q75):  # the quartiles in the p20/p80 columns, as paired rows
+        rows.append({"op": "layout_grad_sq_norm", "provider": provider, "param_set": param_set, "metric": metric,
+                     "unit": unit, "p50": f"{p50:.6g}", "p20": f"{q25:.6g}", "p80": f"{q75:.6g}", **stamp})  # fmt: skip
 
-    print(f"bench_layout: {count} tensors of {size} fp32 elements, paired rounds — {dev}")
+    print(f"bench_layout: grad_sq_norm over {count} tensors of {size} fp32 elements, paired rounds — {dev}")
     for layout, (one, step) in _norm_cases(count, size).items():
         result = paired_measure(one, step, args.device, args.quick)
         if layout != "one_element":  # time(one tensor) / time(layout): below 1 where it is slower
-            record("layout_grad_sq_norm", layout, "one_tensor", result)
+            q25, q75 = result.quartiles
+            row(layout, "paired_speedup_vs_one_tensor", "x", result.median, q25, q75)
+            print(f"{layout:<22} vs one tensor {result.median:6.3f}x [{q25:.3f}, {q75:.3f}] "
+                  f"({len(result.ratios)} rounds{', loaded' if result.loaded else ''})")  # fmt: skip
             continue
         # No data: what each tensor of a list costs the op, per round the difference of the two.
-        extra = sorted((t - b) / count * 1e6 for t, b in zip(result.provider_s, result.base_s))
-        p50, p25, p75 = extra[len(extra) // 2], extra[len(extra) // 4], extra[(3 * len(extra)) // 4]
-        rows.append({"op": "layout_grad_sq_norm", "provider": layout, "param_set": param_set, "metric": "per_tensor_us",
-                     "unit": "us", "p50": f"{p50:.6g}", "p20": f"{p25:.6g}", "p80": f"{p75:.6g}", **stamp})  # fmt: skip
-        print(f"{'layout_grad_sq_norm':<20} {'per tensor of a list':<22} {p50:.3f} us [{p25:.3f}, {p75:.3f}]")
+        extra = [(t - b) / count * 1e6 for t, b in zip(result.provider_s, result.base_s)]
+        q25, _, q75 = statistics.quantiles(extra, n=4, method="inclusive")
+        row(layout, "per_tensor_us", "us", statistics.median(extra), q25, q75)
+        print(f"{'per tensor of a list':<22} {statistics.median(extra):.3f} us [{q25:.3f}, {q75:.3f}]")
     append_rows(args.csv, rows)
     return rows
 

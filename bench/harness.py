@@ -261,11 +261,11 @@ def ceiling_elements(total: int, working_set: Optional[float], cache: Optional[i
     """Elements per array of the ceiling's passes for an op over ``total`` elements that moves
     ``working_set`` bytes a step: ``total``, or more where the op's working set is larger than the
     copy pass's two arrays, up to 4x the last-level ``cache`` (past which a stream's rate no
-    longer depends on its size; 1 GiB where the cache is not known). Why: the passes must stream from where the op's data lives. Over
-    2000 x 4096 elements a copy touches 66 MB, which a 32 MiB cache partly holds, while AdamW+EWC
-    over the same parameters moves 295 MB, which no cache holds: a ceiling of the op's element
-    count read 90 GB/s there against 28 GB/s on the 64M-element set, and every step over those
-    parameters read 20% of it. The working set is counted as the bytes a step moves, not the
+    longer depends on its size; 1 GiB where the cache is not known). Why: the passes must stream
+    from where the op's data lives. Over 2000 x 4096 elements a copy touches 66 MB, which a 32 MiB
+    cache partly holds, while AdamW+EWC over the same parameters moves 295 MB, which no cache
+    holds: a ceiling of the op's element count read 90 GB/s there against 28 GB/s on the
+    64M-element set, and every step over those parameters read 20% of it. The working set is counted as the bytes a step moves, not the
     distinct bytes it touches: an op that reads and writes the same data moves more than it holds,
     so one whose data just fits the cache gets a ceiling from memory and can read above 100%.
 
@@ -432,7 +432,7 @@ def run(cases: list[Case], device: torch.device, csv_path: Path, title: str) -> 
             if case.bytes_per_element is not None:
                 moved = case.bytes_per_element * case.elements
                 bandwidth = moved / p50 / 1e9
-                rate = ceilings[streamed].rate
+                rate = ceiling.rate
                 fraction = moved / p50 / rate
                 metrics += [
                     ("bandwidth", "GB/s", bandwidth, moved / p80 / 1e9, moved / p20 / 1e9),

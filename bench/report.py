@@ -93,17 +93,23 @@ def _paired(metrics: dict, name: str):
     return row
 
 
+def _paired_note(metrics: dict, against: str) -> str:
+    """How a paired value against ``against`` was measured: " ±<half the interquartile range>",
+    and " (loaded)" when other work shared the machine."""
+    spread = _paired(metrics, f"paired_spread_vs_{against}")
+    loaded = _paired(metrics, f"paired_loaded_vs_{against}")
+    return (f" ±{float(spread['p50']):.0%}" if spread else "") + (
+        " (loaded)" if loaded and float(loaded["p50"]) else ""
+    )
+
+
 def _fraction(metrics: dict) -> str:
     """The fraction of the bandwidth ceiling: from paired rounds against the ceiling's pass where
     the run made them (median, ±half the interquartile range), else against the run's one-shot
     ceiling."""
     paired = _paired(metrics, "paired_fraction_of_ceiling")
     if paired is not None:
-        spread = _paired(metrics, "paired_spread_vs_ceiling")
-        loaded = _paired(metrics, "paired_loaded_vs_ceiling")
-        note = f" ±{float(spread['p50']):.0%}" if spread else ""
-        note += " (loaded)" if loaded and float(loaded["p50"]) else ""
-        return f"{float(paired['p50']):.0%}{note} paired"
+        return f"{float(paired['p50']):.0%}{_paired_note(metrics, 'ceiling')} paired"
     one_shot = metrics.get("fraction_of_ceiling")
     return f"{float(one_shot['p50']):.0%}" if one_shot else "-"
 
@@ -114,10 +120,7 @@ def _speedup(metrics: dict, base: str) -> str:
     medians timed apart, marked as such."""
     paired = _paired(metrics, f"paired_speedup_vs_{base}")
     if paired is not None:
-        spread = _paired(metrics, f"paired_spread_vs_{base}")
-        text = f"{float(paired['p50']):.2f}x" + (f" ±{float(spread['p50']):.0%}" if spread else "")
-        loaded = _paired(metrics, f"paired_loaded_vs_{base}")
-        return text + (" (loaded)" if loaded and float(loaded["p50"]) else "")
+        return f"{float(paired['p50']):.2f}x{_paired_note(metrics, base)}"
     speed = metrics.get(f"speedup_vs_{base}")
     return f"{float(speed['p50']):.2f}x (unpaired)" if speed else "—"
 

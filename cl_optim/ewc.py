@@ -531,19 +531,16 @@ class EWC:
                         f"{tuple(entry.param.shape)}; load into the old shape, then pad_ (nothing was loaded)"
                     )
         self.lam, self.gamma, self.tasks, self.history = lam, gamma, tasks, history
-        for name, (entry_lam, constant) in scalars.items():
-            entry = self._entries[name]
-            entry.lam, entry.constant = entry_lam, constant
-            if state["entries"][name]["precision"] is None:
-                entry.precision = entry.anchor = None
         # Converted one buffer at a time: the memory of the old state plus one buffer, not twice the
         # state; only a failure of the copy itself (out of memory) can stop it part-way.
         for name, saved in state["entries"].items():
-            if saved["precision"] is not None:
-                entry = self._entries[name]
-                for key in ("precision", "anchor"):
-                    value = saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True)
-                    setattr(entry, key, value)
+            entry = self._entries[name]
+            entry.lam, entry.constant = scalars[name]
+            if saved["precision"] is None:
+                entry.precision = entry.anchor = None
+                continue
+            for key in ("precision", "anchor"):
+                setattr(entry, key, saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True))
 
 
 # --------------------------------------------------------------------------------- fused ops
