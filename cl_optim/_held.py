@@ -25,12 +25,13 @@ its group changes, when an op refuses its input, and on ``load_state_dict``.
 
 from __future__ import annotations
 
-from operator import is_
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
+
+from ._plan import same_objects
 
 # The slots of csrc/cpu/held_lists.cpp.
 PARAMS, EXP_AVGS, EXP_AVG_SQS, MAX_EXP_AVG_SQS, STEPS, RESTORE_FROM, COMBINE_FROM, FISHER, SAVES, MOMENTUM_BUFFERS = range(10)  # fmt: skip
@@ -40,7 +41,7 @@ _INELIGIBLE = False  # kept in a bucket's buffers: its parameters cannot be held
 
 
 def _same(held: Optional[list], given: list) -> bool:
-    return held is given or (held is not None and len(held) == len(given) and all(map(is_, held, given)))
+    return held is given or (held is not None and same_objects(held, given))
 
 
 def held(bucket, op: str, backend: str) -> Optional[Held]:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
 from ._distributed import any_dtensor, is_dtensor, kernel_grads, layout_key
-from ._plan import Bucket, BucketPlans, bucket_grads, refused_input
+from ._plan import Bucket, BucketPlans, bucket_grads, refused_input, same_objects
 from ._terms import StepTerms
 
 
@@ -409,31 +409,35 @@ class FusedOptimizer(torch.optim.Optimizer):
 class _Aligned:
     """Tensor lists aligned with a list of parameters (RESTORE's save buffers, COMBINE's sources),
     looked up for a bucket. The usual bucket is the parameter list itself, in order: its lists are
-    the given ones, found by comparing ids at C speed, with no per-parameter lookup."""
+    the given ones, found by comparing the tensors' identities at C speed, with no per-parameter
+    lookup."""
 
     def __init__(self, params: list[Tensor], lists: list[list[Tensor]]):
-        self.ids = list(map(id, params))
+        self.params = params
         self.lists = lists
         self._position: Optional[dict] = None
 
+    def same(self, bucket: list[Tensor]) -> bool:
+        """``bucket`` is the parameter list, in order."""
+        return bucket is self.params or same_objects(self.params, bucket)
+
     def position(self) -> dict:
         if self._position is None:
-            self._position = {key: i for i, key in enumerate(self.ids)}
+            self._position = {key: i for i, key in enumerate(map(id, self.params))}
         return self._position
 
-    def covers(self, bucket_ids: list[int]) -> list[bool]:
-        """Whether each parameter (by id) has entries."""
-        if bucket_ids == self.ids:
-            return [True] * len(bucket_ids)
+    def covers(self, bucket: list[Tensor]) -> list[bool]:
+        """Whether each parameter of ``bucket`` has entries."""
+        if self.same(bucket):
+            return [True] * len(bucket)
         position = self.position()
-        return [key in position for key in bucket_ids]
+        return [key in position for key in _ids(bucket)]
 
     def lists_of(self, bucket: list[Tensor]) -> list[list[Tensor]]:
         """The lists for the parameters of ``bucket``, every one of which has entries."""
-        bucket_ids = _ids(bucket)
-        if bucket_ids == self.ids:
+        if self.same(bucket):
             return self.lists
-        index = [self.position()[key] for key in bucket_ids]
+        index = [self.position()[key] for key in _ids(bucket)]
         return [[entries[i] for i in index] for entries in self.lists]
 
 
@@ -458,10 +462,7 @@ def _split_by_terms(
     stays whole; a mixed one (SAM-ON, SSAM, LookSAM's layers, a parameter without a first-pass
     gradient) is stepped as up to four calls rather than with a copy of each unperturbed parameter
     as its own save."""
-    bucket_ids = _ids(bucket)
-    if (restore is None or restore.ids == bucket_ids) and (
-        combination is None or combination.ids == bucket_ids
-    ):
+    if (restore is None or restore.same(bucket)) and (combination is None or combination.same(bucket)):
         return [
             (bucket, None if restore is None else restore.lists[0], combination is not None)
         ]  # the usual case
@@ -469,8 +470,8 @@ def _split_by_terms(
         saves = [None] * len(bucket)
     else:
         position, restore_saves = restore.position(), restore.lists[0]
-        saves = [None if i is None else restore_saves[i] for i in map(position.get, bucket_ids)]
-    combined = [False] * len(bucket) if combination is None else combination.covers(bucket_ids)
+        saves = [None if i is None else restore_saves[i] for i in map(position.get, _ids(bucket))]
+    combined = [False] * len(bucket) if combination is None else combination.covers(bucket)
     keys = list(zip((save is not None for save in saves), combined))
     if all(key == keys[0] for key in keys):
         has_save, is_combined = keys[0]

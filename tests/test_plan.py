@@ -402,3 +402,46 @@ def test_only_an_input_refusal_is_made_again_held():
     with pytest.raises(RuntimeError, match="after the write"):
         opt.step()
     assert proxy.count == 1 and float(opt.state[p]["step"]) == 3.0
+
+
+def test_a_plan_is_used_again_for_the_same_parameter_objects_only():
+    """The plan's check is by identity: a new list of the same tensors reuses it; a list in which
+    one tensor is another object (even one equal in value) plans anew."""
+    params = _params(4)
+    _grads(params, 0)
+    plans, group = BucketPlans(), {"params": params}
+    first, reused, _ = plans.group_buckets(0, group, lambda ps: None)
+    assert not reused
+    group["params"] = list(params)  # another list, the same objects
+    again, reused, grads = plans.group_buckets(0, group, lambda ps: None)
+    assert reused and again is first and all(g is p.grad for g, p in zip(grads, params))
+    replacement = torch.nn.Parameter(params[2].detach().clone())
+    replacement.grad = params[2].grad.clone()
+    group["params"] = params[:2] + [replacement] + params[3:]
+    anew, reused, _ = plans.group_buckets(0, group, lambda ps: None)
+    assert not reused and any(p is replacement for _, bucket in anew for p in bucket)
+
+
+def test_the_restore_reads_the_save_buffers_the_ascent_wrote():
+    """second_step restores from the list the ascent filled (no lookup per parameter) only while
+    the pending weights are the ones it moved into SAM's own store; otherwise one lookup each.
+    Both give each parameter its own buffer, holding its weights from before the ascent."""
+    params = _params(6)
+    opt = sam_module.SAM(params, cl_optim.AdamW, rho=0.5, lr=0.1, backend="cpp")
+    for step in range(3):
+        _grads(params, step)
+        before = [p.detach().clone() for p in params]
+        opt.first_step()
+        pending = opt._run["pending"]
+        store, moved, saved = opt._run["ascent_saves"]
+        assert store is opt._saved and moved is pending
+        listed = opt._pending_saves()
+        assert listed is saved
+        assert all(s is opt._saved[id(p)] for s, p in zip(listed, pending))
+        assert all(torch.equal(s, b) for s, b in zip(listed, before))
+        opt._run["ascent_saves"] = ({}, pending, saved[::-1])  # another store's: not used
+        looked_up = opt._pending_saves()
+        assert looked_up is not saved and all(s is opt._saved[id(p)] for s, p in zip(looked_up, pending))
+        _grads(params, step + 10)
+        opt.second_step()
+    assert copy.deepcopy(opt)._run["ascent_saves"] is None  # the buffers are not part of a copy
