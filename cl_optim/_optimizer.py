@@ -311,7 +311,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_state_shapes(bucket)
         given_skip, given_found_inf = skip, found_inf
         if skip_nonfinite and planned:
-            from .sam import nonfinite_gradient
+            from ._sam_passes import nonfinite_gradient
 
             home = planned[0][1][0].device
             nonfinite = nonfinite_gradient(

@@ -33,7 +33,7 @@ class Bucket(list):
     """The parameters of one (device, dtype, layout) bucket, a list handed to the ops as it is,
     with their ids, their positions in the group (``index``; ``whole``: the group itself, in
     order), and the per-parameter buffers made for them (``buffers``: store id ->
-    ``(store, buffers)``, :func:`cl_optim.sam.kept_buffers`), which live as long as
+    ``(store, buffers)``, :func:`cl_optim._sam_passes.kept_buffers`), which live as long as
     the plan."""
 
     __slots__ = ("buffers", "ids", "index", "whole", "sharded")

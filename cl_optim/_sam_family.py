@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import any_dtensor
-from .sam import _buckets, kept_buffers
+from ._sam_passes import kept_buffers, param_buckets
 
 
 def graded(param_groups: list[dict]) -> list[Tensor]:
@@ -28,7 +28,7 @@ def keep_grads(store: dict, params: list[Tensor]) -> list[Tensor]:
     """Copy each parameter's ``.grad`` into its buffer of ``store`` (allocated once), one foreach
     copy per (device, dtype); returns the buffers aligned with ``params``."""
     kept = {}
-    for (device, dtype, _), bucket in _buckets(params).items():
+    for (device, dtype, _), bucket in param_buckets(params).items():
         buffers = kept_buffers(store, bucket, device, dtype)
         torch._foreach_copy_(buffers, [p.grad for p in bucket])
         kept.update(zip((id(p) for p in bucket), buffers))

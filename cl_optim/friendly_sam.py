@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, known_on_host, refuse_dtensor, unscale_factor
+from ._sam_passes import kept_buffers, param_buckets
 from .multitask.aggregators import weighted_sum_unchecked as weighted_sum  # aligned by construction
-from .sam import SAM, _buckets, kept_buffers
+from .sam import SAM
 
 __all__ = ["FriendlySAM"]
 
@@ -108,7 +109,7 @@ class FriendlySAM(SAM):
             start = torch.zeros_like(p, memory_format=torch.contiguous_format)
             self.sam_state[p][MOMENTUM_KEY] = torch.where(finite.to(p.device), g, start, out=start)
             directions[id(p)] = p.grad
-        for (device, dtype, _), bucket in _buckets(seen).items():
+        for (device, dtype, _), bucket in param_buckets(seen).items():
             momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
             out = kept_buffers(self._directions, bucket, device, dtype)
             scale = self._loss_scale(inv_scale, device)
@@ -124,7 +125,7 @@ class FriendlySAM(SAM):
         on_host = known_on_host(finite)
         if on_host is False:
             return
-        for (device, dtype, _), bucket in _buckets(seen).items():
+        for (device, dtype, _), bucket in param_buckets(seen).items():
             momenta = [self.sam_state[p][MOMENTUM_KEY] for p in bucket]
             out = momenta if on_host else kept_buffers(self._directions, bucket, device, dtype)
             inverse = (

@@ -34,9 +34,10 @@ from torch import Tensor
 from ._backend import resolve
 from ._distributed import any_dtensor
 from ._optimizer import fisher_buffer
+from ._sam_passes import sam_weights
 from .multitask.aggregators import METHODS, GradVac, coefficients, gram, weighted_sum
 from .multitask.running_stats import frozen_running_stats
-from .sam import SAM, _sam_weights
+from .sam import SAM
 from .sam_ops import FISHER_RUNNING, _fisher_ema_where_, grad_sq_norm, sam_perturb_
 
 __all__ = ["MultiTaskSAM"]
@@ -324,7 +325,7 @@ class MultiTaskSAM(SAM):
         if not params:
             return [torch.zeros((), dtype=torch.float64, device=home) for _ in task_grads]
         buckets = self._buckets(params, group_of)
-        weights = [_sam_weights(group, [params[i] for i in index]) for group, _, _, index in buckets]
+        weights = [sam_weights(group, [params[i] for i in index]) for group, _, _, index in buckets]
         if g_gram is not None and all(w is None for w, _ in weights):
             return list(g_gram.diagonal().to(home).unbind())
         out = []
@@ -349,7 +350,7 @@ class MultiTaskSAM(SAM):
         norm = sq_norm.sqrt()
         for group, device, dtype, index in self._buckets(params, group_of):
             bucket = [params[i] for i in index]
-            weighted, eta = _sam_weights(group, bucket)
+            weighted, eta = sam_weights(group, bucket)
             scale = torch.where(finite, group["rho"] / (norm + self.perturb_eps), torch.zeros_like(norm))
             fisher = self._fishers(bucket) if weighted is not None and FISHER_RUNNING in weighted else None
             sam_perturb_(

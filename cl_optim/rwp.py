@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ._sam_family import graded, keep_grads, refuse_dtensor
-from .sam import SAM, _buckets, kept_buffers
+from ._sam_passes import kept_buffers, param_buckets
+from .sam import SAM
 
 __all__ = ["RWP"]
 
@@ -86,7 +87,7 @@ class RWP(SAM):
         keep_grads(self._clean_grads, params)
         moved = {id(p) for _, _, _, bucket, _, _ in plan for p in bucket}
         perturbed = [p for p in params if id(p) in moved]
-        for (device, dtype, _), bucket in _buckets(perturbed).items():
+        for (device, dtype, _), bucket in param_buckets(perturbed).items():
             torch._foreach_copy_(kept_buffers(self._saved, bucket, device, dtype), bucket)
         rho_of = {id(p): group["rho"] for group in self.param_groups for p in group["params"]}
         for p in perturbed:  # in parameter order: the noise sequence is the generator's

@@ -11,8 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cl_optim
+import cl_optim._sam_ascent as sam_ascent_module
+import cl_optim._sam_passes as sam_passes_module
 import cl_optim.adamw as adamw_module
-import cl_optim.sam as sam_module
 import cl_optim.sgd as sgd_module
 from cl_optim._held import Held
 
@@ -22,7 +23,7 @@ SHAPES = [(7, 3), (5,), (2, 3, 4), (1,), (64,)]
 @contextlib.contextmanager
 def _lists_only():
     """Every op call with Python lists, as before the held calls existed."""
-    modules = (adamw_module, sam_module, sgd_module)
+    modules = (adamw_module, sam_ascent_module, sam_passes_module, sgd_module)
     saved = [m.held for m in modules]
     for m in modules:
         m.held = lambda *args: None

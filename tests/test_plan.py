@@ -14,9 +14,10 @@ import torch
 from test_op_checks import AVAILABLE
 
 import cl_optim
+import cl_optim._sam_ascent as sam_ascent
 import cl_optim.sam as sam_module
 from cl_optim._plan import Bucket, BucketPlans
-from cl_optim.sam import kept_buffers
+from cl_optim._sam_passes import kept_buffers
 
 BACKENDS = [b for b in AVAILABLE if b != "triton"]
 
@@ -92,8 +93,8 @@ def test_a_single_group_step_leaves_the_gradient_checks_to_its_op(monkeypatch):
     """After the first step the plan is reused and one call makes each pass: SAM's and the base's
     per-parameter gradient checks no longer run (what the plans save), two groups still run them."""
     calls = []
-    sam_check, base_check = sam_module._check_sam_params, cl_optim._optimizer._check_params
-    monkeypatch.setattr(sam_module, "_check_sam_params", lambda ps: (calls.append("sam"), sam_check(ps)))
+    sam_check, base_check = sam_ascent.check_sam_params, cl_optim._optimizer._check_params
+    monkeypatch.setattr(sam_ascent, "check_sam_params", lambda ps: (calls.append("sam"), sam_check(ps)))
     monkeypatch.setattr(
         cl_optim._optimizer, "_check_params", lambda ps: (calls.append("base"), base_check(ps))
     )
