@@ -55,11 +55,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._backend import kernel_op
-from ._checks import check_op
 from ._distributed import is_dtensor
+from ._ewc_checkpoint import EWCCheckpoints
+from .ewc_ops import ewc_consolidate_, ewc_grad_add_, ewc_penalty, fisher_accumulate_
 
-__all__ = ["EWC"]
+__all__ = ["EWC", "fisher_accumulate_", "ewc_grad_add_", "ewc_penalty", "ewc_consolidate_"]
 
 Selector = Union[str, nn.Module, Tensor]
 
@@ -74,7 +74,7 @@ class _Entry:
     constant: float = 0.0  # sum_i of the collapse constant (separate mode), fp64 on the host
 
 
-class EWC:
+class EWC(EWCCheckpoints):
     """Consolidated EWC penalty over a model's parameters (see the module docstring for the math).
 
     Args:
@@ -163,16 +163,6 @@ class EWC:
             self._by_param[id(param)] = entry
             added.append(name)
         return added
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_uncovered"] = {}  # a cache of weak references: rebuilt on use
-        del state["_by_param"]  # keyed by id(): rebuilt for the copied parameters
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._by_param = {id(entry.param): entry for entry in self._entries.values()}
 
     @property
     def names(self) -> list[str]:
@@ -478,73 +468,6 @@ class EWC:
         anchor[block] = entry.anchor
         entry.precision, entry.anchor = precision, anchor
 
-    # ----------------------------------------------------------------------------- state dict
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: mode, lambdas, task count, history, and fp32 (A, mu)."""
-        return {
-            "mode": self.mode,
-            "lam": self.lam,
-            "gamma": self.gamma,
-            "tasks": self.tasks,
-            "history": list(self.history),
-            "entries": {
-                name: {
-                    "lam": e.lam,
-                    "precision": e.precision,
-                    "anchor": e.anchor,
-                    "constant": e.constant,
-                }
-                for name, e in self._entries.items()
-            },
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Load a state dict; (A, mu) stay fp32 whatever the model dtype. Shapes must match."""
-        if state["mode"] != self.mode:
-            raise ValueError(f"state dict is for mode {state['mode']!r}, this EWC is {self.mode!r}")
-        unknown = set(state["entries"]) - set(self._entries)
-        if unknown:
-            raise KeyError(f"state dict has parameters this EWC does not cover: {sorted(unknown)}")
-        # Everything read and checked before anything is assigned: a malformed state dict raises
-        # and leaves this EWC as it was.
-        lam, gamma = float(state["lam"]), float(state["gamma"])
-        tasks, history = int(state["tasks"]), list(state["history"])
-        scalars = {}
-        for name, saved in state["entries"].items():
-            entry = self._entries[name]
-            scalars[name] = float(saved["lam"]), float(saved["constant"])
-            if saved["precision"] is None:
-                continue
-            for key in ("precision", "anchor"):
-                value = saved[key]
-                if not isinstance(value, Tensor) or not value.is_floating_point():
-                    raise TypeError(
-                        f"EWC: saved {name!r} has a {key} of type {type(value).__name__}"
-                        + (f" ({value.dtype})" if isinstance(value, Tensor) else "")
-                        + ", not a floating-point tensor; nothing was loaded"
-                    )
-                if value.shape != entry.param.shape:
-                    raise RuntimeError(
-                        f"EWC: saved {name!r} has a {key} of shape {tuple(value.shape)}, the parameter "
-                        f"{tuple(entry.param.shape)}; load into the old shape, then pad_ (nothing was loaded)"
-                    )
-        self.lam, self.gamma, self.tasks, self.history = lam, gamma, tasks, history
-        # Converted one buffer at a time: the memory of the old state plus one buffer, not twice the
-        # state; only a failure of the copy itself (out of memory) can stop it part-way.
-        for name, saved in state["entries"].items():
-            entry = self._entries[name]
-            entry.lam, entry.constant = scalars[name]
-            if saved["precision"] is None:
-                entry.precision = entry.anchor = None
-                continue
-            for key in ("precision", "anchor"):
-                setattr(entry, key, saved[key].to(device=entry.param.device, dtype=torch.float32, copy=True))
-
-
-# --------------------------------------------------------------------------------- fused ops
-
 
 def _named_parameters(model_or_named_params) -> list[tuple[str, Tensor]]:
     if isinstance(model_or_named_params, nn.Module):
@@ -588,88 +511,4 @@ def _replaced_error(name: str, still_named: bool) -> RuntimeError:
         )
     return RuntimeError(
         f"EWC: the model has no parameter {name!r} any more (was its module removed or renamed?)"
-    )
-
-
-def _backend_impl(backend: str, forloop, op_name: str, like: Tensor):
-    if backend in ("forloop", "foreach"):  # one readable implementation serves both
-
-        def checked(*args):  # the compiled ops check their inputs themselves
-            check_op(op_name, args)
-            return forloop(*args)
-
-        return checked
-    if backend in ("cpp", "cuda", "triton"):
-        return kernel_op(backend, op_name, like)
-    raise ValueError(f"{op_name} has no {backend!r} implementation")
-
-
-def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], weight: float = 1.0, *, backend="forloop"):
-    """``F += weight * g**2`` (fp32 ``F``), e.g. summing squared per-sample or batch gradients."""
-    if not fisher:
-        return
-
-    def forloop(fisher, grads, weight):
-        for f, g in zip(fisher, grads):
-            g32 = g.to(torch.float32)
-            f.addcmul_(g32, g32, value=weight)
-
-    _backend_impl(backend, forloop, "fisher_accumulate_", fisher[0])(fisher, grads, weight)
-
-
-def ewc_grad_add_(grads, params, precision, anchor, lam, *, backend="forloop") -> None:
-    """``g += lam_i * A * (p - mu)`` per tensor, in fp32 whatever the parameter dtype."""
-    if not grads:
-        return
-
-    def forloop(grads, params, precision, anchor, lam):
-        for g, p, a, mu, lam_i in zip(grads, params, precision, anchor, lam):
-            g.copy_(g.to(torch.float32).addcmul(a, p.to(torch.float32) - mu, value=lam_i))
-
-    _backend_impl(backend, forloop, "ewc_grad_add_", grads[0])(grads, params, precision, anchor, list(lam))
-
-
-def ewc_penalty(params, precision, anchor, lam, *, backend="forloop") -> Tensor:
-    """``sum_i lam_i / 2 * sum A (p - mu)**2`` as an fp64 scalar (no graph)."""
-    if not params:
-        return torch.zeros((), dtype=torch.float64)
-
-    def forloop(params, precision, anchor, lam):
-        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
-        for p, a, mu, lam_i in zip(params, precision, anchor, lam):
-            d = p.double() - mu.double()
-            total = total + 0.5 * lam_i * (a.double() * d * d).sum()
-        return total
-
-    return _backend_impl(backend, forloop, "ewc_penalty", params[0])(params, precision, anchor, list(lam))
-
-
-def ewc_consolidate_(precision, anchor, fisher, params, decay, weight, weighted_anchor, *, backend="forloop"):
-    """``A <- decay*A + weight*F``; ``mu <-`` the Fisher-weighted anchor (``weighted_anchor``) or
-    the current weights. Returns per tensor, as fp64, the increment of the collapse constant:
-    ``sum decay*A * weight*F / A' * (mu - p)**2``, written without cancellation."""
-    if not precision:
-        return torch.zeros(0, dtype=torch.float64)
-
-    def forloop(precision, anchor, fisher, params, decay, weight, weighted_anchor):
-        gaps = []
-        for a, mu, f, p in zip(precision, anchor, fisher, params):
-            theta = p.to(torch.float32)
-            old, fresh = decay * a, weight * f
-            total = old + fresh
-            if weighted_anchor:
-                safe = torch.where(total > 0, total, torch.ones_like(total))
-                # Only where the new precision is positive, as the kernels: with decay = weight = 0
-                # a non-finite anchor would otherwise give 0 * inf = nan.
-                gap = torch.where(total > 0, old * fresh / safe * (mu - theta) ** 2, torch.zeros_like(total))
-                gaps.append(float(gap.double().sum()))
-                mu.copy_(torch.where(total > 0, (old * mu + fresh * theta) / safe, theta))
-            else:
-                gaps.append(0.0)
-                mu.copy_(theta)
-            a.copy_(total)
-        return torch.tensor(gaps, dtype=torch.float64)
-
-    return _backend_impl(backend, forloop, "ewc_consolidate_", params[0])(
-        precision, anchor, fisher, params, decay, weight, weighted_anchor
     )
