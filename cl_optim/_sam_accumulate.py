@@ -10,7 +10,8 @@ from ._sam_passes import kept_buffers, param_buckets
 
 
 class SAMAccumulation:
-    """The accumulation's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's)."""
+    """The accumulation's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's). They use
+    SAM's ``_run``, ``_micro_sums``, ``_nonfinite_gradient``, ``_restore`` and ``zero_grad``."""
 
     # Whether second_step(accumulate=True) applies: variants whose state moves once per step
     # (LookSAM's g_v, F-SAM's mean, WSAM's decoupled descent) set False.

@@ -1,7 +1,8 @@
 """The ascent of :class:`cl_optim.SAM` (``w <- w + e``) and what goes with it: planning the buckets
-it moves (kept between steps, ``_plan.py``), the global norm and the perturbation of each bucket
-(through the lists held in C++ where the plan is trusted, ``_held.py``), the running Fisher's update
-from the first-pass gradient, and SSAM-F's masks."""
+it moves (kept between steps, ``_plan.py``; each gradient checked against its parameter), the
+global norm and the perturbation of each bucket (through the lists held in C++ where the plan is
+trusted, ``_held.py``), the running Fisher's update from the first-pass gradient, and SSAM-F's
+masks."""
 
 from __future__ import annotations
 
@@ -17,22 +18,15 @@ from ._distributed import all_reduce_over_shards_, kernel_grads, local_list
 from ._held import held
 from ._optimizer import fisher_buffer
 from ._plan import PlanRefused, bucket_grads, refused_input
-from ._sam_checks import check_sam_param, check_sam_params
-from ._sam_passes import as_is, bucket_sq_norm, kept_buffers, sam_weights, weight_kinds
+from ._sam_passes import as_is, bucket_sq_norm, kept_buffers, weight_kinds
+from ._sam_settings import sam_weights
 from .sam_ops import FISHER_BATCH, _fisher_ema_where_, grad_sq_norm, sam_perturb_
-from .sam_select import fisher_keep_mask, unpack_mask
-
-MASK_KEY = "ssam_mask"  # SSAM-F: the packed mask of a parameter, in the optimizer state
+from .sam_select import MASK_KEY, fisher_keep_mask, unpack_mask
 
 
 class SAMAscent:
-    """The ascent's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's)."""
-
-    def _second_pass_params(self) -> list:
-        """The parameters a variant combines in ``second_step``: those kept at the first step
-        (``_run["first_pass"]``) that have a second-pass gradient; none outside a SAM step."""
-        first_pass = self._run.get("first_pass") or []
-        return [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
+    """The ascent's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's). They use SAM's
+    ``_run``, ``_plans``, ``sam_state`` and options, and its ``_check_group`` and ``_fisher_home``."""
 
     def _ascent_plan(self, selected_only: bool = True) -> list:
         """Check every group and gradient, then bucket the parameters that the ascent moves
@@ -250,3 +244,26 @@ class SAMAscent:
             self.sam_state[p][MASK_KEY] = packed
         self._masks_from_step = self.steps
         return True
+
+
+def check_sam_params(params: list[Tensor]) -> None:
+    """Raise, naming the problem, for a parameter whose gradient SAM refuses."""
+    for p in params:
+        grad = p.grad
+        if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
+            check_sam_param(p)  # raises, naming the problem
+
+
+def check_sam_param(p: Tensor) -> None:
+    """Raise, naming the problem, for a parameter whose gradient SAM refuses (sparse, complex, or of
+    another shape or dtype)."""
+    if p.grad.is_sparse:
+        raise RuntimeError(f"SAM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+    if p.is_complex():
+        raise RuntimeError(f"SAM supports real floating-point parameters only, got {p.dtype}")
+    if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+        raise RuntimeError(
+            f"SAM: a gradient of shape {list(p.grad.shape)} ({p.grad.dtype}) for a parameter of shape "
+            f"{list(p.shape)} ({p.dtype}): a layer changed after backward(), or a gradient was set by hand; "
+            "nothing was changed"
+        )

@@ -11,15 +11,17 @@ from torch import Tensor
 
 from ._optimizer import FISHER_KEY, FusedOptimizer, keep_fp32_state, pad_state_
 from ._plan import BucketPlans
-from ._sam_ascent import MASK_KEY
-from ._sam_checks import check_perturb, check_sam_group
+from ._sam_settings import check_perturb, check_sam_group
+from .sam_select import MASK_KEY
 
 # Group keys of SAM and its variants that a plain base optimizer's state dict lacks.
 GROUP_KEYS = ("rho", "adaptive", "eta", "perturb", "grad_norm_rho", "rho_max", "lr_max")
 
 
 class SAMCheckpoints:
-    """The checkpoint and copy methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's)."""
+    """The checkpoint and copy methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's). They
+    use SAM's ``_run``, ``sam_state``, ``base_optimizer``, ``_check_fisher_source`` and
+    ``_refuse_mid_accumulation``; ``super()`` is ``torch.optim.Optimizer``."""
 
     def __getstate__(self) -> dict:
         """A copy or pickle keeps the base optimizer, the options and the counters (torch's
@@ -60,16 +62,6 @@ class SAMCheckpoints:
         if per_param:
             state["sam"]["param_state"] = per_param
         return state
-
-    def running_fisher(self) -> dict:
-        """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
-        homes = (self.state, self.sam_state)
-        return {p: s[FISHER_KEY] for home in homes for p, s in home.items() if FISHER_KEY in s}
-
-    def _fisher_home(self, p: Tensor) -> dict:
-        """Where ``p``'s running Fisher lives: the state of a cl_optim base (its fused step updates
-        it), else SAM's own per-parameter store."""
-        return self.state[p] if isinstance(self.base_optimizer, FusedOptimizer) else self.sam_state[p]
 
     def pad_state_(self, param: Tensor, new_param: Optional[Tensor] = None) -> None:
         """Carry a grown parameter's state over (``cl_optim.pad_state_``); not while perturbed."""

@@ -13,11 +13,18 @@ from ._optimizer import FusedOptimizer, _check_param
 
 
 class SAMCombination:
-    """The combination's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's)."""
+    """The combination's methods of :class:`cl_optim.SAM` (a mixin: the state is SAM's). They use
+    SAM's ``_run`` (the step's passes and norms), ``base_optimizer`` and ``_gradient_sq_norm``."""
 
     # False: a variant's final combination is always written into .grad (bench/bench_sam_family.py
     # sets it on an instance to measure what the COMBINE term saves).
     _FUSE_COMBINATION = True
+
+    def _second_pass_params(self) -> list:
+        """The parameters a variant combines in ``second_step``: those kept at the first step
+        (``_run["first_pass"]``) that have a second-pass gradient; none outside a SAM step."""
+        first_pass = self._run.get("first_pass") or []
+        return [p for p in first_pass if p.grad is not None] if self._run["pending"] is not None else []
 
     def _combine_into_update(self, params: list[Tensor], sources: list[list[Tensor]], coefficients: Tensor,
                              source_norms: Optional[Tensor] = None, grad_norm: Optional[Tensor] = None) -> None:  # fmt: skip

@@ -1,6 +1,6 @@
-"""The passes of :class:`cl_optim.SAM` over the gradients, bucket by bucket: the kept restore (and
-scratch) buffers, the fp64 squared norm of the gradients and its non-finite flag, the per-tensor
-weight kinds of ASAM and Fisher-SAM, and the report of a first-pass overflow to a GradScaler.
+"""The passes of :class:`cl_optim.SAM` over the gradients, bucket by bucket: the buckets of a list of
+parameters, the restore (and scratch) buffers kept for them, and the fp64 squared norm of the
+gradients (through the lists held in C++ where a plan has them) and its non-finite flag.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from ._distributed import all_reduce_over_shards_, kernel_grads
 from ._held import held
 from ._optimizer import bucket_indices
 from ._plan import Bucket
-from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, grad_sq_norm
-
-# The offset ``eta`` of each ``adaptive`` convention where a group leaves it None.
-DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01, "fisher": 1.0, "fisher_ema": 1.0}
+from .sam_ops import grad_sq_norm
 
 
 def weight_kinds(weighted: Optional[list]) -> list[int]:
@@ -90,29 +87,6 @@ def nonfinite_gradient(buckets: list, home: torch.device) -> Tensor:
     return ~torch.isfinite(gradient_sq_norm(buckets, home))
 
 
-def report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:
-    """Let ``grad_scaler.update()`` see an overflow of SAM's first pass, as it sees one of the
-    second: the flag is added, on the device, to the ``found_inf`` that ``GradScaler.step``
-    recorded for this optimizer (the per-optimizer state GradScaler has kept since torch 1.6)."""
-    state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(optimizer))
-    found = state.get("found_inf_per_device") if state else None
-    if found:
-        first = next(iter(found.values()))
-        first.add_(flag.to(device=first.device, dtype=first.dtype))
-
-
 def param_buckets(params: list[Tensor]) -> dict:
+    """``(device, dtype, layout) -> parameters`` of ``params``, in their order."""
     return {key: [params[i] for i in index] for key, index in bucket_indices(params).items()}
-
-
-def sam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[int]], float]:
-    """The weight kind of each tensor (PLAIN, ASAM, FISHER_*) and ``eta``; ``(None, 0)`` for SAM."""
-    mode = group["adaptive"]
-    if mode is False:
-        return None, 0.0
-    eta = float(DEFAULT_ETA[mode] if group["eta"] is None else group["eta"])
-    if mode == "fisher":
-        return [FISHER_BATCH] * len(params), eta
-    if mode == "fisher_ema":
-        return [FISHER_RUNNING] * len(params), eta
-    return [PLAIN if (mode == "official" and p.dim() <= 1) else ASAM for p in params], eta

@@ -34,7 +34,7 @@ from torch import Tensor
 from ._backend import resolve
 from ._distributed import any_dtensor
 from ._optimizer import fisher_buffer
-from ._sam_passes import sam_weights
+from ._sam_settings import sam_weights
 from .multitask.aggregators import METHODS, GradVac, coefficients, gram, weighted_sum
 from .multitask.running_stats import frozen_running_stats
 from .sam import SAM

@@ -36,17 +36,19 @@ import torch
 from torch import Tensor
 
 from ._backend import check_backend_name, prepare, resolve
-from ._optimizer import FusedOptimizer, _merge_found_inf, check_fisher_ema
+from ._optimizer import FISHER_KEY, FusedOptimizer, _merge_found_inf, check_fisher_ema
 from ._plan import BucketPlans, PlanRefused
 from ._sam_accumulate import SAMAccumulation
 from ._sam_ascent import SAMAscent
 from ._sam_checkpoint import SAMCheckpoints
-from ._sam_checks import check_perturb, check_sam_group
 from ._sam_combine import SAMCombination
-from ._sam_passes import gradient_sq_norm, kept_buffers, param_buckets, report_overflow
+from ._sam_passes import gradient_sq_norm, kept_buffers, nonfinite_gradient, param_buckets
+from ._sam_settings import check_perturb, check_sam_group
 from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN, grad_sq_norm, sam_perturb_
-from .sam_select import norm_layer_parameters
+from .sam_select import MASK_KEY, norm_layer_parameters
 
+# The public names of this module before its parts moved out (2e8d5e8) stay importable from it;
+# the helpers themselves live in _sam_passes.py, so a patch must target that module.
 __all__ = [
     "SAM",
     "grad_sq_norm",
@@ -55,6 +57,11 @@ __all__ = [
     "ASAM",
     "FISHER_BATCH",
     "FISHER_RUNNING",
+    "FISHER_KEY",
+    "MASK_KEY",
+    "gradient_sq_norm",
+    "nonfinite_gradient",
+    "kept_buffers",
 ]
 
 
@@ -363,7 +370,7 @@ class SAM(SAMAscent, SAMCombination, SAMAccumulation, SAMCheckpoints, torch.opti
                 raise
             skip = unbounded if skip is None else skip | unbounded.to(skip.device)
         if found_inf is not None and self._run["grad_scaler"] is not None:
-            report_overflow(self._run["grad_scaler"], self, skip)
+            _report_overflow(self._run["grad_scaler"], self, skip)
         if isinstance(self.base_optimizer, FusedOptimizer):
             try:
                 flag = self.base_optimizer._fused_step(
@@ -467,6 +474,16 @@ class SAM(SAMAscent, SAMCombination, SAMAccumulation, SAMCheckpoints, torch.opti
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def running_fisher(self) -> dict:
+        """The running Fisher of ``fisher_ema`` (fp32), keyed by parameter, for ``EWC.consolidate``."""
+        homes = (self.state, self.sam_state)
+        return {p: s[FISHER_KEY] for home in homes for p, s in home.items() if FISHER_KEY in s}
+
+    def _fisher_home(self, p: Tensor) -> dict:
+        """Where ``p``'s running Fisher lives: the state of a cl_optim base (its fused step updates
+        it), else SAM's own per-parameter store."""
+        return self.state[p] if isinstance(self.base_optimizer, FusedOptimizer) else self.sam_state[p]
+
     # --------------------------------------------------------------------------------- helpers
 
     def _check_group(self, index: int, group: dict) -> None:
@@ -543,3 +560,14 @@ class SAM(SAMAscent, SAMCombination, SAMAccumulation, SAMCheckpoints, torch.opti
         if self.ewc is not None:
             self.ewc.add_grad_()  # at the restored weights, after the unscale
         self.base_optimizer.step()
+
+
+def _report_overflow(grad_scaler, optimizer, flag: Tensor) -> None:
+    """Let ``grad_scaler.update()`` see an overflow of SAM's first pass, as it sees one of the
+    second: the flag is added, on the device, to the ``found_inf`` that ``GradScaler.step``
+    recorded for this optimizer (the per-optimizer state GradScaler has kept since torch 1.6)."""
+    state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    found = state.get("found_inf_per_device") if state else None
+    if found:
+        first = next(iter(found.values()))
+        first.add_(flag.to(device=first.device, dtype=first.dtype))

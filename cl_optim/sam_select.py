@@ -35,6 +35,7 @@ _NORM_TYPES = tuple(
     )
     if t is not None
 )
+MASK_KEY = "ssam_mask"  # SSAM-F: the packed mask of a parameter, in SAM's per-parameter state
 _BIT_WEIGHTS = {torch.device("cpu"): torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)}
 
 

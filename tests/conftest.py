@@ -20,6 +20,32 @@ if len(_without_root) < len(sys.path):
     if importlib.util.find_spec("cl_optim") is None:  # not installed: the tree is how it is found
         sys.path[:] = _with_root
 
+
+def _tested_copy() -> tuple[pathlib.Path, bool]:
+    import cl_optim
+
+    where = pathlib.Path(cl_optim.__file__).resolve().parent
+    return where, where == _ROOT / "cl_optim"
+
+
+def pytest_report_header(config):
+    """Which cl_optim the run tests: an install (editable or not) wins over the tree's root, so a
+    run from one checkout with another checkout installed tests the other one."""
+    where, here = _tested_copy()
+    return f"cl_optim: {where}" + ("" if here else f" -- NOT this tree ({_ROOT})")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The same, where it is not this tree, at the end of every run (``-q`` prints no header)."""
+    where, here = _tested_copy()
+    if not here:
+        terminalreporter.write_sep(
+            "!",
+            f"these tests ran cl_optim from {where}, not this tree ({_ROOT}): pip install -e . here",
+            yellow=True,
+        )
+
+
 # The Triton kernels run on CPU tensors under the interpreter in these tests. Triton decides
 # between interpreting and compiling when it is first imported (torch's test utilities import it),
 # so the switch is set here, before any test module is collected.

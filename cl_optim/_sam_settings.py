@@ -1,16 +1,23 @@
-"""The checks of :class:`cl_optim.SAM`'s groups and gradients, each naming the problem before anything
-moves."""
+"""The per-group settings of :class:`cl_optim.SAM`: the ``adaptive`` conventions and their offsets
+``eta``, the checks of a group's values (each naming the problem before anything moves), and the
+weight kind each convention gives a tensor."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from torch import Tensor
 
+from .sam_ops import ASAM, FISHER_BATCH, FISHER_RUNNING, PLAIN
+
 ADAPTIVE_MODES = (False, True, "official", "fisher", "fisher_ema")
+# The offset ``eta`` of each ``adaptive`` convention where a group leaves it None.
+DEFAULT_ETA = {False: 0.0, True: 0.0, "official": 0.01, "fisher": 1.0, "fisher_ema": 1.0}
 
 
 def check_sam_group(group: dict) -> None:
+    """Raise, naming the value, for a group's ``rho``, ``adaptive`` or ``eta`` out of range."""
     if not 0.0 <= group["rho"] < math.inf:
         raise ValueError(f"Invalid rho: {group['rho']} (must be finite and >= 0)")
     if group["adaptive"] not in ADAPTIVE_MODES:
@@ -37,22 +44,14 @@ def check_perturb(group: dict) -> None:
         )
 
 
-def check_sam_params(params: list[Tensor]) -> None:
-    """Raise, naming the problem, for a parameter whose gradient SAM refuses."""
-    for p in params:
-        grad = p.grad
-        if grad.is_sparse or grad.shape != p.shape or grad.dtype != p.dtype:
-            check_sam_param(p)  # raises, naming the problem
-
-
-def check_sam_param(p: Tensor) -> None:
-    if p.grad.is_sparse:
-        raise RuntimeError(f"SAM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
-    if p.is_complex():
-        raise RuntimeError(f"SAM supports real floating-point parameters only, got {p.dtype}")
-    if p.grad.shape != p.shape or p.grad.dtype != p.dtype:
-        raise RuntimeError(
-            f"SAM: a gradient of shape {list(p.grad.shape)} ({p.grad.dtype}) for a parameter of shape "
-            f"{list(p.shape)} ({p.dtype}): a layer changed after backward(), or a gradient was set by hand; "
-            "nothing was changed"
-        )
+def sam_weights(group: dict, params: list[Tensor]) -> tuple[Optional[list[int]], float]:
+    """The weight kind of each tensor (PLAIN, ASAM, FISHER_*) and ``eta``; ``(None, 0)`` for SAM."""
+    mode = group["adaptive"]
+    if mode is False:
+        return None, 0.0
+    eta = float(DEFAULT_ETA[mode] if group["eta"] is None else group["eta"])
+    if mode == "fisher":
+        return [FISHER_BATCH] * len(params), eta
+    if mode == "fisher_ema":
+        return [FISHER_RUNNING] * len(params), eta
+    return [PLAIN if (mode == "official" and p.dim() <= 1) else ASAM for p in params], eta
