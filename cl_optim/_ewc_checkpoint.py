@@ -14,11 +14,13 @@ class EWCCheckpoints:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_uncovered"] = {}  # a cache of weak references: rebuilt on use
+        state["_terms_cache"] = None  # the step lists of the original's parameters
         del state["_by_param"]  # keyed by id(): rebuilt for the copied parameters
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_terms_cache", None)  # (a pickle from before the cache)
         self._by_param = {id(entry.param): entry for entry in self._entries.values()}
 
     def state_dict(self) -> dict:

@@ -466,3 +466,57 @@ def test_clipping_the_task_gradient_or_the_total_gradient():
     cl_optim.SGD(model.parameters(), lr=0.1).step()
     for p, want in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), want)
+
+
+def _step_terms_equal(got, want) -> bool:
+    return all(
+        len(a) == len(b)
+        and all(x is y if isinstance(x, torch.Tensor) or x is None else x == y for x, y in zip(a, b))
+        for a, b in zip(got, want)
+    )
+
+
+def test_the_kept_step_terms_follow_every_change_of_the_entries():
+    """A trusted step's EWC lists are kept for the same bucket while no entry changes: after each
+    change (a first consolidation, a later one in place, gamma, a loaded state dict, pad_, a new
+    bucket) they are what a fresh lookup gives, and in between the kept ones are handed out."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ewc = cl_optim.EWC(model, lam=2.0, mode="online", gamma=0.9)
+    bucket = list(model.parameters())
+    fisher = lambda: {n: torch.rand_like(p) for n, p in model.named_parameters()}  # noqa: E731
+
+    def check():
+        got = ewc.step_terms(bucket, trusted=True)
+        kept = ewc._terms_cache
+        ewc._terms_cache = None
+        want = ewc.step_terms(bucket, trusted=True)
+        assert _step_terms_equal(got, want)
+        return kept
+
+    assert check() is not None and all(a is None for a in ewc.step_terms(bucket, trusted=True)[0])
+    ewc.consolidate(fisher())  # the first: A and mu made
+    check()
+    first = ewc.step_terms(bucket, trusted=True)
+    assert all(a is not None for a in first[0]) and first[2] == [2.0 * 0.9] * 4
+    kept = ewc._terms_cache
+    assert (
+        ewc.step_terms(bucket, trusted=True)[0] is not first[0] and ewc._terms_cache is kept
+    )  # copies of the kept
+    ewc.consolidate(fisher())  # in place: the same tensors, a new collapse constant (an assignment)
+    check()
+    ewc.gamma = 0.5  # the scale of online mode
+    assert ewc.step_terms(bucket, trusted=True)[2] == [2.0 * 0.5] * 4
+    saved = ewc.state_dict()
+    ewc.load_state_dict(saved)  # new tensors
+    loaded = ewc.step_terms(bucket, trusted=True)
+    assert all(a is e.precision for a, e in zip(loaded[0], ewc._entries.values()))
+    check()
+    layer = model[0]
+    layer.weight.data = torch.randn(5, 4)  # grown in place, then padded: new A and mu
+    ewc.pad_("0.weight")
+    padded = ewc.step_terms(bucket, trusted=True)
+    assert padded[0][0].shape == (5, 4) and padded[1][0].shape == (5, 4)
+    check()
+    other = bucket[:2]  # another bucket object: looked up again
+    assert all(a is b for a, b in zip(ewc.step_terms(other, trusted=True)[0], padded[0][:2], strict=True))
