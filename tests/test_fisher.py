@@ -255,6 +255,51 @@ def test_result_does_not_depend_on_loss_reduction_or_loss_scale():
         fisher.estimate(model, data, estimator="empirical", loss_fn=lambda o, t: o.square().sum().sqrt())
 
 
+def test_default_nll_closed_form_matches_autograd():
+    """DefaultNLL's per-sample output gradient (softmax - onehot; (output - target) / sigma^2)
+    against autograd on the same loss (mean reduction undone), and the fall-back cases where the
+    closed form does not hold as written: the autograd path's numbers (or its error)."""
+    from cl_optim.fisher.seeds import DefaultNLL, per_sample_loss_grad
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 5, generator=gen) * 4
+    labels = torch.randint(0, 5, (9,), generator=gen)
+    categorical = DefaultNLL("categorical", 1.0)
+    closed = categorical.per_sample_grad(logits, labels)
+    assert closed is not None
+    out = logits.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(nn.functional.cross_entropy(out, labels), out)
+    torch.testing.assert_close(closed, autograd * 9, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(closed.sum(1), torch.zeros(9), rtol=0, atol=1e-6)  # rows of p - e_y
+    # Not as written: probabilities as targets, an ignored -100, int32 labels, wrong length.
+    ignored = labels.clone()
+    ignored[2] = -100
+    probabilities = torch.softmax(torch.randn(9, 5, generator=gen), 1)
+    for targets in (probabilities, ignored, labels.int(), labels[:4]):
+        assert categorical.per_sample_grad(logits, targets) is None
+    with_ignored = per_sample_loss_grad(logits, ignored, categorical)  # the autograd path
+    assert with_ignored[2].abs().sum() == 0 and with_ignored[0].abs().sum() > 0
+    with pytest.raises(RuntimeError):
+        per_sample_loss_grad(logits, labels.int(), categorical)  # cross_entropy's own refusal
+    gaussian = DefaultNLL("gaussian", 0.5)
+    target = torch.randn(9, 5, generator=gen)
+    out = logits.clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(gaussian(out, target), out)
+    torch.testing.assert_close(gaussian.per_sample_grad(logits, target), autograd, rtol=1e-6, atol=1e-6)
+    assert gaussian.per_sample_grad(logits, target[:, :1]) is None  # broadcast: autograd's path
+    torch.testing.assert_close(
+        per_sample_loss_grad(logits, target[:, :1], gaussian), (logits - target[:, :1]) / 0.25
+    )
+    # The whole estimate: the default loss and the same loss as a plain function agree.
+    model, data = _model("mlp"), _data("mlp")
+    default = fisher.estimate(model, data, estimator="empirical")
+    plain = fisher.estimate(
+        model, data, estimator="empirical", loss_fn=lambda o, t: nn.functional.cross_entropy(o.float(), t)
+    )
+    for name in default:
+        torch.testing.assert_close(default[name], plain[name], rtol=1e-5, atol=1e-8)
+
+
 def test_modes_are_restored_and_batchnorm_buffers_untouched():
     model = _model("cnn")
     model.train()
