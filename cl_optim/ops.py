@@ -65,6 +65,20 @@ SCHEMAS = {
     "per_sample_sq_accumulate_": "per_sample_sq_accumulate_(Tensor(a!) out, Tensor deltas, Tensor inputs) -> ()",
 }
 
+# Ops with a C++ CPU kernel only, in the cl_optim library alone: the step loops of the per-sample
+# Fisher's LSTM rule (cl_optim/fisher/lstm_steps.py; on a GPU the rule keeps cuDNN's fused forward
+# and its Python step loop, which a GPU run has yet to time against a kernel).
+CPU_SCHEMAS = {
+    "lstm_forward_steps_": (
+        "lstm_forward_steps_(Tensor(a!) gates, Tensor(b!) output, Tensor(c!) states, Tensor(d!) factors, "
+        "Tensor(e!) through, Tensor w_hh, Tensor h0, Tensor c0, bool reverse) -> ()"
+    ),
+    "lstm_backward_steps_": (
+        "lstm_backward_steps_(Tensor(a!) dz, Tensor factors, Tensor through, Tensor gates, Tensor d_own, "
+        "Tensor w_hh, Tensor dh_last, Tensor dc_last, bool reverse) -> ()"
+    ),
+}
+
 
 def _no_output(*args, **kwargs):
     return None
@@ -134,3 +148,6 @@ def define_library(name: str) -> torch.library.Library:
 
 
 _library = define_library(LIBRARY)
+for _op, _schema in CPU_SCHEMAS.items():
+    _library.define(_schema)
+    torch.library.register_fake(f"{LIBRARY}::{_op}", _no_output, lib=_library)

@@ -17,6 +17,8 @@ TORCH_LIBRARY_IMPL(cl_optim, CPU, m) {
   m.impl("task_gram", &cl_optim::task_gram_cpu);
   m.impl("task_combine_", &cl_optim::task_combine_cpu);
   m.impl("per_sample_sq_accumulate_", &cl_optim::per_sample_sq_accumulate_cpu);
+  m.impl("lstm_forward_steps_", &cl_optim::lstm_forward_steps_cpu);
+  m.impl("lstm_backward_steps_", &cl_optim::lstm_backward_steps_cpu);
 }
 
 #ifdef CL_OPTIM_AOT

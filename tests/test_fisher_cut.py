@@ -20,7 +20,7 @@ from test_fisher_routes import _assert_matches, _batches, _loop
 from torch import nn
 
 from cl_optim import fisher
-from cl_optim.fisher import recurrent
+from cl_optim.fisher import lstm_steps, recurrent
 
 
 class Tokens(nn.Module):
@@ -93,7 +93,10 @@ def test_the_fused_rnn_backward_does_not_run(monkeypatch):
     def rnn_backwards(batches):
         with torch.profiler.profile() as prof:
             fisher.estimate(model, batches, estimator="empirical")
-        return sum(bool(re.search(r"rnn.*backward|lstm.*backward", e.name, re.I)) for e in prof.events())
+        return sum(  # torch's fused kernels, not the rule's own step op (cl_optim::lstm_backward_steps_)
+            bool(re.search(r"rnn.*backward|lstm.*backward", e.name, re.I)) and "cl_optim" not in e.name
+            for e in prof.events()
+        )
 
     assert rnn_backwards(data) == rnn_backwards(data * 3)
     _no_cut(monkeypatch)
@@ -211,12 +214,14 @@ def test_workspace_reuses_a_buffer_only_inside_kept_and_for_the_same_shape():
     assert workspace.take(("a",), (4,), like) is not other  # freed with the estimate
 
 
+@pytest.mark.parametrize("own_forward", [True, False], ids=["own_forward", "torchs_forward"])
 @pytest.mark.parametrize("hooked", [False, True], ids=["bare", "with_a_user_hook"])
-def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked):
-    """The estimate's cut forwards run the fused kernel under no_grad (its graph would never be
-    used); a layer with someone else's hook keeps its graph (the hook sees the outputs). The
-    numbers are the loop's either way."""
-    seen = []
+def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked, own_forward):
+    """The estimate's cut forwards run without a graph (it would never be used): the rule's own
+    forward that keeps the gates (lstm_steps.py, where the cpp op runs) or else torch's fused
+    kernel under no_grad; a layer with someone else's hook keeps torch's forward and its graph
+    (the hook sees the outputs). The numbers are the loop's either way."""
+    seen, own = [], []
     original = nn.LSTM.forward
 
     @functools.wraps(original)  # its signature: the rule binds input and hx by it
@@ -225,6 +230,15 @@ def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(nn.LSTM, "forward", spy)
+    keeping = recurrent.lstm_forward_keeping_gates
+
+    def counted(*args, **kwargs):
+        own.append(torch.is_grad_enabled())
+        return keeping(*args, **kwargs)
+
+    monkeypatch.setattr(recurrent, "lstm_forward_keeping_gates", counted)
+    if not own_forward:
+        monkeypatch.setattr(recurrent, "keeps_gates", lambda module, x: False)
     torch.manual_seed(3)
     model = Tokens(nn.LSTM)
     if hooked:
@@ -232,8 +246,11 @@ def test_a_cut_layer_runs_torchs_forward_without_a_graph(monkeypatch, hooked):
     data = _batches((6,), 3, tokens=9)
     got = fisher.estimate(model, data, estimator="exact", reuse_plan=False)
     _assert_matches(got, _loop(model, data, "exact"))
-    without = seen.count(False)
-    assert without == (0 if hooked else 3)  # the self-check's forward and the two batches'
+    expected = 0 if hooked else 3  # the self-check's forward and the two batches'
+    if own_forward and lstm_steps.backend_for(torch.zeros(1)) == "cpp":
+        assert (len(own), seen.count(False)) == (expected, 0)
+    else:
+        assert (len(own), seen.count(False)) == (0, expected)
     assert "forward" not in vars(model.rnn)  # the capture's own forward is gone again
 
 

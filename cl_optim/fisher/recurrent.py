@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import workspace
 from .capture import BATCH_MAJOR, Call, Layout
+from .lstm_steps import backward_steps_, keeps_gates, lstm_forward_keeping_gates, step_factors_
 
 __all__ = [
     "recurrent_squares_",
@@ -83,7 +84,9 @@ def _leaf(t: Tensor) -> Tensor:
     return t if t.requires_grad else t.detach().requires_grad_()
 
 
-def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key):
+def _lstm_direction(
+    layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key, kept=None
+):
     """The gate gradients of one LSTM layer and direction (order i, f, g, o): the gates of every
     step in two GEMMs, ``z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``, the cells by
     ``c_t = f c_{t-1} + i g``; then against the direction of travel ``dh = dout_t + dz_{t+1} W_hh``,
@@ -91,14 +94,15 @@ def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, 
     f(1-f), dc i (1-g^2), dh tanh(c_t) o(1-o)]``. Returns the gradients at the input and at the
     hidden projections (the same for an LSTM).
 
-    Written in place into four (T, B, H)-sized buffers and two (T, B, 4H) ones (the gates, and
-    the step-local factors that become ``dz``): the expressions written out made about twenty
-    temporaries of a batch's gates, whose fresh memory cost the estimate of bench_fisher's LSTM
-    more in page faults than in arithmetic. Kept from batch to batch
-    (:mod:`~cl_optim.fisher.workspace`): the scratch by its shape alone, shared by every layer,
-    direction and module (each is done with it when this returns); the returned ``dz`` under
-    ``key``, one per layer and direction, since the records are squared after the whole
-    backward."""
+    Written in place into buffers kept from batch to batch (:mod:`~cl_optim.fisher.workspace`;
+    about twenty fresh temporaries of a batch's gates cost the estimate of bench_fisher's LSTM
+    more in page faults than in arithmetic): the scratch (gates, cells, the step factors) by its
+    shape alone, shared by every layer, direction and module (each is done with it when this
+    returns); the returned ``dz`` under ``key``, one per layer and direction, since the records
+    are squared after the whole backward. ``kept``: what the rule's own forward kept
+    (:class:`~cl_optim.fisher.lstm_steps.Gates`: the gates, step factors and ``through``, read
+    only), which then is not made again. The step loop is
+    :func:`~cl_optim.fisher.lstm_steps.backward_steps_` (one op on the CPU)."""
     steps, batch, hidden = previous.shape
     rows = steps * batch
     inputs = layer_in.reshape(rows, layer_in.shape[-1])
@@ -107,53 +111,37 @@ def _lstm_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, 
     def scratch(role, shape, like):  # one buffer per role, shape, dtype and device
         return workspace.take(("lstm", role, tuple(shape), like.dtype, like.device), shape, like)
 
-    z = scratch("gates", (rows, 4 * hidden), previous)
-    if bias is None:
-        torch.mm(inputs, w_ih.t(), out=z)
-    else:
-        torch.addmm(bias, inputs, w_ih.t(), out=z)
-    z = z.addmm_(previous.reshape(rows, hidden), w_hh.t()).view(steps, batch, 4 * hidden)
-    i, f, g, o = (
-        z[..., :hidden],
-        z[..., hidden : 2 * hidden],
-        z[..., 2 * hidden : 3 * hidden],
-        z[..., 3 * hidden :],
-    )
-    z[..., : 2 * hidden].sigmoid_()
-    o.sigmoid_()
-    # tanh on a contiguous copy: on the strided slice torch's CPU tanh ran 3-4x slower in our runs
-    # (torch 2.13, 2 threads, AMD EPYC VM: 2.6-4.5 against 0.8-1.1 ms a batch of bench_fisher's
-    # LSTM; a reviewer's run read 1.3x); sigmoid does not slow down.
-    g = scratch("cell_gate", (steps, batch, hidden), z).copy_(g).tanh_()
-    # c_{t-1} of every step next to c_t: the state before the first step at the end it starts from.
-    states = scratch("cells", (steps + 1, batch, hidden), z)
     forward = order[0] == 0
-    cells, before = (states[1:], states[:-1]) if forward else (states[:-1], states[1:])
-    (states[0] if forward else states[steps]).copy_(c_first)
-    torch.mul(i, g, out=cells)
-    c = c_first
-    for t in order:  # one op per step, in place (the step loops are the rule's Python cost)
-        c = torch.addcmul(cells[t], f[t], c, out=cells[t])
-    tanh_c = torch.tanh(cells, out=scratch("tanh_c", cells.shape, z))
-    through = scratch("through", cells.shape, z)
-    torch.mul(tanh_c, tanh_c, out=through).neg_().add_(1).mul_(o)  # o (1 - tanh^2 c): dc = dh through + ...
-    # The step-local factors, dz = [dc, dc, dc, dh] * local, each written into its quarter.
-    local = workspace.take((*key, "dz"), z.shape, z)
-    quarter = lambda k: local[..., k * hidden : (k + 1) * hidden]  # noqa: E731
-    torch.mul(i, -1, out=quarter(0)).add_(1).mul_(i).mul_(g)  # (1 - i) i g
-    torch.mul(f, -1, out=quarter(1)).add_(1).mul_(f).mul_(before)  # (1 - f) f c_{t-1}
-    torch.mul(g, g, out=quarter(2)).neg_().add_(1).mul_(i)  # (1 - g^2) i
-    torch.mul(o, -1, out=quarter(3)).add_(1).mul_(o).mul_(tanh_c)  # (1 - o) o tanh(c)
-    local_cell, local_out = local.view(steps, batch, 4, hidden)[:, :, :3], quarter(3)
-    backward = list(reversed(order))
-    dh, dc_next = d_own[backward[0]] + dh_last, dc_last
-    for k, t in enumerate(backward):
-        dc = torch.addcmul(dc_next, dh, through[t])
-        local_cell[t].mul_(dc.unsqueeze(1))  # the i, f, g gates: dc * local, now dz
-        local_out[t].mul_(dh)  # the o gate: dh * local
-        if k + 1 < len(backward):
-            dh, dc_next = torch.addmm(d_own[backward[k + 1]], local[t], w_hh), dc * f[t]
-    return local, local
+    if kept is None:
+        z = scratch("gates", (rows, 4 * hidden), previous)
+        if bias is None:
+            torch.mm(inputs, w_ih.t(), out=z)
+        else:
+            torch.addmm(bias, inputs, w_ih.t(), out=z)
+        z = z.addmm_(previous.reshape(rows, hidden), w_hh.t()).view(steps, batch, 4 * hidden)
+        i, f, o = z[..., :hidden], z[..., hidden : 2 * hidden], z[..., 3 * hidden :]
+        z[..., : 2 * hidden].sigmoid_()
+        o.sigmoid_()
+        # tanh on a contiguous copy: on the strided slice torch's CPU tanh ran 3-4x slower in our
+        # runs (torch 2.13, 2 threads, AMD EPYC VM: 2.6-4.5 against 0.8-1.1 ms a batch of
+        # bench_fisher's LSTM; a reviewer's run read 1.3x); sigmoid does not slow down.
+        g = scratch("cell_gate", (steps, batch, hidden), z).copy_(z[..., 2 * hidden : 3 * hidden]).tanh_()
+        # c_{t-1} of every step next to c_t: the state before the first step at the end it starts from.
+        states = scratch("cells", (steps + 1, batch, hidden), z)
+        cells, before = (states[1:], states[:-1]) if forward else (states[:-1], states[1:])
+        (states[0] if forward else states[steps]).copy_(c_first)
+        torch.mul(i, g, out=cells)
+        c = c_first
+        for t in order:  # one op per step, in place (the step loops are the rule's Python cost)
+            c = torch.addcmul(cells[t], f[t], c, out=cells[t])
+        tanh_c = torch.tanh(cells, out=scratch("tanh_c", cells.shape, z))
+        factors, through = scratch("factors", z.shape, z), scratch("through", cells.shape, z)
+        step_factors_(factors, through, i, f, g, o, before, tanh_c)
+    else:  # the forward's own (lstm_steps.lstm_forward_keeping_gates): nothing made again
+        z, factors, through = kept.gates, kept.factors, kept.through
+    dz = workspace.take((*key, "dz"), z.shape, z)  # kept: squared after the whole backward
+    backward_steps_(dz, factors, through, z, d_own, w_hh, dh_last, dc_last, not forward)
+    return dz, dz
 
 
 def _gru_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, dc_last, c_first, order, key):
@@ -187,7 +175,7 @@ def _gru_direction(layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_own, dh_last, d
 
 
 def _analytic_gates(
-    module: nn.RNNBase, x: Tensor, hx, call_output: Tensor, deltas, batch: int, want_input: bool
+    module: nn.RNNBase, x: Tensor, hx, call_output: Tensor, deltas, batch: int, want_input: bool, forward=None
 ):
     """The gate gradients of an LSTM without projections or a GRU by its backward recurrence
     written out, layer by layer from the top and direction by direction (:func:`_lstm_direction`,
@@ -199,7 +187,9 @@ def _analytic_gates(
     are the call's own output), so the previous hidden state of every step is known and the gate
     pre-activations are two GEMMs over the sequence; the step loop is one small GEMM and a few
     elementwise ops, no autograd. A layer's output gradient is the next layer's input-projection
-    gradient times ``W_ih`` (both directions)."""
+    gradient times ``W_ih`` (both directions). ``forward``: ``(inputs, gates)`` of
+    :func:`~cl_optim.fisher.lstm_steps.lstm_forward_keeping_gates` where the call ran it (each
+    layer's input, and its gates, cells and ``tanh`` of the cells: nothing is made again)."""
     lstm = isinstance(module, nn.LSTM)
     dirs, hidden = (2 if module.bidirectional else 1), module.hidden_size
     h0, c0 = _initial_states(module, x, hx, batch, lstm, hidden)
@@ -211,9 +201,11 @@ def _analytic_gates(
         get = lambda name: None if getattr(module, name, None) is None else getattr(module, name).detach()  # noqa: E731
         return sfx, get("weight_ih" + sfx), get("weight_hh" + sfx), get("bias_ih" + sfx), get("bias_hh" + sfx)
 
-    inputs = [x]  # each layer's input (T, B, in); a single-layer module runs no forward here
+    inputs, kept_gates = [x], {}  # each layer's input (T, B, in); one layer runs no forward here
+    if forward is not None:
+        inputs, kept_gates = forward
     with torch.no_grad():
-        for layer in range(module.num_layers - 1):
+        for layer in range(module.num_layers - 1 if forward is None else 0):
             flat = [t for d in range(dirs) for t in weights(layer, d)[1:] if t is not None]
             states = slice(layer * dirs, (layer + 1) * dirs)
             start = (h0[states], c0[states]) if lstm else h0[states]
@@ -225,8 +217,9 @@ def _analytic_gates(
                     inputs[-1], start, flat, module.bias, 1, 0.0, False, module.bidirectional, False
                 )
             inputs.append(result[0])
-        last = call_output.detach()
-        inputs.append(last.transpose(0, 1) if module.batch_first else last)
+        if forward is None:
+            last = call_output.detach()
+            inputs.append(last.transpose(0, 1) if module.batch_first else last)
 
     def delta(k, like):
         d = deltas[k] if k < len(deltas) else None
@@ -259,6 +252,7 @@ def _analytic_gates(
                 d_ih, d_hh = direction_of(
                     layer_in, previous, w_ih, w_hh, b_ih, b_hh, d_out[..., direction * hidden : (direction + 1) * hidden],
                     d_hn[state], None if d_cn is None else d_cn[state], None if c0 is None else c0[state], order, key,
+                    **({"kept": kept_gates[(layer, direction)]} if kept_gates else {}),
                 )  # fmt: skip
                 if d_in is not None:  # into the input's gradient in place, no (T, B, in) product
                     d_in.view(-1, d_in.shape[-1]).addmm_(d_ih.reshape(-1, d_ih.shape[-1]), w_ih)
@@ -297,6 +291,7 @@ class Cut:
     def __init__(self, module, x: Tensor, hx, output: Tensor, batch: int):
         self.module, self.x, self.hx, self.output, self.batch = module, x, hx, output, batch
         self.records = None
+        self.forward = None  # (inputs, gates) where the forward kept them (lstm_steps.py)
         # The estimate's kept buffers: a CUDA backward runs on autograd's own thread.
         self.buffers = workspace.current()
 
@@ -323,7 +318,7 @@ class _ThroughTheRule(torch.autograd.Function):
         cut = ctx.cut
         with workspace.using(cut.buffers):
             records, d_x = _analytic_gates(
-                cut.module, cut.x, cut.hx, cut.output, list(grads), cut.batch, True
+                cut.module, cut.x, cut.hx, cut.output, list(grads), cut.batch, True, cut.forward
             )
         cut.records = records
         return (None, d_x.transpose(0, 1) if cut.module.batch_first else d_x) + (None,) * len(grads)
@@ -372,6 +367,7 @@ def forward_without_graph(module, cuts: dict):
     used, and building it costs: the fused CPU kernel in its training form keeps a workspace for
     its backward."""
     forward = type(module).forward
+    calls = [0]  # the module's calls in this forward so far: the key of a call's kept gates
 
     def run(*args, **kwargs):
         if (
@@ -382,11 +378,18 @@ def forward_without_graph(module, cuts: dict):
             or not cuttable(module, args, kwargs)
         ):
             return forward(module, *args, **kwargs)
-        with torch.no_grad():
-            output = forward(module, *args, **kwargs)
+        x, hx = _bound(module, args, kwargs)
+        kept = None
+        if keeps_gates(module, x):  # the forward as one op a step, keeping the gates for the rule
+            output, inputs, gates = lstm_forward_keeping_gates(module, x, hx, calls[0])
+            kept, calls[0] = (inputs, gates), calls[0] + 1
+        else:
+            with torch.no_grad():
+                output = forward(module, *args, **kwargs)
         output, cut = cut_recurrent(module, args, kwargs, output)
         if cut is None:  # declined after all (torch's forward returns what it takes; a stand-in
             return forward(module, *args, **kwargs)  # cut_recurrent may not): with its graph
+        cut.forward = kept
         cuts[module] = cut
         return output
 

@@ -30,5 +30,9 @@ at::Tensor ewc_consolidate_cpu(at::TensorList, at::TensorList, at::TensorList, a
 at::Tensor task_gram_cpu(at::TensorList, int64_t);
 void task_combine_cpu(at::TensorList, at::TensorList, const at::Tensor&, bool);
 void per_sample_sq_accumulate_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+void lstm_forward_steps_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+void lstm_backward_steps_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
 
 }  // namespace cl_optim
