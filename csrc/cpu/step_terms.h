@@ -69,11 +69,12 @@ struct StepTermInputs {
       for (size_t i = 0; i < combine_from.size(); ++i) sources.push_back(ws.data(combine_from[i], false, i % n));
     }
     for (size_t i = 0; i < fisher_in.size(); ++i) fisher.push_back(ws.data(fisher_in[i], true, i));
-    for (size_t i = 0; i < ewc_precision.size(); ++i) {
-      std::optional<at::Tensor> a = ewc_precision.get(i), mu = ewc_anchor.get(i);
-      const bool term = a.has_value() && a->defined();
-      precision.push_back(term ? ws.data(*a, false, i) : nullptr);
-      anchor.push_back(term ? ws.data(*mu, false, i) : nullptr);
+    const std::vector<const at::Tensor*> a = optional_entries(ewc_precision), mu = optional_entries(ewc_anchor);
+    for (size_t i = 0; i < a.size(); ++i) {
+      const bool term = a[i] != nullptr;
+      TORCH_INTERNAL_ASSERT(!term || mu[i] != nullptr, "EWC precision without its anchor (checked before)");
+      precision.push_back(term ? ws.data(*a[i], false, i) : nullptr);
+      anchor.push_back(term ? ws.data(*mu[i], false, i) : nullptr);
       has_term.push_back(term);
       lam.push_back(ewc_lam[i]);
     }
